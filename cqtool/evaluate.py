@@ -52,3 +52,110 @@ def wikitext_text(data_dir: str | None) -> str:
             if cand.is_file():
                 return load_text(str(cand))
     return load_text("wikitext2-test")
+
+
+def parse_cq_name(name: str) -> dict[str, Any] | None:
+    """'cq-8c8b[-uniform][-w128][-s4]' -> {'config': 'cq-8c8b', 'fisher': True, 'window': 128, 'sinks': 4}."""
+    import re
+
+    m = re.fullmatch(r"(cq-\d+c\d+b)((?:-uniform|-fisher|-w\d+|-s\d+)*)", name.strip().lower())
+    if not m:
+        return None
+    mods = m.group(2)
+    w = re.search(r"-w(\d+)", mods)
+    s = re.search(r"-s(\d+)", mods)
+    return {"config": m.group(1), "fisher": "-uniform" not in mods, "window": int(w.group(1)) if w else 0,
+            "sinks": int(s.group(1)) if s else 0}
+
+
+def resolve_methods(cfg, model_name: str, calib: dict[str, Any], progress=None) -> list:
+    """EvalConfig -> KVMethods. CQ names are served from calibration dirs, calibrated when missing."""
+    from pathlib import Path
+
+    from .codebook import Codebook
+    from .config import CalibConfig, QuantSpec
+    from .methods import REGISTRY, CQMethod, unknown_method
+
+    methods = []
+    if cfg.codebook:
+        methods.append(CQMethod(Codebook.load(cfg.codebook), window=cfg.window, sinks=cfg.sinks))
+    names = list(cfg.methods) or ([] if cfg.codebook else ["fp16"])
+    want_cq: dict[bool, set[str]] = {True: set(), False: set()}
+    parsed = []
+    for n in names:
+        cq = parse_cq_name(n)
+        if cq:
+            want_cq[cq["fisher"]].add(cq["config"])
+        parsed.append((n, cq))
+    for fisher, configs in want_cq.items():
+        if not configs:
+            continue
+        d = Path(calib["dir"] + ("" if fisher else "-uniform"))
+        have = {p.name.removesuffix(".safetensors") for p in d.glob("*.safetensors")} if d.exists() else set()
+        missing = sorted(configs - have)
+        if missing:
+            from .calibrate import calibrate
+
+            specs = []
+            for c in sorted(configs | have):
+                q = QuantSpec.parse(c)
+                specs.append((q, q))
+            ccfg = CalibConfig(model=model_name, specs=tuple(specs), data=calib["data"], nsamples=calib["nsamples"],
+                               seqlen=calib["seqlen"], seed=cfg.seed, fisher=fisher, device=cfg.device, dtype=cfg.dtype,
+                               kmeans_iters=calib.get("iters", 100))
+            calibrate(ccfg, d, progress=progress)
+    try:
+        from .baselines import parse_method
+    except ImportError:  # baselines module not installed in this build
+        parse_method = lambda n: None  # noqa: E731
+    for n, cq in parsed:
+        if cq:
+            d = Path(calib["dir"] + ("" if cq["fisher"] else "-uniform"))
+            cb = Codebook.load(d / f"{cq['config']}.safetensors")
+            w = cq["window"] if cfg.window is None or cq["window"] else cfg.window
+            s = cq["sinks"] if cfg.sinks is None or cq["sinks"] else cfg.sinks
+            methods.append(CQMethod(cb, window=w, sinks=s, name=n.lower()))
+            continue
+        m = parse_method(n)
+        if m is None and n.lower() in REGISTRY:
+            m = REGISTRY[n.lower()]()
+        if m is None:
+            raise unknown_method(n, list(REGISTRY) + ["int<b>", "kivi<b>"])
+        methods.append(m)
+    return methods
+
+
+def run_eval(cfg, calib: dict[str, Any] | None = None, progress=None) -> dict[str, Any]:
+    """Evaluate every method on every task; returns {"results": [...], ...} ready for JSON and reports."""
+    from .config import ConfigError, to_dict
+    from .models import load_model
+
+    tasks = [t.strip() for t in cfg.tasks if t.strip()]
+    if not tasks:
+        raise ConfigError("--tasks is empty; give e.g. wikitext or wikitext,arc_easy")
+    model, tok, info = load_model(cfg.model, cfg.device, cfg.dtype)
+    calib = calib or {}
+    calib.setdefault("dir", f"runs/calib/{info.model_id.replace('/', '_')}")
+    calib.setdefault("data", "wikitext2")
+    calib.setdefault("nsamples", 16)
+    calib.setdefault("seqlen", 2048)
+    methods = resolve_methods(cfg, cfg.model, calib, progress)
+    text = wikitext_text(cfg.data_dir) if "wikitext" in tasks else None
+    lm_tasks = [t for t in tasks if t != "wikitext"]
+    results = []
+    from . import ops
+
+    for m in methods:
+        row: dict[str, Any] = {"method": m.name, "bits_per_channel": m.bits_per_channel(cfg.seqlen), **m.describe()}
+        if text is not None:
+            ppl = perplexity(model, tok, text, m, cfg.seqlen, cfg.limit, cfg.batch_size, progress)
+            row.update(ppl)
+        if lm_tasks:
+            from .lmeval import run_tasks
+
+            for task, res in run_tasks(model, tok, lm_tasks, m, cfg.data_dir, cfg.limit, cfg.batch_size, cfg.seed).items():
+                for k, v in res.items():
+                    row[f"{task}/{k}" if k != "acc" else task] = v
+        row["backends"] = dict(ops.BACKEND_USED)
+        results.append(row)
+    return {"model": info.__dict__, "config": to_dict(cfg), "calibration": calib, "results": results}
