@@ -58,7 +58,7 @@ def calibrate(cfg: CalibConfig, output: str | Path, progress=None) -> dict[str, 
     """Run the whole calibration; returns the summary also written to calib.json."""
     t0 = time.time()
     track = progress or (lambda it, **kw: it)
-    model, tok, info = load_model(cfg.model, cfg.device, cfg.dtype)
+    model, tok, info = load_model(cfg.model, cfg.device, cfg.dtype, cfg.device_map)
     for k, v in cfg.specs:
         k.check_head_dim(info.head_dim, "key ")
         v.check_head_dim(info.head_dim, "value ")

@@ -142,6 +142,7 @@ class CalibConfig:
     max_tokens: int | None = None  # subsample calibration tokens per group for k-means (None: all)
     device: str = "auto"
     dtype: str = "auto"
+    device_map: str | None = None  # "auto": accelerate spreads the model over GPUs / CPU
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -167,6 +168,7 @@ class EvalConfig:
     data_dir: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    device_map: str | None = None
     seed: int = 0
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)

