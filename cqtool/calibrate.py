@@ -21,7 +21,7 @@ from .collect import KVCollector
 from .config import CalibConfig, CQConfig, ConfigError, QuantSpec, to_dict
 from .data import calibration_windows, load_text, text_hash, tokenize
 from .io import atomic_dir, write_json
-from .models import ModelInfo, load_model, model_device
+from .models import ModelInfo, load_config, load_model, load_tokenizer, model_device, pick_device, pick_dtype
 
 
 def config_name(key: QuantSpec, value: QuantSpec) -> str:
@@ -58,12 +58,15 @@ def calibrate(cfg: CalibConfig, output: str | Path, progress=None) -> dict[str, 
     """Run the whole calibration; returns the summary also written to calib.json."""
     t0 = time.time()
     track = progress or (lambda it, **kw: it)
-    model, tok, info = load_model(cfg.model, cfg.device, cfg.dtype, cfg.device_map)
+    _, _, _, info = load_config(cfg.model)  # every check that needs no weights comes first
     for k, v in cfg.specs:
         k.check_head_dim(info.head_dim, "key ")
         v.check_head_dim(info.head_dim, "value ")
+    pick_dtype(cfg.dtype, pick_device(cfg.device))
     text = load_text(cfg.data)
+    tok = load_tokenizer(cfg.model)
     windows = calibration_windows(tokenize(tok, text), cfg.nsamples, cfg.seqlen, cfg.seed)
+    model, tok, info = load_model(cfg.model, cfg.device, cfg.dtype, cfg.device_map, tokenizer=tok)
     t_load = time.time()
     dev = model_device(model)
     fisher_group = math.gcd(*[s.channels for pair in cfg.specs for s in pair])

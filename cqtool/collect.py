@@ -58,7 +58,7 @@ class KVCollector:
                 self._store_at(self.key_fisher if kind == "k" else self.value_fisher, layer, g2)
         self._leaves.clear()
         self.n += B * T
-        return float(out.loss)
+        return float(out.loss.detach())
 
     def _store_at(self, dst: torch.Tensor, layer: int, t: torch.Tensor) -> None:
         dst[layer, self.n : self.n + t.shape[0]] = t.to(dst.device, dst.dtype)

@@ -134,7 +134,10 @@ def run_eval(cfg, calib: dict[str, Any] | None = None, progress=None) -> dict[st
     tasks = [t.strip() for t in cfg.tasks if t.strip()]
     if not tasks:
         raise ConfigError("--tasks is empty; give e.g. wikitext or wikitext,arc_easy")
-    model, tok, info = load_model(cfg.model, cfg.device, cfg.dtype, cfg.device_map)
+    from .models import load_config, pick_device, pick_dtype
+
+    _, _, _, info = load_config(cfg.model)
+    pick_dtype(cfg.dtype, pick_device(cfg.device))
     calib = calib or {}
     calib.setdefault("dir", f"runs/calib/{info.model_id.replace('/', '_')}")
     calib.setdefault("data", "wikitext2")
@@ -145,6 +148,7 @@ def run_eval(cfg, calib: dict[str, Any] | None = None, progress=None) -> dict[st
         if hasattr(m, "codebook"):
             m.codebook.validate_model(info)
     text = wikitext_text(cfg.data_dir) if "wikitext" in tasks else None
+    model, tok, info = load_model(cfg.model, cfg.device, cfg.dtype, cfg.device_map)
     lm_tasks = [t for t in tasks if t != "wikitext"]
     results = []
     from . import ops

@@ -114,21 +114,37 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
-def load_model(name: str, device: str = "auto", dtype: str = "auto", device_map: str | None = None):
-    """-> (model, tokenizer, ModelInfo). `device_map="auto"` spreads a big model over GPUs / CPU (accelerate)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def load_config(name: str):
+    """-> (path, from_pretrained kwargs, config, ModelInfo): cheap checks before any weights load."""
+    from transformers import AutoConfig
 
     path, gguf = resolve(name)
-    dev = pick_device(device)
-    dt = pick_dtype(dtype, dev)
     kw = {"gguf_file": gguf} if gguf else {}
     try:
         config = AutoConfig.from_pretrained(path, **kw)
-    except OSError as e:
-        raise ConfigError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load model {name!r}: {str(e).strip().splitlines()[0]}") from None
     if config.model_type not in SUPPORTED_TYPES:
         raise ConfigError(f"model {name!r} is a {config.model_type!r} model; supported: {', '.join(SUPPORTED_TYPES)}")
-    tok = AutoTokenizer.from_pretrained(path, **kw)
+    model_id = f"{Path(path).name}/{gguf}" if gguf else (name if not os.path.isdir(path) else Path(path).name)
+    return path, kw, config, ModelInfo.from_config(config, ALIASES.get(name.lower(), model_id))
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    path, kw, _, _ = load_config(name)
+    return AutoTokenizer.from_pretrained(path, **kw)
+
+
+def load_model(name: str, device: str = "auto", dtype: str = "auto", device_map: str | None = None, tokenizer=None):
+    """-> (model, tokenizer, ModelInfo). `device_map="auto"` spreads a big model over GPUs / CPU (accelerate)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, kw, _, info = load_config(name)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    tok = tokenizer or AutoTokenizer.from_pretrained(path, **kw)
     load_kw = dict(dtype=dt, **kw)
     if device_map:
         load_kw["device_map"] = device_map
@@ -136,8 +152,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", device_map:
     if not device_map:
         model = model.to(dev)
     model.eval()
-    model_id = f"{Path(path).name}/{gguf}" if gguf else (name if not os.path.isdir(path) else Path(path).name)
-    return model, tok, ModelInfo.from_config(model.config, ALIASES.get(name.lower(), model_id))
+    return model, tok, info
 
 
 def model_device(model) -> torch.device:
