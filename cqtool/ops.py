@@ -1,35 +1,223 @@
-"""One entry point per CQ operation: the CUDA kernel when the tensors are on a GPU and the extension
-loads, the PyTorch reference otherwise. The first fallback is announced once (never silently)."""
+"""One entry point per CQ operation: the CUDA kernel when the tensors are on a GPU and the extension loads, the
+PyTorch reference otherwise. Every fallback is announced once per reason (never silently).
+
+The kernels live in `kernels/` (one file per family, plus `binding.cpp`); they are compiled on first use with
+torch's cpp_extension into ~/.cache/cqtool (or $TORCH_EXTENSIONS_DIR) and reused from there. Nothing is built,
+and CUDA is not touched, at import.
+
+    encode_into   x [B, H_kv, Q, D] -> codes[:, :, start:start+Q] ([B, H_kv, cap, R] uint8), in place
+    cq_attention  query [B, H_q, Q, D] + CQView -> [B, Q, H_q, D]; split-K decode kernel for few queries or a
+                  window/sinks, tensor-core prefill kernel for many queries
+"""
 from __future__ import annotations
 
+import functools
 import logging
+import os
+from pathlib import Path
 
 import torch
 
 from . import quant
 
 log = logging.getLogger("cqtool")
-_ANNOUNCED: set[str] = set()
+_ANNOUNCED: set[tuple[str, str, str]] = set()
 BACKEND_USED: dict[str, str] = {}
+
+KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
+SOURCES = ("binding.cpp", "encode.cu", "decode.cu", "decode_f16_d64.cu", "decode_f16_d128.cu", "decode_bf16_d64.cu",
+           "decode_bf16_d128.cu", "prefill.cu")
+HEADERS = ("kernels.h", "common.cuh", "decode.cuh")
+KERNEL_CHANNELS = (1, 2, 4, 8, 16)
+KERNEL_HEAD_DIMS = (64, 128)
+MAX_KERNEL_BITS = 12
+# more (query, head) pairs per kv head than this go to the tensor-core prefill kernel
+DECODE_MAX_ROWS = 16
+_build_error: str | None = None
 
 
 def _note(op: str, backend: str, why: str = "") -> None:
     BACKEND_USED[op] = backend
-    if (op, backend) not in _ANNOUNCED:
-        _ANNOUNCED.add((op, backend))
-        log.warning("cqtool: %s runs on the %s path%s", op, backend, f" ({why})" if why else "")
+    if (op, backend, why) not in _ANNOUNCED:
+        _ANNOUNCED.add((op, backend, why))
+        level = logging.INFO if backend == "cuda" else logging.WARNING
+        log.log(level, "cqtool: %s runs on the %s path%s", op, backend, f" ({why})" if why else "")
+
+
+def build_dir() -> Path:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "cqtool") / "cqtool_kernels"
+
+
+@functools.cache
+def get_module():
+    """The compiled extension (built on first call, then loaded from the build cache), or None with the reason
+    kept for `kernel_status()`."""
+    global _build_error
+    if not torch.cuda.is_available():
+        _build_error = "no CUDA device is available"
+        return None
+    if torch.version.cuda is None:
+        _build_error = f"this torch ({torch.__version__}) has no CUDA support"
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        _build_error = f"GPU compute capability {major}.{minor}: the kernels need 8.0 or newer (cp.async, bf16 mma)"
+        return None
+    missing = [f for f in SOURCES + HEADERS if not (KERNEL_DIR / f).is_file()]
+    if missing:
+        _build_error = f"kernel sources missing from {KERNEL_DIR}: {', '.join(missing)}"
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        d = build_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        arch = f"{major}{minor}"
+        return load(
+            name="cqtool_kernels",
+            sources=[str(KERNEL_DIR / f) for f in SOURCES],
+            build_directory=str(d),
+            extra_cflags=["-O3", "-std=c++17"],
+            extra_cuda_cflags=["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-lineinfo"],
+            extra_include_paths=[str(KERNEL_DIR)],
+            verbose=bool(os.environ.get("CQTOOL_VERBOSE_BUILD")),
+        )
+    except Exception as e:  # a compiler or loader failure of any kind: fall back and say why
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        _build_error = f"building the CUDA extension failed: {type(e).__name__}: {lines[-1] if lines else ''}"
+        return None
+
+
+def kernel_status() -> dict:
+    """Whether the CUDA extension is loaded (building it on first call when a GPU is present) and, if not, why."""
+    mod = get_module() if torch.cuda.is_available() else None
+    reason = None if mod is not None else (_build_error or "no CUDA device is available")
+    return {"available": mod is not None, "reason": reason, "build_dir": str(build_dir()),
+            "sources": str(KERNEL_DIR), "backend_used": dict(BACKEND_USED)}
+
+
+def _module_or_reason() -> tuple[object | None, str]:
+    mod = get_module()
+    return (mod, "") if mod is not None else (None, f"CUDA extension unavailable: {_build_error}")
+
+
+def _spec_reason(D: int, c: int, bits: int, what: str) -> str:
+    if c not in KERNEL_CHANNELS:
+        return f"{what} channels per group c={c} (kernels take {list(KERNEL_CHANNELS)})"
+    if not 1 <= bits <= MAX_KERNEL_BITS:
+        return f"{what} code bits b={bits} (kernels take 1..{MAX_KERNEL_BITS})"
+    return ""
 
 
 def encode_into(x: torch.Tensor, centroids: torch.Tensor, bits: int, codes: torch.Tensor, start: int) -> None:
     """Encode x [B, H_kv, Q, D] and write packed codes into codes[:, :, start:start+Q] ([B, H_kv, cap, R] uint8)."""
-    _note("encode", "reference", "no CUDA kernel for this op yet" if x.is_cuda else "tensors on CPU")
     Q = x.shape[2]
+    why = ""
+    if not x.is_cuda:
+        why = "tensors on CPU"
+    elif x.dtype not in (torch.float16, torch.bfloat16) or centroids.dtype != x.dtype:
+        why = f"dtype {x.dtype} / centroids {centroids.dtype} (kernels take fp16 or bf16, both the same)"
+    elif not codes.is_contiguous():
+        why = "code buffer is not contiguous"
+    else:
+        why = _spec_reason(x.shape[-1], centroids.shape[-1], bits, "")
+    if not why:
+        mod, why = _module_or_reason()
+        if mod is not None:
+            xs = x if x.stride(-1) == 1 else x.contiguous()
+            mod.encode(xs, centroids.contiguous(), int(bits), codes, int(start))
+            _note("encode", "cuda")
+            return
+    _note("encode", "reference", why)
     codes[:, :, start : start + Q] = quant.pack(quant.encode(x, centroids), bits)
+
+
+# ---- attention
+
+_range_memo: list = [None, None, None]  # [mask object (kept alive so its id cannot be reused), key, ranges]
+_inv_freq_memo: dict = {}
+
+
+def key_ranges(attention_mask, B: int, Q: int, S: int, start: int, device) -> torch.Tensor:
+    """Allowed keys of every query as one interval: int32 [B, Q, 2] = [lo, hi).
+
+    transformers' masks for causal LMs (left padding, causal) allow a contiguous range of keys per query; None
+    means causal without padding. Memoised on the mask object: all layers of a forward share one mask.
+    """
+    key = (B, Q, S, start, str(device))
+    if _range_memo[2] is not None and _range_memo[0] is attention_mask and _range_memo[1] == key:
+        return _range_memo[2]
+    if attention_mask is None:
+        hi = torch.arange(start + 1, start + Q + 1, device=device, dtype=torch.int32)
+        r = torch.stack([torch.zeros_like(hi), hi], -1).expand(B, Q, 2).contiguous()
+    else:
+        m = attention_mask[..., :S]
+        if m.dtype != torch.bool:
+            m = m > torch.finfo(m.dtype).min / 2 if m.is_floating_point() else m.bool()
+        m = m[:, 0].expand(B, Q, S)  # [B, Q, S]
+        lo = m.to(torch.uint8).argmax(-1)
+        hi = S - m.flip(-1).to(torch.uint8).argmax(-1)
+        anyk = m.any(-1)
+        r = torch.stack([torch.where(anyk, lo, 0), torch.where(anyk, hi, 0)], -1).to(torch.int32).contiguous()
+    _range_memo[:] = [attention_mask, key, r]
+    return r
+
+
+def _device_inv_freq(cache, device) -> torch.Tensor:
+    k = (id(cache.inv_freq), str(device))
+    t = _inv_freq_memo.get(k)
+    if t is None or t[0] is not cache.inv_freq:
+        t = (cache.inv_freq, cache.inv_freq.to(device=device, dtype=torch.float32).contiguous())
+        _inv_freq_memo.clear()
+        _inv_freq_memo[k] = t
+    return t[1]
+
+
+def _attention_reason(query: torch.Tensor, layer) -> str:
+    if not query.is_cuda:
+        return "tensors on CPU"
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {query.dtype} (kernels take fp16 or bf16)"
+    if layer.k_centroids.dtype != query.dtype or layer.v_centroids.dtype != query.dtype:
+        return "centroid dtype differs from the query dtype"
+    D = query.shape[-1]
+    if D not in KERNEL_HEAD_DIMS:
+        return f"head_dim {D} (kernels take {list(KERNEL_HEAD_DIMS)})"
+    if query.shape[1] % layer.k_centroids.shape[0]:
+        return "query heads are not a multiple of kv heads"
+    return _spec_reason(D, layer.k_centroids.shape[-1], layer.k_bits, "key") or \
+        _spec_reason(D, layer.v_centroids.shape[-1], layer.v_bits, "value")
 
 
 def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> torch.Tensor:
     """Attention from codes for the new queries of one layer. query [B, H_q, Q, D] -> [B, Q, H_q, D]."""
-    from .attention import attend_codes_reference
+    layer = view.layer
+    why = _attention_reason(query, layer)
+    mod = None
+    if not why:
+        mod, why = _module_or_reason()
+    if mod is None:
+        from .attention import attend_codes_reference
 
-    _note("attention", "reference", "no CUDA kernel for this op yet" if query.is_cuda else "tensors on CPU")
-    return attend_codes_reference(query, view, attention_mask, scaling)
+        _note("attention", "reference", why)
+        return attend_codes_reference(query, view, attention_mask, scaling)
+    cache, cfg = layer.parent, layer.config
+    B, Hq, Q, D = query.shape
+    S = view.length
+    rows = Hq // layer.k_centroids.shape[0] * Q
+    prefill = rows > DECODE_MAX_ROWS and not (cfg.window or cfg.sinks)
+    cos = sin = None
+    if prefill:
+        cos, sin = cache.cos_sin(S, query.device)
+    q = query if query.stride(-1) == 1 else query.contiguous()
+    sinks = cfg.sinks and layer.sink_k is not None
+    out = mod.attention(
+        q, layer.k_codes, layer.v_codes, layer.k_centroids, layer.v_centroids, int(layer.k_bits), int(layer.v_bits),
+        cache.positions, _device_inv_freq(cache, query.device), float(cache.rope_scale), cos, sin,
+        key_ranges(attention_mask, B, Q, S, view.start, query.device),
+        view.win_k if cfg.window else None, view.win_v if cfg.window else None, view.new_k, view.new_v,
+        layer.sink_k if sinks else None, layer.sink_v if sinks else None,
+        int(cfg.window), int(view.start), int(S), float(scaling), bool(prefill))
+    _note("attention", "cuda", "prefill kernel" if prefill else "decode kernel")
+    return out

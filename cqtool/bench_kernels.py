@@ -1,0 +1,379 @@
+"""Timings of the CQ kernels against transformers/PyTorch baselines measured in the same run.
+
+attention_bench: one layer of decode attention (Llama-2-7b shapes) from codes vs torch SDPA in bf16 over the same
+    (dequantized, rotated) keys and values; CUDA-event medians after warm-up; the fraction of the memory floor
+    (bytes of codes + centroids + q + out over the device-to-device copy bandwidth measured in the run).
+generate_bench: greedy generation with a Llama-2-7b-shaped model with random weights, CQ cache vs DynamicCache
+    (bf16): the same batch with a real 2K prefill, and each cache at the largest batch that fits the memory cap.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+
+from . import ops, quant
+from .config import ConfigError, QuantSpec
+
+DEFAULT_SHAPES = ((8, 32768), (1, 4096), (1, 32768), (32, 8192))
+DEFAULT_SPECS = ("8c8b", "4c8b")
+
+
+def device_info() -> dict:
+    p = torch.cuda.get_device_properties(0)
+    return {"device": p.name, "sms": p.multi_processor_count, "memory_gib": round(p.total_memory / 2**30, 1),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def cuda_times(fn, warmup: int = 5, reps: int = 30) -> list[float]:
+    """Milliseconds of each of `reps` calls (CUDA events around each call, after `warmup` calls)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for a, b in ev:
+        a.record()
+        fn()
+        b.record()
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) for a, b in ev]
+
+
+def copy_bandwidth(nbytes: int = 1 << 31) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = statistics.median(cuda_times(lambda: dst.copy_(src), warmup=3, reps=10))
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3)
+
+
+# ---------------------------------------------------------------- attention
+
+
+def synthetic_layer(B: int, S: int, H: int, D: int, spec: QuantSpec, dtype=torch.bfloat16, seed: int = 0,
+                    dense: bool = True):
+    """A decode step's view of one CQ layer with S random tokens (Q = 1, no window), and, when `dense`, the same
+    keys (dequantized, RoPE applied) and values as dense [B, H, S, D] tensors for the baseline."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    G, K = D // spec.channels, spec.num_centroids
+    k_cent = torch.randn(H, G, K, spec.channels, generator=g, device="cuda").to(dtype)
+    v_cent = torch.randn(H, G, K, spec.channels, generator=g, device="cuda").to(dtype)
+    R = quant.row_bytes(G, spec.code_bits)
+    k_codes = torch.empty(B, H, S, R, dtype=torch.uint8, device="cuda")
+    v_codes = torch.empty_like(k_codes)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    positions = torch.arange(S, device="cuda").unsqueeze(0).expand(B, S)
+    kd = vd = None
+    if dense:
+        kd = torch.empty(B, H, S, D, dtype=dtype, device="cuda")
+        vd = torch.empty_like(kd)
+    for b in range(B):  # a row at a time keeps the int64 code tensors small
+        for codes_buf, cent, out in ((k_codes, k_cent, kd), (v_codes, v_cent, vd)):
+            c = torch.randint(0, K, (1, H, S, G), generator=g, device="cuda")
+            codes_buf[b : b + 1] = quant.pack(c, spec.code_bits)
+            if dense:
+                x = quant.decode(c, cent)
+                if out is kd:
+                    cos, sin = quant.rope_cos_sin(positions[b : b + 1], inv_freq.cuda())
+                    x = quant.apply_rope(x.float(), cos, sin).to(dtype)
+                out[b : b + 1] = x
+            del c
+    cache = SimpleNamespace(positions=positions, inv_freq=inv_freq, rope_scale=1.0)
+    cache.cos_sin = lambda n, device: quant.rope_cos_sin(positions[:, :n].to(device), inv_freq.to(device))
+    layer = SimpleNamespace(k_codes=k_codes, v_codes=v_codes, k_centroids=k_cent, v_centroids=v_cent,
+                            k_bits=spec.code_bits, v_bits=spec.code_bits, k_groups=G, v_groups=G,
+                            config=SimpleNamespace(window=0, sinks=0), parent=cache, sink_k=None, sink_v=None, length=S)
+    layer.valid_codes = lambda: (k_codes[:, :, :S], v_codes[:, :, :S])
+    new = torch.randn(B, H, 1, D, generator=g, device="cuda").to(dtype)
+    view = SimpleNamespace(layer=layer, new_k=new, new_v=new, start=S - 1, win_k=None, win_v=None, length=S)
+    query = torch.randn(B, H, 1, D, generator=g, device="cuda").to(dtype)
+    return query, view, kd, vd
+
+
+def attention_bench(shapes=DEFAULT_SHAPES, specs=DEFAULT_SPECS, heads: int = 32, head_dim: int = 128,
+                    reps: int = 30, progress=None) -> dict:
+    """Decode attention per layer: CQ kernel vs SDPA bf16 on the same data. Returns {"device", "rows", ...}."""
+    if not torch.cuda.is_available():
+        raise ConfigError("bench attention needs a CUDA GPU (the reference path on CPU is not what is measured)")
+    st = ops.kernel_status()
+    if not st["available"]:
+        raise ConfigError(f"the CUDA kernels are not available: {st['reason']}")
+    info = device_info()
+    bw = copy_bandwidth()
+    rows = []
+    say = progress or (lambda *_: None)
+    for spec_name in specs:
+        spec = QuantSpec.parse(spec_name)
+        for B, S in shapes:
+            say(f"{spec.name} {B}x{S}")
+            query, view, kd, vd = synthetic_layer(B, S, heads, head_dim, spec)
+            scaling = head_dim**-0.5
+            out = ops.cq_attention(query, view, None, scaling)
+            ref = torch.nn.functional.scaled_dot_product_attention(query, kd, vd, scale=scaling)
+            err = float((out.transpose(1, 2).float() - ref.float()).norm() / ref.float().norm())
+            t_cq = statistics.median(cuda_times(lambda: ops.cq_attention(query, view, None, scaling), reps=reps))
+            t_sdpa = statistics.median(cuda_times(
+                lambda: torch.nn.functional.scaled_dot_product_attention(query, kd, vd, scale=scaling), reps=reps))
+            layer = view.layer
+            code_bytes = layer.k_codes.numel() + layer.v_codes.numel()
+            floor_bytes = code_bytes + 2 * layer.k_centroids.numel() * 2 + 2 * query.numel() * 2
+            dense_bytes = (kd.numel() + vd.numel()) * 2 + 2 * query.numel() * 2
+            floor_ms = floor_bytes / bw * 1e3
+            rows.append({"quant": f"CQ-{spec.name}", "bits_per_channel": spec.bits_per_channel, "batch": B, "context": S,
+                         "heads": heads, "head_dim": head_dim, "sdpa_ms": t_sdpa, "cq_ms": t_cq, "speedup": t_sdpa / t_cq,
+                         "cq_floor_ms": floor_ms, "cq_floor_fraction": floor_ms / t_cq,
+                         "sdpa_floor_fraction": dense_bytes / bw * 1e3 / t_sdpa, "rel_err_vs_sdpa": err,
+                         "code_bytes": code_bytes})
+            del query, view, kd, vd, out, ref
+            gc.collect()
+            torch.cuda.empty_cache()
+    return {**info, "copy_bandwidth_tbs": bw / 1e12, "reps": reps, "rows": rows, "kernels": ops.kernel_status()}
+
+
+# ---------------------------------------------------------------- generation
+
+
+def llama2_7b_config(layers: int = 32):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
+
+
+def _no_init():
+    for mod, name in (("transformers.initialization", "no_init_weights"), ("transformers.modeling_utils", "no_init_weights")):
+        try:
+            return getattr(__import__(mod, fromlist=[name]), name)()
+        except (ImportError, AttributeError):
+            continue
+    return contextlib.nullcontext()
+
+
+def random_llama(layers: int = 32, dtype=torch.bfloat16):
+    """Llama-2-7b-shaped model with N(0, 0.02) weights, built directly on the GPU (no CPU init)."""
+    from transformers import LlamaForCausalLM
+
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("cuda"), _no_init():
+            model = LlamaForCausalLM(llama2_7b_config(layers))
+    finally:
+        torch.set_default_dtype(prev)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=g)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+    return model.eval()
+
+
+def random_codebook(model, spec: QuantSpec, seed: int = 0):
+    from .codebook import Codebook
+    from .config import CQConfig
+    from .models import ModelInfo
+
+    info = ModelInfo.from_config(model.config, "llama-2-7b-shaped-random")
+    g = torch.Generator().manual_seed(seed)
+    shape = (info.num_kv_heads, info.head_dim // spec.channels, spec.num_centroids, spec.channels)
+    keys = [torch.randn(shape, generator=g) for _ in range(info.num_layers)]
+    values = [torch.randn(shape, generator=g) for _ in range(info.num_layers)]
+    return Codebook(CQConfig(spec, spec), info, keys, values, {"fisher": False, "seed": seed})
+
+
+@dataclass
+class GenSetup:
+    model: object
+    codebook: object
+    prompt: int = 2048
+    new_tokens: int = 256
+    chunk: int = 256  # prefill chunk (tokens): keeps activations small at large batch
+    records: list = field(default_factory=list)
+
+
+def _make_cache(kind: str, setup: GenSetup):
+    from transformers import DynamicCache
+
+    if kind == "dynamic":
+        return DynamicCache()
+    from .cache import CQCache
+
+    return CQCache(setup.model, setup.codebook)
+
+
+def _release() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _pregrow(cache, total: int) -> None:
+    """CQ: size the code buffers for the whole generation once (as a static cache would), not by doubling."""
+    for layer in getattr(cache, "layers", []):
+        if hasattr(layer, "_grow") and getattr(layer, "is_initialized", False):
+            layer._grow(total)
+
+
+def _synthetic_fill(kind: str, cache, setup: GenSetup, B: int, n: int) -> None:
+    """Put n random tokens into every layer of the cache through its public update path (no model forward)."""
+    cfg = setup.model.config
+    H, D, L = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads, cfg.num_hidden_layers
+    g = torch.Generator(device="cuda").manual_seed(1)
+    step = setup.chunk
+    kblock = torch.randn(B, H, step, D, generator=g, device="cuda", dtype=torch.bfloat16)
+    vblock = torch.randn(B, H, step, D, generator=g, device="cuda", dtype=torch.bfloat16)
+    for s in range(0, n, step):
+        q = min(step, n - s)
+        k, v = kblock[:, :, :q], vblock[:, :, :q]
+        if kind != "dynamic":
+            cache.tap.positions = torch.arange(s, s + q, device="cuda").unsqueeze(0)
+        for i in range(L):
+            if kind != "dynamic":
+                cache.tap.keys[i] = k
+            cache.update(k, v, i)
+    if kind != "dynamic":
+        cache.tap.positions = None
+
+
+@torch.no_grad()
+def _decode(model, cache, tok: torch.Tensor, steps: int) -> tuple[float, torch.Tensor]:
+    """`steps` greedy decode steps; returns (seconds, last tokens)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        logits = model(input_ids=tok, past_key_values=cache, use_cache=True).logits
+        tok = logits[:, -1:].argmax(-1)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, tok
+
+
+@torch.no_grad()
+def run_generation(kind: str, setup: GenSetup, B: int, real_prefill: bool = True, steps: int | None = None) -> dict:
+    """Prefill `prompt` tokens (real forward in chunks, or synthetic random K/V) then greedy decode."""
+    model = setup.model
+    steps = setup.new_tokens if steps is None else steps
+    torch.cuda.reset_peak_memory_stats()
+    cache = _make_cache(kind, setup)
+    try:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        if real_prefill:
+            g = torch.Generator(device="cuda").manual_seed(2)
+            ids = torch.randint(0, model.config.vocab_size, (B, setup.prompt), generator=g, device="cuda")
+            for s in range(0, setup.prompt, setup.chunk):
+                logits = model(input_ids=ids[:, s : s + setup.chunk], past_key_values=cache, use_cache=True,
+                               logits_to_keep=1).logits
+            tok = logits[:, -1:].argmax(-1)
+            del ids, logits
+        else:
+            _synthetic_fill(kind, cache, setup, B, setup.prompt)
+            tok = torch.zeros(B, 1, dtype=torch.long, device="cuda")
+        if kind != "dynamic":
+            _pregrow(cache, setup.prompt + steps + 1)
+        torch.cuda.synchronize()
+        t_prefill = time.perf_counter() - t0
+        t_dec, _ = _decode(model, cache, tok, steps)
+        rec = {"cache": kind, "batch": B, "prompt": setup.prompt, "new_tokens": steps, "real_prefill": real_prefill,
+               "prefill_s": t_prefill, "decode_s": t_dec, "decode_tok_s": B * steps / t_dec,
+               "end_to_end_tok_s": B * steps / (t_prefill + t_dec) if real_prefill else None,
+               "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+               "cache_gib": (cache.memory_bytes() if hasattr(cache, "memory_bytes") else
+                             sum(l.keys.numel() * 2 * 2 for l in cache.layers)) / 2**30}
+        setup.records.append(rec)
+        return rec
+    finally:
+        del cache
+        tap = getattr(model, "_cq_tap", None)
+        if tap is not None:  # keys a failed forward left behind
+            tap.keys.clear()
+        _release()
+
+
+def peak_bytes(kind: str, setup: GenSetup, B: int, probe_steps: int = 2) -> int:
+    """Peak memory of batch B with the cache at its final length (synthetic prefill, then decode steps)."""
+    keep = setup.prompt
+    try:
+        setup.prompt = setup.prompt + setup.new_tokens - probe_steps
+        run_generation(kind, setup, B, real_prefill=False, steps=probe_steps)
+        setup.records.pop()
+        return torch.cuda.max_memory_allocated()
+    finally:
+        setup.prompt = keep
+        _release()
+
+
+def run_at_max_batch(kind: str, setup: GenSetup, cap_bytes: float, limit: int, say=None) -> tuple[int, dict | None]:
+    """Largest batch that fits: per-sequence memory from two small probes predicts it, then the timed run starts
+    there and steps down 4% at a time on out-of-memory until it completes."""
+    say = say or (lambda *_: None)
+    p1, p2 = peak_bytes(kind, setup, 4), peak_bytes(kind, setup, 8)
+    per_seq = max(1.0, (p2 - p1) / 4)
+    fixed = p1 - 4 * per_seq
+    b = max(1, min(limit, int((0.97 * cap_bytes - fixed) / per_seq)))
+    say(f"{kind}: {per_seq / 2**20:.1f} MiB per sequence, predicted max batch {b}")
+    while b >= 1:
+        try:
+            rec = run_generation(kind, setup, b, real_prefill=False)
+            rec["per_sequence_mib"] = per_seq / 2**20
+            return b, rec
+        except torch.OutOfMemoryError:
+            say(f"{kind}: batch {b} OOM")
+            _release()
+            b = int(b * 0.96)
+    return 0, None
+
+
+def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, spec: str = "8c8b", layers: int = 32,
+                   memory_gb: float = 80.0, search: bool = True, max_search: int = 2048, progress=None) -> dict:
+    if not torch.cuda.is_available():
+        raise ConfigError("bench generate needs a CUDA GPU")
+    say = progress or (lambda *_: None)
+    total = torch.cuda.get_device_properties(0).total_memory
+    frac = min(1.0, memory_gb * 1e9 / total)
+    torch.cuda.set_per_process_memory_fraction(frac)
+    info = device_info()
+    say("building the model")
+    model = random_llama(layers)
+    setup = GenSetup(model, random_codebook(model, QuantSpec.parse(spec)), prompt, new_tokens)
+    from .cache import prepare_model
+
+    prepare_model(model)  # both caches run under the "cq" attention (SDPA for dense K/V)
+    out: dict = {**info, "memory_cap_gb": memory_gb, "spec": spec, "layers": layers, "prompt": prompt,
+                 "new_tokens": new_tokens}
+    say(f"same batch {batch}: dynamic")
+    dyn = run_generation("dynamic", setup, batch)
+    say(f"same batch {batch}: cq")
+    cq = run_generation("cq", setup, batch)
+    out["same_batch"] = {"dynamic": dyn, "cq": cq, "decode_speedup": cq["decode_tok_s"] / dyn["decode_tok_s"]}
+    if search:
+        cap = frac * total
+        bd, mdyn = run_at_max_batch("dynamic", setup, cap, max_search, say)
+        bc, mcq = run_at_max_batch("cq", setup, cap, max_search, say)
+        out["max_batch"] = {"dynamic": mdyn, "cq": mcq, "dynamic_batch": bd, "cq_batch": bc,
+                            "search_limit": max_search,
+                            "throughput_ratio": (mcq["decode_tok_s"] / mdyn["decode_tok_s"]) if mdyn and mcq else None}
+    out["kernels"] = ops.kernel_status()
+    out["records"] = setup.records
+    return out
+
+
+def fmt_ms(x: float) -> str:
+    return f"{x:.3f}" if x < 10 else f"{x:.1f}"
+
+
+def round_floats(obj, nd: int = 5):
+    if isinstance(obj, float):
+        return float(f"{obj:.{nd}g}") if math.isfinite(obj) else obj
+    if isinstance(obj, dict):
+        return {k: round_floats(v, nd) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [round_floats(v, nd) for v in obj]
+    return obj

@@ -1,0 +1,102 @@
+"""cqtool bench attention | cqtool bench generate: the CUDA kernels against baselines measured in the same run."""
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ..config import ConfigError
+from ._app import bench_app, console, user_errors
+
+
+def _shapes(items: list[str] | None):
+    from ..bench_kernels import DEFAULT_SHAPES
+
+    if not items:
+        return DEFAULT_SHAPES
+    out = []
+    for it in items:
+        try:
+            b, s = it.lower().split("x")
+            out.append((int(b), int(s)))
+        except ValueError:
+            raise ConfigError(f"--shape {it!r}: expected BATCHxCONTEXT, e.g. 8x32768") from None
+    return tuple(out)
+
+
+@bench_app.command("attention")
+@user_errors
+def attention_cmd(
+    shape: Annotated[Optional[list[str]], typer.Option(help="BATCHxCONTEXT, repeatable [8x32768 1x4096 1x32768 32x8192]")] = None,
+    spec: Annotated[Optional[list[str]], typer.Option(help="CQ quantizer for K and V, repeatable [8c8b 4c8b]")] = None,
+    heads: Annotated[int, typer.Option(help="Query = kv heads (MHA, Llama-2-7b)")] = 32,
+    head_dim: Annotated[int, typer.Option(help="64 or 128")] = 128,
+    reps: Annotated[int, typer.Option(help="Timed calls per measurement (median)")] = 30,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Save results as JSON")] = None,
+):
+    """One layer of decode attention from CQ codes vs torch SDPA bf16 on the same (dequantized) data."""
+    from rich.table import Table
+
+    from ..bench_kernels import DEFAULT_SPECS, attention_bench, round_floats
+    from ..io import write_json
+
+    res = attention_bench(_shapes(shape), tuple(spec or DEFAULT_SPECS), heads, head_dim, reps,
+                          progress=lambda m: console.print(f"[dim]{m}[/]"))
+    t = Table(title=f"decode attention per layer, {heads} heads x {head_dim}, {res['device']} "
+                    f"(copy bandwidth {res['copy_bandwidth_tbs']:.2f} TB/s)")
+    for col in ("quant", "batch x ctx", "SDPA bf16 ms", "CQ ms", "speedup", "CQ floor ms", "% of floor", "rel err"):
+        t.add_column(col, justify="right")
+    for r in res["rows"]:
+        t.add_row(r["quant"], f"{r['batch']}x{r['context']}", f"{r['sdpa_ms']:.3f}", f"{r['cq_ms']:.3f}",
+                  f"{r['speedup']:.1f}x", f"{r['cq_floor_ms']:.3f}", f"{100 * r['cq_floor_fraction']:.0f}%",
+                  f"{r['rel_err_vs_sdpa']:.1e}")
+    console.print(t)
+    if json_out:
+        write_json(json_out, round_floats(res))
+        console.print(f"wrote {json_out}")
+
+
+@bench_app.command("generate")
+@user_errors
+def generate_cmd(
+    batch: Annotated[int, typer.Option(help="Batch of the same-batch comparison")] = 8,
+    prompt: Annotated[int, typer.Option(help="Prompt tokens")] = 2048,
+    new_tokens: Annotated[int, typer.Option(help="Generated tokens (greedy)")] = 256,
+    spec: Annotated[str, typer.Option(help="CQ quantizer for K and V (random codebook)")] = "8c8b",
+    layers: Annotated[int, typer.Option(help="Decoder layers of the Llama-2-7b-shaped model")] = 32,
+    memory_gb: Annotated[float, typer.Option(help="GPU memory cap for the largest-batch search (GB)")] = 80.0,
+    search: Annotated[bool, typer.Option(help="Also run each cache at its largest batch")] = True,
+    max_batch: Annotated[int, typer.Option(help="Upper bound of the largest-batch search")] = 1024,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Save results as JSON")] = None,
+):
+    """Generation with a random Llama-2-7b-shaped model: CQ cache vs DynamicCache bf16 (tokens/s, peak memory)."""
+    from rich.table import Table
+
+    from ..bench_kernels import generate_bench, round_floats
+    from ..io import write_json
+
+    res = generate_bench(batch, prompt, new_tokens, spec, layers, memory_gb, search, max_batch,
+                         progress=lambda m: console.print(f"[dim]{m}[/]"))
+    t = Table(title=f"generation, Llama-2-7b shape ({layers} layers, random weights), {prompt}+{new_tokens} tokens, "
+                    f"CQ-{spec}, {res['device']}")
+    for col in ("run", "cache", "batch", "prefill s", "decode tok/s", "end-to-end tok/s", "peak GiB", "cache GiB"):
+        t.add_column(col, justify="right")
+    rows = [("same batch", res["same_batch"]["dynamic"]), ("same batch", res["same_batch"]["cq"])]
+    if "max_batch" in res:
+        rows += [("largest batch", res["max_batch"]["dynamic"]), ("largest batch", res["max_batch"]["cq"])]
+    for run, r in rows:
+        if r is None:
+            continue
+        e2e = r.get("end_to_end_tok_s")
+        t.add_row(run, r["cache"], str(r["batch"]), f"{r['prefill_s']:.2f}" + ("" if r["real_prefill"] else " (synthetic)"),
+                  f"{r['decode_tok_s']:.0f}", "-" if e2e is None else f"{e2e:.0f}", f"{r['peak_gib']:.1f}", f"{r['cache_gib']:.2f}")
+    console.print(t)
+    sb = res["same_batch"]
+    console.print(f"same batch {batch}: CQ decode {sb['decode_speedup']:.2f}x DynamicCache")
+    if "max_batch" in res and res["max_batch"]["throughput_ratio"]:
+        mb = res["max_batch"]
+        console.print(f"largest batch within {memory_gb:g} GB: DynamicCache {mb['dynamic_batch']}, CQ {mb['cq_batch']}"
+                      f" (search limit {mb['search_limit']}); decode throughput {mb['throughput_ratio']:.2f}x")
+    if json_out:
+        write_json(json_out, round_floats(res))
+        console.print(f"wrote {json_out}")

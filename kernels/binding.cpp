@@ -1,0 +1,144 @@
+// Torch binding of the CQ kernels: argument checks, parameter structs, workspace, launch on the current stream.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include "kernels.h"
+
+namespace {
+
+void check_cuda(cudaError_t e, const char* what) {
+  TORCH_CHECK(e == cudaSuccess, "cqtool kernel ", what, " failed: ", cudaGetErrorString(e));
+}
+
+int dtype_tag(const at::Tensor& t) {
+  if (t.scalar_type() == at::kHalf) return cq::kF16;
+  if (t.scalar_type() == at::kBFloat16) return cq::kBF16;
+  TORCH_CHECK(false, "cqtool kernels take float16 or bfloat16 tensors, got ", t.scalar_type());
+  return -1;
+}
+
+cq::FpBuf fp_buf(const c10::optional<at::Tensor>& t, int64_t D, at::ScalarType dt) {
+  cq::FpBuf f{nullptr, 0, 0, 0};
+  if (!t.has_value() || !t->defined()) return f;
+  TORCH_CHECK(t->is_cuda() && t->dim() == 4 && t->size(3) == D && t->stride(3) == 1 && t->scalar_type() == dt,
+              "full-precision K/V must be [B, H_kv, n, D] on the GPU with a contiguous last dim and the query dtype");
+  f.data = t->data_ptr();
+  f.sb = t->stride(0);
+  f.sh = t->stride(1);
+  f.st = t->stride(2);
+  return f;
+}
+
+// Split-K scratch, kept between calls (grown on demand) so that decode steps allocate nothing but the output.
+at::Tensor& workspace(int64_t n_floats, const at::Device& dev) {
+  static at::Tensor ws[16];
+  at::Tensor& w = ws[dev.index() < 0 ? 0 : dev.index() % 16];
+  if (!w.defined() || w.numel() < n_floats || w.device() != dev)
+    w = at::empty({std::max<int64_t>(n_floats, 1 << 20)}, at::TensorOptions().dtype(at::kFloat).device(dev));
+  return w;
+}
+
+}  // namespace
+
+// x [B, H, Q, D]; centroids [H, G, 2**bits, c]; codes [B, H, cap, R] uint8: codes[:, :, start:start+Q] = pack(encode(x)).
+void encode(const at::Tensor& x, const at::Tensor& centroids, int64_t bits, at::Tensor& codes, int64_t start) {
+  TORCH_CHECK(x.is_cuda() && centroids.is_cuda() && codes.is_cuda(), "encode: tensors must be on the GPU");
+  TORCH_CHECK(x.dim() == 4 && centroids.dim() == 4 && codes.dim() == 4, "encode: expected 4-d x, centroids, codes");
+  TORCH_CHECK(x.stride(3) == 1 && centroids.is_contiguous() && codes.is_contiguous(), "encode: layout");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && x.scalar_type() == centroids.scalar_type(), "encode: dtypes");
+  const int64_t B = x.size(0), H = x.size(1), Q = x.size(2), D = x.size(3);
+  const int64_t G = centroids.size(1), c = centroids.size(3);
+  TORCH_CHECK(centroids.size(0) == H && G * c == D && centroids.size(2) == (int64_t(1) << bits), "encode: shapes");
+  TORCH_CHECK(codes.size(0) == B && codes.size(1) == H && start + Q <= codes.size(2) && codes.size(3) == (G * bits + 7) / 8,
+              "encode: code buffer shape");
+  const at::cuda::OptionalCUDAGuard guard(x.device());
+  cq::EncodeParams p{};
+  p.x = x.data_ptr();
+  p.x_sb = x.stride(0); p.x_sh = x.stride(1); p.x_sq = x.stride(2);
+  p.centroids = centroids.data_ptr();
+  p.codes = codes.data_ptr<uint8_t>();
+  p.B = B; p.H = H; p.Q = Q; p.D = D; p.G = G; p.c = c; p.bits = bits; p.R = codes.size(3);
+  p.cap = codes.size(2); p.start = start;
+  p.dtype = dtype_tag(x);
+  check_cuda(cq::launch_encode(p, at::cuda::getCurrentCUDAStream()), "encode");
+}
+
+// Attention of query [B, H_q, Q, D] over S cached tokens held as codes (+ full-precision window/sinks) -> [B, Q, H_q, D].
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k_codes, const at::Tensor& v_codes, const at::Tensor& k_cent,
+                     const at::Tensor& v_cent, int64_t k_bits, int64_t v_bits, const at::Tensor& positions,
+                     const at::Tensor& inv_freq, double rope_scale, const c10::optional<at::Tensor>& cos,
+                     const c10::optional<at::Tensor>& sin, const at::Tensor& range, const c10::optional<at::Tensor>& win_k,
+                     const c10::optional<at::Tensor>& win_v, const at::Tensor& new_k, const at::Tensor& new_v,
+                     const c10::optional<at::Tensor>& sink_k, const c10::optional<at::Tensor>& sink_v, int64_t window,
+                     int64_t start, int64_t S, double scaling, bool prefill) {
+  TORCH_CHECK(q.is_cuda() && q.dim() == 4 && q.stride(3) == 1, "attention: query must be [B, H_q, Q, D] on the GPU");
+  const int64_t B = q.size(0), Hq = q.size(1), Q = q.size(2), D = q.size(3);
+  const int64_t Hkv = k_cent.size(0);
+  TORCH_CHECK(Hq % Hkv == 0, "attention: H_q must be a multiple of H_kv");
+  TORCH_CHECK(k_codes.is_contiguous() && v_codes.is_contiguous() && k_codes.scalar_type() == at::kByte &&
+              v_codes.scalar_type() == at::kByte && k_codes.size(2) == v_codes.size(2) && k_codes.size(2) >= S,
+              "attention: code buffers");
+  TORCH_CHECK(k_cent.is_contiguous() && v_cent.is_contiguous() && k_cent.scalar_type() == q.scalar_type() &&
+              v_cent.scalar_type() == q.scalar_type(), "attention: centroids must be contiguous in the query dtype");
+  TORCH_CHECK(k_cent.size(1) * k_cent.size(3) == D && v_cent.size(1) * v_cent.size(3) == D, "attention: centroid shapes");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.stride(1) == 1 && positions.size(1) >= S &&
+              positions.size(0) == B, "attention: positions must be [B, >=S] int64");
+  TORCH_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.is_contiguous() && inv_freq.numel() == D / 2 && inv_freq.is_cuda(),
+              "attention: inv_freq must be [D/2] fp32 on the GPU");
+  TORCH_CHECK(range.scalar_type() == at::kInt && range.is_contiguous() && range.numel() == B * Q * 2, "attention: range");
+  const at::cuda::OptionalCUDAGuard guard(q.device());
+  const auto dt = q.scalar_type();
+  at::Tensor out = at::empty({B, Q, Hq, D}, q.options());
+
+  cq::AttnParams p{};
+  p.q = q.data_ptr();
+  p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_sq = q.stride(2);
+  p.k_codes = k_codes.data_ptr<uint8_t>(); p.v_codes = v_codes.data_ptr<uint8_t>();
+  p.cap = k_codes.size(2); p.k_rb = k_codes.size(3); p.v_rb = v_codes.size(3);
+  p.k_cent = k_cent.data_ptr(); p.v_cent = v_cent.data_ptr();
+  p.k_c = k_cent.size(3); p.k_bits = k_bits; p.k_groups = k_cent.size(1);
+  p.v_c = v_cent.size(3); p.v_bits = v_bits; p.v_groups = v_cent.size(1);
+  TORCH_CHECK(k_cent.size(2) == (int64_t(1) << k_bits) && v_cent.size(2) == (int64_t(1) << v_bits), "attention: 2**bits centroids");
+  TORCH_CHECK(p.k_rb == (p.k_groups * k_bits + 7) / 8 && p.v_rb == (p.v_groups * v_bits + 7) / 8, "attention: code row bytes");
+  p.positions = positions.data_ptr<int64_t>(); p.pos_sb = positions.stride(0);
+  p.inv_freq = inv_freq.data_ptr<float>(); p.rope_scale = static_cast<float>(rope_scale);
+  p.range = range.data_ptr<int>();
+  p.win_k = fp_buf(win_k, D, dt); p.win_v = fp_buf(win_v, D, dt);
+  p.new_k = fp_buf(new_k, D, dt); p.new_v = fp_buf(new_v, D, dt);
+  p.sink_k = fp_buf(sink_k, D, dt); p.sink_v = fp_buf(sink_v, D, dt);
+  p.win_len = win_k.has_value() && win_k->defined() ? win_k->size(2) : 0;
+  p.n_sink = sink_k.has_value() && sink_k->defined() ? sink_k->size(2) : 0;
+  p.window = window;
+  p.B = B; p.Hq = Hq; p.Hkv = Hkv; p.Q = Q; p.S = S; p.start = start; p.D = D;
+  p.scaling = static_cast<float>(scaling);
+  p.dtype = dtype_tag(q);
+  p.out = out.data_ptr();
+  p.o_sb = out.stride(0); p.o_sq = out.stride(1); p.o_sh = out.stride(2);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (prefill) {
+    TORCH_CHECK(window == 0 && p.n_sink == 0, "attention: the prefill kernel takes no window or sinks");
+    TORCH_CHECK(cos.has_value() && sin.has_value(), "attention: prefill needs the cos/sin table");
+    TORCH_CHECK(cos->scalar_type() == at::kFloat && cos->stride(2) == 1 && cos->stride(1) == D && cos->size(1) >= S &&
+                sin->strides() == cos->strides(), "attention: cos/sin must be [B, >=S, D] fp32");
+    p.cos_t = cos->data_ptr<float>(); p.sin_t = sin->data_ptr<float>(); p.cs_sb = cos->size(0) == 1 ? 0 : cos->stride(0);
+    check_cuda(cq::launch_prefill(p, stream), "prefill attention");
+    return out;
+  }
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  check_cuda(cq::plan_decode(p, prop->multiProcessorCount, prop->sharedMemPerBlockOptin), "decode plan");
+  if (p.nsplit > 1) {
+    const int64_t rows = B * Hq * Q * p.nsplit;
+    at::Tensor& ws = workspace(rows * (D + 2), q.device());
+    p.ws_o = ws.data_ptr<float>();
+    p.ws_ml = p.ws_o + rows * D;
+  }
+  check_cuda(cq::launch_decode(p, stream), "decode attention");
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "cqtool CUDA kernels: CQ encode, decode attention (split-K) and prefill attention (tensor cores)";
+  m.def("encode", &encode, "nearest-centroid encode + pack into the code buffer in place");
+  m.def("attention", &attention, "attention from CQ codes");
+}

@@ -1,0 +1,57 @@
+// Host side of the decode attention kernel (decode.cuh) and the split-K combine.
+#include <algorithm>
+
+#include "decode.cuh"
+
+namespace cq {
+
+// instantiated in decode_<dtype>_d<D>.cu so that the build compiles them in parallel
+extern template cudaError_t launch_d<__half, 64>(const AttnParams&, cudaStream_t);
+extern template cudaError_t launch_d<__half, 128>(const AttnParams&, cudaStream_t);
+extern template cudaError_t launch_d<__nv_bfloat16, 64>(const AttnParams&, cudaStream_t);
+extern template cudaError_t launch_d<__nv_bfloat16, 128>(const AttnParams&, cudaStream_t);
+
+namespace {
+
+template <typename T>
+cudaError_t launch_dt(const AttnParams& p, cudaStream_t stream) {
+  if (p.D == 128) return launch_d<T, 128>(p, stream);
+  if (p.D == 64) return launch_d<T, 64>(p, stream);
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+size_t decode_smem_bytes(const AttnParams& p) { return dec_layout(p, p.nq).total; }
+
+cudaError_t plan_decode(AttnParams& p, int num_sms, size_t max_smem) {
+  if (p.D != 64 && p.D != 128) return cudaErrorInvalidValue;
+  const int rep = p.Hq / p.Hkv;
+  p.nq = rep * p.Q == 1 ? 1 : 4;
+  p.nchunk = (rep * p.Q + p.nq - 1) / p.nq;
+  const int step = kDecWarps * (32 / (p.D / 16));
+  p.tab_smem = 0;
+  p.tile = 0;
+  for (int tab = 1; tab >= 0 && !p.tile; --tab) {
+    for (int tile = 8 * step; tile >= step; tile /= 2) {
+      AttnParams t = p;
+      t.tab_smem = tab;
+      t.tile = tile;
+      if (dec_layout(t, t.nq).total <= max_smem) { p.tab_smem = tab; p.tile = tile; break; }
+    }
+  }
+  if (!p.tile) return cudaErrorInvalidValue;
+  p.has_fp = (p.window > 0 || p.n_sink > 0) ? 1 : 0;
+  const int base = p.B * p.Hkv * p.nchunk;
+  int ncode = 1;
+  if (base < num_sms) ncode = std::max(1, std::min(num_sms / base, (p.S + 255) / 256));
+  p.nsplit = ncode + p.has_fp;
+  return cudaSuccess;
+}
+
+cudaError_t launch_decode(const AttnParams& p, cudaStream_t stream) {
+  if (p.B * p.Q == 0) return cudaSuccess;
+  return p.dtype == kBF16 ? launch_dt<__nv_bfloat16>(p, stream) : launch_dt<__half>(p, stream);
+}
+
+}  // namespace cq

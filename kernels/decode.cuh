@@ -1,0 +1,506 @@
+// Decode attention from CQ codes (one or a few queries per sequence), split-K over the sequence.
+//
+// One block per (sequence-split, kv head, query chunk, batch row). The block holds the head's K and V centroid
+// tables in shared memory (code-major rows: tab[code][channel], so that the lanes of a token read distinct banks),
+// streams the packed code rows and positions through a cp.async pipeline, and per token: unpacks the codes,
+// looks up the centroids, applies RoPE at the token's position, takes Q.K, updates an online softmax and
+// accumulates P.V. Dequantized keys and values only ever live in registers.
+//
+// Lane mapping: LPT = D/16 lanes per token, each lane owns 8 RoPE pairs (channels 8r..8r+7 and D/2+8r..D/2+8r+7).
+// RoPE: a lane's consecutive tokens are STEP apart, so when positions advance by STEP the rotation e^{i p f} is
+// advanced by a constant complex factor; it is recomputed exactly (sincosf of fl(p * f), as the reference) on
+// any irregular position and every kReinit steps. With one query the rotation is folded into the query
+// (W = s * conj(q) * e^{i p f}, score = sum Re(W k)), with several it is applied to the key.
+// The last split (when has_fp) handles the full-precision keys: sinks and the recent window.
+#pragma once
+
+#include "common.cuh"
+#include "kernels.h"
+
+namespace cq {
+
+constexpr int kDecWarps = 8;
+constexpr int kStages = 3;
+constexpr int kReinit = 128;
+
+template <int D>
+struct DecGeom {
+  static constexpr int LPT = D / 16;
+  static constexpr int TPW = 32 / LPT;
+  static constexpr int STEP = kDecWarps * TPW;
+  static constexpr int HALF = D / 2;
+};
+
+struct DecLayout {
+  size_t tab_k, tab_v, stage, stage_bytes, kw, vw, pos, red, total;
+};
+
+__host__ __device__ inline size_t align16(size_t x) { return (x + 15) & ~size_t(15); }
+
+__host__ __device__ inline DecLayout dec_layout(const AttnParams& p, int nq) {
+  DecLayout L;
+  size_t off = 0;
+  L.tab_k = off;
+  if (p.tab_smem) off += align16(size_t(1) << p.k_bits) * p.D * 2;
+  L.tab_v = off;
+  if (p.tab_smem) off += align16(size_t(1) << p.v_bits) * p.D * 2;
+  L.stage = off;
+  const size_t kwords = (size_t(p.tile) * p.k_rb + 6) / 4 + 2;
+  const size_t vwords = (size_t(p.tile) * p.v_rb + 6) / 4 + 2;
+  L.kw = 0;
+  L.vw = align16(kwords * 4);
+  L.pos = L.vw + align16(vwords * 4);
+  L.stage_bytes = L.pos + size_t(p.tile) * 8;
+  off += kStages * L.stage_bytes;
+  L.red = off;
+  off += size_t(kDecWarps) * nq * (p.D + 2) * 4;
+  L.total = off;
+  return L;
+}
+
+// 8 consecutive channels ch0..ch0+7 of a token's dequantized vector (before RoPE for keys).
+template <typename T, bool TSMEM, int C>
+__device__ __forceinline__ void gather8_c(float* out, const T* tab, int D, int K, int bits, const uint32_t* words,
+                                          uint32_t bit0, int ch0) {
+  const uint32_t mask = (1u << bits) - 1u;
+  if constexpr (C >= 8) {
+    const int g = ch0 / C;
+    const uint32_t code = code_from_words(words, bit0 + g * bits, mask);
+    if constexpr (TSMEM) load_vec<T, 8>(tab + code * D + ch0, out);
+    else load_vec_g<T, 8>(tab + (static_cast<int64_t>(g) * K + code) * C + (ch0 % C), out);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8 / C; ++j) {
+      const int ch = ch0 + j * C, g = ch / C;
+      const uint32_t code = code_from_words(words, bit0 + g * bits, mask);
+      if constexpr (TSMEM) load_vec<T, C>(tab + code * D + ch, out + j * C);
+      else load_vec_g<T, C>(tab + (static_cast<int64_t>(g) * K + code) * C, out + j * C);
+    }
+  }
+}
+
+template <typename T, bool TSMEM>
+__device__ __forceinline__ void gather8(float* out, const T* tab, int D, int c, int K, int bits, const uint32_t* words,
+                                        uint32_t bit0, int ch0) {
+  switch (c) {
+    case 1: gather8_c<T, TSMEM, 1>(out, tab, D, K, bits, words, bit0, ch0); break;
+    case 2: gather8_c<T, TSMEM, 2>(out, tab, D, K, bits, words, bit0, ch0); break;
+    case 4: gather8_c<T, TSMEM, 4>(out, tab, D, K, bits, words, bit0, ch0); break;
+    case 8: gather8_c<T, TSMEM, 8>(out, tab, D, K, bits, words, bit0, ch0); break;
+    default: gather8_c<T, TSMEM, 16>(out, tab, D, K, bits, words, bit0, ch0); break;
+  }
+}
+
+// Copy one head's centroids [G, K, c] into the code-major table tab[K][D].
+template <typename T>
+__device__ void load_table(T* tab, const T* cent, int D, int c, int K) {
+  const int chunks = K * (D / 8);
+  for (int i = threadIdx.x; i < chunks; i += blockDim.x) {
+    const int code = i / (D / 8), ch0 = (i % (D / 8)) * 8;
+    uint4 v;
+    if (c >= 8) {
+      const int g = ch0 / c;
+      v = __ldg(reinterpret_cast<const uint4*>(cent + (static_cast<int64_t>(g) * K + code) * c + ch0 % c));
+    } else {
+      uint16_t e[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int ch = ch0 + j, g = ch / c;
+        e[j] = __ldg(reinterpret_cast<const unsigned short*>(cent) + (static_cast<int64_t>(g) * K + code) * c + ch % c);
+      }
+      v.x = e[0] | (uint32_t(e[1]) << 16); v.y = e[2] | (uint32_t(e[3]) << 16);
+      v.z = e[4] | (uint32_t(e[5]) << 16); v.w = e[6] | (uint32_t(e[7]) << 16);
+    }
+    *reinterpret_cast<uint4*>(tab + code * D + ch0) = v;
+  }
+}
+
+template <int LPT>
+__device__ __forceinline__ float token_sum(float x) {
+#pragma unroll
+  for (int off = 1; off < LPT; off <<= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+// Online-softmax state of one lane: its token slot's running max, sum and 16 output channels per query.
+template <int NQ>
+struct SoftmaxAcc {
+  float m[NQ], l[NQ], acc[NQ][16];
+
+  __device__ __forceinline__ void init() {
+#pragma unroll
+    for (int q = 0; q < NQ; ++q) {
+      m[q] = kNegInf; l[q] = 0.f;
+#pragma unroll
+      for (int e = 0; e < 16; ++e) acc[q][e] = 0.f;
+    }
+  }
+
+  // s: scores in log2 units (kNegInf where not allowed) -> p; returns whether any p is non-zero.
+  __device__ __forceinline__ bool update(float* s) {
+    bool any = false;
+#pragma unroll
+    for (int q = 0; q < NQ; ++q) {
+      // lazy rescale: the reference max only moves when a score exceeds it by 8 (p stays <= 256)
+      if (s[q] > m[q] + 8.f) {
+        const float a = exp2f(m[q] - s[q]);
+        l[q] *= a;
+#pragma unroll
+        for (int e = 0; e < 16; ++e) acc[q][e] *= a;
+        m[q] = s[q];
+      }
+      s[q] = s[q] == kNegInf ? 0.f : exp2f(s[q] - m[q]);
+      l[q] += s[q];
+      any |= s[q] != 0.f;
+    }
+    return any;
+  }
+
+  __device__ __forceinline__ void add_v(const float* p, const float* v) {
+#pragma unroll
+    for (int q = 0; q < NQ; ++q)
+#pragma unroll
+      for (int e = 0; e < 16; ++e) acc[q][e] = fmaf(p[q], v[e], acc[q][e]);
+  }
+
+  // Merge the states of lanes `off` apart (other token slots of the warp).
+  __device__ __forceinline__ void merge_shfl(int off) {
+#pragma unroll
+    for (int q = 0; q < NQ; ++q) {
+      const float mo = __shfl_xor_sync(0xffffffffu, m[q], off);
+      const float lo = __shfl_xor_sync(0xffffffffu, l[q], off);
+      const float mn = fmaxf(m[q], mo);
+      const float a = m[q] == kNegInf ? 0.f : exp2f(m[q] - mn);
+      const float bb = mo == kNegInf ? 0.f : exp2f(mo - mn);
+      l[q] = l[q] * a + lo * bb;
+#pragma unroll
+      for (int e = 0; e < 16; ++e) {
+        const float ao = __shfl_xor_sync(0xffffffffu, acc[q][e], off);
+        acc[q][e] = acc[q][e] * a + ao * bb;
+      }
+      m[q] = mn;
+    }
+  }
+};
+
+template <typename T, int D, int NQ, bool TSMEM>
+__global__ void __launch_bounds__(kDecWarps * 32, 1) decode_kernel(const AttnParams p) {
+  using Geo = DecGeom<D>;
+  constexpr int LPT = Geo::LPT, TPW = Geo::TPW, STEP = Geo::STEP, HALF = Geo::HALF;
+  extern __shared__ __align__(16) uint8_t smem[];
+  const DecLayout L = dec_layout(p, NQ);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int slot = lane / LPT, r = lane % LPT;
+  const int b = blockIdx.z, h = blockIdx.y / p.nchunk, chunk = blockIdx.y % p.nchunk;
+  const int split = blockIdx.x;
+  const int rep = p.Hq / p.Hkv;
+  const bool fp_block = p.has_fp && split == p.nsplit - 1;
+  const int ncode = p.nsplit - p.has_fp;
+  const int ch_a = 8 * r, ch_b = HALF + 8 * r;  // this lane's two 8-channel blocks
+
+  // ---- queries of this block and their key ranges
+  int hq[NQ], qi[NQ], clo[NQ], chi[NQ], mlo[NQ], mhi[NQ];
+  bool qok[NQ];
+  int cmin = p.S, cmax = 0;
+#pragma unroll
+  for (int q = 0; q < NQ; ++q) {
+    const int idx = chunk * NQ + q;
+    qok[q] = idx < rep * p.Q;
+    const int hh = qok[q] ? idx / p.Q : 0;
+    qi[q] = qok[q] ? idx % p.Q : 0;
+    hq[q] = h * rep + hh;
+    mlo[q] = qok[q] ? p.range[(b * p.Q + qi[q]) * 2] : 0;
+    mhi[q] = qok[q] ? p.range[(b * p.Q + qi[q]) * 2 + 1] : 0;
+    // keys j < code_hi are read through codes (window semantics of attention.attend_codes_reference)
+    const int code_hi = p.window > 0 ? max(0, p.start + qi[q] - p.window + 1) : p.S;
+    clo[q] = max(mlo[q], p.n_sink);
+    chi[q] = min(mhi[q], code_hi);
+    if (clo[q] < chi[q]) { cmin = min(cmin, clo[q]); cmax = max(cmax, chi[q]); }
+  }
+
+  SoftmaxAcc<NQ> st;
+  st.init();
+  const float qscale = p.scaling * kLog2e * (fp_block ? 1.f : p.rope_scale);
+  float qa[NQ][8], qb[NQ][8];  // query channels ch_a.., ch_b.. (scaled)
+#pragma unroll
+  for (int q = 0; q < NQ; ++q) {
+    const T* qp = reinterpret_cast<const T*>(p.q) + b * p.q_sb + hq[q] * p.q_sh + qi[q] * p.q_sq;
+    load_vec_g<T, 8>(qp + ch_a, qa[q]);
+    load_vec_g<T, 8>(qp + ch_b, qb[q]);
+#pragma unroll
+    for (int m = 0; m < 8; ++m) { qa[q][m] *= qscale; qb[q][m] *= qscale; }
+  }
+
+  if (fp_block) {
+    // ---- full-precision keys: sinks [0, n_sink) and the window [fp_lo, S)
+    int fp_lo = p.S, fp_hi = 0;
+#pragma unroll
+    for (int q = 0; q < NQ; ++q)
+      if (qok[q]) {
+        fp_lo = min(fp_lo, p.window > 0 ? max(0, p.start + qi[q] - p.window + 1) : p.S);
+        fp_hi = max(fp_hi, mhi[q]);
+      }
+    fp_lo = max(fp_lo, p.n_sink);
+    const int nf = p.n_sink + max(0, min(p.S, fp_hi) - fp_lo);
+    for (int base = 0; base < nf; base += STEP) {
+      const int u0 = base + warp * TPW + slot;
+      const bool active = u0 < nf;
+      const int u = active ? u0 : 0;
+      const int j = u < p.n_sink ? u : fp_lo + (u - p.n_sink);
+      // full-precision source of key j: sinks, the new tokens, or the window kept from earlier steps
+      const FpBuf kbuf = j < p.n_sink ? p.sink_k : (j >= p.start ? p.new_k : p.win_k);
+      const FpBuf vbuf = j < p.n_sink ? p.sink_v : (j >= p.start ? p.new_v : p.win_v);
+      const int64_t jj = j < p.n_sink ? j : (j >= p.start ? j - p.start : j - (p.start - p.win_len));
+      const T* kp = reinterpret_cast<const T*>(kbuf.data) + b * kbuf.sb + h * kbuf.sh + jj * kbuf.st;
+      float ka[8], kbv[8];
+      load_vec_g<T, 8>(kp + ch_a, ka);
+      load_vec_g<T, 8>(kp + ch_b, kbv);
+      float s[NQ];
+#pragma unroll
+      for (int q = 0; q < NQ; ++q) {
+        float acc = 0.f;
+#pragma unroll
+        for (int m = 0; m < 8; ++m) acc = fmaf(qa[q][m], ka[m], fmaf(qb[q][m], kbv[m], acc));
+        s[q] = token_sum<LPT>(acc);
+        const int code_hi = p.window > 0 ? max(0, p.start + qi[q] - p.window + 1) : p.S;
+        const bool ok = active && qok[q] && j >= mlo[q] && j < mhi[q] && (j < p.n_sink || j >= code_hi);
+        s[q] = ok ? s[q] : kNegInf;
+      }
+      if (st.update(s)) {
+        const T* vp = reinterpret_cast<const T*>(vbuf.data) + b * vbuf.sb + h * vbuf.sh + jj * vbuf.st;
+        float v[16];
+        load_vec_g<T, 8>(vp + ch_a, v);
+        load_vec_g<T, 8>(vp + ch_b, v + 8);
+        st.add_v(s, v);
+      }
+    }
+  } else if (cmin < cmax) {
+    // ---- codes: this split's share of [cmin, cmax)
+    const int per = (cmax - cmin + ncode - 1) / ncode;
+    const int t_begin = cmin + split * per;
+    const int t_end = min(cmax, t_begin + per);
+    const int Kk = 1 << p.k_bits, Kv = 1 << p.v_bits;
+    const T* kcent = reinterpret_cast<const T*>(p.k_cent) + static_cast<int64_t>(h) * p.k_groups * Kk * p.k_c;
+    const T* vcent = reinterpret_cast<const T*>(p.v_cent) + static_cast<int64_t>(h) * p.v_groups * Kv * p.v_c;
+    const int64_t kbase = (static_cast<int64_t>(b) * p.Hkv + h) * p.cap * p.k_rb;
+    const int64_t vbase = (static_cast<int64_t>(b) * p.Hkv + h) * p.cap * p.v_rb;
+    const int64_t* pos_g = p.positions + b * p.pos_sb;
+
+    auto load_tile = [&](int stage, int t0) {
+      const int n = min(p.tile, t_end - t0);
+      uint8_t* sp = smem + L.stage + stage * L.stage_bytes;
+      uint32_t* kw = reinterpret_cast<uint32_t*>(sp + L.kw);
+      uint32_t* vw = reinterpret_cast<uint32_t*>(sp + L.vw);
+      int64_t* ps = reinterpret_cast<int64_t*>(sp + L.pos);
+      const int64_t ks = kbase + static_cast<int64_t>(t0) * p.k_rb, ka = ks & ~int64_t(3);
+      const int nkw = static_cast<int>((ks + static_cast<int64_t>(n) * p.k_rb - ka + 3) >> 2);
+      for (int i = threadIdx.x; i < nkw; i += blockDim.x) cp_async4(kw + i, p.k_codes + ka + 4 * i);
+      const int64_t vs = vbase + static_cast<int64_t>(t0) * p.v_rb, va = vs & ~int64_t(3);
+      const int nvw = static_cast<int>((vs + static_cast<int64_t>(n) * p.v_rb - va + 3) >> 2);
+      for (int i = threadIdx.x; i < nvw; i += blockDim.x) cp_async4(vw + i, p.v_codes + va + 4 * i);
+      for (int i = threadIdx.x; i < n; i += blockDim.x) cp_async8(ps + i, pos_g + t0 + i);
+    };
+
+    const int ntile = t_end > t_begin ? (t_end - t_begin + p.tile - 1) / p.tile : 0;
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) {
+      if (s < ntile) load_tile(s, t_begin + s * p.tile);
+      cp_async_commit();
+    }
+    T* tab_k = reinterpret_cast<T*>(smem + L.tab_k);
+    T* tab_v = reinterpret_cast<T*>(smem + L.tab_v);
+    if constexpr (TSMEM) {
+      load_table<T>(tab_k, kcent, D, p.k_c, Kk);
+      load_table<T>(tab_v, vcent, D, p.v_c, Kv);
+    }
+    const T* tk = TSMEM ? tab_k : kcent;
+    const T* tv = TSMEM ? tab_v : vcent;
+
+    // RoPE state for this lane's 8 frequencies
+    float fr[8];
+    float2 rot[8];  // e^{i STEP f}
+#pragma unroll
+    for (int m = 0; m < 8; ++m) {
+      fr[m] = p.inv_freq[ch_a + m];
+      float sn, cs;
+      sincosf(static_cast<float>(STEP) * fr[m], &sn, &cs);
+      rot[m] = make_float2(cs, sn);
+    }
+    float2 w[8];  // NQ == 1: W = s conj(q) e^{i p f}; NQ > 1: e^{i p f}
+    int64_t cur_pos = INT64_MIN / 2;
+    int since = 0;
+
+    for (int it = 0; it < ntile; ++it) {
+      cp_async_wait<kStages - 1>();
+      __syncthreads();
+      const int stage = it % kStages;
+      const int t0 = t_begin + it * p.tile;
+      const uint8_t* sp = smem + L.stage + stage * L.stage_bytes;
+      const uint32_t* kw = reinterpret_cast<const uint32_t*>(sp + L.kw);
+      const uint32_t* vw = reinterpret_cast<const uint32_t*>(sp + L.vw);
+      const int64_t* ps = reinterpret_cast<const int64_t*>(sp + L.pos);
+      const uint32_t kbit0 = static_cast<uint32_t>(((kbase + static_cast<int64_t>(t0) * p.k_rb) & 3) * 8);
+      const uint32_t vbit0 = static_cast<uint32_t>(((vbase + static_cast<int64_t>(t0) * p.v_rb) & 3) * 8);
+      const int nsteps = p.tile / STEP;
+      for (int k = 0; k < nsteps; ++k) {
+        const int tl0 = k * STEP + warp * TPW + slot;
+        const bool active = t0 + tl0 < t_end;
+        const int tl = active ? tl0 : 0;
+        const int t = t0 + tl;
+        const int64_t pos = ps[tl];
+        if (pos == cur_pos + STEP && since < kReinit) {
+          ++since;
+#pragma unroll
+          for (int m = 0; m < 8; ++m)
+            w[m] = make_float2(w[m].x * rot[m].x - w[m].y * rot[m].y, w[m].x * rot[m].y + w[m].y * rot[m].x);
+        } else {
+          since = 0;
+#pragma unroll
+          for (int m = 0; m < 8; ++m) {
+            float sn, cs;
+            sincosf(static_cast<float>(pos) * fr[m], &sn, &cs);
+            if constexpr (NQ == 1) w[m] = make_float2(qa[0][m] * cs + qb[0][m] * sn, qa[0][m] * sn - qb[0][m] * cs);
+            else w[m] = make_float2(cs, sn);
+          }
+        }
+        cur_pos = pos;
+
+        const uint32_t kb0 = kbit0 + static_cast<uint32_t>(tl * p.k_rb * 8);
+        float ka[8], kb[8];
+        gather8<T, TSMEM>(ka, tk, D, p.k_c, Kk, p.k_bits, kw, kb0, ch_a);
+        gather8<T, TSMEM>(kb, tk, D, p.k_c, Kk, p.k_bits, kw, kb0, ch_b);
+        float s[NQ];
+        if constexpr (NQ == 1) {
+          float acc = 0.f;
+#pragma unroll
+          for (int m = 0; m < 8; ++m) acc = fmaf(w[m].x, ka[m], fmaf(-w[m].y, kb[m], acc));
+          s[0] = acc;
+        } else {
+#pragma unroll
+          for (int q = 0; q < NQ; ++q) s[q] = 0.f;
+#pragma unroll
+          for (int m = 0; m < 8; ++m) {
+            const float kr = ka[m] * w[m].x - kb[m] * w[m].y;
+            const float ki = kb[m] * w[m].x + ka[m] * w[m].y;
+#pragma unroll
+            for (int q = 0; q < NQ; ++q) s[q] = fmaf(qa[q][m], kr, fmaf(qb[q][m], ki, s[q]));
+          }
+        }
+#pragma unroll
+        for (int q = 0; q < NQ; ++q) {
+          s[q] = token_sum<LPT>(s[q]);
+          const bool ok = active && t >= clo[q] && t < chi[q];
+          s[q] = ok ? s[q] : kNegInf;
+        }
+        if (st.update(s)) {
+          const uint32_t vb0 = vbit0 + static_cast<uint32_t>(tl * p.v_rb * 8);
+          float v[16];
+          gather8<T, TSMEM>(v, tv, D, p.v_c, Kv, p.v_bits, vw, vb0, ch_a);
+          gather8<T, TSMEM>(v + 8, tv, D, p.v_c, Kv, p.v_bits, vw, vb0, ch_b);
+          st.add_v(s, v);
+        }
+      }
+      __syncthreads();
+      if (it + kStages < ntile) load_tile(stage, t_begin + (it + kStages) * p.tile);
+      cp_async_commit();
+    }
+    cp_async_wait<0>();
+  }
+
+  // ---- combine the token slots of each warp, then the warps
+#pragma unroll
+  for (int off = LPT; off < 32; off <<= 1) st.merge_shfl(off);
+  float* red = reinterpret_cast<float*>(smem + L.red);  // [warps][NQ][D + 2]
+  if (slot == 0) {
+#pragma unroll
+    for (int q = 0; q < NQ; ++q) {
+      float* rw = red + (warp * NQ + q) * (D + 2);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) { rw[ch_a + e] = st.acc[q][e]; rw[ch_b + e] = st.acc[q][8 + e]; }
+      if (r == 0) { rw[D] = st.m[q]; rw[D + 1] = st.l[q]; }
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < NQ * D; i += blockDim.x) {
+    const int q = i / D, ch = i % D;
+    float M = kNegInf;
+#pragma unroll
+    for (int wi = 0; wi < kDecWarps; ++wi) M = fmaxf(M, red[(wi * NQ + q) * (D + 2) + D]);
+    float lsum = 0.f, o = 0.f;
+    if (M != kNegInf) {
+#pragma unroll
+      for (int wi = 0; wi < kDecWarps; ++wi) {
+        const float* rw = red + (wi * NQ + q) * (D + 2);
+        if (rw[D] == kNegInf) continue;
+        const float a = exp2f(rw[D] - M);
+        lsum += rw[D + 1] * a;
+        o += rw[ch] * a;
+      }
+    }
+    // the query's index (registers are indexed by compile-time q only)
+    int my_hq = 0, my_qi = 0;
+    bool ok = false;
+#pragma unroll
+    for (int qq = 0; qq < NQ; ++qq)
+      if (qq == q) { my_hq = hq[qq]; my_qi = qi[qq]; ok = qok[qq]; }
+    if (!ok) continue;
+    if (p.nsplit == 1) {
+      T* out = reinterpret_cast<T*>(p.out) + b * p.o_sb + my_qi * p.o_sq + my_hq * p.o_sh;
+      out[ch] = from_f<T>(lsum > 0.f ? o / lsum : 0.f);
+    } else {
+      const int64_t row = ((static_cast<int64_t>(b) * p.Hq + my_hq) * p.Q + my_qi) * p.nsplit + split;
+      p.ws_o[row * D + ch] = o;
+      if (ch == 0) { p.ws_ml[row * 2] = M; p.ws_ml[row * 2 + 1] = lsum; }
+    }
+  }
+}
+
+// out[b, q, hq, :] = merge over splits of (m, l, o) partials (log2 domain).
+template <typename T>
+__global__ void combine_kernel(const AttnParams p) {
+  const int row = blockIdx.x;  // (b * Hq + hq) * Q + qi
+  const int qi = row % p.Q, hq = (row / p.Q) % p.Hq, b = row / (p.Q * p.Hq);
+  const float* ml = p.ws_ml + static_cast<int64_t>(row) * p.nsplit * 2;
+  float M = kNegInf;
+  for (int s = 0; s < p.nsplit; ++s) M = fmaxf(M, ml[2 * s]);
+  T* out = reinterpret_cast<T*>(p.out) + b * p.o_sb + qi * p.o_sq + hq * p.o_sh;
+  for (int ch = threadIdx.x; ch < p.D; ch += blockDim.x) {
+    float l = 0.f, o = 0.f;
+    if (M != kNegInf) {
+      for (int s = 0; s < p.nsplit; ++s) {
+        const float m = ml[2 * s];
+        if (m == kNegInf) continue;
+        const float a = exp2f(m - M);
+        l += ml[2 * s + 1] * a;
+        o += p.ws_o[(static_cast<int64_t>(row) * p.nsplit + s) * p.D + ch] * a;
+      }
+    }
+    out[ch] = from_f<T>(l > 0.f ? o / l : 0.f);
+  }
+}
+
+template <typename T, int D, int NQ, bool TSMEM>
+cudaError_t launch_t(const AttnParams& p, cudaStream_t stream) {
+  const size_t smem = dec_layout(p, NQ).total;
+  static size_t configured = 48 << 10;  // raise the dynamic shared-memory limit only when a launch needs more
+  if (smem > configured) {
+    cudaError_t e = cudaFuncSetAttribute(decode_kernel<T, D, NQ, TSMEM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+    configured = smem;
+  }
+  dim3 grid(p.nsplit, p.Hkv * p.nchunk, p.B);
+  decode_kernel<T, D, NQ, TSMEM><<<grid, kDecWarps * 32, smem, stream>>>(p);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess || p.nsplit == 1) return e;
+  combine_kernel<T><<<p.B * p.Hq * p.Q, p.D, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t launch_d(const AttnParams& p, cudaStream_t stream) {
+  if (p.nq == 1) return p.tab_smem ? launch_t<T, D, 1, true>(p, stream) : launch_t<T, D, 1, false>(p, stream);
+  return p.tab_smem ? launch_t<T, D, 4, true>(p, stream) : launch_t<T, D, 4, false>(p, stream);
+}
+
+}  // namespace cq

@@ -1,0 +1,79 @@
+// Host-side interface of the CQ kernels: plain parameter structs and launchers (no torch types), so that the
+// .cu files build with nvcc alone and binding.cpp is the only file that sees ATen.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace cq {
+
+// Element type tag passed from the host.
+enum DType : int { kF16 = 0, kBF16 = 1 };
+
+struct EncodeParams {
+  const void* x;  // [B, H, Q, D]
+  int64_t x_sb, x_sh, x_sq;  // element strides; last dim contiguous
+  const void* centroids;  // [H, G, 2**bits, c] contiguous
+  uint8_t* codes;  // [B, H, cap, R] contiguous
+  int B, H, Q, D, G, c, bits, R;
+  int64_t cap, start;
+  int dtype;  // cq::DType
+};
+
+// A full-precision K or V buffer [B, H_kv, n, D] (last dim contiguous); data == nullptr when absent.
+struct FpBuf {
+  const void* data;
+  int64_t sb, sh, st;
+};
+
+struct AttnParams {
+  // queries [B, H_q, Q, D] (post-RoPE), last dim contiguous
+  const void* q;
+  int64_t q_sb, q_sh, q_sq;
+  // packed codes [B, H_kv, cap, R] contiguous; the first S rows are valid
+  const uint8_t* k_codes;
+  const uint8_t* v_codes;
+  int64_t cap;
+  int k_rb, v_rb;
+  // centroids [H_kv, G, 2**bits, c] contiguous, same dtype as q
+  const void* k_cent;
+  const void* v_cent;
+  int k_c, k_bits, k_groups, v_c, v_bits, v_groups;
+  // RoPE of the cached keys: positions [B, S] int64, inv_freq [D/2] fp32, cos/sin scaled by rope_scale
+  const int64_t* positions;
+  int64_t pos_sb;
+  const float* inv_freq;
+  float rope_scale;
+  // prefill only: cos/sin table [B, S, D] fp32 (transformers' layout, halves repeated)
+  const float* cos_t;
+  const float* sin_t;
+  int64_t cs_sb;
+  // allowed key range per (b, query): range[(b * Q + i) * 2 + {0, 1}] = [lo, hi)
+  const int* range;
+  // full precision: window tokens start-w..start-1, new tokens start..S-1, sinks 0..n_sink-1
+  FpBuf win_k, win_v, new_k, new_v, sink_k, sink_v;
+  int win_len, n_sink, window;
+  int B, Hq, Hkv, Q, S, start, D;
+  float scaling;
+  int dtype;
+  // outputs: out [B, Q, H_q, D]; split-K partials ws_o [B, H_q, Q, nsplit, D], ws_ml [B, H_q, Q, nsplit, 2]
+  void* out;
+  int64_t o_sb, o_sq, o_sh;
+  float* ws_o;
+  float* ws_ml;
+  int nsplit;  // code splits (blocks along the sequence) + 1 when the full-precision block runs
+  int has_fp;
+  int nq, nchunk;  // queries per block (compile-time bucket) and chunks of H_q/H_kv * Q queries
+  int tab_smem;  // centroid tables in shared memory
+  int tile;  // decode: tokens per pipeline stage
+};
+
+// Shared memory the decode kernel needs for a given configuration (0 when it cannot run).
+size_t decode_smem_bytes(const AttnParams& p);
+// Choose queries per block, chunks, table placement, tile and splits (sets nq, nchunk, tab_smem, tile, has_fp, nsplit).
+cudaError_t plan_decode(AttnParams& p, int num_sms, size_t max_smem);
+cudaError_t launch_encode(const EncodeParams& p, cudaStream_t stream);
+cudaError_t launch_decode(const AttnParams& p, cudaStream_t stream);
+cudaError_t launch_prefill(const AttnParams& p, cudaStream_t stream);
+
+}  // namespace cq

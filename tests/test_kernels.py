@@ -1,0 +1,380 @@
+"""CUDA kernels (kernels/, dispatched by cqtool.ops) against the PyTorch reference.
+
+The reference at the top is the spec (quant.py + attention.attend_codes_reference) computed in a chosen dtype.
+A kernel passes when its error against the float64 reference is at most twice the error of the same reference
+computed natively in the test dtype (PyTorch's own error at that dtype). Inputs are random, of awkward sizes,
+and outputs are poisoned before every run. GPU tests are marked `cuda` and skipped without a GPU; the CPU
+tests at the bottom check that the fallback is announced.
+"""
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cqtool import ops, quant
+from cqtool.attention import _dense_mask, fp_region
+
+# ---------------------------------------------------------------- reference
+
+
+def reference_attention(query, view, mask, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """attention.attend_codes_reference computed in `dtype` -> [B, Q, H_q, D] in `dtype`.
+
+    Low precision follows what a PyTorch implementation does: RoPE angles in fp32, cos/sin cast to the dtype, keys
+    rotated, matmuls and P in the dtype, softmax in fp32. float64 uses exact angles and float64 throughout.
+    """
+    layer = view.layer
+    cache, cfg = layer.parent, layer.config
+    B, Hq, Q, D = query.shape
+    S = view.length
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    kc, vc = layer.valid_codes()
+    k = quant.decode(quant.unpack(kc, layer.k_bits, layer.k_groups), layer.k_centroids.to(dtype))
+    v = quant.decode(quant.unpack(vc, layer.v_bits, layer.v_groups), layer.v_centroids.to(dtype))
+    freqs = cache.positions[:, :S].to(wide).unsqueeze(-1) * cache.inv_freq.to(query.device, wide)
+    emb = torch.cat((freqs, freqs), -1)
+    k = quant.apply_rope(k, (emb.cos() * cache.rope_scale).to(dtype), (emb.sin() * cache.rope_scale).to(dtype))
+    rep = Hq // k.shape[1]
+    q = query.to(dtype)
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    use_fp = None
+    if cfg.window or cfg.sinks:
+        lo, fk, fv = fp_region(view, S)
+        kf, vf = k.clone(), v.clone()
+        kf[:, :, lo:S] = fk.to(dtype).repeat_interleave(rep, 1)
+        vf[:, :, lo:S] = fv.to(dtype).repeat_interleave(rep, 1)
+        if cfg.sinks and layer.sink_k is not None:
+            n = layer.sink_k.shape[2]
+            kf[:, :, :n] = layer.sink_k.to(dtype).repeat_interleave(rep, 1)
+            vf[:, :, :n] = layer.sink_v.to(dtype).repeat_interleave(rep, 1)
+        qi = torch.arange(view.start, view.start + Q, device=q.device).view(Q, 1)
+        kj = torch.arange(S, device=q.device).view(1, S)
+        use_fp = ((qi - kj) < cfg.window) | (kj < min(cfg.sinks, S))
+        scores = torch.where(use_fp, torch.matmul(q, kf.transpose(-1, -2)) * scaling, scores)
+    allowed = _dense_mask(mask, B, Q, S, view.start, q.device)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(scores.to(wide), dim=-1).nan_to_num(0.0).to(dtype)
+    if use_fp is None:
+        out = torch.matmul(p, v)
+    else:
+        out = torch.matmul(p * use_fp, vf) + torch.matmul(p * ~use_fp, v)
+    return out.transpose(1, 2).contiguous()
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
+def assert_within_2x(out, query, view, mask, scaling):
+    assert torch.isfinite(out).all(), "kernel output has NaN/Inf (unwritten or broken)"
+    ref64 = reference_attention(query, view, mask, scaling, torch.float64)
+    ref_lp = reference_attention(query, view, mask, scaling, query.dtype)
+    e_k, e_t = rel_err(out, ref64), rel_err(ref_lp, ref64)
+    assert e_k <= 2 * e_t + 1e-6, f"kernel error {e_k:.3e} > 2 x torch {query.dtype} error {e_t:.3e}"
+    return e_k, e_t
+
+
+# ---------------------------------------------------------------- random cases
+
+gpu = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def cuda_test(fn):
+    for m in gpu:
+        fn = m(fn)
+    return fn
+
+
+def poison_allocator(nbytes: int = 1 << 28) -> None:
+    """Fill the caching allocator's free blocks with NaN so that an output element the kernel never writes shows."""
+    t = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda")
+    t.fill_(float("nan"))
+    del t
+
+
+def make_case(B=2, Hq=4, Hkv=2, D=128, S=17, Q=1, dtype=torch.float16, kspec=(8, 8), vspec=(8, 8), window=0, sinks=0,
+              pads=None, mask_none=False, gaps=False, seed=0, rope_scale=1.0, qscale=2.0, dev="cuda"):
+    """A CQ layer view as CQLayer.update would hand it over: S tokens cached (the last Q are new)."""
+    g = torch.Generator(device=dev).manual_seed(seed)
+    start = S - Q
+
+    def rn(*shape):
+        return torch.randn(*shape, generator=g, device=dev)
+
+    def codebook(c, b):
+        return rn(Hkv, D // c, 2**b, c).to(dtype)
+
+    kc_, kb_ = kspec
+    vc_, vb_ = vspec
+    k_cent, v_cent = codebook(kc_, kb_), codebook(vc_, vb_)
+    cap = S + 37  # rows past S hold garbage the kernels must not use
+
+    def code_buf(c, b):
+        codes = torch.randint(0, 2**b, (B, Hkv, S, D // c), generator=g, device=dev)
+        buf = torch.randint(0, 256, (B, Hkv, cap, quant.row_bytes(D // c, b)), generator=g, device=dev).to(torch.uint8)
+        buf[:, :, :S] = quant.pack(codes, b)
+        return buf
+
+    pads = pads or [0] * B
+    positions = torch.stack([torch.cat([torch.ones(p, dtype=torch.long), torch.arange(S - p)]) for p in pads]).to(dev)
+    if gaps:  # irregular positions: exercise the exact-RoPE path of the decode kernel
+        positions = positions + torch.randint(0, 3, (B, S), generator=g, device=dev).cumsum(1) * 7 + 1000
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    cache = SimpleNamespace(positions=positions, inv_freq=inv_freq, rope_scale=rope_scale)
+    cache.cos_sin = lambda n, device: quant.rope_cos_sin(positions[:, :n].to(device), inv_freq.to(device), rope_scale)
+    cfg = SimpleNamespace(window=window, sinks=sinks)
+    layer = SimpleNamespace(k_codes=code_buf(kc_, kb_), v_codes=code_buf(vc_, vb_), k_centroids=k_cent, v_centroids=v_cent,
+                            k_bits=kb_, v_bits=vb_, k_groups=D // kc_, v_groups=D // vc_, config=cfg, parent=cache,
+                            sink_k=None, sink_v=None, length=S)
+    layer.valid_codes = lambda: (layer.k_codes[:, :, :S], layer.v_codes[:, :, :S])
+    # new tokens' post-RoPE K/V in full precision, as transformers hands them (strided [B, H, Q, D])
+    new_k = rn(B, Q, Hkv, D).to(dtype).transpose(1, 2)
+    new_v = rn(B, Q, Hkv, D).to(dtype).transpose(1, 2)
+    win_k = win_v = None
+    w = min(window, start)
+    if window and w:
+        win_k, win_v = rn(B, Hkv, w, D).to(dtype), rn(B, Hkv, w, D).to(dtype)
+    if sinks:
+        n = min(sinks, S)
+        layer.sink_k, layer.sink_v = rn(B, Hkv, n, D).to(dtype), rn(B, Hkv, n, D).to(dtype)
+    view = SimpleNamespace(layer=layer, new_k=new_k, new_v=new_v, start=start, win_k=win_k, win_v=win_v, length=S)
+    query = (rn(B, Q, Hq, D) * qscale).to(dtype).transpose(1, 2)  # [B, Hq, Q, D], strided like transformers'
+    if mask_none:
+        mask = None
+    else:
+        qi = torch.arange(start, S, device=dev).view(Q, 1)
+        kj = torch.arange(S, device=dev).view(1, S)
+        pad = torch.tensor(pads, device=dev).view(B, 1, 1)
+        mask = ((kj <= qi).unsqueeze(0) & (kj.unsqueeze(0) >= pad)).unsqueeze(1)  # [B, 1, Q, S]
+    return query, view, mask, D**-0.5
+
+
+def run_attention(query, view, mask, scaling):
+    poison_allocator()
+    out = ops.cq_attention(query, view, mask, scaling)
+    torch.cuda.synchronize()
+    assert ops.BACKEND_USED["attention"] == "cuda", ops.kernel_status()
+    return out
+
+
+# ---------------------------------------------------------------- encode
+
+
+ENCODE_CASES = [  # (B, H, Q, D, c, b, start, dtype)
+    (1, 1, 1, 128, 8, 8, 0, torch.float16),
+    (2, 3, 17, 64, 4, 6, 5, torch.bfloat16),
+    (3, 2, 1, 128, 1, 4, 40, torch.float16),
+    (1, 4, 33, 128, 2, 9, 0, torch.bfloat16),
+    (2, 2, 5, 64, 16, 12, 7, torch.float16),
+    (1, 8, 4097, 128, 8, 8, 3, torch.bfloat16),
+    (2, 2, 7, 128, 16, 10, 1, torch.bfloat16),
+    (1, 2, 9, 64, 8, 5, 2, torch.float16),
+    (2, 1, 3, 128, 4, 11, 0, torch.float16),
+    (1, 2, 2, 64, 1, 7, 0, torch.bfloat16),
+]
+
+
+@cuda_test
+@pytest.mark.parametrize("B,H,Q,D,c,b,start,dtype", ENCODE_CASES)
+def test_encode_matches_reference(B, H, Q, D, c, b, start, dtype):
+    torch.manual_seed(0)
+    x = torch.randn(B, Q, H, D, device="cuda").to(dtype).transpose(1, 2)  # strided, as the k_proj tap gives
+    cent = torch.randn(H, D // c, 2**b, c, device="cuda").to(dtype)
+    R = quant.row_bytes(D // c, b)
+    cap = start + Q + 11
+    codes = torch.randint(0, 256, (B, H, cap, R), device="cuda", dtype=torch.uint8)
+    before = codes.clone()
+    ops.encode_into(x, cent, b, codes, start)
+    torch.cuda.synchronize()
+    assert ops.BACKEND_USED["encode"] == "cuda", ops.kernel_status()
+    # rows outside [start, start+Q) untouched
+    assert torch.equal(codes[:, :, :start], before[:, :, :start])
+    assert torch.equal(codes[:, :, start + Q :], before[:, :, start + Q :])
+    got = codes[:, :, start : start + Q]
+    got_codes = quant.unpack(got, b, D // c)
+    assert torch.equal(quant.pack(got_codes, b), got), "packing differs from quant.pack (padding bits must be 0)"
+    ref_codes = quant.encode(x, cent)
+    # ties and last-ulp differences may pick another centroid, but never a farther one
+    xs = x.double().reshape(B, H, Q, D // c, c)
+    cg = cent.double()
+
+    def dist(codes_):
+        sel = torch.stack([cg[h][torch.arange(D // c, device="cuda"), codes_[:, h]] for h in range(H)], 1)  # [B,H,Q,G,c]
+        return ((xs - sel) ** 2).sum(-1)
+
+    d_got, d_ref = dist(got_codes), dist(ref_codes)
+    assert (d_got <= d_ref + 1e-3 * (1 + d_ref)).all()
+    assert (got_codes == ref_codes).float().mean() > 0.99
+
+
+# ---------------------------------------------------------------- decode attention
+
+DECODE_CASES = [  # dict(...) for make_case
+    dict(S=1, Q=1, B=1, Hq=1, Hkv=1),
+    dict(S=17, Q=1, B=3, Hq=3, Hkv=1, pads=[0, 5, 16]),
+    dict(S=4097, Q=1, B=2, Hq=32, Hkv=4, pads=[0, 1000], dtype=torch.bfloat16),
+    dict(S=4097, Q=1, B=1, Hq=4, Hkv=4, D=64, kspec=(4, 8), vspec=(4, 8)),
+    dict(S=300, Q=2, B=2, Hq=8, Hkv=2, kspec=(8, 10), vspec=(16, 12), pads=[3, 0], dtype=torch.bfloat16),
+    dict(S=129, Q=3, B=2, Hq=6, Hkv=2, D=64, kspec=(1, 4), vspec=(2, 5), mask_none=True),
+    dict(S=1000, Q=1, B=2, Hq=8, Hkv=1, kspec=(16, 12), vspec=(8, 9), gaps=True),
+    dict(S=65, Q=1, B=2, Hq=4, Hkv=4, window=8, dtype=torch.bfloat16, pads=[0, 9]),
+    dict(S=65, Q=1, B=2, Hq=4, Hkv=2, sinks=4, D=64),
+    dict(S=200, Q=2, B=2, Hq=8, Hkv=2, window=16, sinks=3, pads=[7, 0], kspec=(2, 8), vspec=(8, 8)),
+    dict(S=6, Q=2, B=1, Hq=3, Hkv=3, window=32, sinks=2),
+    dict(S=2048, Q=1, B=4, Hq=4, Hkv=4, rope_scale=0.7, gaps=True, dtype=torch.bfloat16),
+    dict(S=33, Q=4, B=1, Hq=8, Hkv=2, D=64, kspec=(8, 7), vspec=(4, 4), dtype=torch.bfloat16),
+]
+
+
+@cuda_test
+@pytest.mark.parametrize("case", DECODE_CASES, ids=[f"case{i}" for i in range(len(DECODE_CASES))])
+def test_decode_attention(case):
+    query, view, mask, scaling = make_case(**case)
+    out = run_attention(query, view, mask, scaling)
+    assert out.shape == (query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+    assert_within_2x(out, query, view, mask, scaling)
+
+
+@cuda_test
+@pytest.mark.parametrize("c", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("b", [4, 6, 8, 10, 12])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_all_codebooks(c, b, dtype):
+    D = 128 if (c + b) % 2 else 64
+    query, view, mask, scaling = make_case(S=257, Q=1, B=2, Hq=4, Hkv=1 if b % 4 else 4, D=D, kspec=(c, b),
+                                           vspec=(16 // c if c < 16 else 1, 12 - b + 4), dtype=dtype, pads=[0, 30])
+    assert_within_2x(run_attention(query, view, mask, scaling), query, view, mask, scaling)
+
+
+@cuda_test
+@pytest.mark.parametrize("ratio", [1, 3, 4, 8])
+@pytest.mark.parametrize("S", [1, 17, 4097])
+def test_decode_gqa_and_lengths(ratio, S):
+    query, view, mask, scaling = make_case(S=S, Q=1, B=2, Hq=2 * ratio, Hkv=2, pads=[0, S // 2],
+                                           dtype=torch.bfloat16 if ratio % 2 else torch.float16)
+    assert_within_2x(run_attention(query, view, mask, scaling), query, view, mask, scaling)
+
+
+# ---------------------------------------------------------------- prefill attention
+
+PREFILL_CASES = [
+    dict(S=100, Q=100, B=2, Hq=4, Hkv=4, pads=[0, 37]),
+    dict(S=300, Q=83, B=1, Hq=8, Hkv=2, dtype=torch.bfloat16, mask_none=True),
+    dict(S=257, Q=257, B=2, Hq=6, Hkv=2, D=64, kspec=(4, 8), vspec=(2, 6), pads=[11, 0]),
+    dict(S=70, Q=17, B=1, Hq=24, Hkv=3, kspec=(16, 12), vspec=(1, 4), dtype=torch.bfloat16),
+    dict(S=130, Q=130, B=1, Hq=2, Hkv=2, kspec=(8, 10), vspec=(8, 8), rope_scale=1.3, gaps=True),
+    dict(S=2048, Q=1024, B=1, Hq=4, Hkv=1, dtype=torch.bfloat16),
+    # window/sinks with many queries: the decode kernel in query chunks
+    dict(S=120, Q=120, B=2, Hq=4, Hkv=2, window=16, sinks=4, pads=[0, 13]),
+    dict(S=90, Q=40, B=1, Hq=8, Hkv=2, window=7, dtype=torch.bfloat16),
+]
+
+
+@cuda_test
+@pytest.mark.parametrize("case", PREFILL_CASES, ids=[f"case{i}" for i in range(len(PREFILL_CASES))])
+def test_prefill_attention(case):
+    query, view, mask, scaling = make_case(**case)
+    out = run_attention(query, view, mask, scaling)
+    assert_within_2x(out, query, view, mask, scaling)
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@cuda_test
+@pytest.mark.parametrize("window,sinks", [(0, 0), (6, 2)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_model_logits_kernels_vs_reference(monkeypatch, window, sinks, dtype):
+    """A tiny Llama (head_dim 64, GQA 2) through CQCache: prefill then decode steps, kernels vs reference."""
+    from conftest import tiny_model
+    from test_codebook import make_codebook
+
+    from cqtool.cache import CQCache
+    from cqtool.config import QuantSpec
+    from cqtool.models import ModelInfo
+
+    model = tiny_model("llama", heads=4, kv_heads=2, head_dim=64).to("cuda", dtype)
+    cb = make_codebook(ModelInfo.from_config(model.config, "tiny"), QuantSpec(8, 8))
+    ids = torch.randint(0, 512, (2, 40), device="cuda")
+
+    def run():
+        cache = CQCache(model, cb, window=window, sinks=sinks)
+        with torch.no_grad():
+            out = [model(ids[:, :30], past_key_values=cache, use_cache=True).logits]
+            for t in range(30, 40):
+                out.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+        return torch.cat(out, 1).float()
+
+    got = run()
+    assert ops.BACKEND_USED["attention"] == "cuda" and ops.BACKEND_USED["encode"] == "cuda"
+    monkeypatch.setattr(ops, "get_module", lambda: None)
+    ref = run()
+    assert ops.BACKEND_USED["attention"] == "reference"
+    assert rel_err(got, ref) < (3e-2 if dtype == torch.bfloat16 else 1e-2)
+
+
+# ---------------------------------------------------------------- CPU: fallback is announced
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+def test_kernel_status_on_cpu_says_why():
+    st = ops.kernel_status()
+    assert st["available"] is False
+    assert "CUDA" in st["reason"]
+    assert ops.get_module() is None
+
+
+def test_cpu_fallback_is_announced(monkeypatch, caplog):
+    from conftest import tiny_model
+    from test_codebook import make_codebook
+
+    from cqtool.cache import CQCache
+    from cqtool.models import ModelInfo
+
+    monkeypatch.setattr(ops, "_ANNOUNCED", set())
+    model = tiny_model("llama")
+    cb = make_codebook(ModelInfo.from_config(model.config, "tiny"))
+    with caplog.at_level(logging.WARNING, logger="cqtool"), torch.no_grad():
+        model(torch.randint(0, 512, (1, 9)), past_key_values=CQCache(model, cb), use_cache=True)
+    text = caplog.text
+    assert "attention runs on the reference path (tensors on CPU)" in text
+    assert "encode runs on the reference path (tensors on CPU)" in text
+    assert ops.BACKEND_USED["attention"] == "reference"
+    # announced once per reason, not once per layer or step
+    assert text.count("attention runs on the reference path") == 1
+
+
+def test_encode_into_cpu_equals_reference():
+    x = torch.randn(2, 3, 5, 32)
+    cent = torch.randn(3, 8, 2**5, 4)
+    codes = torch.zeros(2, 3, 9, quant.row_bytes(8, 5), dtype=torch.uint8)
+    ops.encode_into(x, cent, 5, codes, 2)
+    assert torch.equal(codes[:, :, 2:7], quant.pack(quant.encode(x, cent), 5))
+    assert not codes[:, :, :2].any() and not codes[:, :, 7:].any()
+
+
+def test_key_ranges_from_padded_mask():
+    B, Q, S, start = 2, 3, 8, 5
+    pads = torch.tensor([0, 4]).view(B, 1, 1)
+    qi = torch.arange(start, start + Q).view(Q, 1)
+    kj = torch.arange(S).view(1, S)
+    mask = ((kj <= qi).unsqueeze(0) & (kj.unsqueeze(0) >= pads)).unsqueeze(1)
+    r = ops.key_ranges(mask, B, Q, S, start, torch.device("cpu"))
+    assert r.tolist() == [[[0, 6], [0, 7], [0, 8]], [[4, 6], [4, 7], [4, 8]]]
+    r = ops.key_ranges(None, B, Q, S, start, torch.device("cpu"))
+    assert r.tolist() == [[[0, 6], [0, 7], [0, 8]]] * 2
+    empty = torch.zeros(1, 1, 1, S, dtype=torch.bool)
+    assert ops.key_ranges(empty, 1, 1, S, 7, torch.device("cpu")).tolist() == [[[0, 0]]]
+
+
+def test_nothing_heavy_at_import():
+    import subprocess
+    import sys
+
+    code = ("import torch, cqtool.ops as o, cqtool.cache, cqtool.attention; "
+            "assert o.get_module.cache_info().currsize == 0; assert not torch.cuda.is_initialized()")
+    subprocess.run([sys.executable, "-c", code], check=True)
