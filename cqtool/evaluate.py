@@ -68,7 +68,7 @@ def parse_cq_name(name: str) -> dict[str, Any] | None:
             "sinks": int(s.group(1)) if s else 0}
 
 
-def resolve_methods(cfg, model_name: str, calib: dict[str, Any], progress=None) -> list:
+def resolve_methods(cfg, model_name: str, calib: dict[str, Any], progress=None, kv_dim: int | None = None) -> list:
     """EvalConfig -> KVMethods. CQ names are served from calibration dirs, calibrated when missing."""
     from pathlib import Path
 
@@ -105,10 +105,7 @@ def resolve_methods(cfg, model_name: str, calib: dict[str, Any], progress=None) 
                                seqlen=calib["seqlen"], seed=cfg.seed, fisher=fisher, device=cfg.device, dtype=cfg.dtype,
                                kmeans_iters=calib.get("iters", 100))
             calibrate(ccfg, d, progress=progress)
-    try:
-        from .baselines import parse_method
-    except ImportError:  # baselines module not installed in this build
-        parse_method = lambda n: None  # noqa: E731
+    from .baselines import parse_method
     for n, cq in parsed:
         if cq:
             d = Path(calib["dir"] + ("" if cq["fisher"] else "-uniform"))
@@ -117,7 +114,7 @@ def resolve_methods(cfg, model_name: str, calib: dict[str, Any], progress=None) 
             s = cq["sinks"] if cfg.sinks is None or cq["sinks"] else cfg.sinks
             methods.append(CQMethod(cb, window=w, sinks=s, name=n.lower()))
             continue
-        m = parse_method(n)
+        m = parse_method(n, kv_dim=kv_dim)
         if m is None and n.lower() in REGISTRY:
             m = REGISTRY[n.lower()]()
         if m is None:
@@ -143,7 +140,7 @@ def run_eval(cfg, calib: dict[str, Any] | None = None, progress=None) -> dict[st
     calib.setdefault("data", "wikitext2")
     calib.setdefault("nsamples", 16)
     calib.setdefault("seqlen", 2048)
-    methods = resolve_methods(cfg, cfg.model, calib, progress)
+    methods = resolve_methods(cfg, cfg.model, calib, progress, kv_dim=info.kv_dim)
     for m in methods:  # refuse a codebook made for another model before any work starts
         if hasattr(m, "codebook"):
             m.codebook.validate_model(info)
