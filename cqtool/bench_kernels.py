@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -336,6 +337,11 @@ def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, sp
     if not torch.cuda.is_available():
         raise ConfigError("bench generate needs a CUDA GPU")
     say = progress or (lambda *_: None)
+    # DynamicCache regrows every layer's tensors by one token per step (torch.cat); without expandable segments
+    # the caching allocator fragments and, near the memory cap, frees and re-maps memory every step. Both caches
+    # run with the same allocator setting (it must be set before CUDA allocates anything).
+    if not torch.cuda.is_initialized():
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     total = torch.cuda.get_device_properties(0).total_memory
     frac = min(1.0, memory_gb * 1e9 / total)
     torch.cuda.set_per_process_memory_fraction(frac)
@@ -347,7 +353,12 @@ def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, sp
 
     prepare_model(model)  # both caches run under the "cq" attention (SDPA for dense K/V)
     out: dict = {**info, "memory_cap_gb": memory_gb, "spec": spec, "layers": layers, "prompt": prompt,
-                 "new_tokens": new_tokens}
+                 "new_tokens": new_tokens, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
+    say("warm-up (kernel build, cuBLAS handles, allocator)")
+    warm = GenSetup(model, setup.codebook, prompt=min(prompt, 256), new_tokens=4, chunk=setup.chunk)
+    for kind in ("dynamic", "cq"):
+        run_generation(kind, warm, 2)
+        run_generation(kind, warm, 2, real_prefill=False)
     say(f"same batch {batch}: dynamic")
     dyn = run_generation("dynamic", setup, batch)
     say(f"same batch {batch}: cq")

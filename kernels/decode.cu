@@ -29,7 +29,7 @@ cudaError_t plan_decode(AttnParams& p, int num_sms, size_t max_smem) {
   const int rep = p.Hq / p.Hkv;
   p.nq = rep * p.Q == 1 ? 1 : 4;
   p.nchunk = (rep * p.Q + p.nq - 1) / p.nq;
-  const int step = kDecWarps * (32 / (p.D / 16));
+  const int step = (p.nq == 1 ? 16 : 8) * (32 / (p.D / 16));
   p.tab_smem = 0;
   p.tile = 0;
   for (int tab = 1; tab >= 0 && !p.tile; --tab) {

@@ -14,20 +14,26 @@
 // The last split (when has_fp) handles the full-precision keys: sinks and the recent window.
 #pragma once
 
+#include <cstdlib>
+
 #include "common.cuh"
 #include "kernels.h"
 
 namespace cq {
 
-constexpr int kDecWarps = 8;
 constexpr int kStages = 3;
 constexpr int kReinit = 128;
+constexpr int kMaxWarps = 16;
 
-template <int D>
+// One query per block: 16 warps (few registers per thread); several: 8 warps (more registers per thread).
+template <int NQ>
+__host__ __device__ constexpr int dec_warps() { return NQ == 1 ? 16 : 8; }
+
+template <int D, int NW>
 struct DecGeom {
   static constexpr int LPT = D / 16;
   static constexpr int TPW = 32 / LPT;
-  static constexpr int STEP = kDecWarps * TPW;
+  static constexpr int STEP = NW * TPW;
   static constexpr int HALF = D / 2;
 };
 
@@ -38,6 +44,7 @@ struct DecLayout {
 __host__ __device__ inline size_t align16(size_t x) { return (x + 15) & ~size_t(15); }
 
 __host__ __device__ inline DecLayout dec_layout(const AttnParams& p, int nq) {
+  const int nw = nq == 1 ? 16 : 8;
   DecLayout L;
   size_t off = 0;
   L.tab_k = off;
@@ -53,65 +60,57 @@ __host__ __device__ inline DecLayout dec_layout(const AttnParams& p, int nq) {
   L.stage_bytes = L.pos + size_t(p.tile) * 8;
   off += kStages * L.stage_bytes;
   L.red = off;
-  off += size_t(kDecWarps) * nq * (p.D + 2) * 4;
+  off += size_t(nw) * nq * (p.D + 2) * 4;
   L.total = off;
   return L;
 }
 
-// 8 consecutive channels ch0..ch0+7 of a token's dequantized vector (before RoPE for keys).
-template <typename T, bool TSMEM, int C>
-__device__ __forceinline__ void gather8_c(float* out, const T* tab, int D, int K, int bits, const uint32_t* words,
-                                          uint32_t bit0, int ch0) {
-  const uint32_t mask = (1u << bits) - 1u;
-  if constexpr (C >= 8) {
-    const int g = ch0 / C;
-    const uint32_t code = code_from_words(words, bit0 + g * bits, mask);
-    if constexpr (TSMEM) load_vec<T, 8>(tab + code * D + ch0, out);
-    else load_vec_g<T, 8>(tab + (static_cast<int64_t>(g) * K + code) * C + (ch0 % C), out);
+// 8 consecutive channels ch0..ch0+7 of a token's dequantized vector (before RoPE for keys). W = min(c, 8) chunk
+// width at compile time (no branches in the hot loop), or 0: dispatch on c at run time. lc = log2(c).
+template <typename T, bool TSMEM, int W>
+__device__ __forceinline__ void gather8(float* out, const T* tab, int D, int lc, int K, int bits, const uint32_t* words,
+                                        uint32_t bit0, int ch0) {
+  if constexpr (W == 0) {
+    switch (lc) {
+      case 0: gather8<T, TSMEM, 1>(out, tab, D, lc, K, bits, words, bit0, ch0); break;
+      case 1: gather8<T, TSMEM, 2>(out, tab, D, lc, K, bits, words, bit0, ch0); break;
+      case 2: gather8<T, TSMEM, 4>(out, tab, D, lc, K, bits, words, bit0, ch0); break;
+      default: gather8<T, TSMEM, 8>(out, tab, D, lc, K, bits, words, bit0, ch0); break;
+    }
   } else {
+    const uint32_t mask = (1u << bits) - 1u;
 #pragma unroll
-    for (int j = 0; j < 8 / C; ++j) {
-      const int ch = ch0 + j * C, g = ch / C;
+    for (int j = 0; j < 8 / W; ++j) {
+      const int ch = ch0 + j * W, g = ch >> lc;
       const uint32_t code = code_from_words(words, bit0 + g * bits, mask);
-      if constexpr (TSMEM) load_vec<T, C>(tab + code * D + ch, out + j * C);
-      else load_vec_g<T, C>(tab + (static_cast<int64_t>(g) * K + code) * C, out + j * C);
+      if constexpr (TSMEM) load_vec<T, W>(tab + code * D + ch, out + j * W);
+      else load_vec_g<T, W>(tab + ((static_cast<int64_t>(g) * K + code) << lc) + (ch & ((1 << lc) - 1)), out + j * W);
     }
   }
 }
 
-template <typename T, bool TSMEM>
-__device__ __forceinline__ void gather8(float* out, const T* tab, int D, int c, int K, int bits, const uint32_t* words,
-                                        uint32_t bit0, int ch0) {
-  switch (c) {
-    case 1: gather8_c<T, TSMEM, 1>(out, tab, D, K, bits, words, bit0, ch0); break;
-    case 2: gather8_c<T, TSMEM, 2>(out, tab, D, K, bits, words, bit0, ch0); break;
-    case 4: gather8_c<T, TSMEM, 4>(out, tab, D, K, bits, words, bit0, ch0); break;
-    case 8: gather8_c<T, TSMEM, 8>(out, tab, D, K, bits, words, bit0, ch0); break;
-    default: gather8_c<T, TSMEM, 16>(out, tab, D, K, bits, words, bit0, ch0); break;
-  }
-}
-
-// Copy one head's centroids [G, K, c] into the code-major table tab[K][D].
+// Copy one head's centroids [G, K, c] into the code-major table tab[K][D] (asynchronously where c >= 2).
 template <typename T>
 __device__ void load_table(T* tab, const T* cent, int D, int c, int K) {
-  const int chunks = K * (D / 8);
-  for (int i = threadIdx.x; i < chunks; i += blockDim.x) {
-    const int code = i / (D / 8), ch0 = (i % (D / 8)) * 8;
-    uint4 v;
-    if (c >= 8) {
-      const int g = ch0 / c;
-      v = __ldg(reinterpret_cast<const uint4*>(cent + (static_cast<int64_t>(g) * K + code) * c + ch0 % c));
-    } else {
-      uint16_t e[8];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int ch = ch0 + j, g = ch / c;
-        e[j] = __ldg(reinterpret_cast<const unsigned short*>(cent) + (static_cast<int64_t>(g) * K + code) * c + ch % c);
-      }
-      v.x = e[0] | (uint32_t(e[1]) << 16); v.y = e[2] | (uint32_t(e[3]) << 16);
-      v.z = e[4] | (uint32_t(e[5]) << 16); v.w = e[6] | (uint32_t(e[7]) << 16);
+  if (c >= 8) {
+    const int chunks = K * (D / 8);
+    for (int i = threadIdx.x; i < chunks; i += blockDim.x) {
+      const int code = i / (D / 8), ch0 = (i % (D / 8)) * 8;
+      cp_async16(tab + code * D + ch0, cent + (static_cast<int64_t>(ch0 / c) * K + code) * c + ch0 % c);
     }
-    *reinterpret_cast<uint4*>(tab + code * D + ch0) = v;
+  } else if (c >= 2) {
+    const int chunks = K * (D / c);
+    for (int i = threadIdx.x; i < chunks; i += blockDim.x) {
+      const int code = i / (D / c), g = i % (D / c);
+      const T* src = cent + (static_cast<int64_t>(g) * K + code) * c;
+      if (c == 4) cp_async8(tab + code * D + g * c, src);
+      else cp_async4(tab + code * D + g * c, src);
+    }
+  } else {
+    for (int i = threadIdx.x; i < K * D; i += blockDim.x) {
+      const int code = i / D, g = i % D;
+      tab[code * D + g] = cent[static_cast<int64_t>(g) * K + code];
+    }
   }
 }
 
@@ -183,9 +182,10 @@ struct SoftmaxAcc {
   }
 };
 
-template <typename T, int D, int NQ, bool TSMEM>
-__global__ void __launch_bounds__(kDecWarps * 32, 1) decode_kernel(const AttnParams p) {
-  using Geo = DecGeom<D>;
+template <typename T, int D, int NQ, bool TSMEM, int CH>
+__global__ void __launch_bounds__(dec_warps<NQ>() * 32, 1) decode_kernel(const AttnParams p) {
+  constexpr int NW = dec_warps<NQ>();
+  using Geo = DecGeom<D, NW>;
   constexpr int LPT = Geo::LPT, TPW = Geo::TPW, STEP = Geo::STEP, HALF = Geo::HALF;
   extern __shared__ __align__(16) uint8_t smem[];
   const DecLayout L = dec_layout(p, NQ);
@@ -232,7 +232,7 @@ __global__ void __launch_bounds__(kDecWarps * 32, 1) decode_kernel(const AttnPar
   }
 
   if (fp_block) {
-    // ---- full-precision keys: sinks [0, n_sink) and the window [fp_lo, S)
+    // ---- full-precision keys: sinks [0, n_sink) and the window [fp_lo, fp_hi)
     int fp_lo = p.S, fp_hi = 0;
 #pragma unroll
     for (int q = 0; q < NQ; ++q)
@@ -252,27 +252,25 @@ __global__ void __launch_bounds__(kDecWarps * 32, 1) decode_kernel(const AttnPar
       const FpBuf vbuf = j < p.n_sink ? p.sink_v : (j >= p.start ? p.new_v : p.win_v);
       const int64_t jj = j < p.n_sink ? j : (j >= p.start ? j - p.start : j - (p.start - p.win_len));
       const T* kp = reinterpret_cast<const T*>(kbuf.data) + b * kbuf.sb + h * kbuf.sh + jj * kbuf.st;
-      float ka[8], kbv[8];
+      const T* vp = reinterpret_cast<const T*>(vbuf.data) + b * vbuf.sb + h * vbuf.sh + jj * vbuf.st;
+      float ka[8], kbv[8], v[16];
       load_vec_g<T, 8>(kp + ch_a, ka);
       load_vec_g<T, 8>(kp + ch_b, kbv);
+      load_vec_g<T, 8>(vp + ch_a, v);
+      load_vec_g<T, 8>(vp + ch_b, v + 8);
       float s[NQ];
 #pragma unroll
       for (int q = 0; q < NQ; ++q) {
-        float acc = 0.f;
+        float a0 = 0.f, a1 = 0.f;
 #pragma unroll
-        for (int m = 0; m < 8; ++m) acc = fmaf(qa[q][m], ka[m], fmaf(qb[q][m], kbv[m], acc));
-        s[q] = token_sum<LPT>(acc);
+        for (int m = 0; m < 8; ++m) { a0 = fmaf(qa[q][m], ka[m], a0); a1 = fmaf(qb[q][m], kbv[m], a1); }
+        s[q] = token_sum<LPT>(a0 + a1);
         const int code_hi = p.window > 0 ? max(0, p.start + qi[q] - p.window + 1) : p.S;
         const bool ok = active && qok[q] && j >= mlo[q] && j < mhi[q] && (j < p.n_sink || j >= code_hi);
         s[q] = ok ? s[q] : kNegInf;
       }
-      if (st.update(s)) {
-        const T* vp = reinterpret_cast<const T*>(vbuf.data) + b * vbuf.sb + h * vbuf.sh + jj * vbuf.st;
-        float v[16];
-        load_vec_g<T, 8>(vp + ch_a, v);
-        load_vec_g<T, 8>(vp + ch_b, v + 8);
-        st.add_v(s, v);
-      }
+      st.update(s);
+      st.add_v(s, v);
     }
   } else if (cmin < cmax) {
     // ---- codes: this split's share of [cmin, cmax)
@@ -280,6 +278,7 @@ __global__ void __launch_bounds__(kDecWarps * 32, 1) decode_kernel(const AttnPar
     const int t_begin = cmin + split * per;
     const int t_end = min(cmax, t_begin + per);
     const int Kk = 1 << p.k_bits, Kv = 1 << p.v_bits;
+    const int lck = __ffs(p.k_c) - 1, lcv = __ffs(p.v_c) - 1;
     const T* kcent = reinterpret_cast<const T*>(p.k_cent) + static_cast<int64_t>(h) * p.k_groups * Kk * p.k_c;
     const T* vcent = reinterpret_cast<const T*>(p.v_cent) + static_cast<int64_t>(h) * p.v_groups * Kv * p.v_c;
     const int64_t kbase = (static_cast<int64_t>(b) * p.Hkv + h) * p.cap * p.k_rb;
@@ -301,24 +300,24 @@ __global__ void __launch_bounds__(kDecWarps * 32, 1) decode_kernel(const AttnPar
       for (int i = threadIdx.x; i < n; i += blockDim.x) cp_async8(ps + i, pos_g + t0 + i);
     };
 
+    T* tab_k = reinterpret_cast<T*>(smem + L.tab_k);
+    T* tab_v = reinterpret_cast<T*>(smem + L.tab_v);
+    if constexpr (TSMEM) {  // in the first cp.async group, with tile 0
+      load_table<T>(tab_k, kcent, D, p.k_c, Kk);
+      load_table<T>(tab_v, vcent, D, p.v_c, Kv);
+    }
     const int ntile = t_end > t_begin ? (t_end - t_begin + p.tile - 1) / p.tile : 0;
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
       if (s < ntile) load_tile(s, t_begin + s * p.tile);
       cp_async_commit();
     }
-    T* tab_k = reinterpret_cast<T*>(smem + L.tab_k);
-    T* tab_v = reinterpret_cast<T*>(smem + L.tab_v);
-    if constexpr (TSMEM) {
-      load_table<T>(tab_k, kcent, D, p.k_c, Kk);
-      load_table<T>(tab_v, vcent, D, p.v_c, Kv);
-    }
     const T* tk = TSMEM ? tab_k : kcent;
     const T* tv = TSMEM ? tab_v : vcent;
 
-    // RoPE state for this lane's 8 frequencies
+    // RoPE state of this lane's 8 frequencies, advanced by e^{i STEP f} while positions are regular
     float fr[8];
-    float2 rot[8];  // e^{i STEP f}
+    float2 rot[8];
 #pragma unroll
     for (int m = 0; m < 8; ++m) {
       fr[m] = p.inv_freq[ch_a + m];
@@ -327,82 +326,189 @@ __global__ void __launch_bounds__(kDecWarps * 32, 1) decode_kernel(const AttnPar
       rot[m] = make_float2(cs, sn);
     }
     float2 w[8];  // NQ == 1: W = s conj(q) e^{i p f}; NQ > 1: e^{i p f}
-    int64_t cur_pos = INT64_MIN / 2;
-    int since = 0;
-
-    for (int it = 0; it < ntile; ++it) {
-      cp_async_wait<kStages - 1>();
-      __syncthreads();
-      const int stage = it % kStages;
-      const int t0 = t_begin + it * p.tile;
-      const uint8_t* sp = smem + L.stage + stage * L.stage_bytes;
-      const uint32_t* kw = reinterpret_cast<const uint32_t*>(sp + L.kw);
-      const uint32_t* vw = reinterpret_cast<const uint32_t*>(sp + L.vw);
-      const int64_t* ps = reinterpret_cast<const int64_t*>(sp + L.pos);
-      const uint32_t kbit0 = static_cast<uint32_t>(((kbase + static_cast<int64_t>(t0) * p.k_rb) & 3) * 8);
-      const uint32_t vbit0 = static_cast<uint32_t>(((vbase + static_cast<int64_t>(t0) * p.v_rb) & 3) * 8);
-      const int nsteps = p.tile / STEP;
-      for (int k = 0; k < nsteps; ++k) {
-        const int tl0 = k * STEP + warp * TPW + slot;
-        const bool active = t0 + tl0 < t_end;
-        const int tl = active ? tl0 : 0;
-        const int t = t0 + tl;
-        const int64_t pos = ps[tl];
-        if (pos == cur_pos + STEP && since < kReinit) {
-          ++since;
+    auto exact_rotation = [&](int64_t pos) {
+      const float fp = static_cast<float>(pos);
+#pragma unroll
+      for (int m = 0; m < 8; ++m) {
+        float sn, cs;
+        sincosf(fp * fr[m], &sn, &cs);
+        if constexpr (NQ == 1) w[m] = make_float2(qa[0][m] * cs + qb[0][m] * sn, qa[0][m] * sn - qb[0][m] * cs);
+        else w[m] = make_float2(cs, sn);
+      }
+    };
+    if constexpr (CH != 0) {
+      // ---- fast path: 8-bit codes (one byte per group), tables in shared memory, compile-time gather width
+      bool w_ok = false;  // w holds the rotation of this lane's next token
+      int since = 0;
+      int64_t prev_p0 = 0;
+      const int lane_off = warp * TPW + slot;
+      for (int it = 0; it < ntile; ++it) {
+        cp_async_wait<kStages - 1>();
+        __syncthreads();
+        const int stage = it % kStages;
+        const int t0 = t_begin + it * p.tile;
+        const int n = min(p.tile, t_end - t0);
+        const uint8_t* sp = smem + L.stage + stage * L.stage_bytes;
+        const uint8_t* kbytes = sp + L.kw + ((kbase + static_cast<int64_t>(t0) * p.k_rb) & 3);
+        const uint8_t* vbytes = sp + L.vw + ((vbase + static_cast<int64_t>(t0) * p.v_rb) & 3);
+        const int64_t* ps = reinterpret_cast<const int64_t*>(sp + L.pos);
+        const int64_t p0 = ps[0];
+        bool reg = true;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) reg &= ps[i] == p0 + i;
+        reg = __syncthreads_and(reg);
+        w_ok = w_ok && reg && p0 == prev_p0 + p.tile && since < kReinit;
+        prev_p0 = p0;
+        if (reg && !w_ok) {
+          exact_rotation(p0 + lane_off);
+          since = 0;
+        }
+        int lo_rel[NQ], hi_rel[NQ];  // allowed token offsets within the tile, per query
+#pragma unroll
+        for (int q = 0; q < NQ; ++q) { lo_rel[q] = clo[q] - t0; hi_rel[q] = min(chi[q] - t0, n); }
+        const int nsteps = p.tile / STEP;
+        for (int k = 0; k < nsteps; ++k) {
+          const int tl0 = k * STEP + lane_off;
+          const int tl = tl0 < n ? tl0 : 0;
+          if (!reg) exact_rotation(ps[tl]);
+          const uint8_t* krow = kbytes + tl * p.k_rb;
+          const uint8_t* vrow = vbytes + tl * p.v_rb;
+          float ka[8], kb[8], v[16];
+#pragma unroll
+          for (int j = 0; j < 8 / CH; ++j) {
+            const int ca = ch_a + j * CH, cb = ch_b + j * CH;
+            load_vec<T, CH>(tk + krow[ca >> lck] * D + ca, ka + j * CH);
+            load_vec<T, CH>(tk + krow[cb >> lck] * D + cb, kb + j * CH);
+            load_vec<T, CH>(tv + vrow[ca >> lcv] * D + ca, v + j * CH);
+            load_vec<T, CH>(tv + vrow[cb >> lcv] * D + cb, v + 8 + j * CH);
+          }
+          float s[NQ];
+          if constexpr (NQ == 1) {
+            float a0 = 0.f, a1 = 0.f;
+#pragma unroll
+            for (int m = 0; m < 8; ++m) { a0 = fmaf(w[m].x, ka[m], a0); a1 = fmaf(w[m].y, kb[m], a1); }
+            s[0] = a0 - a1;
+          } else {
+#pragma unroll
+            for (int q = 0; q < NQ; ++q) s[q] = 0.f;
+#pragma unroll
+            for (int m = 0; m < 8; ++m) {
+              const float kr = ka[m] * w[m].x - kb[m] * w[m].y;
+              const float ki = kb[m] * w[m].x + ka[m] * w[m].y;
+#pragma unroll
+              for (int q = 0; q < NQ; ++q) s[q] = fmaf(qa[q][m], kr, fmaf(qb[q][m], ki, s[q]));
+            }
+          }
+          // advance the rotation to this lane's next token (STEP positions on)
 #pragma unroll
           for (int m = 0; m < 8; ++m)
             w[m] = make_float2(w[m].x * rot[m].x - w[m].y * rot[m].y, w[m].x * rot[m].y + w[m].y * rot[m].x);
-        } else {
-          since = 0;
 #pragma unroll
-          for (int m = 0; m < 8; ++m) {
-            float sn, cs;
-            sincosf(static_cast<float>(pos) * fr[m], &sn, &cs);
-            if constexpr (NQ == 1) w[m] = make_float2(qa[0][m] * cs + qb[0][m] * sn, qa[0][m] * sn - qb[0][m] * cs);
-            else w[m] = make_float2(cs, sn);
+          for (int q = 0; q < NQ; ++q) {
+            s[q] = token_sum<LPT>(s[q]);
+            const bool ok = tl0 >= lo_rel[q] && tl0 < hi_rel[q];
+            if (s[q] > st.m[q] + 8.f && ok) {  // lazy rescale (rare)
+              const float a = fast_exp2(st.m[q] - s[q]);
+              st.l[q] *= a;
+#pragma unroll
+              for (int e = 0; e < 16; ++e) st.acc[q][e] *= a;
+              st.m[q] = s[q];
+            }
+            s[q] = ok ? fast_exp2(s[q] - st.m[q]) : 0.f;
+            st.l[q] += s[q];
           }
-        }
-        cur_pos = pos;
-
-        const uint32_t kb0 = kbit0 + static_cast<uint32_t>(tl * p.k_rb * 8);
-        float ka[8], kb[8];
-        gather8<T, TSMEM>(ka, tk, D, p.k_c, Kk, p.k_bits, kw, kb0, ch_a);
-        gather8<T, TSMEM>(kb, tk, D, p.k_c, Kk, p.k_bits, kw, kb0, ch_b);
-        float s[NQ];
-        if constexpr (NQ == 1) {
-          float acc = 0.f;
-#pragma unroll
-          for (int m = 0; m < 8; ++m) acc = fmaf(w[m].x, ka[m], fmaf(-w[m].y, kb[m], acc));
-          s[0] = acc;
-        } else {
-#pragma unroll
-          for (int q = 0; q < NQ; ++q) s[q] = 0.f;
-#pragma unroll
-          for (int m = 0; m < 8; ++m) {
-            const float kr = ka[m] * w[m].x - kb[m] * w[m].y;
-            const float ki = kb[m] * w[m].x + ka[m] * w[m].y;
-#pragma unroll
-            for (int q = 0; q < NQ; ++q) s[q] = fmaf(qa[q][m], kr, fmaf(qb[q][m], ki, s[q]));
-          }
-        }
-#pragma unroll
-        for (int q = 0; q < NQ; ++q) {
-          s[q] = token_sum<LPT>(s[q]);
-          const bool ok = active && t >= clo[q] && t < chi[q];
-          s[q] = ok ? s[q] : kNegInf;
-        }
-        if (st.update(s)) {
-          const uint32_t vb0 = vbit0 + static_cast<uint32_t>(tl * p.v_rb * 8);
-          float v[16];
-          gather8<T, TSMEM>(v, tv, D, p.v_c, Kv, p.v_bits, vw, vb0, ch_a);
-          gather8<T, TSMEM>(v + 8, tv, D, p.v_c, Kv, p.v_bits, vw, vb0, ch_b);
           st.add_v(s, v);
         }
+        since += nsteps;
+        w_ok = reg;
+        __syncthreads();
+        if (it + kStages < ntile) load_tile(stage, t_begin + (it + kStages) * p.tile);
+        cp_async_commit();
       }
-      __syncthreads();
-      if (it + kStages < ntile) load_tile(stage, t_begin + (it + kStages) * p.tile);
-      cp_async_commit();
+    } else {
+      bool w_ok = false;  // w holds the rotation of this lane's previous token
+      int since = 0;
+      int64_t prev_p0 = 0;
+
+      for (int it = 0; it < ntile; ++it) {
+        cp_async_wait<kStages - 1>();
+        __syncthreads();
+        const int stage = it % kStages;
+        const int t0 = t_begin + it * p.tile;
+        const int n = min(p.tile, t_end - t0);
+        const uint8_t* sp = smem + L.stage + stage * L.stage_bytes;
+        const uint32_t* kw = reinterpret_cast<const uint32_t*>(sp + L.kw);
+        const uint32_t* vw = reinterpret_cast<const uint32_t*>(sp + L.vw);
+        const int64_t* ps = reinterpret_cast<const int64_t*>(sp + L.pos);
+        // positions p0, p0+1, ... across the tile (and following the previous tile) -> no per-token sincos
+        const int64_t p0 = ps[0];
+        bool reg = true;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) reg &= ps[i] == p0 + i;
+        reg = __syncthreads_and(reg);
+        w_ok = w_ok && reg && p0 == prev_p0 + p.tile;
+        prev_p0 = p0;
+        const uint32_t kbit0 = static_cast<uint32_t>(((kbase + static_cast<int64_t>(t0) * p.k_rb) & 3) * 8);
+        const uint32_t vbit0 = static_cast<uint32_t>(((vbase + static_cast<int64_t>(t0) * p.v_rb) & 3) * 8);
+        const int nsteps = p.tile / STEP;
+        for (int k = 0; k < nsteps; ++k) {
+          const int tl0 = k * STEP + warp * TPW + slot;
+          const bool active = tl0 < n;
+          const int tl = active ? tl0 : 0;
+          const int t = t0 + tl;
+          if (w_ok && reg && since < kReinit) {
+            ++since;
+#pragma unroll
+            for (int m = 0; m < 8; ++m)
+              w[m] = make_float2(w[m].x * rot[m].x - w[m].y * rot[m].y, w[m].x * rot[m].y + w[m].y * rot[m].x);
+          } else {
+            since = 0;
+            const float fp = static_cast<float>(ps[tl]);
+#pragma unroll
+            for (int m = 0; m < 8; ++m) {
+              float sn, cs;
+              sincosf(fp * fr[m], &sn, &cs);
+              if constexpr (NQ == 1) w[m] = make_float2(qa[0][m] * cs + qb[0][m] * sn, qa[0][m] * sn - qb[0][m] * cs);
+              else w[m] = make_float2(cs, sn);
+            }
+          }
+          w_ok = reg;
+
+          const uint32_t kb0 = kbit0 + static_cast<uint32_t>(tl * p.k_rb * 8);
+          const uint32_t vb0 = vbit0 + static_cast<uint32_t>(tl * p.v_rb * 8);
+          float ka[8], kb[8], v[16];
+          gather8<T, TSMEM, CH>(ka, tk, D, lck, Kk, p.k_bits, kw, kb0, ch_a);
+          gather8<T, TSMEM, CH>(kb, tk, D, lck, Kk, p.k_bits, kw, kb0, ch_b);
+          gather8<T, TSMEM, CH>(v, tv, D, lcv, Kv, p.v_bits, vw, vb0, ch_a);
+          gather8<T, TSMEM, CH>(v + 8, tv, D, lcv, Kv, p.v_bits, vw, vb0, ch_b);
+          float s[NQ];
+          if constexpr (NQ == 1) {
+            float a0 = 0.f, a1 = 0.f;
+#pragma unroll
+            for (int m = 0; m < 8; ++m) { a0 = fmaf(w[m].x, ka[m], a0); a1 = fmaf(w[m].y, kb[m], a1); }
+            s[0] = a0 - a1;
+          } else {
+#pragma unroll
+            for (int q = 0; q < NQ; ++q) s[q] = 0.f;
+#pragma unroll
+            for (int m = 0; m < 8; ++m) {
+              const float kr = ka[m] * w[m].x - kb[m] * w[m].y;
+              const float ki = kb[m] * w[m].x + ka[m] * w[m].y;
+#pragma unroll
+              for (int q = 0; q < NQ; ++q) s[q] = fmaf(qa[q][m], kr, fmaf(qb[q][m], ki, s[q]));
+            }
+          }
+#pragma unroll
+          for (int q = 0; q < NQ; ++q) {
+            s[q] = token_sum<LPT>(s[q]);
+            const bool ok = active && t >= clo[q] && t < chi[q];
+            s[q] = ok ? s[q] : kNegInf;
+          }
+          st.update(s);
+          st.add_v(s, v);
+        }
+        __syncthreads();
+        if (it + kStages < ntile) load_tile(stage, t_begin + (it + kStages) * p.tile);
+        cp_async_commit();
+      }
     }
     cp_async_wait<0>();
   }
@@ -425,11 +531,11 @@ __global__ void __launch_bounds__(kDecWarps * 32, 1) decode_kernel(const AttnPar
     const int q = i / D, ch = i % D;
     float M = kNegInf;
 #pragma unroll
-    for (int wi = 0; wi < kDecWarps; ++wi) M = fmaxf(M, red[(wi * NQ + q) * (D + 2) + D]);
+    for (int wi = 0; wi < NW; ++wi) M = fmaxf(M, red[(wi * NQ + q) * (D + 2) + D]);
     float lsum = 0.f, o = 0.f;
     if (M != kNegInf) {
 #pragma unroll
-      for (int wi = 0; wi < kDecWarps; ++wi) {
+      for (int wi = 0; wi < NW; ++wi) {
         const float* rw = red + (wi * NQ + q) * (D + 2);
         if (rw[D] == kNegInf) continue;
         const float a = exp2f(rw[D] - M);
@@ -479,28 +585,46 @@ __global__ void combine_kernel(const AttnParams p) {
   }
 }
 
-template <typename T, int D, int NQ, bool TSMEM>
+template <typename T, int D, int NQ, bool TSMEM, int CH>
 cudaError_t launch_t(const AttnParams& p, cudaStream_t stream) {
   const size_t smem = dec_layout(p, NQ).total;
   static size_t configured = 48 << 10;  // raise the dynamic shared-memory limit only when a launch needs more
   if (smem > configured) {
-    cudaError_t e = cudaFuncSetAttribute(decode_kernel<T, D, NQ, TSMEM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    cudaError_t e = cudaFuncSetAttribute(decode_kernel<T, D, NQ, TSMEM, CH>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
     if (e != cudaSuccess) return e;
     configured = smem;
   }
   dim3 grid(p.nsplit, p.Hkv * p.nchunk, p.B);
-  decode_kernel<T, D, NQ, TSMEM><<<grid, kDecWarps * 32, smem, stream>>>(p);
+  decode_kernel<T, D, NQ, TSMEM, CH><<<grid, dec_warps<NQ>() * 32, smem, stream>>>(p);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || p.nsplit == 1) return e;
   combine_kernel<T><<<p.B * p.Hq * p.Q, p.D, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
+// Fast path: 8-bit codes, tables in shared memory, one compile-time gather width for K and V (c >= 8 -> 8,
+// c == 4 -> 4). Everything else takes the generic loop (run-time c and b). CQTOOL_NO_FAST_DECODE=1 turns it off.
+inline bool fast_decode_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("CQTOOL_NO_FAST_DECODE");
+    return !(e && *e && *e != '0');
+  }();
+  return on;
+}
+
+template <typename T, int D, int NQ>
+cudaError_t launch_q(const AttnParams& p, cudaStream_t stream) {
+  const int wk = p.k_c >= 8 ? 8 : p.k_c, wv = p.v_c >= 8 ? 8 : p.v_c;
+  const bool fast = p.tab_smem && p.k_bits == 8 && p.v_bits == 8 && wk == wv && fast_decode_enabled();
+  if (fast && wk == 8) return launch_t<T, D, NQ, true, 8>(p, stream);
+  if (fast && wk == 4) return launch_t<T, D, NQ, true, 4>(p, stream);
+  return p.tab_smem ? launch_t<T, D, NQ, true, 0>(p, stream) : launch_t<T, D, NQ, false, 0>(p, stream);
+}
+
 template <typename T, int D>
 cudaError_t launch_d(const AttnParams& p, cudaStream_t stream) {
-  if (p.nq == 1) return p.tab_smem ? launch_t<T, D, 1, true>(p, stream) : launch_t<T, D, 1, false>(p, stream);
-  return p.tab_smem ? launch_t<T, D, 4, true>(p, stream) : launch_t<T, D, 4, false>(p, stream);
+  return p.nq == 1 ? launch_q<T, D, 1>(p, stream) : launch_q<T, D, 4>(p, stream);
 }
 
 }  // namespace cq

@@ -108,6 +108,7 @@ __global__ void __launch_bounds__(kPfWarps * 32) prefill_kernel(const AttnParams
   const float sl2 = p.scaling * kLog2e;
 
   const int Kk = 1 << p.k_bits, Kv = 1 << p.v_bits;
+  const int lck = __ffs(p.k_c) - 1, lcv = __ffs(p.v_c) - 1;
   const T* kcent = reinterpret_cast<const T*>(p.k_cent) + static_cast<int64_t>(h) * p.k_groups * Kk * p.k_c;
   const T* vcent = reinterpret_cast<const T*>(p.v_cent) + static_cast<int64_t>(h) * p.v_groups * Kv * p.v_c;
   const int64_t kbase = (static_cast<int64_t>(b) * p.Hkv + h) * p.cap * p.k_rb;
@@ -137,8 +138,8 @@ __global__ void __launch_bounds__(kPfWarps * 32) prefill_kernel(const AttnParams
         const int j = j0 + kn;
         float ka8[8], kb8[8], cs[8], sn[8];
         const uint32_t bit = kbit0 + static_cast<uint32_t>(kn * p.k_rb * 8);
-        gather8<T, false>(ka8, kcent, D, p.k_c, Kk, p.k_bits, kw, bit, ca);
-        gather8<T, false>(kb8, kcent, D, p.k_c, Kk, p.k_bits, kw, bit, cbb);
+        gather8<T, false, 0>(ka8, kcent, D, lck, Kk, p.k_bits, kw, bit, ca);
+        gather8<T, false, 0>(kb8, kcent, D, lck, Kk, p.k_bits, kw, bit, cbb);
         const float4* cp = reinterpret_cast<const float4*>(cos_b + static_cast<int64_t>(j) * D + ca);
         const float4* sp = reinterpret_cast<const float4*>(sin_b + static_cast<int64_t>(j) * D + ca);
         const float4 c0 = __ldg(cp), c1 = __ldg(cp + 1), s0 = __ldg(sp), s1 = __ldg(sp + 1);
@@ -162,7 +163,7 @@ __global__ void __launch_bounds__(kPfWarps * 32) prefill_kernel(const AttnParams
       float v8[8];
       if (kn < n) {
         const uint32_t bit = vbit0 + static_cast<uint32_t>(kn * p.v_rb * 8);
-        gather8<T, false>(v8, vcent, D, p.v_c, Kv, p.v_bits, vw, bit, 8 * cb);
+        gather8<T, false, 0>(v8, vcent, D, lcv, Kv, p.v_bits, vw, bit, 8 * cb);
       } else {
 #pragma unroll
         for (int e = 0; e < 8; ++e) v8[e] = 0.f;

@@ -227,6 +227,11 @@ DECODE_CASES = [  # dict(...) for make_case
     dict(S=6, Q=2, B=1, Hq=3, Hkv=3, window=32, sinks=2),
     dict(S=2048, Q=1, B=4, Hq=4, Hkv=4, rope_scale=0.7, gaps=True, dtype=torch.bfloat16),
     dict(S=33, Q=4, B=1, Hq=8, Hkv=2, D=64, kspec=(8, 7), vspec=(4, 4), dtype=torch.bfloat16),
+    # the fast paths (tables in shared memory, compile-time gather width), with irregular positions and padding
+    dict(S=700, Q=1, B=2, Hq=4, Hkv=4, kspec=(8, 8), vspec=(16, 6), dtype=torch.bfloat16, pads=[0, 100]),
+    dict(S=3000, Q=1, B=1, Hq=8, Hkv=8, kspec=(4, 8), vspec=(4, 8), dtype=torch.bfloat16),
+    dict(S=5000, Q=1, B=2, Hq=2, Hkv=2, kspec=(8, 8), vspec=(8, 8), gaps=True, pads=[0, 3001]),
+    dict(S=1500, Q=1, B=2, Hq=8, Hkv=2, D=64, kspec=(4, 6), vspec=(4, 8), pads=[700, 0]),
 ]
 
 
@@ -289,7 +294,11 @@ def test_prefill_attention(case):
 @pytest.mark.parametrize("window,sinks", [(0, 0), (6, 2)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_model_logits_kernels_vs_reference(monkeypatch, window, sinks, dtype):
-    """A tiny Llama (head_dim 64, GQA 2) through CQCache: prefill then decode steps, kernels vs reference."""
+    """A tiny Llama (head_dim 64, GQA 2) through CQCache: prefill then decode steps, kernels vs reference.
+
+    A wiring check (positions, masks, cache updates): a wiring error gives O(1) differences. The weights are scaled
+    up (peaky attention), so rounding keys to the dtype in the tensor-core prefill moves logits by a few percent.
+    """
     from conftest import tiny_model
     from test_codebook import make_codebook
 
@@ -314,7 +323,7 @@ def test_model_logits_kernels_vs_reference(monkeypatch, window, sinks, dtype):
     monkeypatch.setattr(ops, "get_module", lambda: None)
     ref = run()
     assert ops.BACKEND_USED["attention"] == "reference"
-    assert rel_err(got, ref) < (3e-2 if dtype == torch.bfloat16 else 1e-2)
+    assert rel_err(got, ref) < (0.1 if dtype == torch.bfloat16 else 0.05)
 
 
 # ---------------------------------------------------------------- CPU: fallback is announced
