@@ -144,7 +144,9 @@ class CQLayer(CacheLayerMixin):
         cap = self.k_codes.shape[2]
         if need <= cap:
             return
-        new_cap = max(need, 2 * cap, 256)
+        reserve = self.parent.max_length if self.parent is not None else None
+        # a caller's reserve when it covers the need; else grow by 25% (memory stays near the advertised bits)
+        new_cap = reserve if reserve and reserve >= need else max(need, cap + cap // 4, 256)
         for name in ("k_codes", "v_codes"):
             old = getattr(self, name)
             buf = torch.empty(*old.shape[:2], new_cap, old.shape[3], dtype=old.dtype, device=old.device)
@@ -224,8 +226,11 @@ class CQCache(Cache):
     model.generate(ids, past_key_values=cache)  # or model(ids, past_key_values=cache)
     """
 
-    def __init__(self, model, codebook, window: int | None = None, sinks: int | None = None):
+    def __init__(self, model, codebook, window: int | None = None, sinks: int | None = None,
+                 max_length: int | None = None):
+        """max_length: tokens to reserve code buffers for (e.g. prompt + new tokens); grown on demand past it."""
         codebook.validate_model(model)
+        self.max_length = max_length
         self.config = codebook.config.with_runtime(window=window, sinks=sinks)
         self.codebook = codebook
         self.tap = prepare_model(model)

@@ -28,30 +28,61 @@ def config_name(key: QuantSpec, value: QuantSpec) -> str:
     return CQConfig(key, value).name
 
 
-def _fit_tensor(acts: torch.Tensor, fisher: torch.Tensor | None, info: ModelInfo, spec: QuantSpec, fisher_group: int,
-                cfg: CalibConfig, device: torch.device, seed: int):
-    """acts [N, H*D] (+ fisher [N, H*D/fisher_group]) -> centroids [H, G_h, K, c], stats."""
+def _groups(acts: torch.Tensor, fisher: torch.Tensor | None, info: ModelInfo, spec: QuantSpec, fisher_group: int,
+            device: torch.device, idx: torch.Tensor | None):
+    """acts [N, H*D] (+ fisher [N, H*D/fisher_group]) -> x [G, n, c] fp32 and weights [G, n] (or None)."""
     N = acts.shape[0]
     c, G = spec.channels, info.kv_dim // spec.channels
-    x = acts.to(device, torch.float32).view(N, G, c).transpose(0, 1)  # [G, N, c]
+    x = acts.to(device, torch.float32).view(N, G, c).transpose(0, 1)
     w = None
     if fisher is not None:
-        per = c // fisher_group
-        w = fisher.to(device).view(N, G, per).sum(-1).transpose(0, 1).contiguous()  # [G, N]
-    if cfg.max_tokens and N > cfg.max_tokens:
-        gen = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(N, generator=gen)[: cfg.max_tokens].to(device)
+        w = fisher.to(device).view(N, G, c // fisher_group).sum(-1).transpose(0, 1)
+    if idx is not None:
         x, w = x[:, idx], (None if w is None else w[:, idx])
-    res = kmeans.fit(x.contiguous(), spec.num_centroids, weights=w, iters=cfg.kmeans_iters, tol=cfg.kmeans_tol,
-                     seed=seed, backend=cfg.kmeans_backend, device=device)
-    cent = res.centroids.view(info.num_kv_heads, info.head_dim // c, spec.num_centroids, c).float().cpu()
-    # unweighted relative reconstruction error on all calibration tokens
+    return x, w
+
+
+def _rel_error(acts: torch.Tensor, cent: torch.Tensor, info: ModelInfo, device: torch.device) -> float:
+    """Unweighted relative reconstruction error of one layer's calibration activations."""
+    N = acts.shape[0]
     xs = acts.to(device, torch.float32).view(N, info.num_kv_heads, info.head_dim).transpose(0, 1).unsqueeze(0)
-    rec = quant.decode(quant.encode(xs, cent.to(device)), cent.to(device))
-    rel = float(((rec - xs) ** 2).sum() / (xs**2).sum().clamp_min(1e-30))
-    stats = {"objective": float(res.objective.mean()), "iterations": res.iterations, "refilled": res.refilled,
-             "rel_error": rel, "seconds": res.seconds, "backend": res.backend}
-    return cent, stats
+    c = cent.to(device)
+    rec = quant.decode(quant.encode(xs, c), c)
+    return float(((rec - xs) ** 2).sum() / (xs**2).sum().clamp_min(1e-30))
+
+
+def _fit_kind(coll: KVCollector, kind: str, spec: QuantSpec, info: ModelInfo, cfg: CalibConfig, fisher_group: int,
+              device: torch.device, track, name: str, budget_bytes: int = 4 << 30):
+    """k-means for every layer of one kind (key or value); several layers' groups are solved in one batch."""
+    acts_all = coll.keys if kind == "key" else coll.values
+    fis_all = (coll.key_fisher if kind == "key" else coll.value_fisher) if cfg.fisher else None
+    N = acts_all.shape[1]
+    idx = None
+    if cfg.max_tokens and N > cfg.max_tokens:
+        idx = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed))[: cfg.max_tokens].to(device)
+    n = N if idx is None else idx.numel()
+    per_layer = info.kv_dim * n * 4 * 2  # x and a working copy, fp32
+    step = max(1, min(info.num_layers, budget_bytes // max(1, per_layer)))
+    cents, stats = [], []
+    G = info.kv_dim // spec.channels
+    for lo in track(range(0, info.num_layers, step), description=f"k-means {name} {kind}s"):
+        layers = range(lo, min(info.num_layers, lo + step))
+        parts = [_groups(acts_all[i], None if fis_all is None else fis_all[i], info, spec, fisher_group, device, idx) for i in layers]
+        x = torch.cat([p[0] for p in parts]).contiguous()
+        w = None if fis_all is None else torch.cat([p[1] for p in parts]).contiguous()
+        del parts
+        seed = cfg.seed * 100003 + lo * 2 + (kind == "value")
+        res = kmeans.fit(x, spec.num_centroids, weights=w, iters=cfg.kmeans_iters, tol=cfg.kmeans_tol, seed=seed,
+                         backend=cfg.kmeans_backend, device=device)
+        del x, w
+        for j, i in enumerate(layers):
+            cent = res.centroids[j * G : (j + 1) * G].reshape(info.num_kv_heads, info.head_dim // spec.channels,
+                                                               spec.num_centroids, spec.channels).float().cpu()
+            cents.append(cent)
+            stats.append({"layer": i, "kind": kind, "objective": float(res.objective[j * G : (j + 1) * G].mean()),
+                          "iterations": res.iterations, "refilled": res.refilled, "seconds": res.seconds / len(layers),
+                          "backend": res.backend, "rel_error": _rel_error(acts_all[i], cent, info, device)})
+    return cents, stats
 
 
 def calibrate(cfg: CalibConfig, output: str | Path, progress=None) -> dict[str, Any]:
@@ -89,18 +120,9 @@ def calibrate(cfg: CalibConfig, output: str | Path, progress=None) -> dict[str, 
     with atomic_dir(output) as tmp:
         for k_spec, v_spec in cfg.specs:
             name = config_name(k_spec, v_spec)
-            kc, vc, stats = [], [], []
-            jobs = [(layer, kind) for layer in range(info.num_layers) for kind in ("key", "value")]
-            for layer, kind in track(jobs, description=f"k-means {name}"):
-                acts = (coll.keys if kind == "key" else coll.values)[layer]
-                fis = None
-                if cfg.fisher:
-                    fis = (coll.key_fisher if kind == "key" else coll.value_fisher)[layer]
-                spec = k_spec if kind == "key" else v_spec
-                seed = cfg.seed * 100003 + layer * 2 + (kind == "value")
-                cent, st = _fit_tensor(acts, fis, info, spec, fisher_group, cfg, km_dev, seed)
-                (kc if kind == "key" else vc).append(cent)
-                stats.append({"layer": layer, "kind": kind, **st})
+            kc, kstats = _fit_kind(coll, "key", k_spec, info, cfg, fisher_group, km_dev, track, name)
+            vc, vstats = _fit_kind(coll, "value", v_spec, info, cfg, fisher_group, km_dev, track, name)
+            stats = sorted(kstats + vstats, key=lambda s: (s["layer"], s["kind"]))
             meta = {"fisher": cfg.fisher, "data": cfg.data, "data_hash": summary["data_hash"], "seed": cfg.seed,
                     "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "kmeans_iters": cfg.kmeans_iters,
                     "model_params": summary["model_params"]}
