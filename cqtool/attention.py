@@ -12,6 +12,8 @@ import torch
 from . import quant
 
 _REGISTERED = False
+# `cqtool eval --backend reference`: run the PyTorch reference even where the CUDA kernels would run
+FORCE_REFERENCE = False
 
 
 def register() -> None:
@@ -37,6 +39,11 @@ def cq_attention_forward(module, query, key, value, attention_mask, dropout: flo
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if FORCE_REFERENCE:
+        from . import ops
+
+        ops._note("attention", "reference", "forced by --backend reference")
+        return attend_codes_reference(query, key, attention_mask, scaling), None
     from . import ops
 
     return ops.cq_attention(query, key, attention_mask, scaling), None

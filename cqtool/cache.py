@@ -162,10 +162,15 @@ class CQLayer(CacheLayerMixin):
         pre = parent.pop_pre_rope_keys(self.layer_idx, key_states)
         start = self.length
         self._grow(start + Q)
-        from . import ops  # the encode kernel on GPU, the reference elsewhere
+        from . import attention, ops  # the encode kernel on GPU, the reference elsewhere
 
-        ops.encode_into(pre, self.k_centroids, self.k_bits, self.k_codes, start)
-        ops.encode_into(value_states, self.v_centroids, self.v_bits, self.v_codes, start)
+        if attention.FORCE_REFERENCE:
+            ops._note("encode", "reference", "forced by --backend reference")
+            self.k_codes[:, :, start : start + Q] = quant.pack(quant.encode(pre, self.k_centroids), self.k_bits)
+            self.v_codes[:, :, start : start + Q] = quant.pack(quant.encode(value_states, self.v_centroids), self.v_bits)
+        else:
+            ops.encode_into(pre, self.k_centroids, self.k_bits, self.k_codes, start)
+            ops.encode_into(value_states, self.v_centroids, self.v_bits, self.v_codes, start)
         self.length = start + Q
         view = CQView(self, key_states, value_states, start, self.win_k, self.win_v)
         W, Sk = self.config.window, self.config.sinks

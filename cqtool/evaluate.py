@@ -151,6 +151,7 @@ def run_eval(cfg, calib: dict[str, Any] | None = None, progress=None) -> dict[st
     from . import ops
 
     for m in methods:
+        ops.BACKEND_USED.clear()
         row: dict[str, Any] = {"method": m.name, "bits_per_channel": m.bits_per_channel(cfg.seqlen), **m.describe()}
         if text is not None:
             ppl = perplexity(model, tok, text, m, cfg.seqlen, cfg.limit, cfg.batch_size, progress)

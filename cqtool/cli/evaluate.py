@@ -41,6 +41,7 @@ def eval_cmd(
     calib_seqlen: Annotated[Optional[int], typer.Option()] = None,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Save results as JSON")] = None,
     report_dir: Annotated[Optional[str], typer.Option(help="Write results.json, report.md and a PNG plot here")] = None,
+    backend: Annotated[str, typer.Option(help="auto: CUDA kernels where they apply | reference: PyTorch reference only")] = "auto",
     recipe: Annotated[Optional[str], typer.Option(help="YAML recipe with defaults for these options")] = None,
 ):
     """Perplexity (WikiText-2) and lm-eval tasks through a CQ cache (or baselines), one table for all methods."""
@@ -49,6 +50,11 @@ def eval_cmd(
     from ..progress import progress_bar
     from ..recipes import load_recipe, pick
 
+    if backend not in ("auto", "reference"):
+        raise ConfigError(f"--backend {backend!r} is not allowed; use auto or reference")
+    from .. import attention
+
+    attention.FORCE_REFERENCE = backend == "reference"
     r = load_recipe(recipe, EVAL_KEYS)
     model = pick(model, r, "model", None)
     if not model:
