@@ -28,6 +28,7 @@ import torch
 
 from . import kmeans
 from .config import FORMAT_VERSION, ConfigError, to_dict
+from .models import pick_device
 
 FULL = {"layers": 32, "channels": 4096, "tokens": 32768}  # Llama-2-7B, 16 x 2048 calibration tokens
 CPU_SMALL = {"layers": 1, "channels": 256, "tokens": 4096}  # default on CPU: seconds, not hours
@@ -64,18 +65,9 @@ class KMeansBenchConfig:
 
     def resolved(self) -> "KMeansBenchConfig":
         """Sizes filled in for the device: the full Llama-2-7B problem on CUDA, a small one on CPU."""
-        dev = resolve_device(self.device)
+        dev = pick_device(self.device)
         sizes = FULL if dev.type == "cuda" else CPU_SMALL
         return dataclasses.replace(self, device=str(dev), **{k: v for k, v in sizes.items() if getattr(self, k) is None})
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but torch sees no CUDA GPU; use --device cpu")
-    return dev
 
 
 def synthetic_problem(layer: int, kind: str, channels: int, tokens: int, c: int, seed: int,
