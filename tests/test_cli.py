@@ -172,3 +172,23 @@ def test_smollm2_end_to_end(tmp_path):
     fp, cq = rows["fp16"]["perplexity"], rows["cq-8c8b"]["perplexity"]
     # a real model: fp16 is a sane perplexity, 1-bit CQ is worse but not broken
     assert 5 < fp < 100 and fp < cq < 10 * fp, (fp, cq)
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_same_seed_same_codebook(tmp_path, tiny_model_dir, text_file, backend):
+    import torch
+
+    from cqtool.codebook import Codebook
+
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"c{i}"
+        res = run("calibrate", "--model", tiny_model_dir, "--bits", 1, "--data", text_file, "--nsamples", 4, "--seqlen", 128,
+                  "--iters", 10, "--kmeans-backend", backend, "--device", "cpu", "--seed", 3, "--output", out)
+        assert res.exit_code == 0, res.output
+        outs.append(Codebook.load(out / "cq-8c8b.safetensors"))
+    a, b = outs
+    for x, y in zip(a.key_centroids + a.value_centroids, b.key_centroids + b.value_centroids):
+        assert torch.equal(x, y)
