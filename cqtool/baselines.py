@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
+from .cache import AppendOnlyLayer
 from .config import ConfigError
 from .methods import REGISTRY, FullPrecision, KVMethod
 
@@ -212,7 +213,7 @@ class MixedView:
     start: int
 
 
-class FakeQuantLayer(CacheLayerMixin):
+class FakeQuantLayer(AppendOnlyLayer):
     is_sliding = False
     is_compileable = False
 
@@ -237,15 +238,6 @@ class FakeQuantLayer(CacheLayerMixin):
             return k.as_dense(), v.as_dense()
         view = MixedView(k, v, start)
         return view, view
-
-    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
-        return self.length + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return -1
 
     def reset(self) -> None:
         self.length = 0

@@ -103,7 +103,22 @@ class CQView:
         return self.start + self.new_k.shape[2]
 
 
-class CQLayer(CacheLayerMixin):
+class AppendOnlyLayer(CacheLayerMixin):
+    """A cache layer that only appends tokens and counts them in `self.length` (no sliding, no maximum)."""
+
+    length = 0
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class CQLayer(AppendOnlyLayer):
     """One decoder layer's CQ cache: packed codes for all tokens, full precision for window and sinks.
 
     k_codes: [B, H_kv, cap, R_k] uint8, v_codes: [B, H_kv, cap, R_v] uint8 (first `length` rows valid)
@@ -187,15 +202,6 @@ class CQLayer(CacheLayerMixin):
 
     def valid_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k_codes[:, :, : self.length], self.v_codes[:, :, : self.length]
-
-    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
-        return self.length + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return -1
 
     def reset(self) -> None:
         self.length = 0
