@@ -18,6 +18,10 @@ The torch backend runs exact Lloyd iterations for all groups at once:
     traffic of fp32, and the rounding of the output is relative to the distance itself, not to |x|^2 (it holds
     while a group's distances span < ~1e9, i.e. outliers < ~5000x the typical token norm). On CPU it stays fp32 and
     the argmin uses a packed int32 key (see _nearest), ~3x faster than torch's min-with-index there.
+  * on CUDA with triton installed, the assignment is instead one fused Triton kernel (kmeans_triton.py): tf32
+    tensor-core products of exact hi/lo split operands (fp32-accurate), a running argmin in registers, only
+    the [N] assignment written. 3.6x faster than the fp16 bmm path on the full 8c8b problem (H100). Without
+    triton, or if the kernel fails, the fp16 path below runs and a RuntimeWarning says so once.
   * cluster sums (weighted x, |x|^2, weight, count) are kept in fp64 and updated only for points that changed
     cluster, so the objective of every iteration is exact and costs no extra pass over the points.
   * groups stop independently (relative objective change below `tol`, or a fixed point) and leave the batch.
@@ -27,8 +31,10 @@ iteration, so the bookkeeping cost more than it saved.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,6 +48,7 @@ SPLIT_EPS = 1.0 / 1024  # empty-cluster split: +- this fraction of the group's R
 CPU_STATE_BYTES = 1 << 30
 CPU_SCAN_ELEMS = 1 << 20  # 4 MB fp32 distance blocks: stay in cache
 GPU_SCAN_ELEMS = 1 << 28  # 512 MB fp16 blocks: large enough that kernel launches do not dominate
+_KERNEL_FAILED = False  # set when the Triton kernel failed once in this process: later fits skip it
 FP16_RANGE = 1.6e4  # scaled max |x|^2 on the fp16 path: distances (<= 4 max |x|^2) stay below 65504
 
 
@@ -187,7 +194,7 @@ def _has_faiss() -> bool:
 def _bytes_per_group(N: int, c: int, dev: torch.device) -> int:
     # xa fp32 (c+2), fp16 split operand 3 (c+2) on CUDA, w fp32, a and the new a int64, plus the seeding's
     # copies of the points (~10 (c+2)) or the scan's [N] temporaries, whichever is larger
-    lhs = 6 * (c + 2) if dev.type == "cuda" else 0
+    lhs = max(6 * (c + 2), 4 * _kt_inner_dim(c)) if dev.type == "cuda" else 0
     return N * (4 * (c + 2) + lhs + 4 + 2 * 8 + 10 * (c + 2) + 16)
 
 
@@ -198,6 +205,10 @@ def _group_chunk(dev: torch.device, N: int, c: int) -> int:
     else:
         budget = CPU_STATE_BYTES
     return max(1, budget // _bytes_per_group(N, c, dev))
+
+
+def _kt_inner_dim(c: int) -> int:
+    return max(16, 1 << (3 * c + 1).bit_length())  # kmeans_triton.inner_dim, without importing it
 
 
 def _scan_elems(dev: torch.device, dtype: torch.dtype) -> int:
@@ -337,20 +348,22 @@ class _Lloyd:
     S [g, K, c+3] fp64 cluster sums of the current assignment (sum w x, sum w |x|^2, sum w, count).
     """
 
-    def __init__(self, xa: torch.Tensor, w: torch.Tensor | None, k: int, gen: torch.Generator, half: bool):
+    def __init__(self, xa: torch.Tensor, w: torch.Tensor | None, k: int, gen: torch.Generator, half: bool,
+                 fused: bool | None = None):
         g, N, c2 = xa.shape
         self.c, self.k, self.half = c2 - 2, k, half
         dev = xa.device
         self.xa, self.w = xa, w
         self.scale = xa[..., -2].mean(1).sqrt().clamp_min(1e-30)  # RMS of the centred group: split size
-        self.elems = _scan_elems(dev, torch.float16 if half else torch.float32)
-        if half:
-            top = xa[..., -2].amax(1).clamp_min(1e-30)
-            # a power of 2, capped so that s^2 stays finite in fp32 (an all-zero group has top = 1e-30)
-            self.s = torch.exp2(torch.floor(torch.log2(torch.sqrt(FP16_RANGE / top)))).clamp_max(2.0**50)
-            self.lhs = _half_operands(xa, None, self.s)
+        # fused: the Triton kernel (kmeans_triton) finds the nearest centroid without writing distances;
+        # default: on CUDA when triton loads
+        use = dev.type == "cuda" and not _KERNEL_FAILED if fused is None else fused
+        self.kt = _triton_kmeans() if use else None
+        self.s = self.lhs = None
+        if self.kt is not None:
+            self.lhs = self.kt.point_operand(xa[..., :-2])
         else:
-            self.s = self.lhs = None
+            self._operands()
         m = min(N, INIT_POINTS_PER_CENTROID * k)
         sub = torch.randperm(N, generator=gen)[:m].to(dev)
         uni = torch.rand(g, k, generator=gen).to(dev)
@@ -363,7 +376,30 @@ class _Lloyd:
         self.out_C = self.C.clone()
         self.out_obj = self.last.clone()
 
+    def _operands(self) -> None:
+        """The bmm path's operands: fp16 hi/lo split on CUDA (half), the fp32 points themselves on CPU."""
+        xa = self.xa
+        self.elems = _scan_elems(xa.device, torch.float16 if self.half else torch.float32)
+        if self.half:
+            top = xa[..., -2].amax(1).clamp_min(1e-30)
+            # a power of 2, capped so that s^2 stays finite in fp32 (an all-zero group has top = 1e-30)
+            self.s = torch.exp2(torch.floor(torch.log2(torch.sqrt(FP16_RANGE / top)))).clamp_max(2.0**50)
+            self.lhs = _half_operands(xa, None, self.s)
+        else:
+            self.s = self.lhs = None
+
     def _nearest(self) -> torch.Tensor:
+        if self.kt is not None:
+            try:
+                return self.kt.nearest(self.lhs, self.kt.centroid_operand(self.C))[0].long()
+            except Exception as e:  # a compile or launch failure: the bmm path is slower but gives the same answer
+                global _KERNEL_FAILED
+                if not _KERNEL_FAILED:
+                    _warn_fallback(f"the Triton assignment kernel failed ({type(e).__name__}: {e})")
+                _KERNEL_FAILED = True
+                self.kt = None
+                self.lhs = None
+                self._operands()
         cat = _aug_centroids(self.C)
         if self.half:
             return _nearest(self.lhs, _half_operands(self.xa, cat, self.s), self.elems)
@@ -454,6 +490,24 @@ class _Lloyd:
                     if v is not None:
                         setattr(self, name, v[live])
                 ids, live = ids[live], torch.ones(n_live, dtype=torch.bool, device=dev)
+
+
+@functools.cache
+def _triton_kmeans():
+    """The kmeans_triton module when triton imports, else None (with one warning that says why)."""
+    try:
+        import triton  # noqa: F401
+
+        from . import kmeans_triton
+    except Exception as e:  # ImportError, or a triton install that is broken in another way
+        _warn_fallback(f"triton is not usable ({type(e).__name__}: {e})")
+        return None
+    return kmeans_triton
+
+
+def _warn_fallback(why: str) -> None:
+    warnings.warn(f"k-means on CUDA: {why}; using the slower fp16 matmul + argmin assignment instead "
+                  "(pip install triton for the fused kernel)", RuntimeWarning, stacklevel=3)
 
 
 def _kmeanspp(xs: torch.Tensor, ws: torch.Tensor | None, k: int, uni: torch.Tensor) -> torch.Tensor:

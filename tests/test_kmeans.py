@@ -1,7 +1,9 @@
 """Batched weighted k-means (cqtool.kmeans): recovery, weights, determinism, empty clusters, N < k, faiss parity,
-the fp16 distance path CUDA uses, chunking, input errors, a CUDA run; and `cqtool bench kmeans` at a tiny size."""
+the fp16 distance path and the fused Triton kernel CUDA uses (the kernel also on CPU through Triton's
+interpreter), chunking, input errors, a CUDA run; and `cqtool bench kmeans` at a tiny size."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -25,6 +27,12 @@ def heavy(G=4, N=4096, c=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     t = torch.randn(G, N, c, generator=g) / (torch.randn(4, G, N, 1, generator=g).square().mean(0)).sqrt()
     return t * torch.exp(0.7 * torch.randn(G, 1, c, generator=g))
+
+
+def nearest_ref(x, C):
+    """Brute-force fp64 nearest centroid: x [G, N, c], C [G, K, c] -> (a [G, N], all distances [G, N, K] fp64)."""
+    d = (x.double().unsqueeze(2) - C.double().unsqueeze(1)).square().sum(-1)
+    return d.argmin(-1), d
 
 
 def counts(x, C):
@@ -268,3 +276,139 @@ def test_cuda_matches_cpu():
     assert torch.allclose(gpu.objective, exact, rtol=1e-3)
     assert abs(float(gpu.objective.mean()) / float(cpu.objective.mean()) - 1) < 0.01
     assert kmeans.fit(x.cuda(), 256, iters=5, backend="auto").backend == "torch"
+
+
+# ------------------------------------------------------------------------- fused Triton assignment kernel
+
+TRITON_SHAPES = [(2, 300, 256, 8), (1, 130, 1024, 4), (1, 70, 4096, 2), (2, 129, 256, 16), (1, 200, 5, 8)]
+
+
+def awkward(G, N, K, c, seed=0, device="cpu"):
+    """Heavy-tailed points off centre and centroids drawn from them plus jitter: many close contenders."""
+    g = torch.Generator().manual_seed(seed)
+    x = heavy(G=G, N=N, c=c, seed=seed) * 10 + 3
+    C = x[:, torch.randint(0, N, (K,), generator=g)] + 0.3 * torch.randn(G, K, c, generator=g)
+    return x.to(device), C.to(device)
+
+
+def check_nearest(x, C, a, d):
+    """a [G, N] picks a nearest centroid up to a near-tie at fp32 precision; d is its distance."""
+    ref, dist = nearest_ref(x, C)
+    got = dist.gather(2, a.long().unsqueeze(-1)).squeeze(-1)
+    best = dist.gather(2, ref.unsqueeze(-1)).squeeze(-1)
+    # the kernel's rounding: ~2^-21 of |C|^2 + 2 |x| |C| <= 2 (|x|^2 + |C|^2), for the two centroids it compares
+    cn = C.double().square().sum(-1)
+    scale = x.double().square().sum(-1) + torch.maximum(cn.gather(1, ref), cn.gather(1, a.long()))
+    assert a.dtype == torch.int32 and int(a.min()) >= 0 and int(a.max()) < C.shape[1]
+    tol = 1e-6 * scale
+    assert ((got - best) <= tol).all(), float(((got - best) / scale).max())
+    clear = ((dist - best.unsqueeze(-1)) <= tol.unsqueeze(-1)).sum(-1) == 1  # no other centroid within tol
+    assert clear.float().mean() > 0.5 and torch.equal(a.long()[clear], ref[clear])
+    assert ((d.double() - best).abs() <= 4e-6 * scale).all()  # |x|^2 + min: fp32 sums (seen 1e-6 on an H100)
+
+
+def fused_nearest(x, C):
+    from cqtool import kmeans_triton as kt
+
+    xc = x.float()
+    a = torch.full(x.shape[:2], -7, dtype=torch.int32, device=x.device)  # poisoned: every entry must be written
+    return kt.nearest(kt.point_operand(xc), kt.centroid_operand(C.float()), xc.square().sum(-1), out=a)
+
+
+@pytest.fixture
+def interpreted():
+    # triton reads TRITON_INTERPRET when it is imported: test_triton_kernel_on_cpu runs these in a subprocess
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs under TRITON_INTERPRET=1 only (test_triton_kernel_on_cpu starts it)")
+    pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+
+
+def test_triton_kernel_on_cpu():
+    """The kernel on CPU through Triton's interpreter: the *_interpreted tests, in a fresh process."""
+    import subprocess
+    import sys
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("already interpreting")
+    pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0 and " passed" in res.stdout and "skipped" not in res.stdout, res.stdout[-3000:]
+
+
+@pytest.mark.parametrize("G, N, K, c", TRITON_SHAPES)
+def test_triton_nearest_matches_reference_interpreted(interpreted, G, N, K, c):
+    x, C = awkward(G, N, K, c)
+    a, d = fused_nearest(x, C)
+    check_nearest(x, C, a, d)
+
+
+def test_triton_lloyd_matches_bmm_path_interpreted(interpreted):
+    x = heavy(G=2, N=600)
+    xa, _ = kmeans._augment(x, torch.device("cpu"))
+    runs = []
+    for fused in (False, True):
+        lloyd = kmeans._Lloyd(xa.clone(), None, 16, torch.Generator().manual_seed(0), half=False, fused=fused)
+        lloyd.run(6, 0.0, None)
+        assert (lloyd.kt is not None) == fused
+        runs.append(lloyd)
+    assert torch.equal(runs[0].a, runs[1].a)
+    assert torch.allclose(runs[0].out_obj, runs[1].out_obj, rtol=1e-6)
+
+
+def test_kernel_failure_falls_back_with_one_warning(monkeypatch):
+    class Broken:
+        point_operand = staticmethod(lambda xc: xc)
+        centroid_operand = staticmethod(lambda C: C)
+
+        @staticmethod
+        def nearest(*args, **kw):
+            raise RuntimeError("no kernel today")
+
+    monkeypatch.setattr(kmeans, "_triton_kmeans", lambda: Broken)
+    monkeypatch.setattr(kmeans, "_KERNEL_FAILED", False)
+    x = heavy(G=2, N=512)
+    xa, _ = kmeans._augment(x, torch.device("cpu"))
+    with pytest.warns(RuntimeWarning, match="no kernel today") as rec:
+        lloyd = kmeans._Lloyd(xa.clone(), None, 16, torch.Generator().manual_seed(0), half=False, fused=True)
+        lloyd.run(5, 0.0, None)
+    assert len([r for r in rec if "Triton" in str(r.message)]) == 1 and lloyd.kt is None and kmeans._KERNEL_FAILED
+    ref = kmeans._Lloyd(xa.clone(), None, 16, torch.Generator().manual_seed(0), half=False, fused=False)
+    ref.run(5, 0.0, None)
+    assert torch.equal(lloyd.a, ref.a)
+
+
+def test_import_does_not_import_triton():
+    import subprocess
+    import sys
+
+    code = "import sys, cqtool.kmeans, cqtool.bench_kmeans; print('triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("G, N, K, c", TRITON_SHAPES + [(3, 40_000, 1024, 8), (2, 5000, 4096, 8)])
+def test_triton_nearest_matches_reference_cuda(G, N, K, c):
+    pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+    x, C = awkward(G, N, K, c, device="cuda")
+    a, d = fused_nearest(x, C)
+    check_nearest(x, C, a, d)
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_fit_uses_the_fused_kernel():
+    pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+    import warnings
+
+    x = heavy(G=4, N=8192).cuda()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback
+        fused = kmeans.fit(x, 256, iters=20, tol=0, backend="torch")
+    xa, _ = kmeans._augment(x, x.device)
+    bmm = kmeans._Lloyd(xa, None, 256, torch.Generator().manual_seed(0), half=True, fused=False)
+    bmm.run(20, 0.0, None)
+    assert abs(float(fused.objective.mean()) / float(bmm.out_obj.mean()) - 1) < 0.005
