@@ -8,7 +8,7 @@ DATA    ?= ../shared/data
 RUNS    ?= runs
 DEVICE  ?= auto
 
-.PHONY: install demo test test-cuda reproduce bench bench-kmeans clean
+.PHONY: install demo test test-cuda reproduce tasks bench bench-kmeans clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,10 @@ reproduce: install
 	$(BIN)/cqtool calibrate --recipe recipes/smollm2-135m-fisher.yaml --data $(DATA)/wikitext-2/valid.txt --device $(DEVICE)
 	$(BIN)/cqtool calibrate --recipe recipes/smollm2-135m-uniform.yaml --data $(DATA)/wikitext-2/valid.txt --device $(DEVICE)
 	$(BIN)/cqtool eval --recipe recipes/smollm2-135m-compare.yaml --data-dir $(DATA) --device $(DEVICE)
+
+# lm-eval accuracy (arc_easy, piqa, winogrande, hellaswag) for fp16, KIVI-2, CQ-4c8b, CQ-8c8b; after `make reproduce`
+tasks: install
+	$(BIN)/cqtool eval --recipe recipes/smollm2-135m-tasks.yaml --data-dir $(DATA) --device $(DEVICE)
 
 bench: install
 	$(BIN)/cqtool bench attention --json $(RUNS)/bench/attention.json

@@ -192,3 +192,12 @@ def test_same_seed_same_codebook(tmp_path, tiny_model_dir, text_file, backend):
     a, b = outs
     for x, y in zip(a.key_centroids + a.value_centroids, b.key_centroids + b.value_centroids):
         assert torch.equal(x, y)
+
+
+def test_device_map_auto_loads_and_calibrates(tmp_path, tiny_model_dir, text_file):
+    """accelerate's device_map="auto" path (here everything lands on the CPU; on a GPU box it spreads)."""
+    out = tmp_path / "o"
+    res = run("calibrate", "--model", tiny_model_dir, "--bits", 1, "--data", text_file, "--nsamples", 2, "--seqlen", 128,
+              "--iters", 5, "--device-map", "auto", "--output", out)
+    assert res.exit_code == 0, res.output
+    assert (out / "cq-8c8b.safetensors").exists()
