@@ -2,7 +2,8 @@
 
 attention_bench: one layer of decode attention (Llama-2-7b shapes) from codes vs torch SDPA in bf16 over the same
     (dequantized, rotated) keys and values; CUDA-event medians after warm-up; the fraction of the memory floor
-    (bytes of codes + centroids + q + out over the device-to-device copy bandwidth measured in the run).
+    (bytes of codes + centroids + q + out over the device-to-device copy bandwidth measured in the run). Every
+    decode kernel choice (ops.DECODE_KERNELS) is timed on the same data in the same run; "cq_ms" is the current one.
 generate_bench: greedy generation with a Llama-2-7b-shaped model with random weights, CQ cache vs DynamicCache
     (bf16): the same batch with a real 2K prefill, and each cache at the largest batch that fits the memory cap.
 """
@@ -116,23 +117,37 @@ def attention_bench(shapes=DEFAULT_SHAPES, specs=DEFAULT_SPECS, heads: int = 32,
             say(f"{spec.name} {B}x{S}")
             query, view, kd, vd = synthetic_layer(B, S, heads, head_dim, spec)
             scaling = head_dim**-0.5
-            out = ops.cq_attention(query, view, None, scaling)
             ref = torch.nn.functional.scaled_dot_product_attention(query, kd, vd, scale=scaling)
-            err = float((out.transpose(1, 2).float() - ref.float()).norm() / ref.float().norm())
-            t_cq = statistics.median(cuda_times(lambda: ops.cq_attention(query, view, None, scaling), reps=reps))
             t_sdpa = statistics.median(cuda_times(
                 lambda: torch.nn.functional.scaled_dot_product_attention(query, kd, vd, scale=scaling), reps=reps))
+            # every decode kernel choice on the same data ("ran": the kernel a choice ran for this shape)
+            kernels, keep = {}, ops.DECODE_KERNEL
+            try:
+                for choice in ops.DECODE_KERNELS:
+                    ops.DECODE_KERNEL = choice
+                    out = ops.cq_attention(query, view, None, scaling)
+                    err = float((out.transpose(1, 2).float() - ref.float()).norm() / ref.float().norm())
+                    t = statistics.median(cuda_times(lambda: ops.cq_attention(query, view, None, scaling), reps=reps))
+                    kernels[choice] = {"ran": ops.KERNEL_USED.get("attention"), "ms": t, "speedup": t_sdpa / t,
+                                       "rel_err_vs_sdpa": err}
+                    del out
+            finally:
+                ops.DECODE_KERNEL = keep
+            t_cq, err = kernels[keep]["ms"], kernels[keep]["rel_err_vs_sdpa"]
             layer = view.layer
             code_bytes = layer.k_codes.numel() + layer.v_codes.numel()
             floor_bytes = code_bytes + 2 * layer.k_centroids.numel() * 2 + 2 * query.numel() * 2
             dense_bytes = (kd.numel() + vd.numel()) * 2 + 2 * query.numel() * 2
             floor_ms = floor_bytes / bw * 1e3
             rows.append({"quant": f"CQ-{spec.name}", "bits_per_channel": spec.bits_per_channel, "batch": B, "context": S,
-                         "heads": heads, "head_dim": head_dim, "sdpa_ms": t_sdpa, "cq_ms": t_cq, "speedup": t_sdpa / t_cq,
+                         "heads": heads, "head_dim": head_dim, "cq_kernel": kernels[keep]["ran"], "sdpa_ms": t_sdpa,
+                         "cq_ms": t_cq, "speedup": t_sdpa / t_cq, "kernels": kernels,
                          "cq_floor_ms": floor_ms, "cq_floor_fraction": floor_ms / t_cq,
                          "sdpa_floor_fraction": dense_bytes / bw * 1e3 / t_sdpa, "rel_err_vs_sdpa": err,
                          "code_bytes": code_bytes})
-            del query, view, kd, vd, out, ref
+            times = ", ".join(f"{c} ({k['ran']}) {k['ms']:.3f} ms" for c, k in kernels.items())
+            say(f"  {times}, SDPA {t_sdpa:.3f} ms")
+            del query, view, kd, vd, ref
             gc.collect()
             torch.cuda.empty_cache()
     return {**info, "copy_bandwidth_tbs": bw / 1e12, "reps": reps, "rows": rows, "kernels": ops.kernel_status()}

@@ -7,7 +7,8 @@ and CUDA is not touched, at import.
 
     encode_into   x [B, H_kv, Q, D] -> codes[:, :, start:start+Q] ([B, H_kv, cap, R] uint8), in place
     cq_attention  query [B, H_q, Q, D] + CQView -> [B, Q, H_q, D]; split-K decode kernel for few queries or a
-                  window/sinks, tensor-core prefill kernel for many queries
+                  window/sinks (CUDA cores; or, with DECODE_KERNEL = "tensor-core", tensor-core scores and a code
+                  histogram for the values where it applies), tensor-core prefill kernel for many queries
 """
 from __future__ import annotations
 
@@ -23,16 +24,24 @@ from . import quant
 log = logging.getLogger("cqtool")
 _ANNOUNCED: set[tuple[str, str, str]] = set()
 BACKEND_USED: dict[str, str] = {}
+KERNEL_USED: dict[str, str] = {}  # which CUDA kernel the last call of an op ran ("decode", "decode-mma", "prefill")
 
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
 SOURCES = ("binding.cpp", "encode.cu", "decode.cu", "decode_f16_d64.cu", "decode_f16_d128.cu", "decode_bf16_d64.cu",
-           "decode_bf16_d128.cu", "prefill.cu")
+           "decode_bf16_d128.cu", "decode_mma.cu", "prefill.cu")
 HEADERS = ("kernels.h", "common.cuh", "decode.cuh")
 KERNEL_CHANNELS = (1, 2, 4, 8, 16)
 KERNEL_HEAD_DIMS = (64, 128)
 MAX_KERNEL_BITS = 12
 # more (query, head) pairs per kv head than this go to the tensor-core prefill kernel
 DECODE_MAX_ROWS = 16
+# Decode kernel, read at every call: "cuda-core" (kernels/decode.cuh, measured on the H100) or "tensor-core"
+# (kernels/decode_mma.cu where it applies: one query per kv head, head_dim 128, 8-bit c=8 codes for K and V, no
+# window/sinks; the CUDA-core kernel elsewhere). The tensor-core kernel is opt-in until it has been run on a GPU:
+# see docs/RESULTS_kernels.md.
+DECODE_KERNELS = ("cuda-core", "tensor-core")
+DECODE_KERNEL = os.environ.get("CQTOOL_DECODE_KERNEL", "cuda-core")
+_KERNEL_NAMES = {0: "decode", 1: "decode-mma", 2: "prefill"}
 _build_error: str | None = None
 
 
@@ -210,14 +219,18 @@ def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> t
     cos = sin = None
     if prefill:
         cos, sin = cache.cos_sin(S, query.device)
+    if DECODE_KERNEL not in DECODE_KERNELS:
+        raise ValueError(f"ops.DECODE_KERNEL must be one of {list(DECODE_KERNELS)}, got {DECODE_KERNEL!r}")
     q = query if query.stride(-1) == 1 else query.contiguous()
     sinks = cfg.sinks and layer.sink_k is not None
-    out = mod.attention(
+    out, used = mod.attention(
         q, layer.k_codes, layer.v_codes, layer.k_centroids, layer.v_centroids, int(layer.k_bits), int(layer.v_bits),
         cache.positions, _device_inv_freq(cache, query.device), float(cache.rope_scale), cos, sin,
         key_ranges(attention_mask, B, Q, S, view.start, query.device),
         view.win_k if cfg.window else None, view.win_v if cfg.window else None, view.new_k, view.new_v,
         layer.sink_k if sinks else None, layer.sink_v if sinks else None,
-        int(cfg.window), int(view.start), int(S), float(scaling), bool(prefill))
-    _note("attention", "cuda", "prefill kernel" if prefill else "decode kernel")
+        int(cfg.window), int(view.start), int(S), float(scaling), bool(prefill),
+        int(DECODE_KERNEL == "tensor-core"))
+    KERNEL_USED["attention"] = _KERNEL_NAMES[used]
+    _note("attention", "cuda", f"{_KERNEL_NAMES[used]} kernel")
     return out

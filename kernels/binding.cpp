@@ -3,6 +3,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <tuple>
+
 #include "kernels.h"
 
 namespace {
@@ -64,14 +66,17 @@ void encode(const at::Tensor& x, const at::Tensor& centroids, int64_t bits, at::
   check_cuda(cq::launch_encode(p, at::cuda::getCurrentCUDAStream()), "encode");
 }
 
-// Attention of query [B, H_q, Q, D] over S cached tokens held as codes (+ full-precision window/sinks) -> [B, Q, H_q, D].
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k_codes, const at::Tensor& v_codes, const at::Tensor& k_cent,
+// Attention of query [B, H_q, Q, D] over S cached tokens held as codes (+ full-precision window/sinks) -> [B, Q, H_q, D],
+// and which kernel ran (0: decode, CUDA cores; 1: decode, tensor cores; 2: prefill). variant 0 keeps the decode on
+// the CUDA-core kernel, 1 lets the tensor-core one take the cases it covers.
+std::tuple<at::Tensor, int64_t> attention(
+                     const at::Tensor& q, const at::Tensor& k_codes, const at::Tensor& v_codes, const at::Tensor& k_cent,
                      const at::Tensor& v_cent, int64_t k_bits, int64_t v_bits, const at::Tensor& positions,
                      const at::Tensor& inv_freq, double rope_scale, const c10::optional<at::Tensor>& cos,
                      const c10::optional<at::Tensor>& sin, const at::Tensor& range, const c10::optional<at::Tensor>& win_k,
                      const c10::optional<at::Tensor>& win_v, const at::Tensor& new_k, const at::Tensor& new_v,
                      const c10::optional<at::Tensor>& sink_k, const c10::optional<at::Tensor>& sink_v, int64_t window,
-                     int64_t start, int64_t S, double scaling, bool prefill) {
+                     int64_t start, int64_t S, double scaling, bool prefill, int64_t variant) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 4 && q.stride(3) == 1, "attention: query must be [B, H_q, Q, D] on the GPU");
   const int64_t B = q.size(0), Hq = q.size(1), Q = q.size(2), D = q.size(3);
   const int64_t Hkv = k_cent.size(0);
@@ -123,8 +128,9 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_codes, const at::T
                 sin->strides() == cos->strides(), "attention: cos/sin must be [B, >=S, D] fp32");
     p.cos_t = cos->data_ptr<float>(); p.sin_t = sin->data_ptr<float>(); p.cs_sb = cos->size(0) == 1 ? 0 : cos->stride(0);
     check_cuda(cq::launch_prefill(p, stream), "prefill attention");
-    return out;
+    return std::make_tuple(out, int64_t{2});
   }
+  p.variant = static_cast<int>(variant);
   const auto* prop = at::cuda::getCurrentDeviceProperties();
   check_cuda(cq::plan_decode(p, prop->multiProcessorCount, prop->sharedMemPerBlockOptin), "decode plan");
   if (p.nsplit > 1) {
@@ -134,7 +140,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_codes, const at::T
     p.ws_ml = p.ws_o + rows * D;
   }
   check_cuda(cq::launch_decode(p, stream), "decode attention");
-  return out;
+  return std::make_tuple(out, int64_t{p.mma ? 1 : 0});
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

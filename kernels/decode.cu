@@ -26,6 +26,19 @@ size_t decode_smem_bytes(const AttnParams& p) { return dec_layout(p, p.nq).total
 
 cudaError_t plan_decode(AttnParams& p, int num_sms, size_t max_smem) {
   if (p.D != 64 && p.D != 128) return cudaErrorInvalidValue;
+  p.mma = 0;
+  if (mma_decode_applies(p, max_smem)) {
+    // one block (~216 KB of shared memory) per SM: split the sequence only when the rows do not fill the SMs
+    p.mma = 1;
+    p.nq = 1;
+    p.nchunk = 1;
+    p.has_fp = 0;
+    p.tab_smem = 0;
+    p.tile = 0;
+    const int base = p.B * p.Hkv;
+    p.nsplit = base < num_sms ? std::max(1, std::min(num_sms / base, (p.S + 1023) / 1024)) : 1;
+    return cudaSuccess;
+  }
   const int rep = p.Hq / p.Hkv;
   p.nq = rep * p.Q == 1 ? 1 : 4;
   p.nchunk = (rep * p.Q + p.nq - 1) / p.nq;
@@ -51,6 +64,7 @@ cudaError_t plan_decode(AttnParams& p, int num_sms, size_t max_smem) {
 
 cudaError_t launch_decode(const AttnParams& p, cudaStream_t stream) {
   if (p.B * p.Q == 0) return cudaSuccess;
+  if (p.mma) return launch_mma_decode(p, stream);
   return p.dtype == kBF16 ? launch_dt<__nv_bfloat16>(p, stream) : launch_dt<__half>(p, stream);
 }
 

@@ -264,6 +264,48 @@ def test_decode_gqa_and_lengths(ratio, S):
     assert_within_2x(run_attention(query, view, mask, scaling), query, view, mask, scaling)
 
 
+# ---------------------------------------------------------------- tensor-core decode kernel (kernels/decode_mma.cu)
+
+MMA_CASES = [  # H_q == H_kv, one query, head_dim 128, 8-bit codes with c = 8 for K and V
+    dict(S=3000, B=2, Hq=4, Hkv=4, dtype=torch.bfloat16, pads=[0, 1234]),  # left padding, split over blocks
+    dict(S=4097, B=1, Hq=2, Hkv=2, qscale=0.05),  # nearly flat attention: the histogram is flushed every tile
+    dict(S=2500, B=1, Hq=2, Hkv=2, qscale=8.0, dtype=torch.bfloat16),  # peaky: the running max moves (rescales)
+    dict(S=1100, B=3, Hq=48, Hkv=48, pads=[0, 5, 600]),  # 144 rows: one block per row, no split-K
+    dict(S=700, B=2, Hq=2, Hkv=2, gaps=True, dtype=torch.bfloat16, pads=[0, 100]),  # irregular positions
+    dict(S=513, B=1, Hq=1, Hkv=1, rope_scale=0.7),  # one tile and one token
+    dict(S=2049, B=2, Hq=1, Hkv=1, pads=[2045, 0]),  # 4 keys over 3 splits: one split has none
+]
+
+
+@cuda_test
+@pytest.mark.parametrize("case", MMA_CASES, ids=[f"mma{i}" for i in range(len(MMA_CASES))])
+def test_decode_mma_kernel(case, monkeypatch):
+    monkeypatch.setattr(ops, "DECODE_KERNEL", "tensor-core")
+    query, view, mask, scaling = make_case(Q=1, **case)
+    out = run_attention(query, view, mask, scaling)
+    assert ops.KERNEL_USED["attention"] == "decode-mma"
+    assert_within_2x(out, query, view, mask, scaling)
+
+
+@cuda_test
+def test_decode_kernel_choice(monkeypatch):
+    """Both decode kernels agree; cases the tensor-core kernel does not cover fall back to the CUDA-core one."""
+    query, view, mask, scaling = make_case(S=2000, Q=1, B=2, Hq=2, Hkv=2, dtype=torch.bfloat16, pads=[0, 77])
+    monkeypatch.setattr(ops, "DECODE_KERNEL", "cuda-core")
+    out_cc = run_attention(query, view, mask, scaling)
+    assert ops.KERNEL_USED["attention"] == "decode"
+    monkeypatch.setattr(ops, "DECODE_KERNEL", "tensor-core")
+    out_mma = run_attention(query, view, mask, scaling)
+    assert ops.KERNEL_USED["attention"] == "decode-mma"
+    assert rel_err(out_mma, out_cc) < 2e-2
+    query, view, mask, scaling = make_case(S=300, Q=1, B=1, Hq=4, Hkv=2)  # GQA: not covered
+    assert_within_2x(run_attention(query, view, mask, scaling), query, view, mask, scaling)
+    assert ops.KERNEL_USED["attention"] == "decode"
+    monkeypatch.setattr(ops, "DECODE_KERNEL", "fast")
+    with pytest.raises(ValueError, match="tensor-core"):
+        ops.cq_attention(query, view, mask, scaling)
+
+
 # ---------------------------------------------------------------- prefill attention
 
 PREFILL_CASES = [

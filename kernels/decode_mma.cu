@@ -1,0 +1,515 @@
+// Decode attention from CQ codes with the scores on the tensor cores and P.V as a code histogram.
+//
+// Applies to one query per kv head (H_q == H_kv, Q == 1), head_dim 128, 8-bit codes with c = 8 for keys and values,
+// no window or sinks (mma_decode_applies); everything else runs decode.cuh.
+//
+// Scores. A tile is kTile = 512 consecutive tokens at positions P + o. Write o = 64 n + tau (n = 0..7, tau = 0..63):
+//   q . R(P + o) k = (R(P + 64 n)^T q) . (R(tau) k)
+// The eight rotated queries ("columns", computed once per tile and block, exact fp32 angles) are the B operand of
+// mma.m16n8k16 (fp32 accumulation); each key, rotated by R(tau) in packed 16-bit math with constants that are fixed
+// per thread (tau = 8 warp + lane / 4), is a row of the A operand. Row lane/4 of an m-tile pairs with an even column,
+// row lane/4 + 8 with the next odd one, so each m-tile yields 16 scores (its other 112 products are not used).
+// Tiles whose positions are not P, P+1, ... rotate each key exactly at its own position (sincosf) instead.
+// Key centroids come from a code-major table in shared memory held twice, the second copy with its 128-byte halves
+// swapped: the two keys a quarter-warp gathers then always fall on different banks.
+//
+// Values. p = 2^(s - m) (m: running max, raised tile by tile, so p <= 1) is added as 22-bit fixed point into a
+// histogram hist[code][32] in shared memory with integer atomics (slot = lane = value group + 16 * replica, so a
+// warp's 32 atomics hit 32 banks), during the next tile's score math (software pipelined). Each thread flushes its
+// 32 bins into fp32 registers when the mass added since the last flush could overflow 32 bits, and whenever the
+// max grows (rescaling them). At the end the histogram is multiplied by the value centroids: one c-wide gather and
+// FMA per token and group become one integer add.
+#include <type_traits>
+
+#include "common.cuh"
+#include "decode.cuh"
+#include "kernels.h"
+
+namespace cq {
+namespace {
+
+constexpr int kD = 128;
+constexpr int kNW = 8;
+constexpr int kNT = kNW * 32;
+constexpr int kDelta = 8 * kNW;    // tokens between two query columns
+constexpr int kTile = 8 * kDelta;  // tokens per tile
+constexpr int kMStages = 3;
+constexpr int kCodes = 256;
+constexpr int kRB = 16;  // code row bytes: 16 groups x 8 bits
+constexpr int kBins = kCodes * 32;
+constexpr int kBinsPerThread = kBins / kNT;
+constexpr float kFix = 4194304.f;  // 2^22: p <= 1 and at most 1012 units of mass per bin between flushes
+constexpr float kInvFix = 1.f / 4194304.f;
+constexpr float kFlushMass = 500.f;  // flush before a tile when the mass since the last flush exceeds this
+constexpr int kColReinit = 16;       // query-column rotation: exact sincos every 16 tiles, a recurrence between
+constexpr int kBRow = 20 * 16;       // bytes per query column in shared memory (16 chunks + 4 of padding)
+constexpr int kPBufStride = 68;      // words per warp: token 0 of each lane at 0.., token 1 at 36.. (bank skew)
+
+// shared memory (bytes)
+constexpr int kTabCopy = kCodes * kD * 2;                  // one key table [code][16 chunks of 8 channels]
+constexpr int kOffTab = 0;                                 // two copies; the value table at the end
+constexpr int kOffHist = kOffTab + 2 * kTabCopy;           // u32 [code][32]
+constexpr int kOffStage = kOffHist + kBins * 4;
+constexpr int kVRows = kTile * kRB;                        // value rows follow the key rows in a stage
+constexpr int kStageBytes = kVRows + kTile * kRB + 8 * 16;  // value rows skewed by 16 B per 64 tokens
+constexpr int kOffB = kOffStage + kMStages * kStageBytes;  // query columns, double buffered
+constexpr int kOffRed = kOffB + 2 * 8 * kBRow;
+constexpr int kOffPBuf = kOffRed + 4 * kNW * 4;
+constexpr int kSmem = kOffPBuf + kNW * kPBufStride * 4;
+static_assert(kSmem <= 232448, "decode_mma shared memory exceeds the H100/H200 per-block limit");
+static_assert(kTile == 2 * kNT, "a tile is loaded and checked with two tokens per thread");
+
+// (lo, hi) <- (lo c - hi s, hi c + lo s) on two packed 16-bit pairs (RoPE on channels i and i + 64); ns = -s
+// (bf16 HFMA2 cannot negate its addend, so the negation comes with the constant).
+template <typename T>
+__device__ __forceinline__ void rot2(uint32_t& lo, uint32_t& hi, uint32_t c, uint32_t s, uint32_t ns) {
+  using V = typename std::conditional<std::is_same<T, __half>::value, __half2, __nv_bfloat162>::type;
+  const V l = *reinterpret_cast<const V*>(&lo), u = *reinterpret_cast<const V*>(&hi);
+  const V cc = *reinterpret_cast<const V*>(&c), ss = *reinterpret_cast<const V*>(&s);
+  const V nss = *reinterpret_cast<const V*>(&ns);
+  const V nl = __hfma2(u, nss, __hmul2(l, cc));
+  const V nu = __hfma2(l, ss, __hmul2(u, cc));
+  lo = *reinterpret_cast<const uint32_t*>(&nl);
+  hi = *reinterpret_cast<const uint32_t*>(&nu);
+}
+
+// cos, sin and -sin of one angle for a thread's 16 frequencies, packed as its key words are
+struct RopeK {
+  uint32_t c[2][4], s[2][4], ns[2][4];
+};
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// Rotate the m-tile's two keys x and y (chunks k[0..1]: channels 8(4a + r) .., a = 0, 1; k[2..3]: their partners
+// + 64) and write them straight into mma A fragments: fr[a][hh] = {x word 2hh, y word 2hh, x word 2hh+1, y word 2hh+1}
+// of chunk a, so that each HMMA reads four consecutive registers without moves.
+template <typename T>
+__device__ __forceinline__ void rotate_keys(const uint4 (&kx)[4], const uint4 (&ky)[4], const RopeK& rx,
+                                            const RopeK& ry, uint32_t (&fr)[4][2][4]) {
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      uint32_t lx = word(kx[a], e), hx = word(kx[a + 2], e), ly = word(ky[a], e), hy = word(ky[a + 2], e);
+      rot2<T>(lx, hx, rx.c[a][e], rx.s[a][e], rx.ns[a][e]);
+      rot2<T>(ly, hy, ry.c[a][e], ry.s[a][e], ry.ns[a][e]);
+      const int hh = e >> 1, xs = (e & 1) * 2;
+      fr[a][hh][xs] = lx;
+      fr[a][hh][xs + 1] = ly;
+      fr[a + 2][hh][xs] = hx;
+      fr[a + 2][hh][xs + 1] = hy;
+    }
+}
+
+// RoPE constants of angle * f for this thread's 16 frequencies (channels 8(4a + r) + 2e + {0, 1}).
+template <typename T>
+__device__ __forceinline__ void rope_consts(const float* inv_freq, int r, float angle, RopeK& k) {
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i0 = 8 * (4 * a + r) + 2 * e;
+      float s0, c0, s1, c1;
+      sincosf(angle * __ldg(inv_freq + i0), &s0, &c0);
+      sincosf(angle * __ldg(inv_freq + i0 + 1), &s1, &c1);
+      k.c[a][e] = pack2<T>(c0, c1);
+      k.s[a][e] = pack2<T>(s0, s1);
+      k.ns[a][e] = pack2<T>(-s0, -s1);
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                                        uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                 uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Scores of the m-tile's keys x (row lane/4) and y (row lane/4 + 8) against the query columns bq. k-slot mapping (the
+// same for A and B): mma chunk 2a + hh, slots 2r, 2r+1 hold word 2hh and slots 2r+8, 2r+9 word 2hh + 1 of the
+// thread's chunk a (channels 8(4a + r) ..).
+template <typename T>
+__device__ __forceinline__ void tile_scores(const uint32_t (&fr)[4][2][4], const uint4 (&bq)[4], float& sx, float& sy) {
+  float d0[4] = {0.f, 0.f, 0.f, 0.f}, d1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int a = 0; a < 4; ++a) {
+    mma16816<T>(d0, fr[a][0][0], fr[a][0][1], fr[a][0][2], fr[a][0][3], bq[a].x, bq[a].y);
+    mma16816<T>(d1, fr[a][1][0], fr[a][1][1], fr[a][1][2], fr[a][1][3], bq[a].z, bq[a].w);
+  }
+  sx = d0[0] + d1[0];  // row lane/4, column 2r
+  sy = d0[3] + d1[3];  // row lane/4 + 8, column 2r + 1
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kNT, 1) decode_mma_kernel(const AttnParams p) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, r = lane & 3;
+  const int b = blockIdx.z, h = blockIdx.y, split = blockIdx.x;
+  const int nsplit = p.nsplit;
+
+  // this block's share of the query's allowed keys (Q == 1: range[b])
+  const int cmin = max(p.range[b * 2], 0), cmax = min(p.range[b * 2 + 1], p.S);
+  int t_begin = 0, t_end = 0;
+  if (cmin < cmax) {
+    const int per = (cmax - cmin + nsplit - 1) / nsplit;
+    t_begin = cmin + split * per;
+    t_end = min(cmax, t_begin + per);
+  }
+  const int ntile = t_end > t_begin ? (t_end - t_begin + kTile - 1) / kTile : 0;
+  const int64_t row_out = (static_cast<int64_t>(b) * p.Hq + h) * nsplit + split;
+  T* out = reinterpret_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh;
+  if (ntile == 0) {
+    if (tid < kD) {
+      if (nsplit == 1) {
+        out[tid] = from_f<T>(0.f);
+      } else {
+        p.ws_o[row_out * kD + tid] = 0.f;
+        if (tid == 0) { p.ws_ml[row_out * 2] = kNegInf; p.ws_ml[row_out * 2 + 1] = 0.f; }
+      }
+    }
+    return;
+  }
+
+  const int64_t head_row = (static_cast<int64_t>(b) * p.Hkv + h) * p.cap;
+  const uint8_t* kcodes = p.k_codes + head_row * kRB;
+  const uint8_t* vcodes = p.v_codes + head_row * kRB;
+  const T* kcent = reinterpret_cast<const T*>(p.k_cent) + static_cast<int64_t>(h) * 16 * kCodes * 8;
+  const T* vcent = reinterpret_cast<const T*>(p.v_cent) + static_cast<int64_t>(h) * 16 * kCodes * 8;
+  const int64_t* pos_g = p.positions + b * p.pos_sb;
+
+  // ---- key table, two copies: copy c holds chunk gamma (channels 8 gamma .. 8 gamma + 7) at slot gamma ^ 4c
+  for (int i = tid; i < 2 * kCodes * 16; i += kNT) {
+    const int copy = i >> 12, code = (i >> 4) & (kCodes - 1), slot = i & 15, gamma = slot ^ (copy << 2);
+    cp_async16(smem + kOffTab + copy * kTabCopy + code * 256 + slot * 16, kcent + (gamma * kCodes + code) * 8);
+  }
+  auto load_stage = [&](int stage, int t0) {
+    const int n = min(kTile, t_end - t0);
+    uint8_t* sp = smem + kOffStage + stage * kStageBytes;
+    const uint8_t* ks = kcodes + static_cast<int64_t>(t0) * kRB;
+    const uint8_t* vs = vcodes + static_cast<int64_t>(t0) * kRB;
+#pragma unroll
+    for (int j = 0; j < kTile / kNT; ++j) {
+      const int i = tid + j * kNT;
+      if (i < n) {
+        cp_async16(sp + i * kRB, ks + i * kRB);
+        cp_async16(sp + kVRows + i * kRB + (i / kDelta) * 16, vs + i * kRB);
+      }
+    }
+  };
+  load_stage(0, t_begin);
+  cp_async_commit();
+#pragma unroll
+  for (int s = 1; s < kMStages - 1; ++s) {
+    if (s < ntile) load_stage(s, t_begin + s * kTile);
+    cp_async_commit();
+  }
+  for (int i = tid; i < kBins / 4; i += kNT) reinterpret_cast<uint4*>(smem + kOffHist)[i] = make_uint4(0u, 0u, 0u, 0u);
+
+  // ---- per-thread constants of the key gathers and rotations
+  const uint32_t sel = 0x7604u | (static_cast<uint32_t>(r) << 4);  // byte r of a code word into byte 1
+  const uint32_t odd = g & 1;
+  uint32_t loff[4];  // copy << 16 | slot << 4 of chunk 4a + r
+#pragma unroll
+  for (int a = 0; a < 4; ++a) loff[a] = (odd << 16) | ((static_cast<uint32_t>(4 * a + r) ^ (odd << 2)) << 4);
+  RopeK rk;  // R(tau), tau = 8 warp + g: fixed for all of this thread's keys
+  rope_consts<T>(p.inv_freq, r, static_cast<float>(8 * warp + g), rk);
+
+  // ---- query columns: this thread writes frequency fi of columns col0 and col0 + 4
+  const int fi = tid & 63, col0 = tid >> 6;
+  const float qscale = p.scaling * kLog2e * p.rope_scale;
+  const T* qp = reinterpret_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const float qa = to_f<T>(qp[fi]) * qscale, qb = to_f<T>(qp[fi + 64]) * qscale;
+  const float ff = __ldg(p.inv_freq + fi);
+  float rc0, rs0, rc1, rs1, stc, sts;
+  sincosf(static_cast<float>(kDelta * col0) * ff, &rs0, &rc0);
+  sincosf(static_cast<float>(kDelta * (col0 + 4)) * ff, &rs1, &rc1);
+  sincosf(static_cast<float>(kTile) * ff, &sts, &stc);
+  float ec = 1.f, es = 0.f;
+  int64_t pcur = 0;
+  int nrec = kColReinit;
+  auto columns = [&](int64_t P, int buf) {
+    if (nrec < kColReinit && P == pcur + kTile) {
+      const float c = ec * stc - es * sts;
+      es = ec * sts + es * stc;
+      ec = c;
+      ++nrec;
+    } else {
+      sincosf(static_cast<float>(P) * ff, &es, &ec);
+      nrec = 0;
+    }
+    pcur = P;
+    uint8_t* bs = smem + kOffB + buf * 8 * kBRow;
+    {
+      const float c = ec * rc0 - es * rs0, s = ec * rs0 + es * rc0;
+      T* row = reinterpret_cast<T*>(bs + col0 * kBRow);
+      row[fi] = from_f<T>(qa * c + qb * s);
+      row[fi + 64] = from_f<T>(qb * c - qa * s);
+    }
+    {
+      const float c = ec * rc1 - es * rs1, s = ec * rs1 + es * rc1;
+      T* row = reinterpret_cast<T*>(bs + (col0 + 4) * kBRow);
+      row[fi] = from_f<T>(qa * c + qb * s);
+      row[fi + 64] = from_f<T>(qb * c - qa * s);
+    }
+  };
+
+  // ---- tile 0: base position, regularity, columns
+  int64_t P_tile = pos_g[t_begin];
+  bool irr;
+  {
+    const int n0 = min(kTile, t_end - t_begin);
+    bool bad = false;
+    for (int i = tid; i < n0; i += kNT) bad |= pos_g[t_begin + i] != P_tile + i;
+    columns(P_tile, 0);
+    irr = __syncthreads_or(bad);
+  }
+
+  float acc[kBinsPerThread];
+#pragma unroll
+  for (int k = 0; k < kBinsPerThread; ++k) acc[k] = 0.f;
+  float m_ref = kNegInf, l = 0.f, ptile = 0.f, mass_acc = 0.f;
+  uint32_t* hist = reinterpret_cast<uint32_t*>(smem + kOffHist);
+  float* red = reinterpret_cast<float*>(smem + kOffRed);
+  auto flush = [&](float scale) {
+#pragma unroll
+    for (int k = 0; k < kBinsPerThread; ++k) {
+      const int idx = tid + kNT * k;
+      const uint32_t v = hist[idx];
+      hist[idx] = 0u;
+      acc[k] = fmaf(static_cast<float>(v), kInvFix, acc[k]) * scale;
+    }
+  };
+  // value scatter: lanes 0-15 take token 0 of lane k, lanes 16-31 token 1 (64 tokens further), lane = group + 16 rep
+  const int half = lane >> 4;
+  const int vlane = kVRows + (8 * warp + half * kDelta) * kRB + half * 16 + (lane & 15);
+  uint32_t* pbw = reinterpret_cast<uint32_t*>(smem + kOffPBuf) + warp * kPBufStride;
+  const int o0 = 2 * r * kDelta + 8 * warp + g;  // tile offsets of this lane's two scores: o0, o0 + kDelta
+
+  // Value scatter of the previous tile (p in pbw, value codes still in its stage), a quarter per m-tile so that
+  // the atomics interleave with the score math. Lanes 0-15 take token 0 of lane k, lanes 16-31 its token 1.
+  pbw[lane] = 0u;
+  pbw[36 + lane] = 0u;
+  __syncwarp();
+  auto scatter = [&](const uint8_t* sv, int part) {
+    const uint8_t* vs = sv + vlane;
+    const uint4* pr = reinterpret_cast<const uint4*>(pbw + 36 * half);
+#pragma unroll
+    for (int k4 = 2 * part; k4 < 2 * part + 2; ++k4) {
+      const uint4 pk = pr[k4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int k = 4 * k4 + j, gk = k >> 2, rr = k & 3;  // lane k's tokens: 2 rr * 64 + 8 warp + gk (+ 64)
+        const uint32_t code = vs[(2 * rr * kDelta + gk) * kRB + 2 * rr * 16];
+        atomicAdd(reinterpret_cast<unsigned*>(smem + kOffHist + (code << 7) + lane * 4), word(pk, j));
+      }
+    }
+  };
+
+  for (int it = 0; it < ntile; ++it) {
+    cp_async_wait<kMStages - 2>();
+    __syncthreads();
+    const uint8_t* sv_prev = smem + kOffStage + ((it + kMStages - 1) % kMStages) * kStageBytes;  // tile it - 1
+    const int t0 = t_begin + it * kTile;
+    const int n = min(kTile, t_end - t0);
+    const uint8_t* sk = smem + kOffStage + (it % kMStages) * kStageBytes;
+    // positions of the next tile, used after the scores
+    const bool has_next = it + 1 < ntile;
+    const int t0n = t0 + kTile;
+    const int nn = has_next ? min(kTile, t_end - t0n) : 0;
+    int64_t Pn = 0, pa = 0, pb = 0;
+    if (has_next) {
+      Pn = pos_g[t0n];
+      if (tid < nn) pa = pos_g[t0n + tid];
+      if (tid + kNT < nn) pb = pos_g[t0n + tid + kNT];
+    }
+    uint4 bq[4];
+    {
+      const uint8_t* bsrc = smem + kOffB + (it & 1) * 8 * kBRow + g * kBRow + r * 16;
+#pragma unroll
+      for (int a = 0; a < 4; ++a) bq[a] = *reinterpret_cast<const uint4*>(bsrc + a * 64);
+    }
+
+    // ---- scores: m-tile v holds keys 2v*64 + 8 warp + g (row g) and that + 64 (row g + 8)
+    float s0 = kNegInf, s1 = kNegInf;
+    auto mtiles = [&](auto irregular) {
+      constexpr bool kIrr = decltype(irregular)::value;
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        scatter(sv_prev, v);
+        const int offx = 2 * v * kDelta + 8 * warp + g, offy = offx + kDelta;
+        const uint4 cx = *reinterpret_cast<const uint4*>(sk + offx * kRB);
+        const uint4 cy = *reinterpret_cast<const uint4*>(sk + offy * kRB);
+        uint4 kx[4], ky[4];
+        kx[0] = *reinterpret_cast<const uint4*>(smem + kOffTab + __byte_perm(cx.x, loff[0], sel));
+        kx[1] = *reinterpret_cast<const uint4*>(smem + kOffTab + __byte_perm(cx.y, loff[1], sel));
+        kx[2] = *reinterpret_cast<const uint4*>(smem + kOffTab + __byte_perm(cx.z, loff[2], sel));
+        kx[3] = *reinterpret_cast<const uint4*>(smem + kOffTab + __byte_perm(cx.w, loff[3], sel));
+        ky[0] = *reinterpret_cast<const uint4*>(smem + kOffTab + __byte_perm(cy.x, loff[0], sel));
+        ky[1] = *reinterpret_cast<const uint4*>(smem + kOffTab + __byte_perm(cy.y, loff[1], sel));
+        ky[2] = *reinterpret_cast<const uint4*>(smem + kOffTab + __byte_perm(cy.z, loff[2], sel));
+        ky[3] = *reinterpret_cast<const uint4*>(smem + kOffTab + __byte_perm(cy.w, loff[3], sel));
+        uint32_t fr[4][2][4];
+        if constexpr (!kIrr) {
+          rotate_keys<T>(kx, ky, rk, rk, fr);
+        } else {  // each key at its own position, relative to its column's P_tile + 64 n
+          const int64_t bx = P_tile + 2 * v * kDelta, by = bx + kDelta;
+          const int64_t px = offx < n ? pos_g[t0 + offx] : bx;
+          const int64_t py = offy < n ? pos_g[t0 + offy] : by;
+          RopeK rx, ry;
+          rope_consts<T>(p.inv_freq, r, static_cast<float>(px - bx), rx);
+          rope_consts<T>(p.inv_freq, r, static_cast<float>(py - by), ry);
+          rotate_keys<T>(kx, ky, rx, ry, fr);
+        }
+        float sx, sy;
+        tile_scores<T>(fr, bq, sx, sy);
+        if (r == v) { s0 = sx; s1 = sy; }
+      }
+    };
+    if (irr) mtiles(std::true_type{});
+    else mtiles(std::false_type{});
+    if (o0 >= n) s0 = kNegInf;
+    if (o0 + kDelta >= n) s1 = kNegInf;
+
+    // ---- tile max and the previous tile's mass, block-wide; the next tile's columns and regularity
+    float mx = fmaxf(s0, s1), ms = ptile;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      ms += __shfl_xor_sync(0xffffffffu, ms, off);
+    }
+    if (lane == 0) { red[warp] = mx; red[kNW + warp] = ms; }
+    bool bad = false;
+    if (has_next) {
+      columns(Pn, (it + 1) & 1);
+      bad = (tid < nn && pa != Pn + tid) || (tid + kNT < nn && pb != Pn + tid + kNT);
+    }
+    const bool irr_next = __syncthreads_or(bad);
+    float tmax = kNegInf, mass = 0.f;
+#pragma unroll
+    for (int wi = 0; wi < kNW; ++wi) { tmax = fmaxf(tmax, red[wi]); mass += red[kNW + wi]; }
+    mass_acc += mass;
+    if (tmax > m_ref) {  // block-uniform
+      const float scale = m_ref == kNegInf ? 0.f : exp2f(m_ref - tmax);
+      flush(scale);
+      l *= scale;
+      m_ref = tmax;
+      mass_acc = 0.f;
+      __syncthreads();
+    } else if (mass_acc > kFlushMass) {
+      flush(1.f);
+      mass_acc = 0.f;
+      __syncthreads();
+    }
+
+    // ---- p (scattered during the next tile); the stage of tile it - 1 is free now: load tile it + 2 into it
+    const float p0 = s0 == kNegInf ? 0.f : fast_exp2(s0 - m_ref);
+    const float p1 = s1 == kNegInf ? 0.f : fast_exp2(s1 - m_ref);
+    l += p0 + p1;
+    ptile = p0 + p1;
+    pbw[lane] = __float2uint_rn(p0 * kFix);
+    pbw[36 + lane] = __float2uint_rn(p1 * kFix);
+    __syncwarp();
+    {
+      const int nt = it + kMStages - 1;
+      if (nt < ntile) load_stage(nt % kMStages, t_begin + nt * kTile);
+      cp_async_commit();
+    }
+    irr = irr_next;
+    P_tile = Pn;
+  }
+  {
+    const uint8_t* sv_last = smem + kOffStage + ((ntile - 1) % kMStages) * kStageBytes;
+#pragma unroll
+    for (int part = 0; part < 4; ++part) scatter(sv_last, part);
+  }
+
+  // ---- histogram x value centroids
+  cp_async_wait<0>();
+  __syncthreads();
+  flush(1.f);
+  for (int i = tid; i < kCodes * 16; i += kNT) {  // value table [code][128] in the first key-table copy
+    const int code = i >> 4, gamma = i & 15;
+    cp_async16(smem + kOffTab + code * 256 + gamma * 16, vcent + (gamma * kCodes + code) * 8);
+  }
+  cp_async_commit();
+  float* histf = reinterpret_cast<float*>(smem + kOffHist);
+#pragma unroll
+  for (int k = 0; k < kBinsPerThread; ++k) histf[tid + kNT * k] = acc[k];
+  float lw = l;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) lw += __shfl_xor_sync(0xffffffffu, lw, off);
+  if (lane == 0) red[2 * kNW + warp] = lw;
+  cp_async_wait<0>();
+  __syncthreads();
+  float L = 0.f;
+#pragma unroll
+  for (int wi = 0; wi < kNW; ++wi) L += red[2 * kNW + wi];
+  const int d = tid & (kD - 1), hc = tid >> 7, gv = d >> 3;
+  const T* tabv = reinterpret_cast<const T*>(smem + kOffTab);
+  float o = 0.f;
+#pragma unroll 8
+  for (int c = hc * 128; c < hc * 128 + 128; ++c)
+    o = fmaf(histf[c * 32 + gv] + histf[c * 32 + 16 + gv], to_f<T>(tabv[c * kD + d]), o);
+  float* red_o = reinterpret_cast<float*>(smem + kOffStage);
+  if (hc == 1) red_o[d] = o;
+  __syncthreads();
+  if (hc == 0) {
+    o += red_o[d];
+    if (nsplit == 1) {
+      out[d] = from_f<T>(L > 0.f ? o / L : 0.f);
+    } else {
+      p.ws_o[row_out * kD + d] = o;
+      if (d == 0) { p.ws_ml[row_out * 2] = m_ref; p.ws_ml[row_out * 2 + 1] = L; }
+    }
+  }
+}
+
+template <typename T>
+cudaError_t launch_t(const AttnParams& p, cudaStream_t stream) {
+  static bool configured = false;
+  if (!configured) {
+    cudaError_t e = cudaFuncSetAttribute(decode_mma_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (e != cudaSuccess) return e;
+    configured = true;
+  }
+  dim3 grid(p.nsplit, p.Hkv, p.B);
+  decode_mma_kernel<T><<<grid, kNT, kSmem, stream>>>(p);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess || p.nsplit == 1) return e;
+  combine_kernel<T><<<p.B * p.Hq * p.Q, p.D, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+bool aligned16(const void* x) { return (reinterpret_cast<uintptr_t>(x) & 15) == 0; }
+
+}  // namespace
+
+bool mma_decode_applies(const AttnParams& p, size_t max_smem) {
+  return p.variant != 0 && p.D == kD && p.Q == 1 && p.Hq == p.Hkv && p.window == 0 && p.n_sink == 0 &&
+         p.k_bits == 8 && p.v_bits == 8 && p.k_c == 8 && p.v_c == 8 && p.k_rb == kRB && p.v_rb == kRB &&
+         aligned16(p.k_codes) && aligned16(p.v_codes) && aligned16(p.k_cent) && aligned16(p.v_cent) &&
+         static_cast<size_t>(kSmem) <= max_smem;
+}
+
+cudaError_t launch_mma_decode(const AttnParams& p, cudaStream_t stream) {
+  if (p.B == 0) return cudaSuccess;
+  return p.dtype == kBF16 ? launch_t<__nv_bfloat16>(p, stream) : launch_t<__half>(p, stream);
+}
+
+}  // namespace cq
