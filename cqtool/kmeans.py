@@ -81,10 +81,12 @@ def fit(
     no cluster refilled): more iterations would change nothing. seed: same seed, same device -> identical
     result on CPU.
     backend: "torch" (batched, this module); "faiss": faiss.Kmeans, one run per group, on GPU when faiss sees
-    one, k-means++ seeding where the faiss version has it, no subsampling; "auto": torch when it computes on
-    CUDA or faiss is not installed, faiss otherwise. On 2 CPU cores faiss is ~1.1-1.3x faster at N = 32768
-    tokens per group, torch ~6x faster at N = 4096 (faiss pays per group), and with Fisher-like weights
-    torch's objective came out ~2% lower in our runs: pass backend="torch" to prefer it.
+    one, k-means++ seeding where the faiss version has it, no subsampling; "auto": faiss only where faiss
+    has a GPU and torch would not compute on CUDA, torch otherwise. Why not faiss-cpu by default: on 2 CPU
+    cores faiss is ~1.1-1.3x faster at N = 32768 tokens per group but ~6x slower at N = 4096 (it pays per
+    group), its OpenMP threads spin badly when another process shares the cores (a 2048-token SmolLM2
+    calibration took > 10 min instead of ~1), and with Fisher-like weights torch's objective came out ~2%
+    lower in our runs. Pass backend="faiss" to use it anyway.
     device: where the torch backend computes (default: x's device); x may stay on CPU, it is moved chunk by
     chunk. progress(done, total): called after every iteration, counted in group-iterations (total = G *
     iters; a group that stops early counts as done).
@@ -94,7 +96,7 @@ def fit(
     G, N, c = _check(x, k, weights, iters, tol, backend)
     dev = _device(device, x)
     if backend == "auto":
-        backend = "torch" if dev.type == "cuda" or not _has_faiss() else "faiss"
+        backend = "faiss" if dev.type != "cuda" and _faiss_gpus() > 0 else "torch"
     if N <= k:
         res = _every_point(x, k, dev)
     elif backend == "faiss":
@@ -180,12 +182,13 @@ def _device(device, x: torch.Tensor) -> torch.device:
     return dev
 
 
-def _has_faiss() -> bool:
+def _faiss_gpus() -> int:
+    """GPUs faiss can use (0 when faiss is not installed or is a CPU build)."""
     try:
-        import faiss  # noqa: F401
+        import faiss
     except ImportError:
-        return False
-    return True
+        return 0
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
 # --------------------------------------------------------------------------------------- chunk sizing
