@@ -37,10 +37,12 @@ MAX_KERNEL_BITS = 12
 DECODE_MAX_ROWS = 16
 # Decode kernel, read at every call: "cuda-core" (kernels/decode.cuh, measured on the H100) or "tensor-core"
 # (kernels/decode_mma.cu where it applies: one query per kv head, head_dim 128, 8-bit c=8 codes for K and V, no
-# window/sinks; the CUDA-core kernel elsewhere). The tensor-core kernel is opt-in until it has been run on a GPU:
-# see docs/RESULTS_kernels.md.
-DECODE_KERNELS = ("cuda-core", "tensor-core")
-DECODE_KERNEL = os.environ.get("CQTOOL_DECODE_KERNEL", "cuda-core")
+# window/sinks; the CUDA-core kernel elsewhere). "auto" (default) takes the tensor-core kernel from
+# AUTO_MMA_TOKENS cached tokens per batch on: on the H100 it was faster at 1x32K, 8x32K and 32x8K and slower at 1x4K
+# (docs/RESULTS_kernels.md).
+DECODE_KERNELS = ("auto", "cuda-core", "tensor-core")
+DECODE_KERNEL = os.environ.get("CQTOOL_DECODE_KERNEL", "auto")
+AUTO_MMA_TOKENS = 16384
 _KERNEL_NAMES = {0: "decode", 1: "decode-mma", 2: "prefill"}
 _build_error: str | None = None
 
@@ -230,7 +232,7 @@ def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> t
         view.win_k if cfg.window else None, view.win_v if cfg.window else None, view.new_k, view.new_v,
         layer.sink_k if sinks else None, layer.sink_v if sinks else None,
         int(cfg.window), int(view.start), int(S), float(scaling), bool(prefill),
-        int(DECODE_KERNEL == "tensor-core"))
+        int(DECODE_KERNEL == "tensor-core" or (DECODE_KERNEL == "auto" and B * S >= AUTO_MMA_TOKENS)))
     KERNEL_USED["attention"] = _KERNEL_NAMES[used]
     _note("attention", "cuda", f"{_KERNEL_NAMES[used]} kernel")
     return out
