@@ -6,6 +6,8 @@ Every file is written atomically; matplotlib is imported only when the plot is d
 """
 from __future__ import annotations
 
+import re
+
 import math
 from pathlib import Path
 from typing import Any
@@ -91,8 +93,23 @@ def markdown(results: list[dict[str, Any]], title: str, plot: str | None = None)
     return "\n".join(lines) + "\n"
 
 
+def family(method: str) -> str:
+    """Series a method is drawn in: CQ Fisher / uniform, with or without a window, each baseline family."""
+    m = method.lower()
+    if kind(m) == "cq":
+        fam = "CQ uniform" if "uniform" in m else "CQ Fisher"
+        return fam + (" + window" if re.search(r"-w\d+", m) else "")
+    if kind(m) == "full":
+        return "full precision"
+    return re.sub(r"\d.*", "", m).upper() + " (baseline)"
+
+
 def plot(results: list[dict[str, Any]], path: str | Path, title: str) -> bool:
-    """Perplexity (log) against bits per channel (log2), CQ / baselines / full precision apart. False: nothing to draw."""
+    """Perplexity (log) against bits per channel (log2), one line per method family. False: nothing to draw.
+
+    Methods far worse than full precision (> 8x its perplexity) would squeeze every other point into one
+    band: they are drawn at the top edge with their value written next to them.
+    """
     pts = [r for r in results if _finite(r.get("perplexity")) and _finite(r.get("bits_per_channel"))]
     if not pts:
         return False
@@ -102,30 +119,41 @@ def plot(results: list[dict[str, Any]], path: str | Path, title: str) -> bool:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    style = {"cq": dict(marker="o", color="tab:blue", label="CQ"),
-             "baseline": dict(marker="s", color="tab:orange", label="baselines"),
-             "full": dict(marker="*", color="black", label="full precision")}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for k, st in style.items():
-        sel = [r for r in pts if kind(r["method"]) == k]
-        if sel:
-            ax.scatter([r["bits_per_channel"] for r in sel], [r["perplexity"] for r in sel], s=60, zorder=3, **st)
-    for r in pts:
-        ax.annotate(r["method"], (r["bits_per_channel"], r["perplexity"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     full = [r["perplexity"] for r in pts if kind(r["method"]) == "full"]
-    if full:
-        ax.axhline(min(full), color="black", linestyle=":", linewidth=1)
+    best = min(full) if full else min(r["perplexity"] for r in pts)
+    top = min(max(r["perplexity"] for r in pts), 8 * best)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    markers = {"CQ Fisher": "o", "CQ uniform": "o", "CQ Fisher + window": "D", "CQ uniform + window": "D"}
+    fams = sorted({family(r["method"]) for r in pts}, key=lambda f: (not f.startswith("CQ"), f))
+    for i, fam in enumerate(fams):
+        sel = sorted((r for r in pts if family(r["method"]) == fam), key=lambda r: r["bits_per_channel"])
+        xs = [r["bits_per_channel"] for r in sel]
+        ys = [min(r["perplexity"], top) for r in sel]
+        hollow = "uniform" in fam
+        color = "black" if fam == "full precision" else f"C{i}"
+        ax.plot(xs, ys, linestyle="-" if len(sel) > 1 and fam != "full precision" else "none",
+                marker="*" if fam == "full precision" else markers.get(fam, "s"), markersize=8, color=color,
+                markerfacecolor="none" if hollow else color, label=fam, zorder=3)
+        for r, y in zip(sel, ys):
+            if fam.startswith("CQ") and fam != "CQ Fisher" and r["perplexity"] <= top:
+                continue  # same configurations as the CQ Fisher labels, at the same or nearby bits
+            label = r["method"] if r["perplexity"] <= top else f"{r['method']} ({r['perplexity']:.3g}, off scale)"
+            ax.annotate(label, (r["bits_per_channel"], y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                        color=color)
+    ax.axhline(best, color="black", linestyle=":", linewidth=1)
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
     ax.set_yscale("log")
+    ax.set_ylim(best * 0.9, top * 1.15)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
     ax.set_xlabel("bits per channel (scales and full-precision windows included)")
-    ax.set_ylabel("perplexity")
+    ax.set_ylabel("perplexity (log scale)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=130)
     plt.close(fig)
     return True
 
