@@ -115,7 +115,9 @@ def calibrate(cfg: CalibConfig, output: str | Path, progress=None) -> dict[str, 
     summary: dict[str, Any] = {"config": to_dict(cfg), "model": info.__dict__, "data_hash": text_hash(text),
                                "calib_loss": sum(losses) / len(losses), "tokens": int(windows.numel()),
                                "model_params": sum(p.numel() for p in model.parameters()), "configs": {}}
-    del model
+    del model  # k-means needs the GPU memory more than the model now
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
     km_dev = dev if dev.type == "cuda" else torch.device("cpu")
     with atomic_dir(output) as tmp:
         for k_spec, v_spec in cfg.specs:

@@ -64,6 +64,8 @@ class KVCollector:
         dst[layer, self.n : self.n + t.shape[0]] = t.to(dst.device, dst.dtype)
 
     def close(self) -> None:
+        """Remove the hooks and let go of the model (the gathered tensors stay)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self.model = None
