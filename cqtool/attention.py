@@ -11,42 +11,52 @@ import torch
 
 from . import quant
 
-_REGISTERED = False
+_REGISTERED: set[str] = set()
 # `cqtool eval --backend reference`: run the PyTorch reference even where the CUDA kernels would run
 FORCE_REFERENCE = False
 
 
-def register() -> None:
-    """Register "cq" with transformers' attention and mask interfaces (idempotent, no work at import)."""
-    global _REGISTERED
-    if _REGISTERED:
+def register_view_attention(name: str, view_type: type, attend) -> None:
+    """Register attention implementation `name` with transformers (idempotent, no work at import).
+
+    A cache's `update` hands it a `view_type` object instead of dense keys: attend(query, view, mask, scaling)
+    -> [B, Q, H_q, D] computes the attention; dense keys and values (no such cache) go to SDPA.
+    """
+    if name in _REGISTERED:
         return
     from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register("cq", cq_attention_forward)
-    AttentionMaskInterface.register("cq", sdpa_mask)
-    _REGISTERED = True
+    def forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+        """transformers attention interface. query: [B, H_q, Q, D] -> ([B, Q, H_q, D], None)."""
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        if not isinstance(key, view_type):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                          **kwargs)
+        return attend(query, key, attention_mask, scaling), None
+
+    AttentionInterface.register(name, forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    _REGISTERED.add(name)
 
 
-def cq_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """transformers attention interface. query: [B, H_q, Q, D] -> ([B, Q, H_q, D], None)."""
+def register() -> None:
+    """Register "cq": attention from a CQView's codes."""
     from .cache import CQView
 
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    if not isinstance(key, CQView):
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    register_view_attention("cq", CQView, attend_codes)
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if FORCE_REFERENCE:
-        from . import ops
 
-        ops._note("attention", "reference", "forced by --backend reference")
-        return attend_codes_reference(query, key, attention_mask, scaling), None
+def attend_codes(query: torch.Tensor, view, attention_mask, scaling: float) -> torch.Tensor:
+    """The CUDA kernels where they apply (ops), the reference otherwise or when FORCE_REFERENCE is set."""
     from . import ops
 
-    return ops.cq_attention(query, key, attention_mask, scaling), None
+    if FORCE_REFERENCE:
+        ops._note("attention", "reference", "forced by --backend reference")
+        return attend_codes_reference(query, view, attention_mask, scaling)
+    return ops.cq_attention(query, view, attention_mask, scaling)
 
 
 def _dense_mask(attention_mask, B: int, Q: int, S: int, start: int, device) -> torch.Tensor:

@@ -266,37 +266,13 @@ class FakeQuantCache(Cache):
 
 # ---------------------------------------------------------------------------------------------- attention
 
-_REGISTERED = False
-
-
-def register() -> None:
-    """Register "fakequant" with transformers' attention and mask interfaces (idempotent)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ATTN_NAME, fakequant_attention_forward)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
-    _REGISTERED = True
-
 
 def prepare_model(model) -> None:
-    register()
+    from .attention import register_view_attention
+
+    register_view_attention(ATTN_NAME, MixedView, attend_mixed)
     if model.config._attn_implementation != ATTN_NAME:
         model.set_attn_implementation(ATTN_NAME)
-
-
-def fakequant_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """transformers attention interface. query: [B, H_q, Q, D] -> ([B, Q, H_q, D], None)."""
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    if not isinstance(key, MixedView):
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    return attend_mixed(query, key, attention_mask, scaling), None
 
 
 def attend_mixed(query: torch.Tensor, view: MixedView, attention_mask, scaling: float) -> torch.Tensor:

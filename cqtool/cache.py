@@ -76,7 +76,6 @@ def prepare_model(model) -> _ModelTap:
         tap = _ModelTap(model)
         model._cq_tap = tap
     if model.config._attn_implementation != "cq":
-        model.config._cq_previous_attn = model.config._attn_implementation
         model.set_attn_implementation("cq")
     return tap
 
