@@ -4,6 +4,8 @@ attention_bench: one layer of decode attention (Llama-2-7b shapes) from codes vs
     (dequantized, rotated) keys and values; CUDA-event medians after warm-up; the fraction of the memory floor
     (bytes of codes + centroids + q + out over the device-to-device copy bandwidth measured in the run). Every
     decode kernel choice (ops.DECODE_KERNELS) is timed on the same data in the same run; "cq_ms" is the current one.
+prefill_bench: causal attention over a whole sequence from codes (the prefill / evaluation kernel) vs torch SDPA in
+    bf16 with is_causal=True over the same dequantized, rotated keys and values; CUDA-event medians.
 generate_bench: greedy generation with a Llama-2-7b-shaped model with random weights, CQ cache vs DynamicCache
     (bf16): the same batch with a real 2K prefill, and each cache at the largest batch that fits the memory cap.
 """
@@ -151,6 +153,51 @@ def attention_bench(shapes=DEFAULT_SHAPES, specs=DEFAULT_SPECS, heads: int = 32,
             gc.collect()
             torch.cuda.empty_cache()
     return {**info, "copy_bandwidth_tbs": bw / 1e12, "reps": reps, "rows": rows, "kernels": ops.kernel_status()}
+
+
+DEFAULT_PREFILL_SHAPES = ((1, 2048), (1, 8192), (8, 2048))
+
+
+def prefill_bench(shapes=DEFAULT_PREFILL_SHAPES, specs=("8c8b",), heads: int = 32, head_dim: int = 128,
+                  reps: int = 10, progress=None) -> dict:
+    """Causal attention of S queries over S cached tokens (one layer, Llama-2-7b shapes): the CQ prefill kernel vs
+    SDPA bf16 (is_causal) on the same data. Returns {"device", "rows", ...}."""
+    if not torch.cuda.is_available():
+        raise ConfigError("bench prefill needs a CUDA GPU (the reference path on CPU is not what is measured)")
+    st = ops.kernel_status()
+    if not st["available"]:
+        raise ConfigError(f"the CUDA kernels are not available: {st['reason']}")
+    info = device_info()
+    rows = []
+    say = progress or (lambda *_: None)
+    for spec_name in specs:
+        spec = QuantSpec.parse(spec_name)
+        for B, S in shapes:
+            say(f"{spec.name} prefill {B}x{S}")
+            _, view, kd, vd = synthetic_layer(B, S, heads, head_dim, spec)
+            view.start = 0  # all S tokens are queries (causal), all of them held as codes
+            g = torch.Generator(device="cuda").manual_seed(2)
+            query = torch.randn(B, heads, S, head_dim, generator=g, device="cuda").to(torch.bfloat16)
+            scaling = head_dim**-0.5
+
+            def sdpa():
+                return torch.nn.functional.scaled_dot_product_attention(query, kd, vd, is_causal=True, scale=scaling)
+
+            ref = sdpa()
+            t_sdpa = statistics.median(cuda_times(sdpa, warmup=3, reps=reps))
+            out = ops.cq_attention(query, view, None, scaling)
+            ran = ops.KERNEL_USED.get("attention") if ops.BACKEND_USED.get("attention") == "cuda" else "reference"
+            err = float((out.transpose(1, 2).float() - ref.float()).norm() / ref.float().norm())
+            t_cq = statistics.median(cuda_times(lambda: ops.cq_attention(query, view, None, scaling), warmup=3, reps=reps))
+            flop = 4.0 * B * heads * head_dim * S * (S + 1) / 2  # QK^T and PV over the causal half
+            rows.append({"quant": f"CQ-{spec.name}", "batch": B, "context": S, "heads": heads, "head_dim": head_dim,
+                         "cq_kernel": ran, "sdpa_ms": t_sdpa, "cq_ms": t_cq, "speedup": t_sdpa / t_cq,
+                         "sdpa_tflops": flop / t_sdpa / 1e9, "cq_tflops": flop / t_cq / 1e9, "rel_err_vs_sdpa": err})
+            say(f"  CQ ({ran}) {t_cq:.3f} ms, SDPA {t_sdpa:.3f} ms")
+            del query, view, kd, vd, ref, out
+            gc.collect()
+            torch.cuda.empty_cache()
+    return {**info, "reps": reps, "rows": rows, "kernels": ops.kernel_status()}
 
 
 # ---------------------------------------------------------------- generation

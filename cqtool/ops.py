@@ -35,15 +35,18 @@ KERNEL_HEAD_DIMS = (64, 128)
 MAX_KERNEL_BITS = 12
 # more (query, head) pairs per kv head than this go to the tensor-core prefill kernel
 DECODE_MAX_ROWS = 16
-# Decode kernel, read at every call: "cuda-core" (kernels/decode.cuh, measured on the H100) or "tensor-core"
-# (kernels/decode_mma.cu where it applies: one query per kv head, head_dim 128, 8-bit c=8 codes for K and V, no
-# window/sinks; the CUDA-core kernel elsewhere). "auto" (default) takes the tensor-core kernel from
-# AUTO_MMA_TOKENS cached tokens per batch on: on the H100 it was faster at 1x32K, 8x32K and 32x8K and slower at 1x4K
-# (docs/RESULTS_kernels.md).
-DECODE_KERNELS = ("auto", "cuda-core", "tensor-core")
+# Decode kernel, read at every call: "cuda-core" (kernels/decode.cuh, measured on the H100), "tensor-core" (kernels/
+# decode_mma.cu where it applies: one query per kv head, head_dim 128, 8-bit c=8 codes for K and V, no window/sinks;
+# the CUDA-core kernel elsewhere) with 8 warps per block, or "tensor-core-16w", the same kernel with 16 warps per block
+# (twice the warps to hide latencies, 128 registers per thread). "auto" (default) takes AUTO_MMA_KERNEL from
+# AUTO_MMA_TOKENS cached tokens per batch on and the CUDA-core kernel below: on the H100 the tensor-core kernel was
+# faster at 1x32K, 8x32K and 32x8K and slower at 1x4K (docs/RESULTS_kernels.md).
+DECODE_KERNELS = ("auto", "cuda-core", "tensor-core", "tensor-core-16w")
 DECODE_KERNEL = os.environ.get("CQTOOL_DECODE_KERNEL", "auto")
 AUTO_MMA_TOKENS = 16384
-_KERNEL_NAMES = {0: "decode", 1: "decode-mma", 2: "prefill"}
+AUTO_MMA_KERNEL = "tensor-core"
+_VARIANTS = {"cuda-core": 0, "tensor-core": 1, "tensor-core-16w": 2}
+_KERNEL_NAMES = {0: "decode", 1: "decode-mma", 2: "prefill", 3: "decode-mma16"}
 _build_error: str | None = None
 
 
@@ -201,6 +204,13 @@ def _attention_reason(query: torch.Tensor, layer) -> str:
         _spec_reason(D, layer.v_centroids.shape[-1], layer.v_bits, "value")
 
 
+def _decode_variant(B: int, S: int) -> int:
+    """The decode kernel request passed to the extension (0: CUDA cores, 1/2: tensor cores with 8/16 warps)."""
+    if DECODE_KERNEL == "auto":
+        return _VARIANTS[AUTO_MMA_KERNEL] if B * S >= AUTO_MMA_TOKENS else 0
+    return _VARIANTS[DECODE_KERNEL]
+
+
 def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> torch.Tensor:
     """Attention from codes for the new queries of one layer. query [B, H_q, Q, D] -> [B, Q, H_q, D]."""
     layer = view.layer
@@ -232,7 +242,7 @@ def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> t
         view.win_k if cfg.window else None, view.win_v if cfg.window else None, view.new_k, view.new_v,
         layer.sink_k if sinks else None, layer.sink_v if sinks else None,
         int(cfg.window), int(view.start), int(S), float(scaling), bool(prefill),
-        int(DECODE_KERNEL == "tensor-core" or (DECODE_KERNEL == "auto" and B * S >= AUTO_MMA_TOKENS)))
+        _decode_variant(B, S))
     KERNEL_USED["attention"] = _KERNEL_NAMES[used]
     _note("attention", "cuda", f"{_KERNEL_NAMES[used]} kernel")
     return out

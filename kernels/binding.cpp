@@ -67,8 +67,9 @@ void encode(const at::Tensor& x, const at::Tensor& centroids, int64_t bits, at::
 }
 
 // Attention of query [B, H_q, Q, D] over S cached tokens held as codes (+ full-precision window/sinks) -> [B, Q, H_q, D],
-// and which kernel ran (0: decode, CUDA cores; 1: decode, tensor cores; 2: prefill). variant 0 keeps the decode on
-// the CUDA-core kernel, 1 lets the tensor-core one take the cases it covers.
+// and which kernel ran (0: decode, CUDA cores; 1: decode, tensor cores, 8 warps; 2: prefill; 3: decode, tensor cores,
+// 16 warps). variant 0 keeps the decode on the CUDA-core kernel, 1 (2) lets the tensor-core one with 8 (16) warps per
+// block take the cases it covers.
 std::tuple<at::Tensor, int64_t> attention(
                      const at::Tensor& q, const at::Tensor& k_codes, const at::Tensor& v_codes, const at::Tensor& k_cent,
                      const at::Tensor& v_cent, int64_t k_bits, int64_t v_bits, const at::Tensor& positions,
@@ -140,7 +141,7 @@ std::tuple<at::Tensor, int64_t> attention(
     p.ws_ml = p.ws_o + rows * D;
   }
   check_cuda(cq::launch_decode(p, stream), "decode attention");
-  return std::make_tuple(out, int64_t{p.mma ? 1 : 0});
+  return std::make_tuple(out, int64_t{p.mma ? (p.variant == 2 ? 3 : 1) : 0});
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -29,15 +29,12 @@ namespace cq {
 namespace {
 
 constexpr int kD = 128;
-constexpr int kNW = 8;
-constexpr int kNT = kNW * 32;
-constexpr int kDelta = 8 * kNW;    // tokens between two query columns
-constexpr int kTile = 8 * kDelta;  // tokens per tile
+constexpr int kDelta = 64;         // tokens between two query columns (= the range of tau)
+constexpr int kTile = 8 * kDelta;  // tokens per tile: 8 query columns
 constexpr int kMStages = 3;
 constexpr int kCodes = 256;
 constexpr int kRB = 16;  // code row bytes: 16 groups x 8 bits
 constexpr int kBins = kCodes * 32;
-constexpr int kBinsPerThread = kBins / kNT;
 constexpr float kFix = 4194304.f;  // 2^22: p <= 1 and at most 1012 units of mass per bin between flushes
 constexpr float kInvFix = 1.f / 4194304.f;
 constexpr float kFlushMass = 500.f;  // flush before a tile when the mass since the last flush exceeds this
@@ -54,10 +51,27 @@ constexpr int kVRows = kTile * kRB;                        // value rows follow 
 constexpr int kStageBytes = kVRows + kTile * kRB + 8 * 16;  // value rows skewed by 16 B per 64 tokens
 constexpr int kOffB = kOffStage + kMStages * kStageBytes;  // query columns, double buffered
 constexpr int kOffRed = kOffB + 2 * 8 * kBRow;
-constexpr int kOffPBuf = kOffRed + 4 * kNW * 4;
-constexpr int kSmem = kOffPBuf + kNW * kPBufStride * 4;
-static_assert(kSmem <= 232448, "decode_mma shared memory exceeds the H100/H200 per-block limit");
-static_assert(kTile == 2 * kNT, "a tile is loaded and checked with two tokens per thread");
+
+// NW warps per block (8 or 16). Warp w handles the tokens at tau = 8 (w % 8) + lane / 4 of each 64-token column
+// group, and m-tiles (pairs of columns) kMT (w / 8) .. kMT (w / 8) + kMT - 1 of every tile: with 16 warps each warp
+// has half the m-tiles of the 8-warp kernel, and twice as many warps hide the latencies of the gathers, HFMA2 chains
+// and HMMAs (the 8-warp kernel issued an instruction every 2.9 cycles per scheduler: ncu, docs/RESULTS_kernels.md).
+template <int NW>
+struct Cfg {
+  static_assert(NW == 8 || NW == 16, "8 or 16 warps");
+  static constexpr int kNW = NW;
+  static constexpr int kNT = NW * 32;
+  static constexpr int kMT = 4 / (NW / 8);      // m-tiles per warp and tile
+  static constexpr int kRR = kMT;               // lanes r (= lane % 4) of a warp that hold scores
+  static constexpr int kParts = 4 / kMT;        // scatter parts per m-tile
+  static constexpr int kBinsPerThread = kBins / kNT;
+  static constexpr int kColsPerThread = 8 * 64 / kNT;  // query columns written per thread
+  static constexpr int kTokPerThread = kTile / kNT;    // tokens per thread in a stage load
+  static constexpr int kOffPBuf = kOffRed + 4 * NW * 4;
+  static constexpr int kSmem = kOffPBuf + NW * kPBufStride * 4;
+  static_assert(kSmem <= 232448, "decode_mma shared memory exceeds the H100/H200 per-block limit");
+  static_assert(kCodes % (kNT / kD) == 0 && kNT % kD == 0, "value product split");
+};
 
 // (lo, hi) <- (lo c - hi s, hi c + lo s) on two packed 16-bit pairs (RoPE on channels i and i + 64); ns = -s
 // (bf16 HFMA2 cannot negate its addend, so the negation comes with the constant).
@@ -73,7 +87,8 @@ __device__ __forceinline__ void rot2(uint32_t& lo, uint32_t& hi, uint32_t c, uin
   hi = *reinterpret_cast<const uint32_t*>(&nu);
 }
 
-// cos, sin and -sin of one angle for a thread's 16 frequencies, packed as its key words are
+// cos, sin and -sin of one angle for a thread's 16 frequencies, packed as its key words are: [a][e] for channels
+// 8(4a + r) + 2e + {0, 1} (a = 0, 1; their partners + 64 are chunks a + 2)
 struct RopeK {
   uint32_t c[2][4], s[2][4], ns[2][4];
 };
@@ -82,42 +97,42 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// Rotate the m-tile's two keys x and y (chunks k[0..1]: channels 8(4a + r) .., a = 0, 1; k[2..3]: their partners
-// + 64) and write them straight into mma A fragments: fr[a][hh] = {x word 2hh, y word 2hh, x word 2hh+1, y word 2hh+1}
-// of chunk a, so that each HMMA reads four consecutive registers without moves.
+// RoPE constants of angle * f for the 8 frequencies of chunk a (channels 8(4a + r) + 2e + {0, 1}).
 template <typename T>
-__device__ __forceinline__ void rotate_keys(const uint4 (&kx)[4], const uint4 (&ky)[4], const RopeK& rx,
-                                            const RopeK& ry, uint32_t (&fr)[4][2][4]) {
+__device__ __forceinline__ void rope_consts_a(const float* inv_freq, int r, int a, float angle, uint32_t (&c)[4],
+                                              uint32_t (&s)[4], uint32_t (&ns)[4]) {
 #pragma unroll
-  for (int a = 0; a < 2; ++a)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      uint32_t lx = word(kx[a], e), hx = word(kx[a + 2], e), ly = word(ky[a], e), hy = word(ky[a + 2], e);
-      rot2<T>(lx, hx, rx.c[a][e], rx.s[a][e], rx.ns[a][e]);
-      rot2<T>(ly, hy, ry.c[a][e], ry.s[a][e], ry.ns[a][e]);
-      const int hh = e >> 1, xs = (e & 1) * 2;
-      fr[a][hh][xs] = lx;
-      fr[a][hh][xs + 1] = ly;
-      fr[a + 2][hh][xs] = hx;
-      fr[a + 2][hh][xs + 1] = hy;
-    }
+  for (int e = 0; e < 4; ++e) {
+    const int i0 = 8 * (4 * a + r) + 2 * e;
+    float s0, c0, s1, c1;
+    sincosf(angle * __ldg(inv_freq + i0), &s0, &c0);
+    sincosf(angle * __ldg(inv_freq + i0 + 1), &s1, &c1);
+    c[e] = pack2<T>(c0, c1);
+    s[e] = pack2<T>(s0, s1);
+    ns[e] = pack2<T>(-s0, -s1);
+  }
 }
 
-// RoPE constants of angle * f for this thread's 16 frequencies (channels 8(4a + r) + 2e + {0, 1}).
 template <typename T>
 __device__ __forceinline__ void rope_consts(const float* inv_freq, int r, float angle, RopeK& k) {
 #pragma unroll
-  for (int a = 0; a < 2; ++a)
+  for (int a = 0; a < 2; ++a) rope_consts_a<T>(inv_freq, r, a, angle, k.c[a], k.s[a], k.ns[a]);
+}
+
+// Rotate chunk pair (a, a + 2) of one of the m-tile's two keys (Y = 0: key x, row lane/4; Y = 1: key y, row
+// lane/4 + 8; lo = chunk a, hi = chunk a + 2) and write it straight into mma A fragments: fr[lh][hh] = {x word 2hh,
+// y word 2hh, x word 2hh+1, y word 2hh+1} of chunk a + 2 lh, so that each HMMA reads four consecutive registers.
+template <typename T, int Y>
+__device__ __forceinline__ void rotate_key(const uint4& lo, const uint4& hi, const uint32_t (&c)[4],
+                                           const uint32_t (&s)[4], const uint32_t (&ns)[4], uint32_t (&fr)[2][2][4]) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int i0 = 8 * (4 * a + r) + 2 * e;
-      float s0, c0, s1, c1;
-      sincosf(angle * __ldg(inv_freq + i0), &s0, &c0);
-      sincosf(angle * __ldg(inv_freq + i0 + 1), &s1, &c1);
-      k.c[a][e] = pack2<T>(c0, c1);
-      k.s[a][e] = pack2<T>(s0, s1);
-      k.ns[a][e] = pack2<T>(-s0, -s1);
-    }
+  for (int e = 0; e < 4; ++e) {
+    uint32_t l = word(lo, e), u = word(hi, e);
+    rot2<T>(l, u, c[e], s[e], ns[e]);
+    const int hh = e >> 1, xs = (e & 1) * 2 + Y;
+    fr[0][hh][xs] = l;
+    fr[1][hh][xs] = u;
+  }
 }
 
 template <typename T>
@@ -140,25 +155,62 @@ __device__ __forceinline__ void mma16816<__half>(float (&d)[4], uint32_t a0, uin
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Scores of the m-tile's keys x (row lane/4) and y (row lane/4 + 8) against the query columns bq. k-slot mapping (the
-// same for A and B): mma chunk 2a + hh, slots 2r, 2r+1 hold word 2hh and slots 2r+8, 2r+9 word 2hh + 1 of the
-// thread's chunk a (channels 8(4a + r) ..).
 template <typename T>
-__device__ __forceinline__ void tile_scores(const uint32_t (&fr)[4][2][4], const uint4 (&bq)[4], float& sx, float& sy) {
-  float d0[4] = {0.f, 0.f, 0.f, 0.f}, d1[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-  for (int a = 0; a < 4; ++a) {
-    mma16816<T>(d0, fr[a][0][0], fr[a][0][1], fr[a][0][2], fr[a][0][3], bq[a].x, bq[a].y);
-    mma16816<T>(d1, fr[a][1][0], fr[a][1][1], fr[a][1][2], fr[a][1][3], bq[a].z, bq[a].w);
-  }
-  sx = d0[0] + d1[0];  // row lane/4, column 2r
-  sy = d0[3] + d1[3];  // row lane/4 + 8, column 2r + 1
+__device__ __forceinline__ void pair_mma(float (&d0)[4], float (&d1)[4], const uint32_t (&fr)[2][2][4], const uint4& blo,
+                                         const uint4& bhi) {
+  mma16816<T>(d0, fr[0][0][0], fr[0][0][1], fr[0][0][2], fr[0][0][3], blo.x, blo.y);
+  mma16816<T>(d1, fr[0][1][0], fr[0][1][1], fr[0][1][2], fr[0][1][3], blo.z, blo.w);
+  mma16816<T>(d0, fr[1][0][0], fr[1][0][1], fr[1][0][2], fr[1][0][3], bhi.x, bhi.y);
+  mma16816<T>(d1, fr[1][1][0], fr[1][1][1], fr[1][1][2], fr[1][1][3], bhi.z, bhi.w);
 }
 
+// Gather constants of a lane: the PRMT selector (byte r of a code word into byte 1) and, per chunk slot a, the
+// table copy (row parity of the quad) and the 16-byte slot of chunk 4a + r in it (copy 1 holds chunk gamma at
+// slot gamma ^ 4).
+__device__ __forceinline__ uint32_t gather_sel(int r) { return 0x7604u | (static_cast<uint32_t>(r) << 4); }
+__device__ __forceinline__ uint32_t gather_off(int g, int r, int a) {
+  const uint32_t odd = g & 1;
+  return (odd << 16) | ((static_cast<uint32_t>(4 * a + r) ^ (odd << 2)) << 4);
+}
+
+// Scores of an m-tile whose keys are not at consecutive positions: each key rotated at its own offset px / py
+// from its column. Out of line, so that its sincosf calls do not raise the register pressure of the regular loop.
 template <typename T>
-__global__ void __launch_bounds__(kNT, 1) decode_mma_kernel(const AttnParams p) {
+__device__ __noinline__ float2 irregular_mtile(const uint8_t* tab, const uint8_t* bcol, uint4 cx, uint4 cy, int lane,
+                                               float px, float py, const float* inv_freq) {
+  const int g = lane >> 2, r = lane & 3;
+  const uint32_t sel = gather_sel(r);
+  float d0[4] = {0.f, 0.f, 0.f, 0.f}, d1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int a = 0; a < 2; ++a) {
+    const uint32_t lo = gather_off(g, r, a), hi = gather_off(g, r, a + 2);
+    const uint4 xlo = *reinterpret_cast<const uint4*>(tab + __byte_perm(word(cx, a), lo, sel));
+    const uint4 xhi = *reinterpret_cast<const uint4*>(tab + __byte_perm(word(cx, a + 2), hi, sel));
+    const uint4 ylo = *reinterpret_cast<const uint4*>(tab + __byte_perm(word(cy, a), lo, sel));
+    const uint4 yhi = *reinterpret_cast<const uint4*>(tab + __byte_perm(word(cy, a + 2), hi, sel));
+    uint32_t fr[2][2][4], c[4], sn[4], ns[4];
+    rope_consts_a<T>(inv_freq, r, a, px, c, sn, ns);
+    rotate_key<T, 0>(xlo, xhi, c, sn, ns, fr);
+    rope_consts_a<T>(inv_freq, r, a, py, c, sn, ns);
+    rotate_key<T, 1>(ylo, yhi, c, sn, ns, fr);
+    pair_mma<T>(d0, d1, fr, *reinterpret_cast<const uint4*>(bcol + a * 64),
+                *reinterpret_cast<const uint4*>(bcol + (a + 2) * 64));
+  }
+  return make_float2(d0[0] + d1[0], d0[3] + d1[3]);
+}
+
+// k-slot mapping (the same for A and B): mma chunk 2a + hh, slots 2r, 2r+1 hold word 2hh and slots 2r+8, 2r+9 word
+// 2hh + 1 of the thread's chunk a (channels 8(4a + r) ..). The scores of the m-tile's keys x (row lane/4) and y
+// (row lane/4 + 8) against the query columns are d0[0] + d1[0] (column 2r) and d0[3] + d1[3] (column 2r + 1).
+
+template <typename T, int NW>
+__global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams p) {
+  using C = Cfg<NW>;
+  constexpr int kNW = C::kNW, kNT = C::kNT, kMT = C::kMT, kRR = C::kRR, kBinsPerThread = C::kBinsPerThread;
+  constexpr int kOffPBuf = C::kOffPBuf;
   extern __shared__ __align__(16) uint8_t smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wt = warp & 7, wh = warp >> 3;  // tau group (tau = 8 wt + lane / 4) and m-tile half
   const int g = lane >> 2, r = lane & 3;
   const int b = blockIdx.z, h = blockIdx.y, split = blockIdx.x;
   const int nsplit = p.nsplit;
@@ -204,7 +256,7 @@ __global__ void __launch_bounds__(kNT, 1) decode_mma_kernel(const AttnParams p) 
     const uint8_t* ks = kcodes + static_cast<int64_t>(t0) * kRB;
     const uint8_t* vs = vcodes + static_cast<int64_t>(t0) * kRB;
 #pragma unroll
-    for (int j = 0; j < kTile / kNT; ++j) {
+    for (int j = 0; j < C::kTokPerThread; ++j) {
       const int i = tid + j * kNT;
       if (i < n) {
         cp_async16(sp + i * kRB, ks + i * kRB);
@@ -222,23 +274,23 @@ __global__ void __launch_bounds__(kNT, 1) decode_mma_kernel(const AttnParams p) 
   for (int i = tid; i < kBins / 4; i += kNT) reinterpret_cast<uint4*>(smem + kOffHist)[i] = make_uint4(0u, 0u, 0u, 0u);
 
   // ---- per-thread constants of the key gathers and rotations
-  const uint32_t sel = 0x7604u | (static_cast<uint32_t>(r) << 4);  // byte r of a code word into byte 1
-  const uint32_t odd = g & 1;
+  const uint32_t sel = gather_sel(r);
   uint32_t loff[4];  // copy << 16 | slot << 4 of chunk 4a + r
 #pragma unroll
-  for (int a = 0; a < 4; ++a) loff[a] = (odd << 16) | ((static_cast<uint32_t>(4 * a + r) ^ (odd << 2)) << 4);
-  RopeK rk;  // R(tau), tau = 8 warp + g: fixed for all of this thread's keys
-  rope_consts<T>(p.inv_freq, r, static_cast<float>(8 * warp + g), rk);
+  for (int a = 0; a < 4; ++a) loff[a] = gather_off(g, r, a);
+  RopeK rk;  // R(tau), tau = 8 wt + g: fixed for all of this thread's keys
+  rope_consts<T>(p.inv_freq, r, static_cast<float>(8 * wt + g), rk);
 
-  // ---- query columns: this thread writes frequency fi of columns col0 and col0 + 4
+  // ---- query columns: this thread writes frequency fi of columns col0 + k kNT / 64
   const int fi = tid & 63, col0 = tid >> 6;
   const float qscale = p.scaling * kLog2e * p.rope_scale;
   const T* qp = reinterpret_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
   const float qa = to_f<T>(qp[fi]) * qscale, qb = to_f<T>(qp[fi + 64]) * qscale;
   const float ff = __ldg(p.inv_freq + fi);
-  float rc0, rs0, rc1, rs1, stc, sts;
-  sincosf(static_cast<float>(kDelta * col0) * ff, &rs0, &rc0);
-  sincosf(static_cast<float>(kDelta * (col0 + 4)) * ff, &rs1, &rc1);
+  float rcc[C::kColsPerThread], rss[C::kColsPerThread], stc, sts;
+#pragma unroll
+  for (int k = 0; k < C::kColsPerThread; ++k)
+    sincosf(static_cast<float>(kDelta * (col0 + k * (kNT / 64))) * ff, &rss[k], &rcc[k]);
   sincosf(static_cast<float>(kTile) * ff, &sts, &stc);
   float ec = 1.f, es = 0.f;
   int64_t pcur = 0;
@@ -255,15 +307,10 @@ __global__ void __launch_bounds__(kNT, 1) decode_mma_kernel(const AttnParams p) 
     }
     pcur = P;
     uint8_t* bs = smem + kOffB + buf * 8 * kBRow;
-    {
-      const float c = ec * rc0 - es * rs0, s = ec * rs0 + es * rc0;
-      T* row = reinterpret_cast<T*>(bs + col0 * kBRow);
-      row[fi] = from_f<T>(qa * c + qb * s);
-      row[fi + 64] = from_f<T>(qb * c - qa * s);
-    }
-    {
-      const float c = ec * rc1 - es * rs1, s = ec * rs1 + es * rc1;
-      T* row = reinterpret_cast<T*>(bs + (col0 + 4) * kBRow);
+#pragma unroll
+    for (int k = 0; k < C::kColsPerThread; ++k) {
+      const float c = ec * rcc[k] - es * rss[k], s = ec * rss[k] + es * rcc[k];
+      T* row = reinterpret_cast<T*>(bs + (col0 + k * (kNT / 64)) * kBRow);
       row[fi] = from_f<T>(qa * c + qb * s);
       row[fi + 64] = from_f<T>(qb * c - qa * s);
     }
@@ -297,26 +344,34 @@ __global__ void __launch_bounds__(kNT, 1) decode_mma_kernel(const AttnParams p) 
   };
   // value scatter: lanes 0-15 take token 0 of lane k, lanes 16-31 token 1 (64 tokens further), lane = group + 16 rep
   const int half = lane >> 4;
-  const int vlane = kVRows + (8 * warp + half * kDelta) * kRB + half * 16 + (lane & 15);
+  const int vlane = kVRows + (8 * wt + half * kDelta) * kRB + half * 16 + (lane & 15);
   uint32_t* pbw = reinterpret_cast<uint32_t*>(smem + kOffPBuf) + warp * kPBufStride;
-  const int o0 = 2 * r * kDelta + 8 * warp + g;  // tile offsets of this lane's two scores: o0, o0 + kDelta
+  const int o0 = 2 * r * kDelta + 8 * wt + g;  // tile offsets of this lane's two scores: o0, o0 + kDelta
 
   // Value scatter of the previous tile (p in pbw, value codes still in its stage), a quarter per m-tile so that
   // the atomics interleave with the score math. Lanes 0-15 take token 0 of lane k, lanes 16-31 its token 1.
   pbw[lane] = 0u;
   pbw[36 + lane] = 0u;
   __syncwarp();
+  // Part `part` (0..3) takes the tokens of lanes 8 part .. 8 part + 7 whose r holds scores in this warp.
   auto scatter = [&](const uint8_t* sv, int part) {
     const uint8_t* vs = sv + vlane;
-    const uint4* pr = reinterpret_cast<const uint4*>(pbw + 36 * half);
+    const uint32_t* pr = pbw + 36 * half;
 #pragma unroll
     for (int k4 = 2 * part; k4 < 2 * part + 2; ++k4) {
-      const uint4 pk = pr[k4];
+      uint32_t pk[kRR];
+      if constexpr (kRR == 4) {
+        const uint4 w = *reinterpret_cast<const uint4*>(pr + 4 * k4);
+        pk[0] = w.x; pk[1] = w.y; pk[2] = w.z; pk[3] = w.w;
+      } else {
+        const uint2 w = *reinterpret_cast<const uint2*>(pr + 4 * k4 + kRR * wh);
+        pk[0] = w.x; pk[1] = w.y;
+      }
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int k = 4 * k4 + j, gk = k >> 2, rr = k & 3;  // lane k's tokens: 2 rr * 64 + 8 warp + gk (+ 64)
+      for (int jj = 0; jj < kRR; ++jj) {
+        const int rr = kRR * wh + jj, gk = k4;  // lane 4 gk + rr's tokens: 2 rr * 64 + 8 wt + gk (+ 64)
         const uint32_t code = vs[(2 * rr * kDelta + gk) * kRB + 2 * rr * 16];
-        atomicAdd(reinterpret_cast<unsigned*>(smem + kOffHist + (code << 7) + lane * 4), word(pk, j));
+        atomicAdd(reinterpret_cast<unsigned*>(smem + kOffHist + (code << 7) + lane * 4), pk[jj]);
       }
     }
   };
@@ -332,11 +387,14 @@ __global__ void __launch_bounds__(kNT, 1) decode_mma_kernel(const AttnParams p) 
     const bool has_next = it + 1 < ntile;
     const int t0n = t0 + kTile;
     const int nn = has_next ? min(kTile, t_end - t0n) : 0;
-    int64_t Pn = 0, pa = 0, pb = 0;
+    int64_t Pn = 0, pn[C::kTokPerThread];
+#pragma unroll
+    for (int j = 0; j < C::kTokPerThread; ++j) pn[j] = 0;
     if (has_next) {
       Pn = pos_g[t0n];
-      if (tid < nn) pa = pos_g[t0n + tid];
-      if (tid + kNT < nn) pb = pos_g[t0n + tid + kNT];
+#pragma unroll
+      for (int j = 0; j < C::kTokPerThread; ++j)
+        if (tid + j * kNT < nn) pn[j] = pos_g[t0n + tid + j * kNT];
     }
     uint4 bq[4];
     {
@@ -345,39 +403,44 @@ __global__ void __launch_bounds__(kNT, 1) decode_mma_kernel(const AttnParams p) 
       for (int a = 0; a < 4; ++a) bq[a] = *reinterpret_cast<const uint4*>(bsrc + a * 64);
     }
 
-    // ---- scores: m-tile v holds keys 2v*64 + 8 warp + g (row g) and that + 64 (row g + 8)
+    // ---- scores: m-tile v holds keys 2v*64 + 8 wt + g (row g) and that + 64 (row g + 8)
     float s0 = kNegInf, s1 = kNegInf;
     auto mtiles = [&](auto irregular) {
       constexpr bool kIrr = decltype(irregular)::value;
 #pragma unroll
-      for (int v = 0; v < 4; ++v) {
-        scatter(sv_prev, v);
-        const int offx = 2 * v * kDelta + 8 * warp + g, offy = offx + kDelta;
+      for (int vv = 0; vv < kMT; ++vv) {
+        const int v = kMT * wh + vv;
+#pragma unroll
+        for (int pp = 0; pp < C::kParts; ++pp) scatter(sv_prev, vv * C::kParts + pp);
+        const int offx = 2 * v * kDelta + 8 * wt + g, offy = offx + kDelta;
         const uint4 cx = *reinterpret_cast<const uint4*>(sk + offx * kRB);
         const uint4 cy = *reinterpret_cast<const uint4*>(sk + offy * kRB);
-        uint4 kx[4], ky[4];
-        kx[0] = *reinterpret_cast<const uint4*>(smem + kOffTab + __byte_perm(cx.x, loff[0], sel));
-        kx[1] = *reinterpret_cast<const uint4*>(smem + kOffTab + __byte_perm(cx.y, loff[1], sel));
-        kx[2] = *reinterpret_cast<const uint4*>(smem + kOffTab + __byte_perm(cx.z, loff[2], sel));
-        kx[3] = *reinterpret_cast<const uint4*>(smem + kOffTab + __byte_perm(cx.w, loff[3], sel));
-        ky[0] = *reinterpret_cast<const uint4*>(smem + kOffTab + __byte_perm(cy.x, loff[0], sel));
-        ky[1] = *reinterpret_cast<const uint4*>(smem + kOffTab + __byte_perm(cy.y, loff[1], sel));
-        ky[2] = *reinterpret_cast<const uint4*>(smem + kOffTab + __byte_perm(cy.z, loff[2], sel));
-        ky[3] = *reinterpret_cast<const uint4*>(smem + kOffTab + __byte_perm(cy.w, loff[3], sel));
-        uint32_t fr[4][2][4];
-        if constexpr (!kIrr) {
-          rotate_keys<T>(kx, ky, rk, rk, fr);
-        } else {  // each key at its own position, relative to its column's P_tile + 64 n
-          const int64_t bx = P_tile + 2 * v * kDelta, by = bx + kDelta;
-          const int64_t px = offx < n ? pos_g[t0 + offx] : bx;
-          const int64_t py = offy < n ? pos_g[t0 + offy] : by;
-          RopeK rx, ry;
-          rope_consts<T>(p.inv_freq, r, static_cast<float>(px - bx), rx);
-          rope_consts<T>(p.inv_freq, r, static_cast<float>(py - by), ry);
-          rotate_keys<T>(kx, ky, rx, ry, fr);
-        }
         float sx, sy;
-        tile_scores<T>(fr, bq, sx, sy);
+        if constexpr (kIrr) {  // each key at its own position, relative to its column's P_tile + 64 n
+          const int64_t bx = P_tile + 2 * v * kDelta, by = bx + kDelta;
+          const float px = static_cast<float>((offx < n ? pos_g[t0 + offx] : bx) - bx);
+          const float py = static_cast<float>((offy < n ? pos_g[t0 + offy] : by) - by);
+          const float2 sc = irregular_mtile<T>(smem + kOffTab, smem + kOffB + (it & 1) * 8 * kBRow + g * kBRow + r * 16,
+                                               cx, cy, lane, px, py, p.inv_freq);
+          sx = sc.x;
+          sy = sc.y;
+        } else {
+          float d0[4] = {0.f, 0.f, 0.f, 0.f}, d1[4] = {0.f, 0.f, 0.f, 0.f};
+          // chunk pairs (a, a + 2), a = 0, 1: gather, rotate, multiply; one pair's keys live at a time
+#pragma unroll
+          for (int a = 0; a < 2; ++a) {
+            const uint4 xlo = *reinterpret_cast<const uint4*>(smem + kOffTab + __byte_perm(word(cx, a), loff[a], sel));
+            const uint4 xhi = *reinterpret_cast<const uint4*>(smem + kOffTab + __byte_perm(word(cx, a + 2), loff[a + 2], sel));
+            const uint4 ylo = *reinterpret_cast<const uint4*>(smem + kOffTab + __byte_perm(word(cy, a), loff[a], sel));
+            const uint4 yhi = *reinterpret_cast<const uint4*>(smem + kOffTab + __byte_perm(word(cy, a + 2), loff[a + 2], sel));
+            uint32_t fr[2][2][4];
+            rotate_key<T, 0>(xlo, xhi, rk.c[a], rk.s[a], rk.ns[a], fr);
+            rotate_key<T, 1>(ylo, yhi, rk.c[a], rk.s[a], rk.ns[a], fr);
+            pair_mma<T>(d0, d1, fr, bq[a], bq[a + 2]);
+          }
+          sx = d0[0] + d1[0];
+          sy = d0[3] + d1[3];
+        }
         if (r == v) { s0 = sx; s1 = sy; }
       }
     };
@@ -397,7 +460,8 @@ __global__ void __launch_bounds__(kNT, 1) decode_mma_kernel(const AttnParams p) 
     bool bad = false;
     if (has_next) {
       columns(Pn, (it + 1) & 1);
-      bad = (tid < nn && pa != Pn + tid) || (tid + kNT < nn && pb != Pn + tid + kNT);
+#pragma unroll
+      for (int j = 0; j < C::kTokPerThread; ++j) bad |= tid + j * kNT < nn && pn[j] != Pn + tid + j * kNT;
     }
     const bool irr_next = __syncthreads_or(bad);
     float tmax = kNegInf, mass = 0.f;
@@ -461,16 +525,18 @@ __global__ void __launch_bounds__(kNT, 1) decode_mma_kernel(const AttnParams p) 
 #pragma unroll
   for (int wi = 0; wi < kNW; ++wi) L += red[2 * kNW + wi];
   const int d = tid & (kD - 1), hc = tid >> 7, gv = d >> 3;
+  constexpr int kHC = kNT / kD, kCPer = kCodes / kHC;  // code ranges summed by separate thread groups
   const T* tabv = reinterpret_cast<const T*>(smem + kOffTab);
   float o = 0.f;
 #pragma unroll 8
-  for (int c = hc * 128; c < hc * 128 + 128; ++c)
+  for (int c = hc * kCPer; c < hc * kCPer + kCPer; ++c)
     o = fmaf(histf[c * 32 + gv] + histf[c * 32 + 16 + gv], to_f<T>(tabv[c * kD + d]), o);
   float* red_o = reinterpret_cast<float*>(smem + kOffStage);
-  if (hc == 1) red_o[d] = o;
+  if (hc > 0) red_o[(hc - 1) * kD + d] = o;
   __syncthreads();
   if (hc == 0) {
-    o += red_o[d];
+#pragma unroll
+    for (int k = 1; k < kHC; ++k) o += red_o[(k - 1) * kD + d];
     if (nsplit == 1) {
       out[d] = from_f<T>(L > 0.f ? o / L : 0.f);
     } else {
@@ -480,16 +546,17 @@ __global__ void __launch_bounds__(kNT, 1) decode_mma_kernel(const AttnParams p) 
   }
 }
 
-template <typename T>
+template <typename T, int NW>
 cudaError_t launch_t(const AttnParams& p, cudaStream_t stream) {
   static bool configured = false;
   if (!configured) {
-    cudaError_t e = cudaFuncSetAttribute(decode_mma_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    cudaError_t e = cudaFuncSetAttribute(decode_mma_kernel<T, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         Cfg<NW>::kSmem);
     if (e != cudaSuccess) return e;
     configured = true;
   }
   dim3 grid(p.nsplit, p.Hkv, p.B);
-  decode_mma_kernel<T><<<grid, kNT, kSmem, stream>>>(p);
+  decode_mma_kernel<T, NW><<<grid, Cfg<NW>::kNT, Cfg<NW>::kSmem, stream>>>(p);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || p.nsplit == 1) return e;
   combine_kernel<T><<<p.B * p.Hq * p.Q, p.D, 0, stream>>>(p);
@@ -500,16 +567,20 @@ bool aligned16(const void* x) { return (reinterpret_cast<uintptr_t>(x) & 15) == 
 
 }  // namespace
 
+// variant 1: 8 warps per block, variant 2: 16 warps per block
 bool mma_decode_applies(const AttnParams& p, size_t max_smem) {
-  return p.variant != 0 && p.D == kD && p.Q == 1 && p.Hq == p.Hkv && p.window == 0 && p.n_sink == 0 &&
-         p.k_bits == 8 && p.v_bits == 8 && p.k_c == 8 && p.v_c == 8 && p.k_rb == kRB && p.v_rb == kRB &&
-         aligned16(p.k_codes) && aligned16(p.v_codes) && aligned16(p.k_cent) && aligned16(p.v_cent) &&
-         static_cast<size_t>(kSmem) <= max_smem;
+  const size_t smem = p.variant == 2 ? Cfg<16>::kSmem : Cfg<8>::kSmem;
+  return (p.variant == 1 || p.variant == 2) && p.D == kD && p.Q == 1 && p.Hq == p.Hkv && p.window == 0 &&
+         p.n_sink == 0 && p.k_bits == 8 && p.v_bits == 8 && p.k_c == 8 && p.v_c == 8 && p.k_rb == kRB &&
+         p.v_rb == kRB && aligned16(p.k_codes) && aligned16(p.v_codes) && aligned16(p.k_cent) &&
+         aligned16(p.v_cent) && smem <= max_smem;
 }
 
 cudaError_t launch_mma_decode(const AttnParams& p, cudaStream_t stream) {
   if (p.B == 0) return cudaSuccess;
-  return p.dtype == kBF16 ? launch_t<__nv_bfloat16>(p, stream) : launch_t<__half>(p, stream);
+  if (p.variant == 2)
+    return p.dtype == kBF16 ? launch_t<__nv_bfloat16, 16>(p, stream) : launch_t<__half, 16>(p, stream);
+  return p.dtype == kBF16 ? launch_t<__nv_bfloat16, 8>(p, stream) : launch_t<__half, 8>(p, stream);
 }
 
 }  // namespace cq

@@ -66,7 +66,8 @@ struct AttnParams {
   int nq, nchunk;  // queries per block (compile-time bucket) and chunks of H_q/H_kv * Q queries
   int tab_smem;  // centroid tables in shared memory
   int tile;  // decode: tokens per pipeline stage
-  int variant;  // request: 0 = the CUDA-core decode kernel only, 1 = the tensor-core decode kernel where it applies
+  int variant;  // request: 0 = the CUDA-core decode kernel only, 1 (2) = the tensor-core decode kernel with 8 (16)
+                // warps per block where it applies
   int mma;  // plan: 1 when the tensor-core decode kernel (decode_mma.cu) runs
 };
 
@@ -76,7 +77,7 @@ size_t decode_smem_bytes(const AttnParams& p);
 cudaError_t plan_decode(AttnParams& p, int num_sms, size_t max_smem);
 cudaError_t launch_encode(const EncodeParams& p, cudaStream_t stream);
 cudaError_t launch_decode(const AttnParams& p, cudaStream_t stream);
-// Tensor-core decode kernel: whether it applies (variant 1, one query per kv head, head_dim 128, 8-bit codes with
+// Tensor-core decode kernel: whether it applies (variant 1 or 2, one query per kv head, head_dim 128, 8-bit codes with
 // c = 8 for K and V, no window or sinks, 16-byte aligned buffers, its shared memory fits), and its launch (kernel +
 // split-K combine).
 bool mma_decode_applies(const AttnParams& p, size_t max_smem);

@@ -12,6 +12,12 @@ from conftest import shared_file
 runner = CliRunner()
 
 
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
@@ -201,3 +207,14 @@ def test_device_map_auto_loads_and_calibrates(tmp_path, tiny_model_dir, text_fil
               "--iters", 5, "--device-map", "auto", "--output", out)
     assert res.exit_code == 0, res.output
     assert (out / "cq-8c8b.safetensors").exists()
+
+
+@pytest.mark.skipif(torch_cuda(), reason="checks the CPU message; the GPU runs are in test_kernels.py")
+@pytest.mark.parametrize("what", ["attention", "prefill"])
+def test_kernel_benches_need_a_gpu(what):
+    assert_user_error(run("bench", what, "--shape", "1x512"), "needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("what", ["attention", "prefill"])
+def test_kernel_bench_bad_shape(what):
+    assert_user_error(run("bench", what, "--shape", "8by32768"), "8by32768", "BATCHxCONTEXT")

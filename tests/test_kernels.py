@@ -278,12 +278,13 @@ MMA_CASES = [  # H_q == H_kv, one query, head_dim 128, 8-bit codes with c = 8 fo
 
 
 @cuda_test
+@pytest.mark.parametrize("kernel,name", [("tensor-core", "decode-mma"), ("tensor-core-16w", "decode-mma16")])
 @pytest.mark.parametrize("case", MMA_CASES, ids=[f"mma{i}" for i in range(len(MMA_CASES))])
-def test_decode_mma_kernel(case, monkeypatch):
-    monkeypatch.setattr(ops, "DECODE_KERNEL", "tensor-core")
+def test_decode_mma_kernel(case, kernel, name, monkeypatch):
+    monkeypatch.setattr(ops, "DECODE_KERNEL", kernel)
     query, view, mask, scaling = make_case(Q=1, **case)
     out = run_attention(query, view, mask, scaling)
-    assert ops.KERNEL_USED["attention"] == "decode-mma"
+    assert ops.KERNEL_USED["attention"] == name
     assert_within_2x(out, query, view, mask, scaling)
 
 
@@ -298,6 +299,10 @@ def test_decode_kernel_choice(monkeypatch):
     out_mma = run_attention(query, view, mask, scaling)
     assert ops.KERNEL_USED["attention"] == "decode-mma"
     assert rel_err(out_mma, out_cc) < 2e-2
+    monkeypatch.setattr(ops, "DECODE_KERNEL", "tensor-core-16w")
+    out_16 = run_attention(query, view, mask, scaling)
+    assert ops.KERNEL_USED["attention"] == "decode-mma16"
+    assert rel_err(out_16, out_cc) < 2e-2
     query, view, mask, scaling = make_case(S=300, Q=1, B=1, Hq=4, Hkv=2)  # GQA: not covered
     assert_within_2x(run_attention(query, view, mask, scaling), query, view, mask, scaling)
     assert ops.KERNEL_USED["attention"] == "decode"
@@ -429,3 +434,28 @@ def test_nothing_heavy_at_import():
     code = ("import torch, cqtool.ops as o, cqtool.cache, cqtool.attention; "
             "assert o.get_module.cache_info().currsize == 0; assert not torch.cuda.is_initialized()")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------- the kernel benchmarks, tiny
+
+
+@cuda_test
+def test_bench_attention_and_prefill_cli(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from cqtool.cli import app
+
+    r = CliRunner().invoke(app, ["bench", "attention", "--shape", "2x3000", "--spec", "8c8b", "--reps", "3",
+                                 "--json", str(tmp_path / "a.json")])
+    assert r.exit_code == 0, r.output
+    row = json.loads((tmp_path / "a.json").read_text())["rows"][0]
+    assert set(row["kernels"]) == set(ops.DECODE_KERNELS)
+    assert row["kernels"]["tensor-core-16w"]["ran"] == "decode-mma16"
+    assert row["kernels"]["cuda-core"]["ran"] == "decode"
+    assert all(k["rel_err_vs_sdpa"] < 2e-2 for k in row["kernels"].values())
+    r = CliRunner().invoke(app, ["bench", "prefill", "--shape", "1x700", "--reps", "3", "--json", str(tmp_path / "p.json")])
+    assert r.exit_code == 0, r.output
+    row = json.loads((tmp_path / "p.json").read_text())["rows"][0]
+    assert row["cq_kernel"] == "prefill" and row["rel_err_vs_sdpa"] < 2e-2 and row["cq_ms"] > 0

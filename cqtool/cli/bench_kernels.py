@@ -56,6 +56,37 @@ def attention_cmd(
         console.print(f"wrote {json_out}")
 
 
+@bench_app.command("prefill")
+@user_errors
+def prefill_cmd(
+    shape: Annotated[Optional[list[str]], typer.Option(help="BATCHxCONTEXT, repeatable [1x2048 1x8192 8x2048]")] = None,
+    spec: Annotated[Optional[list[str]], typer.Option(help="CQ quantizer for K and V, repeatable [8c8b]")] = None,
+    heads: Annotated[int, typer.Option(help="Query = kv heads (MHA, Llama-2-7b)")] = 32,
+    head_dim: Annotated[int, typer.Option(help="64 or 128")] = 128,
+    reps: Annotated[int, typer.Option(help="Timed calls per measurement (median)")] = 10,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Save results as JSON")] = None,
+):
+    """Causal attention of a whole sequence from CQ codes (prefill / eval kernel) vs torch SDPA bf16 (is_causal)."""
+    from rich.table import Table
+
+    from ..bench_kernels import DEFAULT_PREFILL_SHAPES, prefill_bench, round_floats
+    from ..io import write_json
+
+    res = prefill_bench(_shapes(shape) if shape else DEFAULT_PREFILL_SHAPES, tuple(spec or ("8c8b",)), heads, head_dim,
+                        reps, progress=lambda m: console.print(f"[dim]{m}[/]"))
+    t = Table(title=f"causal prefill attention per layer, {heads} heads x {head_dim}, {res['device']}")
+    for col in ("quant", "batch x ctx", "kernel", "SDPA bf16 ms", "CQ ms", "CQ / SDPA speed", "SDPA TFLOP/s",
+                "CQ TFLOP/s", "rel err"):
+        t.add_column(col, justify="right")
+    for r in res["rows"]:
+        t.add_row(r["quant"], f"{r['batch']}x{r['context']}", r["cq_kernel"], f"{r['sdpa_ms']:.3f}", f"{r['cq_ms']:.3f}",
+                  f"{r['speedup']:.2f}x", f"{r['sdpa_tflops']:.0f}", f"{r['cq_tflops']:.0f}", f"{r['rel_err_vs_sdpa']:.1e}")
+    console.print(t)
+    if json_out:
+        write_json(json_out, round_floats(res))
+        console.print(f"wrote {json_out}")
+
+
 @bench_app.command("generate")
 @user_errors
 def generate_cmd(
