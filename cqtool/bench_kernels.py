@@ -4,8 +4,9 @@ attention_bench: one layer of decode attention (Llama-2-7b shapes) from codes vs
     (dequantized, rotated) keys and values; CUDA-event medians after warm-up; the fraction of the memory floor
     (bytes of codes + centroids + q + out over the device-to-device copy bandwidth measured in the run). Every
     decode kernel choice (ops.DECODE_KERNELS) is timed on the same data in the same run; "cq_ms" is the current one.
-prefill_bench: causal attention over a whole sequence from codes (the prefill / evaluation kernel) vs torch SDPA in
-    bf16 with is_causal=True over the same dequantized, rotated keys and values; CUDA-event medians.
+prefill_bench: causal attention over a whole sequence from codes (prefill / evaluation), every ops.PREFILL_KERNELS
+    choice, vs torch SDPA in bf16 with is_causal=True over the same dequantized, rotated keys and values (and the
+    dequantization kernel alone); CUDA-event medians.
 generate_bench: greedy generation with a Llama-2-7b-shaped model with random weights, CQ cache vs DynamicCache
     (bf16): the same batch with a real 2K prefill, and each cache at the largest batch that fits the memory cap.
 """
@@ -185,16 +186,35 @@ def prefill_bench(shapes=DEFAULT_PREFILL_SHAPES, specs=("8c8b",), heads: int = 3
 
             ref = sdpa()
             t_sdpa = statistics.median(cuda_times(sdpa, warmup=3, reps=reps))
-            out = ops.cq_attention(query, view, None, scaling)
-            ran = ops.KERNEL_USED.get("attention") if ops.BACKEND_USED.get("attention") == "cuda" else "reference"
-            err = float((out.transpose(1, 2).float() - ref.float()).norm() / ref.float().norm())
-            t_cq = statistics.median(cuda_times(lambda: ops.cq_attention(query, view, None, scaling), warmup=3, reps=reps))
             flop = 4.0 * B * heads * head_dim * S * (S + 1) / 2  # QK^T and PV over the causal half
+            kernels, keep = {}, ops.PREFILL_KERNEL
+            try:
+                for choice in ops.PREFILL_KERNELS:  # every prefill choice on the same data
+                    ops.PREFILL_KERNEL = choice
+                    out = ops.cq_attention(query, view, None, scaling)
+                    ran = ops.KERNEL_USED.get("attention") if ops.BACKEND_USED.get("attention") == "cuda" else "reference"
+                    err = float((out.transpose(1, 2).float() - ref.float()).norm() / ref.float().norm())
+                    t = statistics.median(cuda_times(lambda: ops.cq_attention(query, view, None, scaling), warmup=3,
+                                                     reps=reps))
+                    kernels[choice] = {"ran": ran, "ms": t, "speedup": t_sdpa / t, "tflops": flop / t / 1e9,
+                                       "rel_err_vs_sdpa": err}
+                    del out
+            finally:
+                ops.PREFILL_KERNEL = keep
+            layer = view.layer
+            cos, sin = view.layer.parent.cos_sin(S, "cuda")
+            mod = ops.get_module()
+            t_dq = statistics.median(cuda_times(lambda: mod.dequant(
+                layer.k_codes, layer.v_codes, layer.k_centroids, layer.v_centroids, int(layer.k_bits),
+                int(layer.v_bits), cos, sin, int(S)), warmup=3, reps=reps))
+            k = kernels[keep]
             rows.append({"quant": f"CQ-{spec.name}", "batch": B, "context": S, "heads": heads, "head_dim": head_dim,
-                         "cq_kernel": ran, "sdpa_ms": t_sdpa, "cq_ms": t_cq, "speedup": t_sdpa / t_cq,
-                         "sdpa_tflops": flop / t_sdpa / 1e9, "cq_tflops": flop / t_cq / 1e9, "rel_err_vs_sdpa": err})
-            say(f"  CQ ({ran}) {t_cq:.3f} ms, SDPA {t_sdpa:.3f} ms")
-            del query, view, kd, vd, ref, out
+                         "cq_kernel": k["ran"], "sdpa_ms": t_sdpa, "cq_ms": k["ms"], "speedup": k["speedup"],
+                         "sdpa_tflops": flop / t_sdpa / 1e9, "cq_tflops": k["tflops"], "rel_err_vs_sdpa": k["rel_err_vs_sdpa"],
+                         "dequant_ms": t_dq, "kernels": kernels})
+            times = ", ".join(f"{c} ({v['ran']}) {v['ms']:.3f} ms" for c, v in kernels.items())
+            say(f"  {times}, dequant alone {t_dq:.3f} ms, SDPA {t_sdpa:.3f} ms")
+            del query, view, kd, vd, ref
             gc.collect()
             torch.cuda.empty_cache()
     return {**info, "reps": reps, "rows": rows, "kernels": ops.kernel_status()}

@@ -28,7 +28,7 @@ KERNEL_USED: dict[str, str] = {}  # which CUDA kernel the last call of an op ran
 
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
 SOURCES = ("binding.cpp", "encode.cu", "decode.cu", "decode_f16_d64.cu", "decode_f16_d128.cu", "decode_bf16_d64.cu",
-           "decode_bf16_d128.cu", "decode_mma.cu", "prefill.cu")
+           "decode_bf16_d128.cu", "decode_mma.cu", "prefill.cu", "dequant.cu")
 HEADERS = ("kernels.h", "common.cuh", "decode.cuh")
 KERNEL_CHANNELS = (1, 2, 4, 8, 16)
 KERNEL_HEAD_DIMS = (64, 128)
@@ -47,6 +47,12 @@ AUTO_MMA_TOKENS = 16384
 AUTO_MMA_KERNEL = "tensor-core"
 _VARIANTS = {"cuda-core": 0, "tensor-core": 1, "tensor-core-16w": 2}
 _KERNEL_NAMES = {0: "decode", 1: "decode-mma", 2: "prefill", 3: "decode-mma16"}
+# Prefill (many queries, no window/sinks), read at every call: "sdpa" (default) dequantizes the layer once
+# (kernels/dequant.cu: centroid lookup + RoPE) and runs torch SDPA, FlashAttention where it applies; "tensor-core" is
+# the fused kernel (kernels/prefill.cu) that dequantizes key tiles per block of 64 queries, never writing them to
+# memory (8-10x slower than SDPA on the H100 at Llama-2-7b shapes: docs/RESULTS_kernels.md).
+PREFILL_KERNELS = ("sdpa", "tensor-core")
+PREFILL_KERNEL = os.environ.get("CQTOOL_PREFILL_KERNEL", "sdpa")
 _build_error: str | None = None
 
 
@@ -204,6 +210,27 @@ def _attention_reason(query: torch.Tensor, layer) -> str:
         _spec_reason(D, layer.v_centroids.shape[-1], layer.v_bits, "value")
 
 
+def _prefill_sdpa(mod, query, view, attention_mask, scaling: float, cos, sin) -> torch.Tensor:
+    """Prefill: the layer's codes dequantized once (keys rotated) by the CUDA kernel, then torch SDPA.
+    query [B, H_q, Q, D] -> [B, Q, H_q, D]. Queries with no allowed key get zeros, as in the reference."""
+    layer = view.layer
+    B, Hq, Q, D = query.shape
+    S = view.length
+    k, v = mod.dequant(layer.k_codes, layer.v_codes, layer.k_centroids, layer.v_centroids, int(layer.k_bits),
+                       int(layer.v_bits), cos, sin, int(S))
+    gqa = Hq != k.shape[1]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if attention_mask is None and view.start == 0 and Q == S:
+        out = sdpa(query, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
+        return out.transpose(1, 2)
+    r = key_ranges(attention_mask, B, Q, S, view.start, query.device)  # [B, Q, 2]
+    j = torch.arange(S, device=query.device)
+    allowed = (j >= r[..., :1]) & (j < r[..., 1:])  # [B, Q, S]
+    out = sdpa(query, k, v, attn_mask=allowed.unsqueeze(1), scale=scaling, enable_gqa=gqa)
+    empty = (r[..., 0] >= r[..., 1]).view(B, 1, Q, 1)
+    return torch.where(empty, torch.zeros((), dtype=out.dtype, device=out.device), out).transpose(1, 2)
+
+
 def _decode_variant(B: int, S: int) -> int:
     """The decode kernel request passed to the extension (0: CUDA cores, 1/2: tensor cores with 8/16 warps)."""
     if DECODE_KERNEL == "auto":
@@ -233,6 +260,13 @@ def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> t
         cos, sin = cache.cos_sin(S, query.device)
     if DECODE_KERNEL not in DECODE_KERNELS:
         raise ValueError(f"ops.DECODE_KERNEL must be one of {list(DECODE_KERNELS)}, got {DECODE_KERNEL!r}")
+    if PREFILL_KERNEL not in PREFILL_KERNELS:
+        raise ValueError(f"ops.PREFILL_KERNEL must be one of {list(PREFILL_KERNELS)}, got {PREFILL_KERNEL!r}")
+    if prefill and PREFILL_KERNEL == "sdpa":
+        out = _prefill_sdpa(mod, query, view, attention_mask, scaling, cos, sin)
+        KERNEL_USED["attention"] = "dequant+sdpa"
+        _note("attention", "cuda", "dequant kernel + torch SDPA for prefill")
+        return out
     q = query if query.stride(-1) == 1 else query.contiguous()
     sinks = cfg.sinks and layer.sink_k is not None
     out, used = mod.attention(

@@ -144,8 +144,42 @@ std::tuple<at::Tensor, int64_t> attention(
   return std::make_tuple(out, int64_t{p.mma ? (p.variant == 2 ? 3 : 1) : 0});
 }
 
+// Dense keys (RoPE from the fp32 cos/sin table [B or 1, >=S, D]) and values [B, H_kv, S, D] in the centroids' dtype,
+// dequantized from the first S cached codes.
+std::tuple<at::Tensor, at::Tensor> dequant(const at::Tensor& k_codes, const at::Tensor& v_codes, const at::Tensor& k_cent,
+                                           const at::Tensor& v_cent, int64_t k_bits, int64_t v_bits,
+                                           const at::Tensor& cos, const at::Tensor& sin, int64_t S) {
+  TORCH_CHECK(k_codes.is_cuda() && k_codes.dim() == 4 && k_codes.is_contiguous() && v_codes.is_contiguous() &&
+              k_codes.scalar_type() == at::kByte && v_codes.scalar_type() == at::kByte &&
+              k_codes.size(2) == v_codes.size(2) && k_codes.size(2) >= S && S >= 0, "dequant: code buffers");
+  TORCH_CHECK(k_cent.is_contiguous() && v_cent.is_contiguous() && k_cent.scalar_type() == v_cent.scalar_type(),
+              "dequant: centroids must be contiguous, one dtype");
+  const int64_t B = k_codes.size(0), Hkv = k_cent.size(0), D = k_cent.size(1) * k_cent.size(3);
+  TORCH_CHECK(v_cent.size(1) * v_cent.size(3) == D && k_codes.size(1) == Hkv && (D == 64 || D == 128), "dequant: shapes");
+  TORCH_CHECK(k_cent.size(2) == (int64_t(1) << k_bits) && v_cent.size(2) == (int64_t(1) << v_bits), "dequant: 2**bits centroids");
+  TORCH_CHECK(k_codes.size(3) == (k_cent.size(1) * k_bits + 7) / 8 && v_codes.size(3) == (v_cent.size(1) * v_bits + 7) / 8,
+              "dequant: code row bytes");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.stride(2) == 1 && cos.stride(1) == D && cos.size(1) >= S &&
+              sin.strides() == cos.strides() && (cos.size(0) == 1 || cos.size(0) == B), "dequant: cos/sin must be [B, >=S, D] fp32");
+  const at::cuda::OptionalCUDAGuard guard(k_codes.device());
+  at::Tensor kout = at::empty({B, Hkv, S, D}, k_cent.options());
+  at::Tensor vout = at::empty({B, Hkv, S, D}, k_cent.options());
+  cq::AttnParams p{};
+  p.k_codes = k_codes.data_ptr<uint8_t>(); p.v_codes = v_codes.data_ptr<uint8_t>();
+  p.cap = k_codes.size(2); p.k_rb = k_codes.size(3); p.v_rb = v_codes.size(3);
+  p.k_cent = k_cent.data_ptr(); p.v_cent = v_cent.data_ptr();
+  p.k_c = k_cent.size(3); p.k_bits = k_bits; p.k_groups = k_cent.size(1);
+  p.v_c = v_cent.size(3); p.v_bits = v_bits; p.v_groups = v_cent.size(1);
+  p.cos_t = cos.data_ptr<float>(); p.sin_t = sin.data_ptr<float>(); p.cs_sb = cos.size(0) == 1 ? 0 : cos.stride(0);
+  p.B = B; p.Hkv = Hkv; p.S = S; p.D = D;
+  p.dtype = dtype_tag(k_cent);
+  check_cuda(cq::launch_dequant(p, kout.data_ptr(), vout.data_ptr(), at::cuda::getCurrentCUDAStream()), "dequant");
+  return std::make_tuple(kout, vout);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "cqtool CUDA kernels: CQ encode, decode attention (split-K) and prefill attention (tensor cores)";
   m.def("encode", &encode, "nearest-centroid encode + pack into the code buffer in place");
   m.def("attention", &attention, "attention from CQ codes");
+  m.def("dequant", &dequant, "dense RoPE'd keys and values from CQ codes (prefill through SDPA)");
 }

@@ -83,5 +83,8 @@ cudaError_t launch_decode(const AttnParams& p, cudaStream_t stream);
 bool mma_decode_applies(const AttnParams& p, size_t max_smem);
 cudaError_t launch_mma_decode(const AttnParams& p, cudaStream_t stream);
 cudaError_t launch_prefill(const AttnParams& p, cudaStream_t stream);
+// Dense RoPE'd keys and values [B, H_kv, S, D] (dtype) from the first S cached codes (uses the code, centroid and
+// cos/sin fields of p): the prefill path that leaves the attention to torch SDPA.
+cudaError_t launch_dequant(const AttnParams& p, void* kout, void* vout, cudaStream_t stream);
 
 }  // namespace cq

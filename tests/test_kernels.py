@@ -327,11 +327,36 @@ PREFILL_CASES = [
 
 
 @cuda_test
+@pytest.mark.parametrize("kernel", ops.PREFILL_KERNELS)
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=[f"case{i}" for i in range(len(PREFILL_CASES))])
-def test_prefill_attention(case):
+def test_prefill_attention(case, kernel, monkeypatch):
+    monkeypatch.setattr(ops, "PREFILL_KERNEL", kernel)
     query, view, mask, scaling = make_case(**case)
     out = run_attention(query, view, mask, scaling)
+    if not (case.get("window") or case.get("sinks")):
+        assert ops.KERNEL_USED["attention"] == {"sdpa": "dequant+sdpa", "tensor-core": "prefill"}[kernel]
     assert_within_2x(out, query, view, mask, scaling)
+
+
+@cuda_test
+@pytest.mark.parametrize("D,kspec,vspec,dtype", [(128, (8, 8), (8, 8), torch.bfloat16), (64, (1, 4), (16, 12), torch.float16),
+                                                 (128, (2, 5), (4, 7), torch.float16)])
+def test_dequant_kernel(D, kspec, vspec, dtype):
+    """Dense keys/values from the kernel equal the reference dequantization + RoPE (fp32), rounded once."""
+    query, view, mask, scaling = make_case(S=333, Q=1, B=2, Hq=2, Hkv=2, D=D, kspec=kspec, vspec=vspec, dtype=dtype,
+                                           pads=[0, 50])
+    layer, cache = view.layer, view.layer.parent
+    S = view.length
+    cos, sin = cache.cos_sin(S, "cuda")
+    k, v = ops.get_module().dequant(layer.k_codes, layer.v_codes, layer.k_centroids, layer.v_centroids,
+                                    int(layer.k_bits), int(layer.v_bits), cos, sin, S)
+    k_codes, v_codes = layer.valid_codes()
+    kr = quant.apply_rope(quant.decode(quant.unpack(k_codes, layer.k_bits, layer.k_groups), layer.k_centroids,
+                                       torch.float32), cos, sin)
+    vr = quant.decode(quant.unpack(v_codes, layer.v_bits, layer.v_groups), layer.v_centroids, torch.float32)
+    assert k.dtype == dtype and k.shape == kr.shape and v.shape == vr.shape
+    assert torch.equal(v, vr.to(dtype))
+    assert rel_err(k, kr) <= 2 * rel_err(kr.to(dtype), kr) + 1e-7
 
 
 # ---------------------------------------------------------------- end to end
@@ -458,4 +483,5 @@ def test_bench_attention_and_prefill_cli(tmp_path):
     r = CliRunner().invoke(app, ["bench", "prefill", "--shape", "1x700", "--reps", "3", "--json", str(tmp_path / "p.json")])
     assert r.exit_code == 0, r.output
     row = json.loads((tmp_path / "p.json").read_text())["rows"][0]
-    assert row["cq_kernel"] == "prefill" and row["rel_err_vs_sdpa"] < 2e-2 and row["cq_ms"] > 0
+    assert row["cq_kernel"] == "dequant+sdpa" and row["kernels"]["tensor-core"]["ran"] == "prefill"
+    assert all(k["rel_err_vs_sdpa"] < 2e-2 for k in row["kernels"].values()) and row["dequant_ms"] > 0

@@ -1,0 +1,108 @@
+// Dense keys (RoPE applied) and values from CQ codes, for the prefill path that hands the attention itself to
+// torch SDPA (FlashAttention / memory-efficient attention). Prefill is bound by matrix math, not by the cache's bytes:
+// one pass that writes the dequantized layer once and the best attention kernel available beat dequantizing every
+// key tile again for every block of 64 queries (kernels/prefill.cu). The decode kernels never do this.
+//
+// One block per (64 tokens, kv head, batch row): the tokens' code words are staged in shared memory, each key is
+// looked up, rotated in fp32 with the cache's cos/sin table (as the reference path does) and rounded once to the
+// compute dtype; values are looked up and copied. Output [B, H_kv, S, D], contiguous.
+#include "common.cuh"
+#include "decode.cuh"
+#include "kernels.h"
+
+namespace cq {
+namespace {
+
+constexpr int kDqTok = 64;
+constexpr int kDqThreads = 256;
+
+__host__ __device__ inline int dq_words(int row_bytes) { return (kDqTok * row_bytes + 6) / 4 + 2; }
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kDqThreads) dequant_kernel(const AttnParams p, T* kout, T* vout) {
+  constexpr int HALF = D / 2;
+  extern __shared__ __align__(16) uint32_t words[];
+  uint32_t* kw = words;
+  uint32_t* vw = words + dq_words(p.k_rb);
+  const int b = blockIdx.z, h = blockIdx.y, j0 = blockIdx.x * kDqTok;
+  const int n = min(kDqTok, p.S - j0);
+
+  const int64_t ks = ((static_cast<int64_t>(b) * p.Hkv + h) * p.cap + j0) * p.k_rb, ka = ks & ~int64_t(3);
+  const int nkw = static_cast<int>((ks + static_cast<int64_t>(n) * p.k_rb - ka + 3) >> 2);
+  for (int i = threadIdx.x; i < nkw; i += blockDim.x) kw[i] = __ldg(reinterpret_cast<const unsigned int*>(p.k_codes + ka) + i);
+  const int64_t vs = ((static_cast<int64_t>(b) * p.Hkv + h) * p.cap + j0) * p.v_rb, va = vs & ~int64_t(3);
+  const int nvw = static_cast<int>((vs + static_cast<int64_t>(n) * p.v_rb - va + 3) >> 2);
+  for (int i = threadIdx.x; i < nvw; i += blockDim.x) vw[i] = __ldg(reinterpret_cast<const unsigned int*>(p.v_codes + va) + i);
+  if (threadIdx.x == 0) { kw[nkw] = 0u; vw[nvw] = 0u; }
+  __syncthreads();
+  const uint32_t kbit0 = static_cast<uint32_t>((ks - ka) * 8), vbit0 = static_cast<uint32_t>((vs - va) * 8);
+
+  const int Kk = 1 << p.k_bits, Kv = 1 << p.v_bits;
+  const int lck = __ffs(p.k_c) - 1, lcv = __ffs(p.v_c) - 1;
+  const T* kcent = reinterpret_cast<const T*>(p.k_cent) + static_cast<int64_t>(h) * p.k_groups * Kk * p.k_c;
+  const T* vcent = reinterpret_cast<const T*>(p.v_cent) + static_cast<int64_t>(h) * p.v_groups * Kv * p.v_c;
+  const float* cos_b = p.cos_t + b * p.cs_sb;
+  const float* sin_b = p.sin_t + b * p.cs_sb;
+  const int64_t orow = ((static_cast<int64_t>(b) * p.Hkv + h) * p.S + j0) * D;
+
+  // keys: item = (token, chunk of 8 channel pairs (i, i + D/2))
+  for (int it = threadIdx.x; it < n * (D / 16); it += blockDim.x) {
+    const int kn = it / (D / 16), cb = it % (D / 16);
+    const int ca = 8 * cb, cbb = HALF + 8 * cb;
+    const uint32_t bit = kbit0 + static_cast<uint32_t>(kn * p.k_rb * 8);
+    float a8[8], b8[8];
+    gather8<T, false, 0>(a8, kcent, D, lck, Kk, p.k_bits, kw, bit, ca);
+    gather8<T, false, 0>(b8, kcent, D, lck, Kk, p.k_bits, kw, bit, cbb);
+    const int64_t j = j0 + kn;
+    const float4* cp = reinterpret_cast<const float4*>(cos_b + j * D + ca);
+    const float4* sp = reinterpret_cast<const float4*>(sin_b + j * D + ca);
+    const float4 c0 = __ldg(cp), c1 = __ldg(cp + 1), s0 = __ldg(sp), s1 = __ldg(sp + 1);
+    const float cs[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
+    const float sn[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
+    float ra[8], rb[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      ra[e] = a8[e] * cs[e] - b8[e] * sn[e];
+      rb[e] = b8[e] * cs[e] + a8[e] * sn[e];
+    }
+    T* kp = kout + orow + static_cast<int64_t>(kn) * D;
+    *reinterpret_cast<uint4*>(kp + ca) =
+        make_uint4(pack2<T>(ra[0], ra[1]), pack2<T>(ra[2], ra[3]), pack2<T>(ra[4], ra[5]), pack2<T>(ra[6], ra[7]));
+    *reinterpret_cast<uint4*>(kp + cbb) =
+        make_uint4(pack2<T>(rb[0], rb[1]), pack2<T>(rb[2], rb[3]), pack2<T>(rb[4], rb[5]), pack2<T>(rb[6], rb[7]));
+  }
+  // values: item = (token, chunk of 8 channels)
+  for (int it = threadIdx.x; it < n * (D / 8); it += blockDim.x) {
+    const int kn = it / (D / 8), cb = it % (D / 8);
+    const uint32_t bit = vbit0 + static_cast<uint32_t>(kn * p.v_rb * 8);
+    float v8[8];
+    gather8<T, false, 0>(v8, vcent, D, lcv, Kv, p.v_bits, vw, bit, 8 * cb);
+    *reinterpret_cast<uint4*>(vout + orow + static_cast<int64_t>(kn) * D + 8 * cb) =
+        make_uint4(pack2<T>(v8[0], v8[1]), pack2<T>(v8[2], v8[3]), pack2<T>(v8[4], v8[5]), pack2<T>(v8[6], v8[7]));
+  }
+}
+
+template <typename T, int D>
+cudaError_t launch_dq(const AttnParams& p, void* kout, void* vout, cudaStream_t stream) {
+  const size_t smem = static_cast<size_t>(dq_words(p.k_rb) + dq_words(p.v_rb)) * 4;
+  dim3 grid((p.S + kDqTok - 1) / kDqTok, p.Hkv, p.B);
+  dequant_kernel<T, D><<<grid, kDqThreads, smem, stream>>>(p, static_cast<T*>(kout), static_cast<T*>(vout));
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_dequant(const AttnParams& p, void* kout, void* vout, cudaStream_t stream) {
+  if (p.B == 0 || p.S == 0) return cudaSuccess;
+  if (p.D == 128) {
+    return p.dtype == kBF16 ? launch_dq<__nv_bfloat16, 128>(p, kout, vout, stream)
+                            : launch_dq<__half, 128>(p, kout, vout, stream);
+  }
+  if (p.D == 64) {
+    return p.dtype == kBF16 ? launch_dq<__nv_bfloat16, 64>(p, kout, vout, stream)
+                            : launch_dq<__half, 64>(p, kout, vout, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cq
