@@ -62,6 +62,14 @@ def copy_bandwidth(nbytes: int = 1 << 31) -> float:
 # ---------------------------------------------------------------- attention
 
 
+def _require_kernels(what: str) -> None:
+    if not torch.cuda.is_available():
+        raise ConfigError(f"bench {what} needs a CUDA GPU (the reference path on CPU is not what is measured)")
+    st = ops.kernel_status()
+    if not st["available"]:
+        raise ConfigError(f"the CUDA kernels are not available: {st['reason']}")
+
+
 def synthetic_layer(B: int, S: int, H: int, D: int, spec: QuantSpec, dtype=torch.bfloat16, seed: int = 0,
                     dense: bool = True):
     """A decode step's view of one CQ layer with S random tokens (Q = 1, no window), and, when `dense`, the same
@@ -105,11 +113,7 @@ def synthetic_layer(B: int, S: int, H: int, D: int, spec: QuantSpec, dtype=torch
 def attention_bench(shapes=DEFAULT_SHAPES, specs=DEFAULT_SPECS, heads: int = 32, head_dim: int = 128,
                     reps: int = 30, progress=None) -> dict:
     """Decode attention per layer: CQ kernel vs SDPA bf16 on the same data. Returns {"device", "rows", ...}."""
-    if not torch.cuda.is_available():
-        raise ConfigError("bench attention needs a CUDA GPU (the reference path on CPU is not what is measured)")
-    st = ops.kernel_status()
-    if not st["available"]:
-        raise ConfigError(f"the CUDA kernels are not available: {st['reason']}")
+    _require_kernels("attention")
     info = device_info()
     bw = copy_bandwidth()
     rows = []
@@ -163,11 +167,7 @@ def prefill_bench(shapes=DEFAULT_PREFILL_SHAPES, specs=("8c8b",), heads: int = 3
                   reps: int = 10, progress=None) -> dict:
     """Causal attention of S queries over S cached tokens (one layer, Llama-2-7b shapes): the CQ prefill kernel vs
     SDPA bf16 (is_causal) on the same data. Returns {"device", "rows", ...}."""
-    if not torch.cuda.is_available():
-        raise ConfigError("bench prefill needs a CUDA GPU (the reference path on CPU is not what is measured)")
-    st = ops.kernel_status()
-    if not st["available"]:
-        raise ConfigError(f"the CUDA kernels are not available: {st['reason']}")
+    _require_kernels("prefill")
     info = device_info()
     rows = []
     say = progress or (lambda *_: None)

@@ -152,6 +152,7 @@ def run_eval(cfg, calib: dict[str, Any] | None = None, progress=None) -> dict[st
 
     for m in methods:
         ops.BACKEND_USED.clear()
+        ops.KERNELS_RUN.clear()
         row: dict[str, Any] = {"method": m.name, "bits_per_channel": m.bits_per_channel(cfg.seqlen), **m.describe()}
         if text is not None:
             ppl = perplexity(model, tok, text, m, cfg.seqlen, cfg.limit, cfg.batch_size, progress)
@@ -163,5 +164,6 @@ def run_eval(cfg, calib: dict[str, Any] | None = None, progress=None) -> dict[st
                 for k, v in res.items():
                     row[f"{task}/{k}" if k != "acc" else task] = v
         row["backends"] = dict(ops.BACKEND_USED)
+        row["attention_kernels"] = sorted(ops.KERNELS_RUN)  # CUDA attention kernels that ran (empty: none)
         results.append(row)
     return {"model": info.__dict__, "config": to_dict(cfg), "calibration": calib, "results": results}

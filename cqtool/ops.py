@@ -25,6 +25,7 @@ log = logging.getLogger("cqtool")
 _ANNOUNCED: set[tuple[str, str, str]] = set()
 BACKEND_USED: dict[str, str] = {}
 KERNEL_USED: dict[str, str] = {}  # which CUDA kernel the last call of an op ran ("decode", "decode-mma", "prefill")
+KERNELS_RUN: set[str] = set()  # every attention kernel run since the caller last cleared it (evaluate records it)
 
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
 SOURCES = ("binding.cpp", "encode.cu", "decode.cu", "decode_f16_d64.cu", "decode_f16_d128.cu", "decode_bf16_d64.cu",
@@ -265,6 +266,7 @@ def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> t
     if prefill and PREFILL_KERNEL == "sdpa":
         out = _prefill_sdpa(mod, query, view, attention_mask, scaling, cos, sin)
         KERNEL_USED["attention"] = "dequant+sdpa"
+        KERNELS_RUN.add("dequant+sdpa")
         _note("attention", "cuda", "dequant kernel + torch SDPA for prefill")
         return out
     q = query if query.stride(-1) == 1 else query.contiguous()
@@ -278,5 +280,6 @@ def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> t
         int(cfg.window), int(view.start), int(S), float(scaling), bool(prefill),
         _decode_variant(B, S))
     KERNEL_USED["attention"] = _KERNEL_NAMES[used]
+    KERNELS_RUN.add(_KERNEL_NAMES[used])
     _note("attention", "cuda", f"{_KERNEL_NAMES[used]} kernel")
     return out

@@ -89,6 +89,51 @@ __device__ __forceinline__ void gather8(float* out, const T* tab, int D, int lc,
   }
 }
 
+// Partial scores of one token over 8 channel pairs (ka: channels ch_a.., kb: their RoPE partners). NQ == 1: w holds
+// the query already rotated to the token's position (s = Re(W k)); NQ > 1: w is e^{i p f} and the key is rotated
+// here, then dotted with each query's channels qa, qb.
+template <int NQ>
+__device__ __forceinline__ void rotated_scores(const float2 (&w)[8], const float (&ka)[8], const float (&kb)[8],
+                                               const float (&qa)[NQ][8], const float (&qb)[NQ][8], float (&s)[NQ]) {
+  if constexpr (NQ == 1) {
+    float a0 = 0.f, a1 = 0.f;
+#pragma unroll
+    for (int m = 0; m < 8; ++m) { a0 = fmaf(w[m].x, ka[m], a0); a1 = fmaf(w[m].y, kb[m], a1); }
+    s[0] = a0 - a1;
+  } else {
+#pragma unroll
+    for (int q = 0; q < NQ; ++q) s[q] = 0.f;
+#pragma unroll
+    for (int m = 0; m < 8; ++m) {
+      const float kr = ka[m] * w[m].x - kb[m] * w[m].y;
+      const float ki = kb[m] * w[m].x + ka[m] * w[m].y;
+#pragma unroll
+      for (int q = 0; q < NQ; ++q) s[q] = fmaf(qa[q][m], kr, fmaf(qb[q][m], ki, s[q]));
+    }
+  }
+}
+
+__host__ __device__ inline int ilog2(int c) {  // c a power of two
+  int l = 0;
+  while ((1 << l) < c) ++l;
+  return l;
+}
+
+// One (batch row, kv head)'s code rows (byte offsets of row 0 in k_codes / v_codes) and centroids.
+template <typename T>
+struct HeadCodes {
+  const T* kcent;
+  const T* vcent;
+  int64_t kbase, vbase;
+  int Kk, Kv, lck, lcv;  // 2**bits and log2(c) of K and V
+  __device__ HeadCodes(const AttnParams& p, int b, int h)
+      : kcent(reinterpret_cast<const T*>(p.k_cent) + static_cast<int64_t>(h) * p.k_groups * (1 << p.k_bits) * p.k_c),
+        vcent(reinterpret_cast<const T*>(p.v_cent) + static_cast<int64_t>(h) * p.v_groups * (1 << p.v_bits) * p.v_c),
+        kbase((static_cast<int64_t>(b) * p.Hkv + h) * p.cap * p.k_rb),
+        vbase((static_cast<int64_t>(b) * p.Hkv + h) * p.cap * p.v_rb),
+        Kk(1 << p.k_bits), Kv(1 << p.v_bits), lck(ilog2(p.k_c)), lcv(ilog2(p.v_c)) {}
+};
+
 // Copy one head's centroids [G, K, c] into the code-major table tab[K][D] (asynchronously where c >= 2).
 template <typename T>
 __device__ void load_table(T* tab, const T* cent, int D, int c, int K) {
@@ -277,12 +322,10 @@ __global__ void __launch_bounds__(dec_warps<NQ>() * 32, 1) decode_kernel(const A
     const int per = (cmax - cmin + ncode - 1) / ncode;
     const int t_begin = cmin + split * per;
     const int t_end = min(cmax, t_begin + per);
-    const int Kk = 1 << p.k_bits, Kv = 1 << p.v_bits;
-    const int lck = __ffs(p.k_c) - 1, lcv = __ffs(p.v_c) - 1;
-    const T* kcent = reinterpret_cast<const T*>(p.k_cent) + static_cast<int64_t>(h) * p.k_groups * Kk * p.k_c;
-    const T* vcent = reinterpret_cast<const T*>(p.v_cent) + static_cast<int64_t>(h) * p.v_groups * Kv * p.v_c;
-    const int64_t kbase = (static_cast<int64_t>(b) * p.Hkv + h) * p.cap * p.k_rb;
-    const int64_t vbase = (static_cast<int64_t>(b) * p.Hkv + h) * p.cap * p.v_rb;
+    const HeadCodes<T> hc(p, b, h);
+    const int Kk = hc.Kk, Kv = hc.Kv, lck = hc.lck, lcv = hc.lcv;
+    const T *kcent = hc.kcent, *vcent = hc.vcent;
+    const int64_t kbase = hc.kbase, vbase = hc.vbase;
     const int64_t* pos_g = p.positions + b * p.pos_sb;
 
     auto load_tile = [&](int stage, int t0) {
@@ -382,22 +425,7 @@ __global__ void __launch_bounds__(dec_warps<NQ>() * 32, 1) decode_kernel(const A
             load_vec<T, CH>(tv + vrow[cb >> lcv] * D + cb, v + 8 + j * CH);
           }
           float s[NQ];
-          if constexpr (NQ == 1) {
-            float a0 = 0.f, a1 = 0.f;
-#pragma unroll
-            for (int m = 0; m < 8; ++m) { a0 = fmaf(w[m].x, ka[m], a0); a1 = fmaf(w[m].y, kb[m], a1); }
-            s[0] = a0 - a1;
-          } else {
-#pragma unroll
-            for (int q = 0; q < NQ; ++q) s[q] = 0.f;
-#pragma unroll
-            for (int m = 0; m < 8; ++m) {
-              const float kr = ka[m] * w[m].x - kb[m] * w[m].y;
-              const float ki = kb[m] * w[m].x + ka[m] * w[m].y;
-#pragma unroll
-              for (int q = 0; q < NQ; ++q) s[q] = fmaf(qa[q][m], kr, fmaf(qb[q][m], ki, s[q]));
-            }
-          }
+          rotated_scores<NQ>(w, ka, kb, qa, qb, s);
           // advance the rotation to this lane's next token (STEP positions on)
 #pragma unroll
           for (int m = 0; m < 8; ++m)
@@ -480,22 +508,7 @@ __global__ void __launch_bounds__(dec_warps<NQ>() * 32, 1) decode_kernel(const A
           gather8<T, TSMEM, CH>(v, tv, D, lcv, Kv, p.v_bits, vw, vb0, ch_a);
           gather8<T, TSMEM, CH>(v + 8, tv, D, lcv, Kv, p.v_bits, vw, vb0, ch_b);
           float s[NQ];
-          if constexpr (NQ == 1) {
-            float a0 = 0.f, a1 = 0.f;
-#pragma unroll
-            for (int m = 0; m < 8; ++m) { a0 = fmaf(w[m].x, ka[m], a0); a1 = fmaf(w[m].y, kb[m], a1); }
-            s[0] = a0 - a1;
-          } else {
-#pragma unroll
-            for (int q = 0; q < NQ; ++q) s[q] = 0.f;
-#pragma unroll
-            for (int m = 0; m < 8; ++m) {
-              const float kr = ka[m] * w[m].x - kb[m] * w[m].y;
-              const float ki = kb[m] * w[m].x + ka[m] * w[m].y;
-#pragma unroll
-              for (int q = 0; q < NQ; ++q) s[q] = fmaf(qa[q][m], kr, fmaf(qb[q][m], ki, s[q]));
-            }
-          }
+          rotated_scores<NQ>(w, ka, kb, qa, qb, s);
 #pragma unroll
           for (int q = 0; q < NQ; ++q) {
             s[q] = token_sum<LPT>(s[q]);

@@ -27,20 +27,17 @@ __global__ void __launch_bounds__(kDqThreads) dequant_kernel(const AttnParams p,
   const int b = blockIdx.z, h = blockIdx.y, j0 = blockIdx.x * kDqTok;
   const int n = min(kDqTok, p.S - j0);
 
-  const int64_t ks = ((static_cast<int64_t>(b) * p.Hkv + h) * p.cap + j0) * p.k_rb, ka = ks & ~int64_t(3);
+  const HeadCodes<T> hc(p, b, h);
+  const int64_t ks = hc.kbase + static_cast<int64_t>(j0) * p.k_rb, ka = ks & ~int64_t(3);
   const int nkw = static_cast<int>((ks + static_cast<int64_t>(n) * p.k_rb - ka + 3) >> 2);
   for (int i = threadIdx.x; i < nkw; i += blockDim.x) kw[i] = __ldg(reinterpret_cast<const unsigned int*>(p.k_codes + ka) + i);
-  const int64_t vs = ((static_cast<int64_t>(b) * p.Hkv + h) * p.cap + j0) * p.v_rb, va = vs & ~int64_t(3);
+  const int64_t vs = hc.vbase + static_cast<int64_t>(j0) * p.v_rb, va = vs & ~int64_t(3);
   const int nvw = static_cast<int>((vs + static_cast<int64_t>(n) * p.v_rb - va + 3) >> 2);
   for (int i = threadIdx.x; i < nvw; i += blockDim.x) vw[i] = __ldg(reinterpret_cast<const unsigned int*>(p.v_codes + va) + i);
   if (threadIdx.x == 0) { kw[nkw] = 0u; vw[nvw] = 0u; }
   __syncthreads();
   const uint32_t kbit0 = static_cast<uint32_t>((ks - ka) * 8), vbit0 = static_cast<uint32_t>((vs - va) * 8);
 
-  const int Kk = 1 << p.k_bits, Kv = 1 << p.v_bits;
-  const int lck = __ffs(p.k_c) - 1, lcv = __ffs(p.v_c) - 1;
-  const T* kcent = reinterpret_cast<const T*>(p.k_cent) + static_cast<int64_t>(h) * p.k_groups * Kk * p.k_c;
-  const T* vcent = reinterpret_cast<const T*>(p.v_cent) + static_cast<int64_t>(h) * p.v_groups * Kv * p.v_c;
   const float* cos_b = p.cos_t + b * p.cs_sb;
   const float* sin_b = p.sin_t + b * p.cs_sb;
   const int64_t orow = ((static_cast<int64_t>(b) * p.Hkv + h) * p.S + j0) * D;
@@ -51,8 +48,8 @@ __global__ void __launch_bounds__(kDqThreads) dequant_kernel(const AttnParams p,
     const int ca = 8 * cb, cbb = HALF + 8 * cb;
     const uint32_t bit = kbit0 + static_cast<uint32_t>(kn * p.k_rb * 8);
     float a8[8], b8[8];
-    gather8<T, false, 0>(a8, kcent, D, lck, Kk, p.k_bits, kw, bit, ca);
-    gather8<T, false, 0>(b8, kcent, D, lck, Kk, p.k_bits, kw, bit, cbb);
+    gather8<T, false, 0>(a8, hc.kcent, D, hc.lck, hc.Kk, p.k_bits, kw, bit, ca);
+    gather8<T, false, 0>(b8, hc.kcent, D, hc.lck, hc.Kk, p.k_bits, kw, bit, cbb);
     const int64_t j = j0 + kn;
     const float4* cp = reinterpret_cast<const float4*>(cos_b + j * D + ca);
     const float4* sp = reinterpret_cast<const float4*>(sin_b + j * D + ca);
@@ -76,7 +73,7 @@ __global__ void __launch_bounds__(kDqThreads) dequant_kernel(const AttnParams p,
     const int kn = it / (D / 8), cb = it % (D / 8);
     const uint32_t bit = vbit0 + static_cast<uint32_t>(kn * p.v_rb * 8);
     float v8[8];
-    gather8<T, false, 0>(v8, vcent, D, lcv, Kv, p.v_bits, vw, bit, 8 * cb);
+    gather8<T, false, 0>(v8, hc.vcent, D, hc.lcv, hc.Kv, p.v_bits, vw, bit, 8 * cb);
     *reinterpret_cast<uint4*>(vout + orow + static_cast<int64_t>(kn) * D + 8 * cb) =
         make_uint4(pack2<T>(v8[0], v8[1]), pack2<T>(v8[2], v8[3]), pack2<T>(v8[4], v8[5]), pack2<T>(v8[6], v8[7]));
   }
