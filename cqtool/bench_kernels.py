@@ -71,9 +71,10 @@ def _require_kernels(what: str) -> None:
 
 
 def synthetic_layer(B: int, S: int, H: int, D: int, spec: QuantSpec, dtype=torch.bfloat16, seed: int = 0,
-                    dense: bool = True):
-    """A decode step's view of one CQ layer with S random tokens (Q = 1, no window), and, when `dense`, the same
-    keys (dequantized, RoPE applied) and values as dense [B, H, S, D] tensors for the baseline."""
+                    dense: bool = True, q_heads: int | None = None):
+    """A decode step's view of one CQ layer with S random tokens and H kv heads (Q = 1, no window; q_heads query
+    heads, default H), and, when `dense`, the same keys (dequantized, RoPE applied) and values as dense [B, H, S, D]
+    tensors for the baseline."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     G, K = D // spec.channels, spec.num_centroids
     k_cent = torch.randn(H, G, K, spec.channels, generator=g, device="cuda").to(dtype)
@@ -99,20 +100,32 @@ def synthetic_layer(B: int, S: int, H: int, D: int, spec: QuantSpec, dtype=torch
                 out[b : b + 1] = x
             del c
     cache = SimpleNamespace(positions=positions, inv_freq=inv_freq, rope_scale=1.0)
-    cache.cos_sin = lambda n, device: quant.rope_cos_sin(positions[:, :n].to(device), inv_freq.to(device))
+    memo: dict = {}
+
+    def cos_sin(n: int, device):  # memoised, as CQCache.cos_sin is within a step (all layers share it)
+        key = (n, str(device))
+        if key not in memo:
+            memo[key] = quant.rope_cos_sin(positions[:, :n].to(device), inv_freq.to(device))
+        return memo[key]
+
+    cache.cos_sin = cos_sin
     layer = SimpleNamespace(k_codes=k_codes, v_codes=v_codes, k_centroids=k_cent, v_centroids=v_cent,
                             k_bits=spec.code_bits, v_bits=spec.code_bits, k_groups=G, v_groups=G,
                             config=SimpleNamespace(window=0, sinks=0), parent=cache, sink_k=None, sink_v=None, length=S)
     layer.valid_codes = lambda: (k_codes[:, :, :S], v_codes[:, :, :S])
     new = torch.randn(B, H, 1, D, generator=g, device="cuda").to(dtype)
     view = SimpleNamespace(layer=layer, new_k=new, new_v=new, start=S - 1, win_k=None, win_v=None, length=S)
-    query = torch.randn(B, H, 1, D, generator=g, device="cuda").to(dtype)
+    query = torch.randn(B, q_heads or H, 1, D, generator=g, device="cuda").to(dtype)
     return query, view, kd, vd
 
 
 def attention_bench(shapes=DEFAULT_SHAPES, specs=DEFAULT_SPECS, heads: int = 32, head_dim: int = 128,
-                    reps: int = 30, progress=None) -> dict:
-    """Decode attention per layer: CQ kernel vs SDPA bf16 on the same data. Returns {"device", "rows", ...}."""
+                    reps: int = 30, progress=None, kv_heads: int | None = None) -> dict:
+    """Decode attention per layer: CQ kernel vs SDPA bf16 on the same data. Returns {"device", "rows", ...}.
+    kv_heads < heads: grouped-query attention (SDPA with enable_gqa on the kv heads' dense K/V)."""
+    kv_heads = kv_heads or heads
+    if kv_heads < 1 or heads % kv_heads:
+        raise ConfigError(f"--kv-heads {kv_heads}: must divide --heads {heads}")
     _require_kernels("attention")
     info = device_info()
     bw = copy_bandwidth()
@@ -122,11 +135,15 @@ def attention_bench(shapes=DEFAULT_SHAPES, specs=DEFAULT_SPECS, heads: int = 32,
         spec = QuantSpec.parse(spec_name)
         for B, S in shapes:
             say(f"{spec.name} {B}x{S}")
-            query, view, kd, vd = synthetic_layer(B, S, heads, head_dim, spec)
+            query, view, kd, vd = synthetic_layer(B, S, kv_heads, head_dim, spec, q_heads=heads)
             scaling = head_dim**-0.5
-            ref = torch.nn.functional.scaled_dot_product_attention(query, kd, vd, scale=scaling)
-            t_sdpa = statistics.median(cuda_times(
-                lambda: torch.nn.functional.scaled_dot_product_attention(query, kd, vd, scale=scaling), reps=reps))
+            gqa = heads != kv_heads
+
+            def sdpa():
+                return torch.nn.functional.scaled_dot_product_attention(query, kd, vd, scale=scaling, enable_gqa=gqa)
+
+            ref = sdpa()
+            t_sdpa = statistics.median(cuda_times(sdpa, reps=reps))
             # every decode kernel choice on the same data ("ran": the kernel a choice ran for this shape)
             kernels, keep = {}, ops.DECODE_KERNEL
             try:
@@ -147,7 +164,8 @@ def attention_bench(shapes=DEFAULT_SHAPES, specs=DEFAULT_SPECS, heads: int = 32,
             dense_bytes = (kd.numel() + vd.numel()) * 2 + 2 * query.numel() * 2
             floor_ms = floor_bytes / bw * 1e3
             rows.append({"quant": f"CQ-{spec.name}", "bits_per_channel": spec.bits_per_channel, "batch": B, "context": S,
-                         "heads": heads, "head_dim": head_dim, "cq_kernel": kernels[keep]["ran"], "sdpa_ms": t_sdpa,
+                         "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "cq_kernel": kernels[keep]["ran"],
+                         "sdpa_ms": t_sdpa,
                          "cq_ms": t_cq, "speedup": t_sdpa / t_cq, "kernels": kernels,
                          "cq_floor_ms": floor_ms, "cq_floor_fraction": floor_ms / t_cq,
                          "sdpa_floor_fraction": dense_bytes / bw * 1e3 / t_sdpa, "rel_err_vs_sdpa": err,

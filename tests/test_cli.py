@@ -218,3 +218,7 @@ def test_kernel_benches_need_a_gpu(what):
 @pytest.mark.parametrize("what", ["attention", "prefill"])
 def test_kernel_bench_bad_shape(what):
     assert_user_error(run("bench", what, "--shape", "8by32768"), "8by32768", "BATCHxCONTEXT")
+
+
+def test_kernel_bench_bad_kv_heads():
+    assert_user_error(run("bench", "attention", "--heads", "32", "--kv-heads", "5"), "--kv-heads 5", "--heads 32")

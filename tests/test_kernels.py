@@ -480,6 +480,11 @@ def test_bench_attention_and_prefill_cli(tmp_path):
     assert row["kernels"]["tensor-core-16w"]["ran"] == "decode-mma16"
     assert row["kernels"]["cuda-core"]["ran"] == "decode"
     assert all(k["rel_err_vs_sdpa"] < 2e-2 for k in row["kernels"].values())
+    r = CliRunner().invoke(app, ["bench", "attention", "--shape", "2x2000", "--spec", "4c8b", "--heads", "8",
+                                 "--kv-heads", "2", "--reps", "3", "--json", str(tmp_path / "g.json")])
+    assert r.exit_code == 0, r.output
+    row = json.loads((tmp_path / "g.json").read_text())["rows"][0]
+    assert row["kv_heads"] == 2 and all(k["rel_err_vs_sdpa"] < 2e-2 for k in row["kernels"].values())
     r = CliRunner().invoke(app, ["bench", "prefill", "--shape", "1x700", "--reps", "3", "--json", str(tmp_path / "p.json")])
     assert r.exit_code == 0, r.output
     row = json.loads((tmp_path / "p.json").read_text())["rows"][0]

@@ -29,7 +29,8 @@ def _shapes(items: list[str] | None):
 def attention_cmd(
     shape: Annotated[Optional[list[str]], typer.Option(help="BATCHxCONTEXT, repeatable [8x32768 1x4096 1x32768 32x8192]")] = None,
     spec: Annotated[Optional[list[str]], typer.Option(help="CQ quantizer for K and V, repeatable [8c8b 4c8b]")] = None,
-    heads: Annotated[int, typer.Option(help="Query = kv heads (MHA, Llama-2-7b)")] = 32,
+    heads: Annotated[int, typer.Option(help="Query heads (32: Llama-2-7b)")] = 32,
+    kv_heads: Annotated[Optional[int], typer.Option(help="KV heads, dividing --heads [= heads, MHA; 8: Llama-3-8b]")] = None,
     head_dim: Annotated[int, typer.Option(help="64 or 128")] = 128,
     reps: Annotated[int, typer.Option(help="Timed calls per measurement (median)")] = 30,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Save results as JSON")] = None,
@@ -41,8 +42,9 @@ def attention_cmd(
     from ..io import write_json
 
     res = attention_bench(_shapes(shape), tuple(spec or DEFAULT_SPECS), heads, head_dim, reps,
-                          progress=lambda m: console.print(f"[dim]{m}[/]"))
-    t = Table(title=f"decode attention per layer, {heads} heads x {head_dim}, {res['device']} "
+                          progress=lambda m: console.print(f"[dim]{m}[/]"), kv_heads=kv_heads)
+    kv = f" ({kv_heads} kv heads)" if kv_heads and kv_heads != heads else ""
+    t = Table(title=f"decode attention per layer, {heads} heads{kv} x {head_dim}, {res['device']} "
                     f"(copy bandwidth {res['copy_bandwidth_tbs']:.2f} TB/s)")
     for col in ("quant", "batch x ctx", "SDPA bf16 ms", "CQ ms", "speedup", "CQ floor ms", "% of floor", "rel err"):
         t.add_column(col, justify="right")
