@@ -257,7 +257,7 @@ class FakeQuantLayer(AppendOnlyLayer):
 
 class FakeQuantCache(Cache):
     """A simulated quantized KV cache: each layer quantizes keys and values with `method`'s functions on the
-    schedule of its rules. model(ids, past_key_values=FakeQuantCache(model, KIVI(2)))"""
+    schedule of its rules. model(ids, cache=FakeQuantCache(model, KIVI(2))) (past_key_values= before transformers 5.24)"""
 
     def __init__(self, model, method: "FakeQuantMethod"):
         prepare_model(model)

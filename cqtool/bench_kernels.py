@@ -25,6 +25,7 @@ import torch
 
 from . import ops, quant
 from .config import ConfigError, QuantSpec
+from .models import cache_kwarg
 
 DEFAULT_SHAPES = ((8, 32768), (1, 4096), (1, 32768), (32, 8192))
 DEFAULT_SPECS = ("8c8b", "4c8b")
@@ -350,7 +351,7 @@ def _decode(model, cache, tok: torch.Tensor, steps: int) -> tuple[float, torch.T
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
-        logits = model(input_ids=tok, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=tok, **{cache_kwarg(model): cache}, use_cache=True).logits
         tok = logits[:, -1:].argmax(-1)
     torch.cuda.synchronize()
     return time.perf_counter() - t0, tok
@@ -370,7 +371,7 @@ def run_generation(kind: str, setup: GenSetup, B: int, real_prefill: bool = True
             g = torch.Generator(device="cuda").manual_seed(2)
             ids = torch.randint(0, model.config.vocab_size, (B, setup.prompt), generator=g, device="cuda")
             for s in range(0, setup.prompt, setup.chunk):
-                logits = model(input_ids=ids[:, s : s + setup.chunk], past_key_values=cache, use_cache=True,
+                logits = model(input_ids=ids[:, s : s + setup.chunk], **{cache_kwarg(model): cache}, use_cache=True,
                                logits_to_keep=1).logits
             tok = logits[:, -1:].argmax(-1)
             del ids, logits

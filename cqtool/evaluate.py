@@ -9,7 +9,7 @@ import torch
 
 from .data import eval_windows, load_text, tokenize
 from .methods import KVMethod
-from .models import model_device
+from .models import cache_kwarg, model_device
 
 
 @torch.no_grad()
@@ -29,7 +29,7 @@ def perplexity(model, tokenizer, text: str, method: KVMethod, seqlen: int = 2048
     for batch in track(batches, description=f"ppl {method.name}"):
         ids = batch.to(dev)
         cache = method.make_cache(model)
-        kw = {"past_key_values": cache, "use_cache": True} if cache is not None else {"use_cache": False}
+        kw = {cache_kwarg(model): cache, "use_cache": True} if cache is not None else {"use_cache": False}
         logits = model(input_ids=ids, **kw).logits.float()
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                                  reduction="sum")

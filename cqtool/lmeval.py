@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 
 from .config import ConfigError
 from .methods import KVMethod
+from .models import cache_kwarg
 
 INSTALL_HINT = "pip install 'cqtool[lmeval]'"
 TASK_ALIASES = {"lambada": "lambada_openai", "openbook_qa": "openbookqa"}
@@ -31,31 +32,36 @@ TASK_ALIASES = {"lambada": "lambada_openai", "openbook_qa": "openbookqa"}
 
 @contextlib.contextmanager
 def use_method(model, method: KVMethod) -> Iterator[Any]:
-    """While active, each `model(...)` / `model.generate(...)` given no `past_key_values` runs with a fresh
+    """While active, each `model(...)` / `model.generate(...)` given no KV cache (`cache`, or `past_key_values` before
+    transformers 5.24) runs with a fresh
     `method.make_cache(model)` (and use_cache=True). A method whose cache is None leaves calls untouched.
     The model's own `forward` / `generate` are restored on exit."""
     saved = {name: model.__dict__[name] for name in ("forward", "generate") if name in model.__dict__}
     forward, generate = model.forward, model.generate
     signature = inspect.signature(forward)
-    if "past_key_values" not in signature.parameters:
-        raise ConfigError(f"{type(model).__name__}.forward takes no past_key_values; a KV method cannot be used with it")
+    kw = cache_kwarg(model)  # "cache" (transformers >= 5.24) or "past_key_values"
+    if not kw:
+        raise ConfigError(f"{type(model).__name__}.forward takes no KV cache argument; a KV method cannot be used with it")
+
+    def given(bound_or_kwargs: dict, kwargs: dict) -> bool:  # the caller passed a cache, under either name
+        return bound_or_kwargs.get(kw) is not None or any(kwargs.get(n) is not None for n in ("cache", "past_key_values"))
 
     @functools.wraps(forward)  # keeps the signature that generate() inspects
     def forward_with_cache(*args, **kwargs):
         bound = signature.bind_partial(*args, **kwargs)
-        if bound.arguments.get("past_key_values") is None:
+        if not given(bound.arguments, kwargs):
             cache = method.make_cache(model)
             if cache is not None:
-                bound.arguments["past_key_values"] = cache
+                bound.arguments[kw] = cache
                 bound.arguments["use_cache"] = True
         return forward(*bound.args, **bound.kwargs)
 
     @functools.wraps(generate)
     def generate_with_cache(*args, **kwargs):
-        if kwargs.get("past_key_values") is None:
+        if not given(kwargs, kwargs):
             cache = method.make_cache(model)
             if cache is not None:
-                kwargs["past_key_values"] = cache
+                kwargs[kw] = cache
         return generate(*args, **kwargs)
 
     model.forward, model.generate = forward_with_cache, generate_with_cache

@@ -201,3 +201,21 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", device_map:
 
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def cache_kwarg(model) -> str:
+    """The keyword under which `model.forward` / `model.generate` take a KV cache: `cache` from transformers 5.24
+    on (`past_key_values` is deprecated there), `past_key_values` before. "" when forward takes neither."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return ""
+
+
+def output_cache(out):
+    """The cache a forward returned (`out.cache` from transformers 5.24 on, `out.past_key_values` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)

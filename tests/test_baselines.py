@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from cqtool.models import cache_kwarg
 from cqtool import baselines
 from cqtool.baselines import (KIVI, FakeQuantCache, IntPerToken, MixedView, attend_mixed, fake_quant, parse_method,
                               quant_channel_over_tokens, quant_per_token, quant_token_over_channels)
@@ -56,7 +57,7 @@ def tiny_llama(dtype=torch.float32, seed: int = 0) -> LlamaForCausalLM:
 
 @torch.no_grad()
 def logits_prefill(model, ids, method):
-    return model(ids, past_key_values=method.make_cache(model), use_cache=True).logits
+    return model(ids, **{cache_kwarg(model): method.make_cache(model)}, use_cache=True).logits
 
 
 @torch.no_grad()
@@ -67,7 +68,7 @@ def logits_chunks(model, ids, method, sizes):
     cache = DynamicCache(config=model.config) if method is None else method.make_cache(model)
     out, t = [], 0
     for n in sizes:
-        out.append(model(ids[:, t : t + n], past_key_values=cache, use_cache=True).logits)
+        out.append(model(ids[:, t : t + n], **{cache_kwarg(model): cache}, use_cache=True).logits)
         t += n
     assert t == ids.shape[1]
     return torch.cat(out, 1)
@@ -215,7 +216,7 @@ def test_generate_through_the_cache_matches_greedy_decoding():
     model = tiny_llama()
     ids = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(3))
     m = parse_method("kivi2-g4-r8")
-    gen = model.generate(ids, past_key_values=m.make_cache(model), max_new_tokens=12, do_sample=False,
+    gen = model.generate(ids, **{cache_kwarg(model): m.make_cache(model)}, max_new_tokens=12, do_sample=False,
                          min_new_tokens=12, pad_token_id=0)
     seq = ids
     with torch.no_grad():
@@ -276,7 +277,7 @@ def test_cache_reports_length_and_resets():
     cache = m.make_cache(model)
     assert isinstance(cache, FakeQuantCache)
     with torch.no_grad():
-        model(torch.randint(0, 97, (1, 21)), past_key_values=cache, use_cache=True)
+        model(torch.randint(0, 97, (1, 21)), **{cache_kwarg(model): cache}, use_cache=True)
     assert cache.get_seq_length() == 21 and cache.layers[0].key.n == 16 and cache.layers[0].value.n == 13
     cache.reset()
     assert cache.get_seq_length() == 0 and cache.layers[0].key.deq is None

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from cqtool.models import cache_kwarg
 from cqtool.cache import CQCache
 from cqtool.codebook import Codebook
 from cqtool.collect import KVCollector
@@ -36,7 +37,7 @@ def logits(model, ids, cache=None):
     with torch.no_grad():
         if cache is None:
             return model(ids).logits
-        return model(ids, past_key_values=cache, use_cache=True).logits
+        return model(ids, **{cache_kwarg(model): cache}, use_cache=True).logits
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -100,10 +101,10 @@ def test_generate_with_cq_cache_left_padding(tokenizer):
     cb = make_codebook(ModelInfo.from_config(model.config, "tiny"))
     tokenizer.padding_side = "left"
     enc = tokenizer(["the cat is in the river", "a dog"], return_tensors="pt", padding=True)
-    out = model.generate(**enc, past_key_values=CQCache(model, cb, window=2), max_new_tokens=6, do_sample=False,
+    out = model.generate(**enc, **{cache_kwarg(model): CQCache(model, cb, window=2)}, max_new_tokens=6, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id)
     assert out.shape == (2, enc.input_ids.shape[1] + 6)
     # the padded row must give what it gives alone (padding is masked, positions are right)
-    alone = model.generate(**tokenizer(["a dog"], return_tensors="pt"), past_key_values=CQCache(model, cb, window=2),
+    alone = model.generate(**tokenizer(["a dog"], return_tensors="pt"), **{cache_kwarg(model): CQCache(model, cb, window=2)},
                            max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert torch.equal(out[1, -6:], alone[0, -6:])

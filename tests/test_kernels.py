@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from cqtool.models import cache_kwarg
 from cqtool import ops, quant
 from cqtool.attention import _dense_mask, fp_region
 
@@ -385,9 +386,9 @@ def test_model_logits_kernels_vs_reference(monkeypatch, window, sinks, dtype):
     def run():
         cache = CQCache(model, cb, window=window, sinks=sinks)
         with torch.no_grad():
-            out = [model(ids[:, :30], past_key_values=cache, use_cache=True).logits]
+            out = [model(ids[:, :30], **{cache_kwarg(model): cache}, use_cache=True).logits]
             for t in range(30, 40):
-                out.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+                out.append(model(ids[:, t : t + 1], **{cache_kwarg(model): cache}, use_cache=True).logits)
         return torch.cat(out, 1).float()
 
     got = run()
@@ -420,7 +421,7 @@ def test_cpu_fallback_is_announced(monkeypatch, caplog):
     model = tiny_model("llama")
     cb = make_codebook(ModelInfo.from_config(model.config, "tiny"))
     with caplog.at_level(logging.WARNING, logger="cqtool"), torch.no_grad():
-        model(torch.randint(0, 512, (1, 9)), past_key_values=CQCache(model, cb), use_cache=True)
+        model(torch.randint(0, 512, (1, 9)), **{cache_kwarg(model): CQCache(model, cb)}, use_cache=True)
     text = caplog.text
     assert "attention runs on the reference path (tensors on CPU)" in text
     assert "encode runs on the reference path (tensors on CPU)" in text

@@ -13,6 +13,7 @@ from cqtool.lmeval import (LOCAL_TASKS, convert_arc, convert_boolq, convert_copa
                            convert_openbookqa, convert_winogrande, local_folder, read_hellaswag, run_tasks, use_method,
                            write_local_tasks)
 from cqtool.methods import FullPrecision, KVMethod
+from cqtool.models import cache_kwarg, output_cache
 
 from conftest import SHARED_DATA, shared_file, tiny_model
 
@@ -54,16 +55,19 @@ def test_use_method_injects_a_fresh_cache_per_call_and_restores(model):
         ref = model(ids, use_cache=False).logits
         with use_method(model, method):
             out = model(ids)  # as HFLM calls it: no cache given
-            assert len(method.caches) == 1 and out.past_key_values is method.caches[0]
+            assert len(method.caches) == 1 and output_cache(out) is method.caches[0]
             assert method.caches[0].get_seq_length() == 9
             torch.testing.assert_close(out.logits, ref)
             out = model(ids, use_cache=False)  # a config or caller saying use_cache=False must not bypass the method
-            assert len(method.caches) == 2 and out.past_key_values is method.caches[1]
+            assert len(method.caches) == 2 and output_cache(out) is method.caches[1]
             assert method.caches[1].get_seq_length() == 9  # fresh, not the first one
 
             mine = DynamicCache(config=model.config)
-            assert model(ids, past_key_values=mine).past_key_values is mine
+            assert output_cache(model(ids, **{cache_kwarg(model): mine})) is mine
             assert len(method.caches) == 2  # a caller's own cache is left alone
+            mine = DynamicCache(config=model.config)
+            assert output_cache(model(ids, past_key_values=mine)) is mine  # the name before transformers 5.24
+            assert len(method.caches) == 2
 
             gen = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
             assert len(method.caches) == 3  # one cache for the whole generation, not one per step
@@ -82,7 +86,7 @@ def test_use_method_restores_after_an_error_and_keeps_a_patched_forward(model):
             raise RuntimeError("boom")
     assert model.__dict__["forward"] is sentinel and "generate" not in model.__dict__
     with torch.no_grad(), use_method(model, FullPrecision()):  # no cache object: the call is untouched
-        assert model(ids, use_cache=False).past_key_values is None
+        assert output_cache(model(ids, use_cache=False)) is None
 
 
 # ---------------------------------------------------------------- local task files reproduce lm-eval's prompts
