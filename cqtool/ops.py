@@ -37,9 +37,9 @@ MAX_KERNEL_BITS = 12
 # more (query, head) pairs per kv head than this go to the tensor-core prefill kernel
 DECODE_MAX_ROWS = 16
 # Decode kernel, read at every call: "cuda-core" (kernels/decode.cuh, measured on the H100), "tensor-core" (kernels/
-# decode_mma.cu where it applies: one query per kv head, head_dim 128, 8-bit c=8 codes for K and V, no window/sinks;
-# the CUDA-core kernel elsewhere) with 8 warps per block, or "tensor-core-16w", the same kernel with 16 warps per block
-# (twice the warps to hide latencies, 128 registers per thread). "auto" (default) takes AUTO_MMA_KERNEL from
+# decode_mma.cu where it applies: one query per query head, any GQA ratio, head_dim 128, 8-bit c=8 codes for K and V,
+# no window/sinks; the CUDA-core kernel elsewhere) with 8 warps per block, or "tensor-core-16w", the same kernel with
+# 16 warps per block (twice the warps to hide latencies, 128 registers per thread). "auto" (default) takes AUTO_MMA_KERNEL from
 # AUTO_MMA_TOKENS cached tokens per batch on and the CUDA-core kernel below: on the H100 the tensor-core kernel was
 # faster at 1x32K, 8x32K and 32x8K and slower at 1x4K (docs/RESULTS_kernels.md).
 DECODE_KERNELS = ("auto", "cuda-core", "tensor-core", "tensor-core-16w")
@@ -232,10 +232,15 @@ def _prefill_sdpa(mod, query, view, attention_mask, scaling: float, cos, sin) ->
     return torch.where(empty, torch.zeros((), dtype=out.dtype, device=out.device), out).transpose(1, 2)
 
 
-def _decode_variant(B: int, S: int) -> int:
-    """The decode kernel request passed to the extension (0: CUDA cores, 1/2: tensor cores with 8/16 warps)."""
+def _decode_variant(B: int, S: int, group: int = 1) -> int:
+    """The decode kernel request passed to the extension (0: CUDA cores, 1/2: tensor cores with 8/16 warps).
+    auto: the tensor-core kernel from AUTO_MMA_TOKENS cached tokens per batch; with GQA (group > 1 query heads per kv
+    head), where it runs one block per query head while the CUDA-core kernel shares each kv head's work among the
+    group, only from AUTO_MMA_TOKENS tokens per sequence (H100, Llama-3-8b shapes: faster at 8x32K and 1x32K, slower at
+    32x8K; docs/RESULTS_kernels.md)."""
     if DECODE_KERNEL == "auto":
-        return _VARIANTS[AUTO_MMA_KERNEL] if B * S >= AUTO_MMA_TOKENS else 0
+        n = S if group > 1 else B * S
+        return _VARIANTS[AUTO_MMA_KERNEL] if n >= AUTO_MMA_TOKENS else 0
     return _VARIANTS[DECODE_KERNEL]
 
 
@@ -278,7 +283,7 @@ def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> t
         view.win_k if cfg.window else None, view.win_v if cfg.window else None, view.new_k, view.new_v,
         layer.sink_k if sinks else None, layer.sink_v if sinks else None,
         int(cfg.window), int(view.start), int(S), float(scaling), bool(prefill),
-        _decode_variant(B, S))
+        _decode_variant(B, S, Hq // layer.k_centroids.shape[0]))
     KERNEL_USED["attention"] = _KERNEL_NAMES[used]
     KERNELS_RUN.add(_KERNEL_NAMES[used])
     _note("attention", "cuda", f"{_KERNEL_NAMES[used]} kernel")

@@ -1,7 +1,8 @@
 // Decode attention from CQ codes with the scores on the tensor cores and P.V as a code histogram.
 //
-// Applies to one query per kv head (H_q == H_kv, Q == 1), head_dim 128, 8-bit codes with c = 8 for keys and values,
-// no window or sinks (mma_decode_applies); everything else runs decode.cuh.
+// Applies to one query (Q == 1) per query head, any GQA ratio (one block per query head; the blocks of a group read
+// the same codes, mostly from L2), head_dim 128, 8-bit codes with c = 8 for keys and values, no window or sinks
+// (mma_decode_applies); everything else runs decode.cuh.
 //
 // Scores. A tile is kTile = 512 consecutive tokens at positions P + o. Write o = 64 n + tau (n = 0..7, tau = 0..63):
 //   q . R(P + o) k = (R(P + 64 n)^T q) . (R(tau) k)
@@ -238,11 +239,13 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     return;
   }
 
-  const int64_t head_row = (static_cast<int64_t>(b) * p.Hkv + h) * p.cap;
+  // GQA: one block per query head, reading its kv head's codes and centroids (shared through L2 by the group)
+  const int hk = h / (p.Hq / p.Hkv);
+  const int64_t head_row = (static_cast<int64_t>(b) * p.Hkv + hk) * p.cap;
   const uint8_t* kcodes = p.k_codes + head_row * kRB;
   const uint8_t* vcodes = p.v_codes + head_row * kRB;
-  const T* kcent = reinterpret_cast<const T*>(p.k_cent) + static_cast<int64_t>(h) * 16 * kCodes * 8;
-  const T* vcent = reinterpret_cast<const T*>(p.v_cent) + static_cast<int64_t>(h) * 16 * kCodes * 8;
+  const T* kcent = reinterpret_cast<const T*>(p.k_cent) + static_cast<int64_t>(hk) * 16 * kCodes * 8;
+  const T* vcent = reinterpret_cast<const T*>(p.v_cent) + static_cast<int64_t>(hk) * 16 * kCodes * 8;
   const int64_t* pos_g = p.positions + b * p.pos_sb;
 
   // ---- key table, two copies: copy c holds chunk gamma (channels 8 gamma .. 8 gamma + 7) at slot gamma ^ 4c
@@ -555,7 +558,7 @@ cudaError_t launch_t(const AttnParams& p, cudaStream_t stream) {
     if (e != cudaSuccess) return e;
     configured = true;
   }
-  dim3 grid(p.nsplit, p.Hkv, p.B);
+  dim3 grid(p.nsplit, p.Hq, p.B);
   decode_mma_kernel<T, NW><<<grid, Cfg<NW>::kNT, Cfg<NW>::kSmem, stream>>>(p);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || p.nsplit == 1) return e;
@@ -570,7 +573,7 @@ bool aligned16(const void* x) { return (reinterpret_cast<uintptr_t>(x) & 15) == 
 // variant 1: 8 warps per block, variant 2: 16 warps per block
 bool mma_decode_applies(const AttnParams& p, size_t max_smem) {
   const size_t smem = p.variant == 2 ? Cfg<16>::kSmem : Cfg<8>::kSmem;
-  return (p.variant == 1 || p.variant == 2) && p.D == kD && p.Q == 1 && p.Hq == p.Hkv && p.window == 0 &&
+  return (p.variant == 1 || p.variant == 2) && p.D == kD && p.Q == 1 && p.Hq % p.Hkv == 0 && p.window == 0 &&
          p.n_sink == 0 && p.k_bits == 8 && p.v_bits == 8 && p.k_c == 8 && p.v_c == 8 && p.k_rb == kRB &&
          p.v_rb == kRB && aligned16(p.k_codes) && aligned16(p.v_codes) && aligned16(p.k_cent) &&
          aligned16(p.v_cent) && smem <= max_smem;

@@ -77,9 +77,9 @@ size_t decode_smem_bytes(const AttnParams& p);
 cudaError_t plan_decode(AttnParams& p, int num_sms, size_t max_smem);
 cudaError_t launch_encode(const EncodeParams& p, cudaStream_t stream);
 cudaError_t launch_decode(const AttnParams& p, cudaStream_t stream);
-// Tensor-core decode kernel: whether it applies (variant 1 or 2, one query per kv head, head_dim 128, 8-bit codes with
-// c = 8 for K and V, no window or sinks, 16-byte aligned buffers, its shared memory fits), and its launch (kernel +
-// split-K combine).
+// Tensor-core decode kernel: whether it applies (variant 1 or 2, one query per query head, any GQA ratio, head_dim
+// 128, 8-bit codes with c = 8 for K and V, no window or sinks, 16-byte aligned buffers, its shared memory fits), and
+// its launch (kernel + split-K combine).
 bool mma_decode_applies(const AttnParams& p, size_t max_smem);
 cudaError_t launch_mma_decode(const AttnParams& p, cudaStream_t stream);
 cudaError_t launch_prefill(const AttnParams& p, cudaStream_t stream);

@@ -267,7 +267,7 @@ def test_decode_gqa_and_lengths(ratio, S):
 
 # ---------------------------------------------------------------- tensor-core decode kernel (kernels/decode_mma.cu)
 
-MMA_CASES = [  # H_q == H_kv, one query, head_dim 128, 8-bit codes with c = 8 for K and V
+MMA_CASES = [  # one query, head_dim 128, 8-bit codes with c = 8 for K and V; MHA and GQA
     dict(S=3000, B=2, Hq=4, Hkv=4, dtype=torch.bfloat16, pads=[0, 1234]),  # left padding, split over blocks
     dict(S=4097, B=1, Hq=2, Hkv=2, qscale=0.05),  # nearly flat attention: the histogram is flushed every tile
     dict(S=2500, B=1, Hq=2, Hkv=2, qscale=8.0, dtype=torch.bfloat16),  # peaky: the running max moves (rescales)
@@ -275,6 +275,8 @@ MMA_CASES = [  # H_q == H_kv, one query, head_dim 128, 8-bit codes with c = 8 fo
     dict(S=700, B=2, Hq=2, Hkv=2, gaps=True, dtype=torch.bfloat16, pads=[0, 100]),  # irregular positions
     dict(S=513, B=1, Hq=1, Hkv=1, rope_scale=0.7),  # one tile and one token
     dict(S=2049, B=2, Hq=1, Hkv=1, pads=[2045, 0]),  # 4 keys over 3 splits: one split has none
+    dict(S=3000, B=2, Hq=8, Hkv=2, dtype=torch.bfloat16, pads=[0, 1234]),  # GQA 4: one block per query head
+    dict(S=1500, B=1, Hq=6, Hkv=2, gaps=True),  # GQA 3, irregular positions
 ]
 
 
@@ -304,7 +306,7 @@ def test_decode_kernel_choice(monkeypatch):
     out_16 = run_attention(query, view, mask, scaling)
     assert ops.KERNEL_USED["attention"] == "decode-mma16"
     assert rel_err(out_16, out_cc) < 2e-2
-    query, view, mask, scaling = make_case(S=300, Q=1, B=1, Hq=4, Hkv=2)  # GQA: not covered
+    query, view, mask, scaling = make_case(S=300, Q=1, B=1, Hq=4, Hkv=2, D=64)  # head_dim 64: not covered
     assert_within_2x(run_attention(query, view, mask, scaling), query, view, mask, scaling)
     assert ops.KERNEL_USED["attention"] == "decode"
     monkeypatch.setattr(ops, "DECODE_KERNEL", "fast")
@@ -491,3 +493,14 @@ def test_bench_attention_and_prefill_cli(tmp_path):
     row = json.loads((tmp_path / "p.json").read_text())["rows"][0]
     assert row["cq_kernel"] == "dequant+sdpa" and row["kernels"]["tensor-core"]["ran"] == "prefill"
     assert all(k["rel_err_vs_sdpa"] < 2e-2 for k in row["kernels"].values()) and row["dequant_ms"] > 0
+
+
+def test_decode_kernel_request(monkeypatch):
+    """What each DECODE_KERNEL choice asks the extension for (0: CUDA cores, 1/2: tensor cores, 8/16 warps)."""
+    monkeypatch.setattr(ops, "DECODE_KERNEL", "auto")
+    assert ops._decode_variant(8, 32768) == 1 and ops._decode_variant(1, 4096) == 0
+    assert ops._decode_variant(4, 4096) == 1  # MHA: tokens per batch
+    assert ops._decode_variant(32, 8192, group=4) == 0 and ops._decode_variant(1, 32768, group=4) == 1  # GQA: per sequence
+    for choice, v in (("cuda-core", 0), ("tensor-core", 1), ("tensor-core-16w", 2)):
+        monkeypatch.setattr(ops, "DECODE_KERNEL", choice)
+        assert ops._decode_variant(1, 10) == v and ops._decode_variant(8, 32768, group=4) == v
