@@ -47,7 +47,7 @@ DECODE_KERNEL = os.environ.get("CQTOOL_DECODE_KERNEL", "auto")
 AUTO_MMA_TOKENS = 16384
 AUTO_MMA_KERNEL = "tensor-core"
 _VARIANTS = {"cuda-core": 0, "tensor-core": 1, "tensor-core-16w": 2}
-_KERNEL_NAMES = {0: "decode", 1: "decode-mma", 2: "prefill", 3: "decode-mma16"}
+_KERNEL_NAMES = {0: "decode", 1: "decode-mma", 2: "prefill", 3: "decode-mma16", 4: "decode-mma-gqa"}
 # Prefill (many queries, no window/sinks), read at every call: "sdpa" (default) dequantizes the layer once
 # (kernels/dequant.cu: centroid lookup + RoPE) and runs torch SDPA, FlashAttention where it applies; "tensor-core" is
 # the fused kernel (kernels/prefill.cu) that dequantizes key tiles per block of 64 queries, never writing them to
@@ -234,12 +234,12 @@ def _prefill_sdpa(mod, query, view, attention_mask, scaling: float, cos, sin) ->
 
 def _decode_variant(B: int, S: int, group: int = 1) -> int:
     """The decode kernel request passed to the extension (0: CUDA cores, 1/2: tensor cores with 8/16 warps).
-    auto: the tensor-core kernel from AUTO_MMA_TOKENS cached tokens per batch; with GQA (group > 1 query heads per kv
-    head), where it runs one block per query head while the CUDA-core kernel shares each kv head's work among the
-    group, only from AUTO_MMA_TOKENS tokens per sequence (H100, Llama-3-8b shapes: faster at 8x32K and 1x32K, slower at
-    32x8K; docs/RESULTS_kernels.md)."""
+    auto: the tensor-core kernel from AUTO_MMA_TOKENS cached tokens per batch, for MHA and for GQA groups of 2-4 query
+    heads (one block per group); for larger groups, where it runs a block per query head while the CUDA-core kernel
+    shares each kv head's work among the group, only from AUTO_MMA_TOKENS tokens per sequence (H100, docs/
+    RESULTS_kernels.md)."""
     if DECODE_KERNEL == "auto":
-        n = S if group > 1 else B * S
+        n = S if group > 4 else B * S
         return _VARIANTS[AUTO_MMA_KERNEL] if n >= AUTO_MMA_TOKENS else 0
     return _VARIANTS[DECODE_KERNEL]
 

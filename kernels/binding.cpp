@@ -68,7 +68,7 @@ void encode(const at::Tensor& x, const at::Tensor& centroids, int64_t bits, at::
 
 // Attention of query [B, H_q, Q, D] over S cached tokens held as codes (+ full-precision window/sinks) -> [B, Q, H_q, D],
 // and which kernel ran (0: decode, CUDA cores; 1: decode, tensor cores, 8 warps; 2: prefill; 3: decode, tensor cores,
-// 16 warps). variant 0 keeps the decode on the CUDA-core kernel, 1 (2) lets the tensor-core one with 8 (16) warps per
+// 16 warps; 4: decode, tensor cores, a GQA group per block). variant 0 keeps the decode on the CUDA-core kernel, 1 (2) lets the tensor-core one with 8 (16) warps per
 // block take the cases it covers.
 std::tuple<at::Tensor, int64_t> attention(
                      const at::Tensor& q, const at::Tensor& k_codes, const at::Tensor& v_codes, const at::Tensor& k_cent,
@@ -140,8 +140,17 @@ std::tuple<at::Tensor, int64_t> attention(
     p.ws_o = ws.data_ptr<float>();
     p.ws_ml = p.ws_o + rows * D;
   }
+  if (p.mma && cq::mma_hist_floats(p) > 0) {
+    static at::Tensor hist[16];
+    at::Tensor& hw = hist[q.device().index() < 0 ? 0 : q.device().index() % 16];
+    const int64_t n = static_cast<int64_t>(cq::mma_hist_floats(p));
+    if (!hw.defined() || hw.numel() < n || hw.device() != q.device())
+      hw = at::empty({std::max<int64_t>(n, 1 << 20)}, at::TensorOptions().dtype(at::kFloat).device(q.device()));
+    p.ws_hist = hw.data_ptr<float>();  // each block zeroes its own part
+  }
   check_cuda(cq::launch_decode(p, stream), "decode attention");
-  return std::make_tuple(out, int64_t{p.mma ? (p.variant == 2 ? 3 : 1) : 0});
+  const int64_t used = !p.mma ? 0 : p.variant == 2 ? 3 : cq::mma_group(p) > 1 ? 4 : 1;
+  return std::make_tuple(out, used);
 }
 
 // Dense keys (RoPE from the fp32 cos/sin table [B or 1, >=S, D]) and values [B, H_kv, S, D] in the centroids' dtype,

@@ -1,25 +1,30 @@
 // Decode attention from CQ codes with the scores on the tensor cores and P.V as a code histogram.
 //
-// Applies to one query (Q == 1) per query head, any GQA ratio (one block per query head; the blocks of a group read
-// the same codes, mostly from L2), head_dim 128, 8-bit codes with c = 8 for keys and values, no window or sinks
-// (mma_decode_applies); everything else runs decode.cuh.
+// Applies to one query (Q == 1) per query head, head_dim 128, 8-bit codes with c = 8 for keys and values, no window
+// or sinks (mma_decode_applies); everything else runs decode.cuh. MHA, and GQA groups of other sizes: one block per
+// query head (R = 1; the blocks of a group read the same codes, mostly from L2). GQA groups of 2, 3 or 4 query heads
+// (8 warps): one block per kv head for all R query heads of its group (R > 1), so that each key is gathered and
+// rotated once for the group and only the products, the softmax and the value scatter are per query head.
 //
 // Scores. A tile is kTile = 512 consecutive tokens at positions P + o. Write o = 64 n + tau (n = 0..7, tau = 0..63):
 //   q . R(P + o) k = (R(P + 64 n)^T q) . (R(tau) k)
-// The eight rotated queries ("columns", computed once per tile and block, exact fp32 angles) are the B operand of
-// mma.m16n8k16 (fp32 accumulation); each key, rotated by R(tau) in packed 16-bit math with constants that are fixed
-// per thread (tau = 8 warp + lane / 4), is a row of the A operand. Row lane/4 of an m-tile pairs with an even column,
-// row lane/4 + 8 with the next odd one, so each m-tile yields 16 scores (its other 112 products are not used).
+// The eight rotated queries ("columns", computed once per tile and block, exact fp32 angles) of each query head are
+// the B operand of mma.m16n8k16 (fp32 accumulation; one 8-column n-tile per query head); each key, rotated by R(tau)
+// in packed 16-bit math with constants that are fixed per thread (tau = 8 warp + lane / 4), is a row of the A
+// operand. Row lane/4 of an m-tile pairs with an even column, row lane/4 + 8 with the next odd one, so each m-tile
+// yields 16 scores per query head (its other 112 products are not used).
 // Tiles whose positions are not P, P+1, ... rotate each key exactly at its own position (sincosf) instead.
-// Key centroids come from a code-major table in shared memory held twice, the second copy with its 128-byte halves
-// swapped: the two keys a quarter-warp gathers then always fall on different banks.
+// Key centroids come from a code-major table in shared memory. With R = 1 it is held twice, the second copy with its
+// 128-byte halves swapped: the two keys a quarter-warp gathers then always fall on different banks (with R > 1 that
+// shared memory holds the group's histograms instead, and half of the gathers meet a 2-way bank conflict).
 //
-// Values. p = 2^(s - m) (m: running max, raised tile by tile, so p <= 1) is added as 22-bit fixed point into a
-// histogram hist[code][32] in shared memory with integer atomics (slot = lane = value group + 16 * replica, so a
-// warp's 32 atomics hit 32 banks), during the next tile's score math (software pipelined). Each thread flushes its
-// 32 bins into fp32 registers when the mass added since the last flush could overflow 32 bits, and whenever the
-// max grows (rescaling them). At the end the histogram is multiplied by the value centroids: one c-wide gather and
-// FMA per token and group become one integer add.
+// Values. p = 2^(s - m) (m: the query head's running max, raised tile by tile, so p <= 1) is added as 22-bit fixed
+// point into a histogram hist[code][slots] per query head in shared memory with integer atomics (slot = value group
+// + 16 * replica; with two replicas a warp's 32 atomics hit 32 banks), during the next tile's score math (software
+// pipelined). Each thread flushes its bins into fp32 accumulators (registers for R = 1, a global scratch for R > 1)
+// when the mass added since the last flush could overflow 32 bits, and whenever the max grows (rescaling them). At
+// the end the histogram is multiplied by the value centroids: one c-wide gather and FMA per token and group become
+// one integer add.
 #include <type_traits>
 
 #include "common.cuh"
@@ -35,7 +40,6 @@ constexpr int kTile = 8 * kDelta;  // tokens per tile: 8 query columns
 constexpr int kMStages = 3;
 constexpr int kCodes = 256;
 constexpr int kRB = 16;  // code row bytes: 16 groups x 8 bits
-constexpr int kBins = kCodes * 32;
 constexpr float kFix = 4194304.f;  // 2^22: p <= 1 and at most 1012 units of mass per bin between flushes
 constexpr float kInvFix = 1.f / 4194304.f;
 constexpr float kFlushMass = 500.f;  // flush before a tile when the mass since the last flush exceeds this
@@ -45,33 +49,41 @@ constexpr int kPBufStride = 68;      // words per warp: token 0 of each lane at 
 
 // shared memory (bytes)
 constexpr int kTabCopy = kCodes * kD * 2;                  // one key table [code][16 chunks of 8 channels]
-constexpr int kOffTab = 0;                                 // two copies; the value table at the end
-constexpr int kOffHist = kOffTab + 2 * kTabCopy;           // u32 [code][32]
-constexpr int kOffStage = kOffHist + kBins * 4;
+constexpr int kOffTab = 0;                                 // key table copies; the value table at the end
 constexpr int kVRows = kTile * kRB;                        // value rows follow the key rows in a stage
 constexpr int kStageBytes = kVRows + kTile * kRB + 8 * 16;  // value rows skewed by 16 B per 64 tokens
-constexpr int kOffB = kOffStage + kMStages * kStageBytes;  // query columns, double buffered
-constexpr int kOffRed = kOffB + 2 * 8 * kBRow;
 
-// NW warps per block (8 or 16). Warp w handles the tokens at tau = 8 (w % 8) + lane / 4 of each 64-token column
-// group, and m-tiles (pairs of columns) kMT (w / 8) .. kMT (w / 8) + kMT - 1 of every tile: with 16 warps each warp
-// has half the m-tiles of the 8-warp kernel, and twice as many warps hide the latencies of the gathers, HFMA2 chains
-// and HMMAs (the 8-warp kernel issued an instruction every 2.9 cycles per scheduler: ncu, docs/RESULTS_kernels.md).
-template <int NW>
+// NW warps per block (8 or 16), R query heads per block (1; or 2, 3, 4 heads of a GQA group, with 8 warps). Warp w
+// handles the tokens at tau = 8 (w % 8) + lane / 4 of each 64-token column group, and m-tiles (pairs of columns)
+// kMT (w / 8) .. kMT (w / 8) + kMT - 1 of every tile: with 16 warps each warp has half the m-tiles of the 8-warp
+// kernel and twice as many warps hide the latencies (measured slower on the H100: docs/RESULTS_kernels.md).
+template <int NW, int R>
 struct Cfg {
   static_assert(NW == 8 || NW == 16, "8 or 16 warps");
+  static_assert(R == 1 || (NW == 8 && R >= 2 && R <= 4), "query heads per block: 1, or 2 to 4 with 8 warps");
   static constexpr int kNW = NW;
   static constexpr int kNT = NW * 32;
-  static constexpr int kMT = 4 / (NW / 8);      // m-tiles per warp and tile
-  static constexpr int kRR = kMT;               // lanes r (= lane % 4) of a warp that hold scores
-  static constexpr int kParts = 4 / kMT;        // scatter parts per m-tile
-  static constexpr int kBinsPerThread = kBins / kNT;
-  static constexpr int kColsPerThread = 8 * 64 / kNT;  // query columns written per thread
-  static constexpr int kTokPerThread = kTile / kNT;    // tokens per thread in a stage load
-  static constexpr int kOffPBuf = kOffRed + 4 * NW * 4;
-  static constexpr int kSmem = kOffPBuf + NW * kPBufStride * 4;
+  static constexpr int kMT = 4 / (NW / 8);        // m-tiles per warp and tile
+  static constexpr int kRR = kMT;                 // lanes r (= lane % 4) of a warp that hold scores
+  static constexpr int kParts = 4 / kMT;          // scatter parts per m-tile
+  static constexpr int kCopies = R == 1 ? 2 : 1;  // key table copies
+  static constexpr int kRep = R <= 2 ? 2 : 1;     // histogram replicas
+  static constexpr int kSlots = 16 * kRep;        // histogram slots per code
+  static constexpr int kBinsHead = kCodes * kSlots;
+  static constexpr int kBinsPerThread = kBinsHead / kNT;   // per query head
+  static constexpr int kColsPerThread = 8 * R * 64 / kNT;  // query columns written per thread
+  static constexpr int kColStep = kNT / 64;                // between a thread's columns
+  static constexpr int kNPer = 8 / kColStep;               // distinct column offsets n per thread
+  static constexpr int kTokPerThread = kTile / kNT;        // tokens per thread in a stage load
+  static constexpr int kOffHist = kOffTab + kCopies * kTabCopy;      // u32 [R][code][slots]
+  static constexpr int kOffStage = kOffHist + R * kBinsHead * 4;
+  static constexpr int kOffB = kOffStage + kMStages * kStageBytes;  // query columns [2][8 R][kBRow], double buffered
+  static constexpr int kOffRed = kOffB + 2 * 8 * R * kBRow;
+  static constexpr int kOffPBuf = kOffRed + 4 * NW * R * 4;         // p of each warp's tokens, per query head
+  static constexpr int kSmem = kOffPBuf + R * NW * kPBufStride * 4;
   static_assert(kSmem <= 232448, "decode_mma shared memory exceeds the H100/H200 per-block limit");
   static_assert(kCodes % (kNT / kD) == 0 && kNT % kD == 0, "value product split");
+  static_assert(kBinsHead % kNT == 0, "bins per thread");
 };
 
 // (lo, hi) <- (lo c - hi s, hi c + lo s) on two packed 16-bit pairs (RoPE on channels i and i + 64); ns = -s
@@ -169,8 +181,8 @@ __device__ __forceinline__ void pair_mma(float (&d0)[4], float (&d1)[4], const u
 // table copy (row parity of the quad) and the 16-byte slot of chunk 4a + r in it (copy 1 holds chunk gamma at
 // slot gamma ^ 4).
 __device__ __forceinline__ uint32_t gather_sel(int r) { return 0x7604u | (static_cast<uint32_t>(r) << 4); }
-__device__ __forceinline__ uint32_t gather_off(int g, int r, int a) {
-  const uint32_t odd = g & 1;
+__device__ __forceinline__ uint32_t gather_off(int g, int r, int a, int copies = 2) {
+  const uint32_t odd = copies == 2 ? static_cast<uint32_t>(g & 1) : 0u;
   return (odd << 16) | ((static_cast<uint32_t>(4 * a + r) ^ (odd << 2)) << 4);
 }
 
@@ -178,13 +190,13 @@ __device__ __forceinline__ uint32_t gather_off(int g, int r, int a) {
 // from its column. Out of line, so that its sincosf calls do not raise the register pressure of the regular loop.
 template <typename T>
 __device__ __noinline__ float2 irregular_mtile(const uint8_t* tab, const uint8_t* bcol, uint4 cx, uint4 cy, int lane,
-                                               float px, float py, const float* inv_freq) {
+                                               float px, float py, const float* inv_freq, int copies) {
   const int g = lane >> 2, r = lane & 3;
   const uint32_t sel = gather_sel(r);
   float d0[4] = {0.f, 0.f, 0.f, 0.f}, d1[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
   for (int a = 0; a < 2; ++a) {
-    const uint32_t lo = gather_off(g, r, a), hi = gather_off(g, r, a + 2);
+    const uint32_t lo = gather_off(g, r, a, copies), hi = gather_off(g, r, a + 2, copies);
     const uint4 xlo = *reinterpret_cast<const uint4*>(tab + __byte_perm(word(cx, a), lo, sel));
     const uint4 xhi = *reinterpret_cast<const uint4*>(tab + __byte_perm(word(cx, a + 2), hi, sel));
     const uint4 ylo = *reinterpret_cast<const uint4*>(tab + __byte_perm(word(cy, a), lo, sel));
@@ -204,17 +216,20 @@ __device__ __noinline__ float2 irregular_mtile(const uint8_t* tab, const uint8_t
 // 2hh + 1 of the thread's chunk a (channels 8(4a + r) ..). The scores of the m-tile's keys x (row lane/4) and y
 // (row lane/4 + 8) against the query columns are d0[0] + d1[0] (column 2r) and d0[3] + d1[3] (column 2r + 1).
 
-template <typename T, int NW>
+template <typename T, int NW, int R>
 __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams p) {
-  using C = Cfg<NW>;
+  using C = Cfg<NW, R>;
   constexpr int kNW = C::kNW, kNT = C::kNT, kMT = C::kMT, kRR = C::kRR, kBinsPerThread = C::kBinsPerThread;
-  constexpr int kOffPBuf = C::kOffPBuf;
+  constexpr int kSlots = C::kSlots;
   extern __shared__ __align__(16) uint8_t smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wt = warp & 7, wh = warp >> 3;  // tau group (tau = 8 wt + lane / 4) and m-tile half
   const int g = lane >> 2, r = lane & 3;
-  const int b = blockIdx.z, h = blockIdx.y, split = blockIdx.x;
+  const int b = blockIdx.z, split = blockIdx.x;
   const int nsplit = p.nsplit;
+  // R == 1: blockIdx.y is the query head (its kv head = head / group); R > 1: the kv head, query heads R hk + j
+  const int hk = R == 1 ? static_cast<int>(blockIdx.y) / (p.Hq / p.Hkv) : static_cast<int>(blockIdx.y);
+  const int qh0 = R == 1 ? static_cast<int>(blockIdx.y) : R * hk;
 
   // this block's share of the query's allowed keys (Q == 1: range[b])
   const int cmin = max(p.range[b * 2], 0), cmax = min(p.range[b * 2 + 1], p.S);
@@ -225,37 +240,42 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     t_end = min(cmax, t_begin + per);
   }
   const int ntile = t_end > t_begin ? (t_end - t_begin + kTile - 1) / kTile : 0;
-  const int64_t row_out = (static_cast<int64_t>(b) * p.Hq + h) * nsplit + split;
-  T* out = reinterpret_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh;
+  auto row_out = [&](int j) { return (static_cast<int64_t>(b) * p.Hq + qh0 + j) * nsplit + split; };
+  auto out_ptr = [&](int j) { return reinterpret_cast<T*>(p.out) + b * p.o_sb + (qh0 + j) * p.o_sh; };
   if (ntile == 0) {
     if (tid < kD) {
-      if (nsplit == 1) {
-        out[tid] = from_f<T>(0.f);
-      } else {
-        p.ws_o[row_out * kD + tid] = 0.f;
-        if (tid == 0) { p.ws_ml[row_out * 2] = kNegInf; p.ws_ml[row_out * 2 + 1] = 0.f; }
+#pragma unroll
+      for (int j = 0; j < R; ++j) {
+        if (nsplit == 1) {
+          out_ptr(j)[tid] = from_f<T>(0.f);
+        } else {
+          p.ws_o[row_out(j) * kD + tid] = 0.f;
+          if (tid == 0) { p.ws_ml[row_out(j) * 2] = kNegInf; p.ws_ml[row_out(j) * 2 + 1] = 0.f; }
+        }
       }
     }
     return;
   }
 
-  // GQA: one block per query head, reading its kv head's codes and centroids (shared through L2 by the group)
-  const int hk = h / (p.Hq / p.Hkv);
   const int64_t head_row = (static_cast<int64_t>(b) * p.Hkv + hk) * p.cap;
   const uint8_t* kcodes = p.k_codes + head_row * kRB;
   const uint8_t* vcodes = p.v_codes + head_row * kRB;
   const T* kcent = reinterpret_cast<const T*>(p.k_cent) + static_cast<int64_t>(hk) * 16 * kCodes * 8;
   const T* vcent = reinterpret_cast<const T*>(p.v_cent) + static_cast<int64_t>(hk) * 16 * kCodes * 8;
   const int64_t* pos_g = p.positions + b * p.pos_sb;
+  // R > 1: fp32 accumulators of the histograms in global memory, [R][bins], this block's own
+  float* gacc = nullptr;
+  if constexpr (R > 1)
+    gacc = p.ws_hist + ((static_cast<int64_t>(b) * p.Hkv + hk) * nsplit + split) * (R * C::kBinsHead);
 
-  // ---- key table, two copies: copy c holds chunk gamma (channels 8 gamma .. 8 gamma + 7) at slot gamma ^ 4c
-  for (int i = tid; i < 2 * kCodes * 16; i += kNT) {
+  // ---- key table copies: copy c holds chunk gamma (channels 8 gamma .. 8 gamma + 7) at slot gamma ^ 4c
+  for (int i = tid; i < C::kCopies * kCodes * 16; i += kNT) {
     const int copy = i >> 12, code = (i >> 4) & (kCodes - 1), slot = i & 15, gamma = slot ^ (copy << 2);
     cp_async16(smem + kOffTab + copy * kTabCopy + code * 256 + slot * 16, kcent + (gamma * kCodes + code) * 8);
   }
   auto load_stage = [&](int stage, int t0) {
     const int n = min(kTile, t_end - t0);
-    uint8_t* sp = smem + kOffStage + stage * kStageBytes;
+    uint8_t* sp = smem + C::kOffStage + stage * kStageBytes;
     const uint8_t* ks = kcodes + static_cast<int64_t>(t0) * kRB;
     const uint8_t* vs = vcodes + static_cast<int64_t>(t0) * kRB;
 #pragma unroll
@@ -274,26 +294,34 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     if (s < ntile) load_stage(s, t_begin + s * kTile);
     cp_async_commit();
   }
-  for (int i = tid; i < kBins / 4; i += kNT) reinterpret_cast<uint4*>(smem + kOffHist)[i] = make_uint4(0u, 0u, 0u, 0u);
+  for (int i = tid; i < R * C::kBinsHead / 4; i += kNT)
+    reinterpret_cast<uint4*>(smem + C::kOffHist)[i] = make_uint4(0u, 0u, 0u, 0u);
+  if constexpr (R > 1)
+    for (int i = tid; i < R * C::kBinsHead; i += kNT) gacc[i] = 0.f;
 
   // ---- per-thread constants of the key gathers and rotations
   const uint32_t sel = gather_sel(r);
   uint32_t loff[4];  // copy << 16 | slot << 4 of chunk 4a + r
 #pragma unroll
-  for (int a = 0; a < 4; ++a) loff[a] = gather_off(g, r, a);
+  for (int a = 0; a < 4; ++a) loff[a] = gather_off(g, r, a, C::kCopies);
   RopeK rk;  // R(tau), tau = 8 wt + g: fixed for all of this thread's keys
   rope_consts<T>(p.inv_freq, r, static_cast<float>(8 * wt + g), rk);
 
-  // ---- query columns: this thread writes frequency fi of columns col0 + k kNT / 64
+  // ---- query columns [buf][8 j + n]: this thread writes frequency fi of columns col0 + k kColStep (n, head j)
   const int fi = tid & 63, col0 = tid >> 6;
   const float qscale = p.scaling * kLog2e * p.rope_scale;
-  const T* qp = reinterpret_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const float qa = to_f<T>(qp[fi]) * qscale, qb = to_f<T>(qp[fi + 64]) * qscale;
-  const float ff = __ldg(p.inv_freq + fi);
-  float rcc[C::kColsPerThread], rss[C::kColsPerThread], stc, sts;
+  float qa[R], qb[R];
 #pragma unroll
-  for (int k = 0; k < C::kColsPerThread; ++k)
-    sincosf(static_cast<float>(kDelta * (col0 + k * (kNT / 64))) * ff, &rss[k], &rcc[k]);
+  for (int j = 0; j < R; ++j) {
+    const T* qp = reinterpret_cast<const T*>(p.q) + b * p.q_sb + (qh0 + j) * p.q_sh;
+    qa[j] = to_f<T>(qp[fi]) * qscale;
+    qb[j] = to_f<T>(qp[fi + 64]) * qscale;
+  }
+  const float ff = __ldg(p.inv_freq + fi);
+  float rcc[C::kNPer], rss[C::kNPer], stc, sts;
+#pragma unroll
+  for (int k = 0; k < C::kNPer; ++k)
+    sincosf(static_cast<float>(kDelta * (col0 + k * C::kColStep)) * ff, &rss[k], &rcc[k]);
   sincosf(static_cast<float>(kTile) * ff, &sts, &stc);
   float ec = 1.f, es = 0.f;
   int64_t pcur = 0;
@@ -309,13 +337,14 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       nrec = 0;
     }
     pcur = P;
-    uint8_t* bs = smem + kOffB + buf * 8 * kBRow;
+    uint8_t* bs = smem + C::kOffB + buf * 8 * R * kBRow;
 #pragma unroll
     for (int k = 0; k < C::kColsPerThread; ++k) {
-      const float c = ec * rcc[k] - es * rss[k], s = ec * rss[k] + es * rcc[k];
-      T* row = reinterpret_cast<T*>(bs + (col0 + k * (kNT / 64)) * kBRow);
-      row[fi] = from_f<T>(qa * c + qb * s);
-      row[fi + 64] = from_f<T>(qb * c - qa * s);
+      const int col = col0 + k * C::kColStep, kn = k % C::kNPer, j = col >> 3;
+      const float c = ec * rcc[kn] - es * rss[kn], s = ec * rss[kn] + es * rcc[kn];
+      T* row = reinterpret_cast<T*>(bs + col * kBRow);
+      row[fi] = from_f<T>(qa[j] * c + qb[j] * s);
+      row[fi + 64] = from_f<T>(qb[j] * c - qa[j] * s);
     }
   };
 
@@ -330,51 +359,66 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     irr = __syncthreads_or(bad);
   }
 
-  float acc[kBinsPerThread];
+  // accumulators of the histogram bins this thread owns (bin tid + kNT k of each head)
+  float acc[R == 1 ? kBinsPerThread : 1];
 #pragma unroll
-  for (int k = 0; k < kBinsPerThread; ++k) acc[k] = 0.f;
-  float m_ref = kNegInf, l = 0.f, ptile = 0.f, mass_acc = 0.f;
-  uint32_t* hist = reinterpret_cast<uint32_t*>(smem + kOffHist);
-  float* red = reinterpret_cast<float*>(smem + kOffRed);
-  auto flush = [&](float scale) {
+  for (int k = 0; k < (R == 1 ? kBinsPerThread : 1); ++k) acc[k] = 0.f;
+  float m_ref[R], l[R], ptile[R], mass_acc[R];
+#pragma unroll
+  for (int j = 0; j < R; ++j) { m_ref[j] = kNegInf; l[j] = 0.f; ptile[j] = 0.f; mass_acc[j] = 0.f; }
+  uint32_t* hist = reinterpret_cast<uint32_t*>(smem + C::kOffHist);
+  float* red = reinterpret_cast<float*>(smem + C::kOffRed);
+  auto flush = [&](int j, float scale) {
 #pragma unroll
     for (int k = 0; k < kBinsPerThread; ++k) {
-      const int idx = tid + kNT * k;
+      const int idx = j * C::kBinsHead + tid + kNT * k;
       const uint32_t v = hist[idx];
       hist[idx] = 0u;
-      acc[k] = fmaf(static_cast<float>(v), kInvFix, acc[k]) * scale;
+      if constexpr (R == 1) acc[k] = fmaf(static_cast<float>(v), kInvFix, acc[k]) * scale;
+      else gacc[idx] = fmaf(static_cast<float>(v), kInvFix, gacc[idx]) * scale;
     }
   };
-  // value scatter: lanes 0-15 take token 0 of lane k, lanes 16-31 token 1 (64 tokens further), lane = group + 16 rep
+  // value scatter: lanes 0-15 take token 0 of lane k, lanes 16-31 token 1 (64 tokens further); slot = group (+ 16
+  // replica with two replicas)
   const int half = lane >> 4;
   const int vlane = kVRows + (8 * wt + half * kDelta) * kRB + half * 16 + (lane & 15);
-  uint32_t* pbw = reinterpret_cast<uint32_t*>(smem + kOffPBuf) + warp * kPBufStride;
+  const int slot4 = (lane & (kSlots - 1)) * 4;
+  uint32_t* pbw = reinterpret_cast<uint32_t*>(smem + C::kOffPBuf) + warp * kPBufStride;  // head j at + j kNW stride
   const int o0 = 2 * r * kDelta + 8 * wt + g;  // tile offsets of this lane's two scores: o0, o0 + kDelta
 
-  // Value scatter of the previous tile (p in pbw, value codes still in its stage), a quarter per m-tile so that
-  // the atomics interleave with the score math. Lanes 0-15 take token 0 of lane k, lanes 16-31 its token 1.
-  pbw[lane] = 0u;
-  pbw[36 + lane] = 0u;
+  // Value scatter of the previous tile (p in pbw, value codes still in its stage), a part per m-tile so that the
+  // atomics interleave with the score math. Lanes 0-15 take token 0 of lane k, lanes 16-31 its token 1.
+#pragma unroll
+  for (int j = 0; j < R; ++j) {
+    pbw[j * kNW * kPBufStride + lane] = 0u;
+    pbw[j * kNW * kPBufStride + 36 + lane] = 0u;
+  }
   __syncwarp();
   // Part `part` (0..3) takes the tokens of lanes 8 part .. 8 part + 7 whose r holds scores in this warp.
   auto scatter = [&](const uint8_t* sv, int part) {
     const uint8_t* vs = sv + vlane;
-    const uint32_t* pr = pbw + 36 * half;
 #pragma unroll
     for (int k4 = 2 * part; k4 < 2 * part + 2; ++k4) {
-      uint32_t pk[kRR];
-      if constexpr (kRR == 4) {
-        const uint4 w = *reinterpret_cast<const uint4*>(pr + 4 * k4);
-        pk[0] = w.x; pk[1] = w.y; pk[2] = w.z; pk[3] = w.w;
-      } else {
-        const uint2 w = *reinterpret_cast<const uint2*>(pr + 4 * k4 + kRR * wh);
-        pk[0] = w.x; pk[1] = w.y;
-      }
+      uint32_t code[kRR];  // lane 4 k4 + rr's tokens: 2 rr * 64 + 8 wt + k4 (+ 64), rr = kRR wh + jj
 #pragma unroll
       for (int jj = 0; jj < kRR; ++jj) {
-        const int rr = kRR * wh + jj, gk = k4;  // lane 4 gk + rr's tokens: 2 rr * 64 + 8 wt + gk (+ 64)
-        const uint32_t code = vs[(2 * rr * kDelta + gk) * kRB + 2 * rr * 16];
-        atomicAdd(reinterpret_cast<unsigned*>(smem + kOffHist + (code << 7) + lane * 4), pk[jj]);
+        const int rr = kRR * wh + jj;
+        code[jj] = vs[(2 * rr * kDelta + k4) * kRB + 2 * rr * 16] * (kSlots * 4) + slot4;
+      }
+#pragma unroll
+      for (int j = 0; j < R; ++j) {  // one head's p values at a time
+        const uint32_t* pr = pbw + j * kNW * kPBufStride + 36 * half;
+        uint32_t pk[kRR];
+        if constexpr (kRR == 4) {
+          const uint4 w = *reinterpret_cast<const uint4*>(pr + 4 * k4);
+          pk[0] = w.x; pk[1] = w.y; pk[2] = w.z; pk[3] = w.w;
+        } else {
+          const uint2 w = *reinterpret_cast<const uint2*>(pr + 4 * k4 + kRR * wh);
+          pk[0] = w.x; pk[1] = w.y;
+        }
+        uint8_t* hj = smem + C::kOffHist + j * C::kBinsHead * 4;
+#pragma unroll
+        for (int jj = 0; jj < kRR; ++jj) atomicAdd(reinterpret_cast<unsigned*>(hj + code[jj]), pk[jj]);
       }
     }
   };
@@ -382,10 +426,10 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
   for (int it = 0; it < ntile; ++it) {
     cp_async_wait<kMStages - 2>();
     __syncthreads();
-    const uint8_t* sv_prev = smem + kOffStage + ((it + kMStages - 1) % kMStages) * kStageBytes;  // tile it - 1
+    const uint8_t* sv_prev = smem + C::kOffStage + ((it + kMStages - 1) % kMStages) * kStageBytes;  // tile it - 1
     const int t0 = t_begin + it * kTile;
     const int n = min(kTile, t_end - t0);
-    const uint8_t* sk = smem + kOffStage + (it % kMStages) * kStageBytes;
+    const uint8_t* sk = smem + C::kOffStage + (it % kMStages) * kStageBytes;
     // positions of the next tile, used after the scores
     const bool has_next = it + 1 < ntile;
     const int t0n = t0 + kTile;
@@ -399,15 +443,19 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       for (int j = 0; j < C::kTokPerThread; ++j)
         if (tid + j * kNT < nn) pn[j] = pos_g[t0n + tid + j * kNT];
     }
-    uint4 bq[4];
-    {
-      const uint8_t* bsrc = smem + kOffB + (it & 1) * 8 * kBRow + g * kBRow + r * 16;
+    // this thread's B fragments (query column g of each head's n-tile, its k-slots): in registers for R == 1, read
+    // from shared memory at each use for R > 1
+    const uint8_t* bsrc = smem + C::kOffB + (it & 1) * 8 * R * kBRow + g * kBRow + r * 16;
+    uint4 bq[R == 1 ? 4 : 1];
+    if constexpr (R == 1) {
 #pragma unroll
       for (int a = 0; a < 4; ++a) bq[a] = *reinterpret_cast<const uint4*>(bsrc + a * 64);
     }
 
     // ---- scores: m-tile v holds keys 2v*64 + 8 wt + g (row g) and that + 64 (row g + 8)
-    float s0 = kNegInf, s1 = kNegInf;
+    float s0[R], s1[R];
+#pragma unroll
+    for (int j = 0; j < R; ++j) { s0[j] = kNegInf; s1[j] = kNegInf; }
     auto mtiles = [&](auto irregular) {
       constexpr bool kIrr = decltype(irregular)::value;
 #pragma unroll
@@ -418,17 +466,28 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
         const int offx = 2 * v * kDelta + 8 * wt + g, offy = offx + kDelta;
         const uint4 cx = *reinterpret_cast<const uint4*>(sk + offx * kRB);
         const uint4 cy = *reinterpret_cast<const uint4*>(sk + offy * kRB);
-        float sx, sy;
+        float sx[R], sy[R];
         if constexpr (kIrr) {  // each key at its own position, relative to its column's P_tile + 64 n
           const int64_t bx = P_tile + 2 * v * kDelta, by = bx + kDelta;
           const float px = static_cast<float>((offx < n ? pos_g[t0 + offx] : bx) - bx);
           const float py = static_cast<float>((offy < n ? pos_g[t0 + offy] : by) - by);
-          const float2 sc = irregular_mtile<T>(smem + kOffTab, smem + kOffB + (it & 1) * 8 * kBRow + g * kBRow + r * 16,
-                                               cx, cy, lane, px, py, p.inv_freq);
-          sx = sc.x;
-          sy = sc.y;
+#pragma unroll
+          for (int j = 0; j < R; ++j) {
+            const float2 sc = irregular_mtile<T>(smem + kOffTab, bsrc + j * 8 * kBRow, cx, cy, lane, px, py,
+                                                 p.inv_freq, C::kCopies);
+            sx[j] = sc.x;
+            sy[j] = sc.y;
+          }
         } else {
-          float d0[4] = {0.f, 0.f, 0.f, 0.f}, d1[4] = {0.f, 0.f, 0.f, 0.f};
+          // R == 1: two accumulator chains (hh = 0, 1) for overlap; R > 1: one per head (the heads overlap)
+          constexpr int kAcc = R == 1 ? 2 : 1;
+          float d[R][kAcc][4];
+#pragma unroll
+          for (int j = 0; j < R; ++j)
+#pragma unroll
+            for (int u = 0; u < kAcc; ++u)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) d[j][u][e] = 0.f;
           // chunk pairs (a, a + 2), a = 0, 1: gather, rotate, multiply; one pair's keys live at a time
 #pragma unroll
           for (int a = 0; a < 2; ++a) {
@@ -439,27 +498,46 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
             uint32_t fr[2][2][4];
             rotate_key<T, 0>(xlo, xhi, rk.c[a], rk.s[a], rk.ns[a], fr);
             rotate_key<T, 1>(ylo, yhi, rk.c[a], rk.s[a], rk.ns[a], fr);
-            pair_mma<T>(d0, d1, fr, bq[a], bq[a + 2]);
+            if constexpr (R == 1) {
+              pair_mma<T>(d[0][0], d[0][1], fr, bq[a], bq[a + 2]);
+            } else {
+#pragma unroll
+              for (int j = 0; j < R; ++j)
+                pair_mma<T>(d[j][0], d[j][0], fr, *reinterpret_cast<const uint4*>(bsrc + j * 8 * kBRow + a * 64),
+                            *reinterpret_cast<const uint4*>(bsrc + j * 8 * kBRow + (a + 2) * 64));
+            }
           }
-          sx = d0[0] + d1[0];
-          sy = d0[3] + d1[3];
+#pragma unroll
+          for (int j = 0; j < R; ++j) {
+            sx[j] = kAcc == 2 ? d[j][0][0] + d[j][kAcc - 1][0] : d[j][0][0];
+            sy[j] = kAcc == 2 ? d[j][0][3] + d[j][kAcc - 1][3] : d[j][0][3];
+          }
         }
-        if (r == v) { s0 = sx; s1 = sy; }
+        if (r == v) {
+#pragma unroll
+          for (int j = 0; j < R; ++j) { s0[j] = sx[j]; s1[j] = sy[j]; }
+        }
       }
     };
     if (irr) mtiles(std::true_type{});
     else mtiles(std::false_type{});
-    if (o0 >= n) s0 = kNegInf;
-    if (o0 + kDelta >= n) s1 = kNegInf;
-
-    // ---- tile max and the previous tile's mass, block-wide; the next tile's columns and regularity
-    float mx = fmaxf(s0, s1), ms = ptile;
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-      ms += __shfl_xor_sync(0xffffffffu, ms, off);
+    for (int j = 0; j < R; ++j) {
+      if (o0 >= n) s0[j] = kNegInf;
+      if (o0 + kDelta >= n) s1[j] = kNegInf;
     }
-    if (lane == 0) { red[warp] = mx; red[kNW + warp] = ms; }
+
+    // ---- tile max and the previous tile's mass per head, block-wide; the next tile's columns and regularity
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      float mx = fmaxf(s0[j], s1[j]), ms = ptile[j];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        ms += __shfl_xor_sync(0xffffffffu, ms, off);
+      }
+      if (lane == 0) { red[(2 * j) * kNW + warp] = mx; red[(2 * j + 1) * kNW + warp] = ms; }
+    }
     bool bad = false;
     if (has_next) {
       columns(Pn, (it + 1) & 1);
@@ -467,30 +545,38 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       for (int j = 0; j < C::kTokPerThread; ++j) bad |= tid + j * kNT < nn && pn[j] != Pn + tid + j * kNT;
     }
     const bool irr_next = __syncthreads_or(bad);
-    float tmax = kNegInf, mass = 0.f;
+    bool flushed = false;  // block-uniform
 #pragma unroll
-    for (int wi = 0; wi < kNW; ++wi) { tmax = fmaxf(tmax, red[wi]); mass += red[kNW + wi]; }
-    mass_acc += mass;
-    if (tmax > m_ref) {  // block-uniform
-      const float scale = m_ref == kNegInf ? 0.f : exp2f(m_ref - tmax);
-      flush(scale);
-      l *= scale;
-      m_ref = tmax;
-      mass_acc = 0.f;
-      __syncthreads();
-    } else if (mass_acc > kFlushMass) {
-      flush(1.f);
-      mass_acc = 0.f;
-      __syncthreads();
+    for (int j = 0; j < R; ++j) {
+      float tmax = kNegInf, mass = 0.f;
+#pragma unroll
+      for (int wi = 0; wi < kNW; ++wi) { tmax = fmaxf(tmax, red[(2 * j) * kNW + wi]); mass += red[(2 * j + 1) * kNW + wi]; }
+      mass_acc[j] += mass;
+      if (tmax > m_ref[j]) {
+        const float scale = m_ref[j] == kNegInf ? 0.f : exp2f(m_ref[j] - tmax);
+        flush(j, scale);
+        l[j] *= scale;
+        m_ref[j] = tmax;
+        mass_acc[j] = 0.f;
+        flushed = true;
+      } else if (mass_acc[j] > kFlushMass) {
+        flush(j, 1.f);
+        mass_acc[j] = 0.f;
+        flushed = true;
+      }
     }
+    if (flushed) __syncthreads();
 
     // ---- p (scattered during the next tile); the stage of tile it - 1 is free now: load tile it + 2 into it
-    const float p0 = s0 == kNegInf ? 0.f : fast_exp2(s0 - m_ref);
-    const float p1 = s1 == kNegInf ? 0.f : fast_exp2(s1 - m_ref);
-    l += p0 + p1;
-    ptile = p0 + p1;
-    pbw[lane] = __float2uint_rn(p0 * kFix);
-    pbw[36 + lane] = __float2uint_rn(p1 * kFix);
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      const float p0 = s0[j] == kNegInf ? 0.f : fast_exp2(s0[j] - m_ref[j]);
+      const float p1 = s1[j] == kNegInf ? 0.f : fast_exp2(s1[j] - m_ref[j]);
+      l[j] += p0 + p1;
+      ptile[j] = p0 + p1;
+      pbw[j * kNW * kPBufStride + lane] = __float2uint_rn(p0 * kFix);
+      pbw[j * kNW * kPBufStride + 36 + lane] = __float2uint_rn(p1 * kFix);
+    }
     __syncwarp();
     {
       const int nt = it + kMStages - 1;
@@ -501,89 +587,140 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     P_tile = Pn;
   }
   {
-    const uint8_t* sv_last = smem + kOffStage + ((ntile - 1) % kMStages) * kStageBytes;
+    const uint8_t* sv_last = smem + C::kOffStage + ((ntile - 1) % kMStages) * kStageBytes;
 #pragma unroll
     for (int part = 0; part < 4; ++part) scatter(sv_last, part);
   }
 
-  // ---- histogram x value centroids
+  // ---- histogram x value centroids, per query head
   cp_async_wait<0>();
   __syncthreads();
-  flush(1.f);
+#pragma unroll
+  for (int j = 0; j < R; ++j) flush(j, 1.f);
   for (int i = tid; i < kCodes * 16; i += kNT) {  // value table [code][128] in the first key-table copy
     const int code = i >> 4, gamma = i & 15;
     cp_async16(smem + kOffTab + code * 256 + gamma * 16, vcent + (gamma * kCodes + code) * 8);
   }
   cp_async_commit();
-  float* histf = reinterpret_cast<float*>(smem + kOffHist);
+  float* histf = reinterpret_cast<float*>(smem + C::kOffHist);  // fp32 bins in place of the u32 ones
 #pragma unroll
-  for (int k = 0; k < kBinsPerThread; ++k) histf[tid + kNT * k] = acc[k];
-  float lw = l;
+  for (int j = 0; j < R; ++j) {
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) lw += __shfl_xor_sync(0xffffffffu, lw, off);
-  if (lane == 0) red[2 * kNW + warp] = lw;
+    for (int k = 0; k < kBinsPerThread; ++k) {
+      const int idx = j * C::kBinsHead + tid + kNT * k;
+      if constexpr (R == 1) histf[idx] = acc[k];
+      else histf[idx] = gacc[idx];
+    }
+    float lw = l[j];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) lw += __shfl_xor_sync(0xffffffffu, lw, off);
+    if (lane == 0) red[j * kNW + warp] = lw;
+  }
   cp_async_wait<0>();
   __syncthreads();
-  float L = 0.f;
-#pragma unroll
-  for (int wi = 0; wi < kNW; ++wi) L += red[2 * kNW + wi];
   const int d = tid & (kD - 1), hc = tid >> 7, gv = d >> 3;
   constexpr int kHC = kNT / kD, kCPer = kCodes / kHC;  // code ranges summed by separate thread groups
   const T* tabv = reinterpret_cast<const T*>(smem + kOffTab);
-  float o = 0.f;
+  float* red_o = reinterpret_cast<float*>(smem + C::kOffStage);
+  float o[R];
+#pragma unroll
+  for (int j = 0; j < R; ++j) {
+    const float* hj = histf + j * C::kBinsHead;
+    float oj = 0.f;
 #pragma unroll 8
-  for (int c = hc * kCPer; c < hc * kCPer + kCPer; ++c)
-    o = fmaf(histf[c * 32 + gv] + histf[c * 32 + 16 + gv], to_f<T>(tabv[c * kD + d]), o);
-  float* red_o = reinterpret_cast<float*>(smem + kOffStage);
-  if (hc > 0) red_o[(hc - 1) * kD + d] = o;
+    for (int c = hc * kCPer; c < hc * kCPer + kCPer; ++c) {
+      float w = hj[c * kSlots + gv];
+      if constexpr (C::kRep == 2) w += hj[c * kSlots + 16 + gv];
+      oj = fmaf(w, to_f<T>(tabv[c * kD + d]), oj);
+    }
+    o[j] = oj;
+    if (hc > 0) red_o[((hc - 1) * R + j) * kD + d] = oj;
+  }
   __syncthreads();
   if (hc == 0) {
 #pragma unroll
-    for (int k = 1; k < kHC; ++k) o += red_o[(k - 1) * kD + d];
-    if (nsplit == 1) {
-      out[d] = from_f<T>(L > 0.f ? o / L : 0.f);
-    } else {
-      p.ws_o[row_out * kD + d] = o;
-      if (d == 0) { p.ws_ml[row_out * 2] = m_ref; p.ws_ml[row_out * 2 + 1] = L; }
+    for (int j = 0; j < R; ++j) {
+      float oj = o[j], L = 0.f;
+#pragma unroll
+      for (int k = 1; k < kHC; ++k) oj += red_o[((k - 1) * R + j) * kD + d];
+#pragma unroll
+      for (int wi = 0; wi < kNW; ++wi) L += red[j * kNW + wi];
+      if (nsplit == 1) {
+        out_ptr(j)[d] = from_f<T>(L > 0.f ? oj / L : 0.f);
+      } else {
+        p.ws_o[row_out(j) * kD + d] = oj;
+        if (d == 0) { p.ws_ml[row_out(j) * 2] = m_ref[j]; p.ws_ml[row_out(j) * 2 + 1] = L; }
+      }
     }
   }
 }
 
-template <typename T, int NW>
+template <typename T, int NW, int R>
 cudaError_t launch_t(const AttnParams& p, cudaStream_t stream) {
+  using C = Cfg<NW, R>;
   static bool configured = false;
   if (!configured) {
-    cudaError_t e = cudaFuncSetAttribute(decode_mma_kernel<T, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         Cfg<NW>::kSmem);
+    cudaError_t e = cudaFuncSetAttribute(decode_mma_kernel<T, NW, R>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         C::kSmem);
     if (e != cudaSuccess) return e;
     configured = true;
   }
-  dim3 grid(p.nsplit, p.Hq, p.B);
-  decode_mma_kernel<T, NW><<<grid, Cfg<NW>::kNT, Cfg<NW>::kSmem, stream>>>(p);
+  dim3 grid(p.nsplit, R == 1 ? p.Hq : p.Hkv, p.B);
+  decode_mma_kernel<T, NW, R><<<grid, C::kNT, C::kSmem, stream>>>(p);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || p.nsplit == 1) return e;
   combine_kernel<T><<<p.B * p.Hq * p.Q, p.D, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
+template <typename T>
+cudaError_t launch_dt(const AttnParams& p, cudaStream_t stream) {
+  if (p.variant == 2) return launch_t<T, 16, 1>(p, stream);
+  switch (mma_group(p)) {
+    case 2: return launch_t<T, 8, 2>(p, stream);
+    case 3: return launch_t<T, 8, 3>(p, stream);
+    case 4: return launch_t<T, 8, 4>(p, stream);
+    default: return launch_t<T, 8, 1>(p, stream);
+  }
+}
+
 bool aligned16(const void* x) { return (reinterpret_cast<uintptr_t>(x) & 15) == 0; }
+
+size_t mma_smem(const AttnParams& p) {
+  if (p.variant == 2) return Cfg<16, 1>::kSmem;
+  switch (mma_group(p)) {
+    case 2: return Cfg<8, 2>::kSmem;
+    case 3: return Cfg<8, 3>::kSmem;
+    case 4: return Cfg<8, 4>::kSmem;
+    default: return Cfg<8, 1>::kSmem;
+  }
+}
 
 }  // namespace
 
+// Query heads per block: the GQA group (2..4) with 8 warps, else 1 (a block per query head).
+int mma_group(const AttnParams& p) {
+  const int rep = p.Hq / p.Hkv;
+  return p.variant == 1 && rep >= 2 && rep <= 4 ? rep : 1;
+}
+
+size_t mma_hist_floats(const AttnParams& p) {
+  const int R = mma_group(p);
+  if (R == 1) return 0;
+  return static_cast<size_t>(p.B) * p.Hkv * p.nsplit * R * kCodes * 16 * (R <= 2 ? 2 : 1);
+}
+
 // variant 1: 8 warps per block, variant 2: 16 warps per block
 bool mma_decode_applies(const AttnParams& p, size_t max_smem) {
-  const size_t smem = p.variant == 2 ? Cfg<16>::kSmem : Cfg<8>::kSmem;
   return (p.variant == 1 || p.variant == 2) && p.D == kD && p.Q == 1 && p.Hq % p.Hkv == 0 && p.window == 0 &&
          p.n_sink == 0 && p.k_bits == 8 && p.v_bits == 8 && p.k_c == 8 && p.v_c == 8 && p.k_rb == kRB &&
          p.v_rb == kRB && aligned16(p.k_codes) && aligned16(p.v_codes) && aligned16(p.k_cent) &&
-         aligned16(p.v_cent) && smem <= max_smem;
+         aligned16(p.v_cent) && mma_smem(p) <= max_smem;
 }
 
 cudaError_t launch_mma_decode(const AttnParams& p, cudaStream_t stream) {
   if (p.B == 0) return cudaSuccess;
-  if (p.variant == 2)
-    return p.dtype == kBF16 ? launch_t<__nv_bfloat16, 16>(p, stream) : launch_t<__half, 16>(p, stream);
-  return p.dtype == kBF16 ? launch_t<__nv_bfloat16, 8>(p, stream) : launch_t<__half, 8>(p, stream);
+  return p.dtype == kBF16 ? launch_dt<__nv_bfloat16>(p, stream) : launch_dt<__half>(p, stream);
 }
 
 }  // namespace cq

@@ -69,6 +69,7 @@ struct AttnParams {
   int variant;  // request: 0 = the CUDA-core decode kernel only, 1 (2) = the tensor-core decode kernel with 8 (16)
                 // warps per block where it applies
   int mma;  // plan: 1 when the tensor-core decode kernel (decode_mma.cu) runs
+  float* ws_hist;  // tensor-core decode with a GQA group per block: fp32 histogram accumulators (mma_hist_floats)
 };
 
 // Shared memory the decode kernel needs for a given configuration (0 when it cannot run).
@@ -81,6 +82,10 @@ cudaError_t launch_decode(const AttnParams& p, cudaStream_t stream);
 // 128, 8-bit codes with c = 8 for K and V, no window or sinks, 16-byte aligned buffers, its shared memory fits), and
 // its launch (kernel + split-K combine).
 bool mma_decode_applies(const AttnParams& p, size_t max_smem);
+// Query heads per tensor-core decode block (2..4: the GQA group shares each key's gather and rotation; 1: a block per
+// query head), and the fp32 scratch that a group per block needs (0 for 1).
+int mma_group(const AttnParams& p);
+size_t mma_hist_floats(const AttnParams& p);
 cudaError_t launch_mma_decode(const AttnParams& p, cudaStream_t stream);
 cudaError_t launch_prefill(const AttnParams& p, cudaStream_t stream);
 // Dense RoPE'd keys and values [B, H_kv, S, D] (dtype) from the first S cached codes (uses the code, centroid and

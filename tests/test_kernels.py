@@ -275,19 +275,30 @@ MMA_CASES = [  # one query, head_dim 128, 8-bit codes with c = 8 for K and V; MH
     dict(S=700, B=2, Hq=2, Hkv=2, gaps=True, dtype=torch.bfloat16, pads=[0, 100]),  # irregular positions
     dict(S=513, B=1, Hq=1, Hkv=1, rope_scale=0.7),  # one tile and one token
     dict(S=2049, B=2, Hq=1, Hkv=1, pads=[2045, 0]),  # 4 keys over 3 splits: one split has none
-    dict(S=3000, B=2, Hq=8, Hkv=2, dtype=torch.bfloat16, pads=[0, 1234]),  # GQA 4: one block per query head
-    dict(S=1500, B=1, Hq=6, Hkv=2, gaps=True),  # GQA 3, irregular positions
+    # GQA groups of 2-4 query heads: one block per group (8 warps); others: one block per query head
+    dict(S=3000, B=2, Hq=8, Hkv=2, dtype=torch.bfloat16, pads=[0, 1234]),  # group 4, split over blocks
+    dict(S=1500, B=1, Hq=6, Hkv=2, gaps=True),  # group 3, irregular positions
+    dict(S=4097, B=1, Hq=4, Hkv=2, qscale=0.05),  # group 2, flat: histograms flushed every tile
+    dict(S=2500, B=2, Hq=8, Hkv=2, qscale=8.0, dtype=torch.bfloat16, pads=[700, 0]),  # group 4, peaky: rescales
+    dict(S=1100, B=3, Hq=96, Hkv=24, pads=[0, 5, 600]),  # group 4, 72 groups: no split-K
+    dict(S=2049, B=1, Hq=16, Hkv=2),  # group 8: a block per query head
 ]
 
 
+def mma_name(kernel: str, Hq: int, Hkv: int) -> str:
+    if kernel == "tensor-core-16w":
+        return "decode-mma16"
+    return "decode-mma-gqa" if 2 <= Hq // Hkv <= 4 else "decode-mma"
+
+
 @cuda_test
-@pytest.mark.parametrize("kernel,name", [("tensor-core", "decode-mma"), ("tensor-core-16w", "decode-mma16")])
+@pytest.mark.parametrize("kernel", ["tensor-core", "tensor-core-16w"])
 @pytest.mark.parametrize("case", MMA_CASES, ids=[f"mma{i}" for i in range(len(MMA_CASES))])
-def test_decode_mma_kernel(case, kernel, name, monkeypatch):
+def test_decode_mma_kernel(case, kernel, monkeypatch):
     monkeypatch.setattr(ops, "DECODE_KERNEL", kernel)
     query, view, mask, scaling = make_case(Q=1, **case)
     out = run_attention(query, view, mask, scaling)
-    assert ops.KERNEL_USED["attention"] == name
+    assert ops.KERNEL_USED["attention"] == mma_name(kernel, case["Hq"], case["Hkv"])
     assert_within_2x(out, query, view, mask, scaling)
 
 
@@ -500,7 +511,8 @@ def test_decode_kernel_request(monkeypatch):
     monkeypatch.setattr(ops, "DECODE_KERNEL", "auto")
     assert ops._decode_variant(8, 32768) == 1 and ops._decode_variant(1, 4096) == 0
     assert ops._decode_variant(4, 4096) == 1  # MHA: tokens per batch
-    assert ops._decode_variant(32, 8192, group=4) == 0 and ops._decode_variant(1, 32768, group=4) == 1  # GQA: per sequence
+    assert ops._decode_variant(32, 8192, group=4) == 1 and ops._decode_variant(1, 4096, group=4) == 0  # a group per block
+    assert ops._decode_variant(32, 8192, group=8) == 0 and ops._decode_variant(1, 32768, group=8) == 1  # per sequence
     for choice, v in (("cuda-core", 0), ("tensor-core", 1), ("tensor-core-16w", 2)):
         monkeypatch.setattr(ops, "DECODE_KERNEL", choice)
         assert ops._decode_variant(1, 10) == v and ops._decode_variant(8, 32768, group=4) == v
