@@ -412,6 +412,41 @@ def test_model_logits_kernels_vs_reference(monkeypatch, window, sinks, dtype):
     assert rel_err(got, ref) < (0.1 if dtype == torch.bfloat16 else 0.05)
 
 
+@cuda_test
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
+def test_model_tensor_core_decode_vs_reference(monkeypatch, heads, kv_heads):
+    """A tiny Llama with head_dim 128 and CQ-8c8b (MHA, and a GQA group of 4): decode steps through the tensor-core
+    kernel (forced: the context is short) against the reference path."""
+    from conftest import tiny_model
+    from test_codebook import make_codebook
+
+    from cqtool.cache import CQCache
+    from cqtool.config import QuantSpec
+    from cqtool.models import ModelInfo
+
+    monkeypatch.setattr(ops, "DECODE_KERNEL", "tensor-core")
+    model = tiny_model("llama", heads=heads, kv_heads=kv_heads, head_dim=128).to("cuda", torch.bfloat16)
+    cb = make_codebook(ModelInfo.from_config(model.config, "tiny"), QuantSpec(8, 8))
+    ids = torch.randint(0, 512, (2, 600), device="cuda")
+
+    def run():
+        cache = CQCache(model, cb)
+        seen = set()
+        with torch.no_grad():
+            out = [model(ids[:, :590], **{cache_kwarg(model): cache}, use_cache=True).logits[:, -1:]]
+            for t in range(590, 600):
+                out.append(model(ids[:, t : t + 1], **{cache_kwarg(model): cache}, use_cache=True).logits)
+                seen.add(ops.KERNEL_USED.get("attention"))
+        return torch.cat(out, 1).float(), seen
+
+    got, seen = run()
+    assert seen == {"decode-mma" if heads == kv_heads else "decode-mma-gqa"}
+    monkeypatch.setattr(ops, "get_module", lambda: None)
+    ref, _ = run()
+    assert ops.BACKEND_USED["attention"] == "reference"
+    assert rel_err(got, ref) < 0.1
+
+
 # ---------------------------------------------------------------- CPU: fallback is announced
 
 
