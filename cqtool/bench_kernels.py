@@ -242,11 +242,13 @@ def prefill_bench(shapes=DEFAULT_PREFILL_SHAPES, specs=("8c8b",), heads: int = 3
 # ---------------------------------------------------------------- generation
 
 
-def llama2_7b_config(layers: int = 32):
+def llama2_7b_config(layers: int = 32, kv_heads: int = 32):
+    """Llama-2-7b's shape; kv_heads < 32 gives grouped-query attention (8: the attention shape of Llama-3-8b)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
+                       num_attention_heads=32, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5)
 
 
 def _no_init():
@@ -258,7 +260,7 @@ def _no_init():
     return contextlib.nullcontext()
 
 
-def random_llama(layers: int = 32, dtype=torch.bfloat16):
+def random_llama(layers: int = 32, dtype=torch.bfloat16, kv_heads: int = 32):
     """Llama-2-7b-shaped model with N(0, 0.02) weights, built directly on the GPU (no CPU init)."""
     from transformers import LlamaForCausalLM
 
@@ -266,7 +268,7 @@ def random_llama(layers: int = 32, dtype=torch.bfloat16):
     torch.set_default_dtype(dtype)
     try:
         with torch.device("cuda"), _no_init():
-            model = LlamaForCausalLM(llama2_7b_config(layers))
+            model = LlamaForCausalLM(llama2_7b_config(layers, kv_heads))
     finally:
         torch.set_default_dtype(prev)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -434,7 +436,10 @@ def run_at_max_batch(kind: str, setup: GenSetup, cap_bytes: float, limit: int, s
 
 
 def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, spec: str = "8c8b", layers: int = 32,
-                   memory_gb: float = 80.0, search: bool = True, max_search: int = 2048, progress=None) -> dict:
+                   memory_gb: float = 80.0, search: bool = True, max_search: int = 2048, progress=None,
+                   kv_heads: int = 32) -> dict:
+    if kv_heads < 1 or 32 % kv_heads:
+        raise ConfigError(f"--kv-heads {kv_heads}: must divide the 32 query heads")
     if not torch.cuda.is_available():
         raise ConfigError("bench generate needs a CUDA GPU")
     say = progress or (lambda *_: None)
@@ -448,12 +453,12 @@ def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, sp
     torch.cuda.set_per_process_memory_fraction(frac)
     info = device_info()
     say("building the model")
-    model = random_llama(layers)
+    model = random_llama(layers, kv_heads=kv_heads)
     setup = GenSetup(model, random_codebook(model, QuantSpec.parse(spec)), prompt, new_tokens)
     from .cache import prepare_model
 
     prepare_model(model)  # both caches run under the "cq" attention (SDPA for dense K/V)
-    out: dict = {**info, "memory_cap_gb": memory_gb, "spec": spec, "layers": layers, "prompt": prompt,
+    out: dict = {**info, "memory_cap_gb": memory_gb, "spec": spec, "layers": layers, "kv_heads": kv_heads, "prompt": prompt,
                  "new_tokens": new_tokens, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
     say("warm-up (kernel build, cuBLAS handles, allocator)")
     warm = GenSetup(model, setup.codebook, prompt=min(prompt, 256), new_tokens=4, chunk=setup.chunk)

@@ -222,3 +222,7 @@ def test_kernel_bench_bad_shape(what):
 
 def test_kernel_bench_bad_kv_heads():
     assert_user_error(run("bench", "attention", "--heads", "32", "--kv-heads", "5"), "--kv-heads 5", "--heads 32")
+
+
+def test_generate_bench_bad_kv_heads():
+    assert_user_error(run("bench", "generate", "--kv-heads", "5"), "--kv-heads 5")

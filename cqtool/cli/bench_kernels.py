@@ -100,6 +100,7 @@ def generate_cmd(
     new_tokens: Annotated[int, typer.Option(help="Generated tokens (greedy)")] = 256,
     spec: Annotated[str, typer.Option(help="CQ quantizer for K and V (random codebook)")] = "8c8b",
     layers: Annotated[int, typer.Option(help="Decoder layers of the Llama-2-7b-shaped model")] = 32,
+    kv_heads: Annotated[int, typer.Option(help="KV heads (32: Llama-2-7b; 8: grouped-query, Llama-3-8b's attention)")] = 32,
     memory_gb: Annotated[float, typer.Option(help="GPU memory cap for the largest-batch search (GB)")] = 80.0,
     search: Annotated[bool, typer.Option(help="Also run each cache at its largest batch")] = True,
     max_batch: Annotated[int, typer.Option(help="Upper bound of the largest-batch search")] = 1024,
@@ -112,8 +113,9 @@ def generate_cmd(
     from ..io import write_json
 
     res = generate_bench(batch, prompt, new_tokens, spec, layers, memory_gb, search, max_batch,
-                         progress=lambda m: console.print(f"[dim]{m}[/]"))
-    t = Table(title=f"generation, Llama-2-7b shape ({layers} layers, random weights), {prompt}+{new_tokens} tokens, "
+                         progress=lambda m: console.print(f"[dim]{m}[/]"), kv_heads=kv_heads)
+    kv = f", {kv_heads} kv heads" if kv_heads != 32 else ""
+    t = Table(title=f"generation, Llama-2-7b shape ({layers} layers{kv}, random weights), {prompt}+{new_tokens} tokens, "
                     f"CQ-{spec}, {res['device']}")
     for col in ("run", "cache", "batch", "prefill s", "decode tok/s", "end-to-end tok/s", "peak GiB", "cache GiB"):
         t.add_column(col, justify="right")
