@@ -232,14 +232,19 @@ def _prefill_sdpa(mod, query, view, attention_mask, scaling: float, cos, sin) ->
     return torch.where(empty, torch.zeros((), dtype=out.dtype, device=out.device), out).transpose(1, 2)
 
 
+def _shared_heads(group: int) -> int:
+    """Query heads per tensor-core decode block (kernels/decode_mma.cu mma_group, 8 warps): 4, 3 or 2 of a GQA group."""
+    return next((r for r in (4, 3, 2) if group % r == 0), 1) if group > 1 else 1
+
+
 def _decode_variant(B: int, S: int, group: int = 1) -> int:
     """The decode kernel request passed to the extension (0: CUDA cores, 1/2: tensor cores with 8/16 warps).
-    auto: the tensor-core kernel from AUTO_MMA_TOKENS cached tokens per batch, for MHA and for GQA groups of 2-4 query
-    heads (one block per group); for larger groups, where it runs a block per query head while the CUDA-core kernel
-    shares each kv head's work among the group, only from AUTO_MMA_TOKENS tokens per sequence (H100, docs/
+    auto: the tensor-core kernel from AUTO_MMA_TOKENS cached tokens per batch, for MHA and for GQA groups whose query
+    heads it can take 2-4 per block; for groups of 5, 7, ..., where it runs a block per query head while the CUDA-core
+    kernel shares each kv head's work among the group, only from AUTO_MMA_TOKENS tokens per sequence (H100, docs/
     RESULTS_kernels.md)."""
     if DECODE_KERNEL == "auto":
-        n = S if group > 4 else B * S
+        n = S if group > 1 and _shared_heads(group) == 1 else B * S
         return _VARIANTS[AUTO_MMA_KERNEL] if n >= AUTO_MMA_TOKENS else 0
     return _VARIANTS[DECODE_KERNEL]
 

@@ -35,7 +35,7 @@ cudaError_t plan_decode(AttnParams& p, int num_sms, size_t max_smem) {
     p.has_fp = 0;
     p.tab_smem = 0;
     p.tile = 0;
-    const int base = p.B * (mma_group(p) == 1 ? p.Hq : p.Hkv);  // a block per query head, or per GQA group
+    const int base = p.B * (p.Hq / mma_group(p));  // a block per R query heads
     p.nsplit = base < num_sms ? std::max(1, std::min(num_sms / base, (p.S + 1023) / 1024)) : 1;
     return cudaSuccess;
   }

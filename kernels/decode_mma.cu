@@ -1,10 +1,11 @@
 // Decode attention from CQ codes with the scores on the tensor cores and P.V as a code histogram.
 //
 // Applies to one query (Q == 1) per query head, head_dim 128, 8-bit codes with c = 8 for keys and values, no window
-// or sinks (mma_decode_applies); everything else runs decode.cuh. MHA, and GQA groups of other sizes: one block per
-// query head (R = 1; the blocks of a group read the same codes, mostly from L2). GQA groups of 2, 3 or 4 query heads
-// (8 warps): one block per kv head for all R query heads of its group (R > 1), so that each key is gathered and
-// rotated once for the group and only the products, the softmax and the value scatter are per query head.
+// or sinks (mma_decode_applies); everything else runs decode.cuh. GQA (8 warps): a block takes R = 4, 3 or 2 query
+// heads of a group (the largest that divides the group size; a group of 8 runs as two blocks of 4), so that each key
+// is gathered and rotated once for the R heads and only the products, the softmax and the value scatter are per
+// query head. MHA, groups of 5 or 7, and the 16-warp variant: a block per query head (R = 1; the blocks of a group
+// read the same codes, mostly from L2).
 //
 // Scores. A tile is kTile = 512 consecutive tokens at positions P + o. Write o = 64 n + tau (n = 0..7, tau = 0..63):
 //   q . R(P + o) k = (R(P + 64 n)^T q) . (R(tau) k)
@@ -227,9 +228,10 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
   const int g = lane >> 2, r = lane & 3;
   const int b = blockIdx.z, split = blockIdx.x;
   const int nsplit = p.nsplit;
-  // R == 1: blockIdx.y is the query head (its kv head = head / group); R > 1: the kv head, query heads R hk + j
-  const int hk = R == 1 ? static_cast<int>(blockIdx.y) / (p.Hq / p.Hkv) : static_cast<int>(blockIdx.y);
-  const int qh0 = R == 1 ? static_cast<int>(blockIdx.y) : R * hk;
+  // blockIdx.y = R consecutive query heads qh0 .. qh0 + R - 1 of one GQA group (R divides the group size; R == 1: a
+  // single query head), all reading kv head hk
+  const int qh0 = R * static_cast<int>(blockIdx.y);
+  const int hk = qh0 / (p.Hq / p.Hkv);
 
   // this block's share of the query's allowed keys (Q == 1: range[b])
   const int cmin = max(p.range[b * 2], 0), cmax = min(p.range[b * 2 + 1], p.S);
@@ -266,7 +268,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
   // R > 1: fp32 accumulators of the histograms in global memory, [R][bins], this block's own
   float* gacc = nullptr;
   if constexpr (R > 1)
-    gacc = p.ws_hist + ((static_cast<int64_t>(b) * p.Hkv + hk) * nsplit + split) * (R * C::kBinsHead);
+    gacc = p.ws_hist + ((static_cast<int64_t>(b) * gridDim.y + blockIdx.y) * nsplit + split) * (R * C::kBinsHead);
 
   // ---- key table copies: copy c holds chunk gamma (channels 8 gamma .. 8 gamma + 7) at slot gamma ^ 4c
   for (int i = tid; i < C::kCopies * kCodes * 16; i += kNT) {
@@ -665,7 +667,7 @@ cudaError_t launch_t(const AttnParams& p, cudaStream_t stream) {
     if (e != cudaSuccess) return e;
     configured = true;
   }
-  dim3 grid(p.nsplit, R == 1 ? p.Hq : p.Hkv, p.B);
+  dim3 grid(p.nsplit, p.Hq / R, p.B);
   decode_mma_kernel<T, NW, R><<<grid, C::kNT, C::kSmem, stream>>>(p);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || p.nsplit == 1) return e;
@@ -698,16 +700,20 @@ size_t mma_smem(const AttnParams& p) {
 
 }  // namespace
 
-// Query heads per block: the GQA group (2..4) with 8 warps, else 1 (a block per query head).
+// Query heads per block: with 8 warps, the largest of 4, 3, 2 that divides the GQA group (a group of 8 runs as two
+// blocks of 4); else 1 (a block per query head).
 int mma_group(const AttnParams& p) {
   const int rep = p.Hq / p.Hkv;
-  return p.variant == 1 && rep >= 2 && rep <= 4 ? rep : 1;
+  if (p.variant != 1 || rep < 2) return 1;
+  for (int R = 4; R >= 2; --R)
+    if (rep % R == 0) return R;
+  return 1;
 }
 
 size_t mma_hist_floats(const AttnParams& p) {
   const int R = mma_group(p);
   if (R == 1) return 0;
-  return static_cast<size_t>(p.B) * p.Hkv * p.nsplit * R * kCodes * 16 * (R <= 2 ? 2 : 1);
+  return static_cast<size_t>(p.B) * (p.Hq / R) * p.nsplit * R * kCodes * 16 * (R <= 2 ? 2 : 1);
 }
 
 // variant 1: 8 warps per block, variant 2: 16 warps per block

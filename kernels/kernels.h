@@ -82,8 +82,8 @@ cudaError_t launch_decode(const AttnParams& p, cudaStream_t stream);
 // 128, 8-bit codes with c = 8 for K and V, no window or sinks, 16-byte aligned buffers, its shared memory fits), and
 // its launch (kernel + split-K combine).
 bool mma_decode_applies(const AttnParams& p, size_t max_smem);
-// Query heads per tensor-core decode block (2..4: the GQA group shares each key's gather and rotation; 1: a block per
-// query head), and the fp32 scratch that a group per block needs (0 for 1).
+// Query heads per tensor-core decode block (4, 3 or 2 heads of a GQA group share each key's gather and rotation; 1: a
+// block per query head), and the fp32 scratch that a block of several heads needs (0 for 1).
 int mma_group(const AttnParams& p);
 size_t mma_hist_floats(const AttnParams& p);
 cudaError_t launch_mma_decode(const AttnParams& p, cudaStream_t stream);

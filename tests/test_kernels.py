@@ -281,14 +281,16 @@ MMA_CASES = [  # one query, head_dim 128, 8-bit codes with c = 8 for K and V; MH
     dict(S=4097, B=1, Hq=4, Hkv=2, qscale=0.05),  # group 2, flat: histograms flushed every tile
     dict(S=2500, B=2, Hq=8, Hkv=2, qscale=8.0, dtype=torch.bfloat16, pads=[700, 0]),  # group 4, peaky: rescales
     dict(S=1100, B=3, Hq=96, Hkv=24, pads=[0, 5, 600]),  # group 4, 72 groups: no split-K
-    dict(S=2049, B=1, Hq=16, Hkv=2),  # group 8: a block per query head
+    dict(S=2049, B=1, Hq=16, Hkv=2),  # group 8: two blocks of 4 query heads per kv head
+    dict(S=1800, B=2, Hq=12, Hkv=2, dtype=torch.bfloat16, pads=[0, 900]),  # group 6: two blocks of 3
+    dict(S=1300, B=1, Hq=10, Hkv=2),  # group 5: a block per query head
 ]
 
 
 def mma_name(kernel: str, Hq: int, Hkv: int) -> str:
     if kernel == "tensor-core-16w":
         return "decode-mma16"
-    return "decode-mma-gqa" if 2 <= Hq // Hkv <= 4 else "decode-mma"
+    return "decode-mma-gqa" if ops._shared_heads(Hq // Hkv) > 1 else "decode-mma"
 
 
 @cuda_test
@@ -547,7 +549,9 @@ def test_decode_kernel_request(monkeypatch):
     assert ops._decode_variant(8, 32768) == 1 and ops._decode_variant(1, 4096) == 0
     assert ops._decode_variant(4, 4096) == 1  # MHA: tokens per batch
     assert ops._decode_variant(32, 8192, group=4) == 1 and ops._decode_variant(1, 4096, group=4) == 0  # a group per block
-    assert ops._decode_variant(32, 8192, group=8) == 0 and ops._decode_variant(1, 32768, group=8) == 1  # per sequence
+    assert ops._decode_variant(32, 8192, group=8) == 1  # two blocks of 4 per kv head
+    assert ops._decode_variant(32, 8192, group=5) == 0 and ops._decode_variant(1, 32768, group=5) == 1  # per sequence
+    assert [ops._shared_heads(g) for g in (1, 2, 3, 4, 5, 6, 7, 8, 12)] == [1, 2, 3, 4, 1, 3, 1, 4, 4]
     for choice, v in (("cuda-core", 0), ("tensor-core", 1), ("tensor-core-16w", 2)):
         monkeypatch.setattr(ops, "DECODE_KERNEL", choice)
         assert ops._decode_variant(1, 10) == v and ops._decode_variant(8, 32768, group=4) == v
