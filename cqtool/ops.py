@@ -6,9 +6,10 @@ torch's cpp_extension into ~/.cache/cqtool (or $TORCH_EXTENSIONS_DIR) and reused
 and CUDA is not touched, at import.
 
     encode_into   x [B, H_kv, Q, D] -> codes[:, :, start:start+Q] ([B, H_kv, cap, R] uint8), in place
-    cq_attention  query [B, H_q, Q, D] + CQView -> [B, Q, H_q, D]; split-K decode kernel for few queries or a
-                  window/sinks (CUDA cores; or, with DECODE_KERNEL = "tensor-core", tensor-core scores and a code
-                  histogram for the values where it applies), tensor-core prefill kernel for many queries
+    cq_attention  query [B, H_q, Q, D] + CQView -> [B, Q, H_q, D]; decode (few queries, or a window/sinks):
+                  tensor-core scores and a code histogram for the values where that kernel applies (DECODE_KERNEL),
+                  the split-K CUDA-core kernel elsewhere; prefill (many queries): the layer dequantized once by a
+                  kernel, then torch SDPA (PREFILL_KERNEL = "sdpa"), or the fused tensor-core prefill kernel
 """
 from __future__ import annotations
 
