@@ -32,13 +32,39 @@ cq::FpBuf fp_buf(const c10::optional<at::Tensor>& t, int64_t D, at::ScalarType d
   return f;
 }
 
-// Split-K scratch, kept between calls (grown on demand) so that decode steps allocate nothing but the output.
-at::Tensor& workspace(int64_t n_floats, const at::Device& dev) {
-  static at::Tensor ws[16];
-  at::Tensor& w = ws[dev.index() < 0 ? 0 : dev.index() % 16];
+// fp32 scratch kept between calls (grown on demand) so that decode steps allocate nothing but the output; slot 0:
+// split-K partials, slot 1: histogram accumulators of the tensor-core decode with several query heads per block.
+at::Tensor& workspace(int64_t n_floats, const at::Device& dev, int slot = 0) {
+  static at::Tensor ws[2][16];
+  at::Tensor& w = ws[slot][dev.index() < 0 ? 0 : dev.index() % 16];
   if (!w.defined() || w.numel() < n_floats || w.device() != dev)
     w = at::empty({std::max<int64_t>(n_floats, 1 << 20)}, at::TensorOptions().dtype(at::kFloat).device(dev));
   return w;
+}
+
+// A layer's code buffers [B, H_kv, cap, R] (uint8, the first S rows valid) and centroids [H_kv, G, 2**bits, c] into p,
+// checked; `what` names the op in the messages.
+void set_codes(cq::AttnParams& p, const at::Tensor& k_codes, const at::Tensor& v_codes, const at::Tensor& k_cent,
+               const at::Tensor& v_cent, int64_t k_bits, int64_t v_bits, int64_t S, const char* what) {
+  TORCH_CHECK(k_codes.is_contiguous() && v_codes.is_contiguous() && k_codes.scalar_type() == at::kByte &&
+              v_codes.scalar_type() == at::kByte && k_codes.size(2) == v_codes.size(2) && k_codes.size(2) >= S,
+              what, ": code buffers");
+  TORCH_CHECK(k_cent.size(2) == (int64_t(1) << k_bits) && v_cent.size(2) == (int64_t(1) << v_bits), what,
+              ": 2**bits centroids");
+  TORCH_CHECK(k_codes.size(3) == (k_cent.size(1) * k_bits + 7) / 8 && v_codes.size(3) == (v_cent.size(1) * v_bits + 7) / 8,
+              what, ": code row bytes");
+  p.k_codes = k_codes.data_ptr<uint8_t>(); p.v_codes = v_codes.data_ptr<uint8_t>();
+  p.cap = k_codes.size(2); p.k_rb = k_codes.size(3); p.v_rb = v_codes.size(3);
+  p.k_cent = k_cent.data_ptr(); p.v_cent = v_cent.data_ptr();
+  p.k_c = k_cent.size(3); p.k_bits = k_bits; p.k_groups = k_cent.size(1);
+  p.v_c = v_cent.size(3); p.v_bits = v_bits; p.v_groups = v_cent.size(1);
+}
+
+// The cache's RoPE table cos/sin [B or 1, >=S, D] fp32 into p, checked.
+void set_cos_sin(cq::AttnParams& p, const at::Tensor& cos, const at::Tensor& sin, int64_t S, int64_t D, const char* what) {
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.stride(2) == 1 && cos.stride(1) == D && cos.size(1) >= S &&
+              sin.strides() == cos.strides(), what, ": cos/sin must be [B, >=S, D] fp32");
+  p.cos_t = cos.data_ptr<float>(); p.sin_t = sin.data_ptr<float>(); p.cs_sb = cos.size(0) == 1 ? 0 : cos.stride(0);
 }
 
 }  // namespace
@@ -68,8 +94,8 @@ void encode(const at::Tensor& x, const at::Tensor& centroids, int64_t bits, at::
 
 // Attention of query [B, H_q, Q, D] over S cached tokens held as codes (+ full-precision window/sinks) -> [B, Q, H_q, D],
 // and which kernel ran (0: decode, CUDA cores; 1: decode, tensor cores, 8 warps; 2: prefill; 3: decode, tensor cores,
-// 16 warps; 4: decode, tensor cores, a GQA group per block). variant 0 keeps the decode on the CUDA-core kernel, 1 (2) lets the tensor-core one with 8 (16) warps per
-// block take the cases it covers.
+// 16 warps; 4: decode, tensor cores, several query heads of a GQA group per block). variant 0 keeps the decode on the
+// CUDA-core kernel, 1 (2) lets the tensor-core one with 8 (16) warps per block take the cases it covers.
 std::tuple<at::Tensor, int64_t> attention(
                      const at::Tensor& q, const at::Tensor& k_codes, const at::Tensor& v_codes, const at::Tensor& k_cent,
                      const at::Tensor& v_cent, int64_t k_bits, int64_t v_bits, const at::Tensor& positions,
@@ -82,9 +108,6 @@ std::tuple<at::Tensor, int64_t> attention(
   const int64_t B = q.size(0), Hq = q.size(1), Q = q.size(2), D = q.size(3);
   const int64_t Hkv = k_cent.size(0);
   TORCH_CHECK(Hq % Hkv == 0, "attention: H_q must be a multiple of H_kv");
-  TORCH_CHECK(k_codes.is_contiguous() && v_codes.is_contiguous() && k_codes.scalar_type() == at::kByte &&
-              v_codes.scalar_type() == at::kByte && k_codes.size(2) == v_codes.size(2) && k_codes.size(2) >= S,
-              "attention: code buffers");
   TORCH_CHECK(k_cent.is_contiguous() && v_cent.is_contiguous() && k_cent.scalar_type() == q.scalar_type() &&
               v_cent.scalar_type() == q.scalar_type(), "attention: centroids must be contiguous in the query dtype");
   TORCH_CHECK(k_cent.size(1) * k_cent.size(3) == D && v_cent.size(1) * v_cent.size(3) == D, "attention: centroid shapes");
@@ -100,13 +123,7 @@ std::tuple<at::Tensor, int64_t> attention(
   cq::AttnParams p{};
   p.q = q.data_ptr();
   p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_sq = q.stride(2);
-  p.k_codes = k_codes.data_ptr<uint8_t>(); p.v_codes = v_codes.data_ptr<uint8_t>();
-  p.cap = k_codes.size(2); p.k_rb = k_codes.size(3); p.v_rb = v_codes.size(3);
-  p.k_cent = k_cent.data_ptr(); p.v_cent = v_cent.data_ptr();
-  p.k_c = k_cent.size(3); p.k_bits = k_bits; p.k_groups = k_cent.size(1);
-  p.v_c = v_cent.size(3); p.v_bits = v_bits; p.v_groups = v_cent.size(1);
-  TORCH_CHECK(k_cent.size(2) == (int64_t(1) << k_bits) && v_cent.size(2) == (int64_t(1) << v_bits), "attention: 2**bits centroids");
-  TORCH_CHECK(p.k_rb == (p.k_groups * k_bits + 7) / 8 && p.v_rb == (p.v_groups * v_bits + 7) / 8, "attention: code row bytes");
+  set_codes(p, k_codes, v_codes, k_cent, v_cent, k_bits, v_bits, S, "attention");
   p.positions = positions.data_ptr<int64_t>(); p.pos_sb = positions.stride(0);
   p.inv_freq = inv_freq.data_ptr<float>(); p.rope_scale = static_cast<float>(rope_scale);
   p.range = range.data_ptr<int>();
@@ -125,9 +142,7 @@ std::tuple<at::Tensor, int64_t> attention(
   if (prefill) {
     TORCH_CHECK(window == 0 && p.n_sink == 0, "attention: the prefill kernel takes no window or sinks");
     TORCH_CHECK(cos.has_value() && sin.has_value(), "attention: prefill needs the cos/sin table");
-    TORCH_CHECK(cos->scalar_type() == at::kFloat && cos->stride(2) == 1 && cos->stride(1) == D && cos->size(1) >= S &&
-                sin->strides() == cos->strides(), "attention: cos/sin must be [B, >=S, D] fp32");
-    p.cos_t = cos->data_ptr<float>(); p.sin_t = sin->data_ptr<float>(); p.cs_sb = cos->size(0) == 1 ? 0 : cos->stride(0);
+    set_cos_sin(p, *cos, *sin, S, D, "attention");
     check_cuda(cq::launch_prefill(p, stream), "prefill attention");
     return std::make_tuple(out, int64_t{2});
   }
@@ -140,14 +155,8 @@ std::tuple<at::Tensor, int64_t> attention(
     p.ws_o = ws.data_ptr<float>();
     p.ws_ml = p.ws_o + rows * D;
   }
-  if (p.mma && cq::mma_hist_floats(p) > 0) {
-    static at::Tensor hist[16];
-    at::Tensor& hw = hist[q.device().index() < 0 ? 0 : q.device().index() % 16];
-    const int64_t n = static_cast<int64_t>(cq::mma_hist_floats(p));
-    if (!hw.defined() || hw.numel() < n || hw.device() != q.device())
-      hw = at::empty({std::max<int64_t>(n, 1 << 20)}, at::TensorOptions().dtype(at::kFloat).device(q.device()));
-    p.ws_hist = hw.data_ptr<float>();  // each block zeroes its own part
-  }
+  if (p.mma && cq::mma_hist_floats(p) > 0)  // each block zeroes its own part
+    p.ws_hist = workspace(static_cast<int64_t>(cq::mma_hist_floats(p)), q.device(), 1).data_ptr<float>();
   check_cuda(cq::launch_decode(p, stream), "decode attention");
   const int64_t used = !p.mma ? 0 : p.variant == 2 ? 3 : cq::mma_group(p) > 1 ? 4 : 1;
   return std::make_tuple(out, used);
@@ -158,28 +167,18 @@ std::tuple<at::Tensor, int64_t> attention(
 std::tuple<at::Tensor, at::Tensor> dequant(const at::Tensor& k_codes, const at::Tensor& v_codes, const at::Tensor& k_cent,
                                            const at::Tensor& v_cent, int64_t k_bits, int64_t v_bits,
                                            const at::Tensor& cos, const at::Tensor& sin, int64_t S) {
-  TORCH_CHECK(k_codes.is_cuda() && k_codes.dim() == 4 && k_codes.is_contiguous() && v_codes.is_contiguous() &&
-              k_codes.scalar_type() == at::kByte && v_codes.scalar_type() == at::kByte &&
-              k_codes.size(2) == v_codes.size(2) && k_codes.size(2) >= S && S >= 0, "dequant: code buffers");
+  TORCH_CHECK(k_codes.is_cuda() && k_codes.dim() == 4 && S >= 0, "dequant: code buffers");
   TORCH_CHECK(k_cent.is_contiguous() && v_cent.is_contiguous() && k_cent.scalar_type() == v_cent.scalar_type(),
               "dequant: centroids must be contiguous, one dtype");
   const int64_t B = k_codes.size(0), Hkv = k_cent.size(0), D = k_cent.size(1) * k_cent.size(3);
   TORCH_CHECK(v_cent.size(1) * v_cent.size(3) == D && k_codes.size(1) == Hkv && (D == 64 || D == 128), "dequant: shapes");
-  TORCH_CHECK(k_cent.size(2) == (int64_t(1) << k_bits) && v_cent.size(2) == (int64_t(1) << v_bits), "dequant: 2**bits centroids");
-  TORCH_CHECK(k_codes.size(3) == (k_cent.size(1) * k_bits + 7) / 8 && v_codes.size(3) == (v_cent.size(1) * v_bits + 7) / 8,
-              "dequant: code row bytes");
-  TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.stride(2) == 1 && cos.stride(1) == D && cos.size(1) >= S &&
-              sin.strides() == cos.strides() && (cos.size(0) == 1 || cos.size(0) == B), "dequant: cos/sin must be [B, >=S, D] fp32");
+  TORCH_CHECK(cos.size(0) == 1 || cos.size(0) == B, "dequant: cos/sin must be [B, >=S, D] fp32");
+  cq::AttnParams p{};
+  set_codes(p, k_codes, v_codes, k_cent, v_cent, k_bits, v_bits, S, "dequant");
+  set_cos_sin(p, cos, sin, S, D, "dequant");
   const at::cuda::OptionalCUDAGuard guard(k_codes.device());
   at::Tensor kout = at::empty({B, Hkv, S, D}, k_cent.options());
   at::Tensor vout = at::empty({B, Hkv, S, D}, k_cent.options());
-  cq::AttnParams p{};
-  p.k_codes = k_codes.data_ptr<uint8_t>(); p.v_codes = v_codes.data_ptr<uint8_t>();
-  p.cap = k_codes.size(2); p.k_rb = k_codes.size(3); p.v_rb = v_codes.size(3);
-  p.k_cent = k_cent.data_ptr(); p.v_cent = v_cent.data_ptr();
-  p.k_c = k_cent.size(3); p.k_bits = k_bits; p.k_groups = k_cent.size(1);
-  p.v_c = v_cent.size(3); p.v_bits = v_bits; p.v_groups = v_cent.size(1);
-  p.cos_t = cos.data_ptr<float>(); p.sin_t = sin.data_ptr<float>(); p.cs_sb = cos.size(0) == 1 ? 0 : cos.stride(0);
   p.B = B; p.Hkv = Hkv; p.S = S; p.D = D;
   p.dtype = dtype_tag(k_cent);
   check_cuda(cq::launch_dequant(p, kout.data_ptr(), vout.data_ptr(), at::cuda::getCurrentCUDAStream()), "dequant");

@@ -89,6 +89,42 @@ __device__ __forceinline__ void gather8(float* out, const T* tab, int D, int lc,
   }
 }
 
+// Stage the code words of rows j0 .. j0 + n - 1 of one head (row 0 at byte `base` of `codes`, rb bytes per row) in
+// words[] from the 4-byte boundary below, plus a zero word after them (code_from_words reads one word on); returns
+// the bit of row j0 in words[]. The caller syncs the block before reading.
+__device__ __forceinline__ uint32_t stage_code_words(uint32_t* words, const uint8_t* codes, int64_t base, int j0, int n,
+                                                     int rb) {
+  const int64_t s = base + static_cast<int64_t>(j0) * rb, a = s & ~int64_t(3);
+  const int nw = static_cast<int>((s + static_cast<int64_t>(n) * rb - a + 3) >> 2);
+  for (int i = threadIdx.x; i < nw; i += blockDim.x) words[i] = __ldg(reinterpret_cast<const unsigned int*>(codes + a) + i);
+  if (threadIdx.x == 0) words[nw] = 0u;
+  return static_cast<uint32_t>((s - a) * 8);
+}
+
+// One cached key's 8 channel pairs (channels ca .. ca + 7 and their RoPE partners + D/2): centroid lookup, rotation
+// in fp32 with the cos/sin table row of its position (fp32 [D], transformers' layout), rounded once to the dtype.
+template <typename T>
+__device__ __forceinline__ void rope_key_chunk(uint4& ua, uint4& ub, const T* kcent, int D, int lck, int Kk, int bits,
+                                               const uint32_t* kw, uint32_t bit, int ca, const float* cos_row,
+                                               const float* sin_row) {
+  float a8[8], b8[8];
+  gather8<T, false, 0>(a8, kcent, D, lck, Kk, bits, kw, bit, ca);
+  gather8<T, false, 0>(b8, kcent, D, lck, Kk, bits, kw, bit, ca + D / 2);
+  const float4* cp = reinterpret_cast<const float4*>(cos_row + ca);
+  const float4* sp = reinterpret_cast<const float4*>(sin_row + ca);
+  const float4 c0 = __ldg(cp), c1 = __ldg(cp + 1), s0 = __ldg(sp), s1 = __ldg(sp + 1);
+  const float cs[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
+  const float sn[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
+  float ra[8], rb[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    ra[e] = a8[e] * cs[e] - b8[e] * sn[e];
+    rb[e] = b8[e] * cs[e] + a8[e] * sn[e];
+  }
+  ua = make_uint4(pack2<T>(ra[0], ra[1]), pack2<T>(ra[2], ra[3]), pack2<T>(ra[4], ra[5]), pack2<T>(ra[6], ra[7]));
+  ub = make_uint4(pack2<T>(rb[0], rb[1]), pack2<T>(rb[2], rb[3]), pack2<T>(rb[4], rb[5]), pack2<T>(rb[6], rb[7]));
+}
+
 // Partial scores of one token over 8 channel pairs (ka: channels ch_a.., kb: their RoPE partners). NQ == 1: w holds
 // the query already rotated to the token's position (s = Re(W k)); NQ > 1: w is e^{i p f} and the key is rotated
 // here, then dotted with each query's channels qa, qb.

@@ -28,15 +28,9 @@ __global__ void __launch_bounds__(kDqThreads) dequant_kernel(const AttnParams p,
   const int n = min(kDqTok, p.S - j0);
 
   const HeadCodes<T> hc(p, b, h);
-  const int64_t ks = hc.kbase + static_cast<int64_t>(j0) * p.k_rb, ka = ks & ~int64_t(3);
-  const int nkw = static_cast<int>((ks + static_cast<int64_t>(n) * p.k_rb - ka + 3) >> 2);
-  for (int i = threadIdx.x; i < nkw; i += blockDim.x) kw[i] = __ldg(reinterpret_cast<const unsigned int*>(p.k_codes + ka) + i);
-  const int64_t vs = hc.vbase + static_cast<int64_t>(j0) * p.v_rb, va = vs & ~int64_t(3);
-  const int nvw = static_cast<int>((vs + static_cast<int64_t>(n) * p.v_rb - va + 3) >> 2);
-  for (int i = threadIdx.x; i < nvw; i += blockDim.x) vw[i] = __ldg(reinterpret_cast<const unsigned int*>(p.v_codes + va) + i);
-  if (threadIdx.x == 0) { kw[nkw] = 0u; vw[nvw] = 0u; }
+  const uint32_t kbit0 = stage_code_words(kw, p.k_codes, hc.kbase, j0, n, p.k_rb);
+  const uint32_t vbit0 = stage_code_words(vw, p.v_codes, hc.vbase, j0, n, p.v_rb);
   __syncthreads();
-  const uint32_t kbit0 = static_cast<uint32_t>((ks - ka) * 8), vbit0 = static_cast<uint32_t>((vs - va) * 8);
 
   const float* cos_b = p.cos_t + b * p.cs_sb;
   const float* sin_b = p.sin_t + b * p.cs_sb;
@@ -44,29 +38,14 @@ __global__ void __launch_bounds__(kDqThreads) dequant_kernel(const AttnParams p,
 
   // keys: item = (token, chunk of 8 channel pairs (i, i + D/2))
   for (int it = threadIdx.x; it < n * (D / 16); it += blockDim.x) {
-    const int kn = it / (D / 16), cb = it % (D / 16);
-    const int ca = 8 * cb, cbb = HALF + 8 * cb;
-    const uint32_t bit = kbit0 + static_cast<uint32_t>(kn * p.k_rb * 8);
-    float a8[8], b8[8];
-    gather8<T, false, 0>(a8, hc.kcent, D, hc.lck, hc.Kk, p.k_bits, kw, bit, ca);
-    gather8<T, false, 0>(b8, hc.kcent, D, hc.lck, hc.Kk, p.k_bits, kw, bit, cbb);
-    const int64_t j = j0 + kn;
-    const float4* cp = reinterpret_cast<const float4*>(cos_b + j * D + ca);
-    const float4* sp = reinterpret_cast<const float4*>(sin_b + j * D + ca);
-    const float4 c0 = __ldg(cp), c1 = __ldg(cp + 1), s0 = __ldg(sp), s1 = __ldg(sp + 1);
-    const float cs[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
-    const float sn[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
-    float ra[8], rb[8];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      ra[e] = a8[e] * cs[e] - b8[e] * sn[e];
-      rb[e] = b8[e] * cs[e] + a8[e] * sn[e];
-    }
+    const int kn = it / (D / 16), ca = 8 * (it % (D / 16));
+    const int64_t row = static_cast<int64_t>(j0 + kn) * D;
+    uint4 ua, ub;
+    rope_key_chunk<T>(ua, ub, hc.kcent, D, hc.lck, hc.Kk, p.k_bits, kw, kbit0 + static_cast<uint32_t>(kn * p.k_rb * 8),
+                      ca, cos_b + row, sin_b + row);
     T* kp = kout + orow + static_cast<int64_t>(kn) * D;
-    *reinterpret_cast<uint4*>(kp + ca) =
-        make_uint4(pack2<T>(ra[0], ra[1]), pack2<T>(ra[2], ra[3]), pack2<T>(ra[4], ra[5]), pack2<T>(ra[6], ra[7]));
-    *reinterpret_cast<uint4*>(kp + cbb) =
-        make_uint4(pack2<T>(rb[0], rb[1]), pack2<T>(rb[2], rb[3]), pack2<T>(rb[4], rb[5]), pack2<T>(rb[6], rb[7]));
+    *reinterpret_cast<uint4*>(kp + ca) = ua;
+    *reinterpret_cast<uint4*>(kp + HALF + ca) = ub;
   }
   // values: item = (token, chunk of 8 channels)
   for (int it = threadIdx.x; it < n * (D / 8); it += blockDim.x) {

@@ -119,15 +119,9 @@ __global__ void __launch_bounds__(kPfWarps * 32) prefill_kernel(const AttnParams
   for (int j0 = kv_lo; j0 < kv_hi; j0 += kBN) {
     const int n = min(kBN, p.S - j0);
     // ---- stage this tile's code rows
-    const int64_t ks = kbase + static_cast<int64_t>(j0) * p.k_rb, ka = ks & ~int64_t(3);
-    const int nkw = static_cast<int>((ks + static_cast<int64_t>(n) * p.k_rb - ka + 3) >> 2);
-    for (int i = threadIdx.x; i < nkw; i += blockDim.x) kw[i] = __ldg(reinterpret_cast<const unsigned int*>(p.k_codes + ka) + i);
-    const int64_t vs = vbase + static_cast<int64_t>(j0) * p.v_rb, va = vs & ~int64_t(3);
-    const int nvw = static_cast<int>((vs + static_cast<int64_t>(n) * p.v_rb - va + 3) >> 2);
-    for (int i = threadIdx.x; i < nvw; i += blockDim.x) vw[i] = __ldg(reinterpret_cast<const unsigned int*>(p.v_codes + va) + i);
-    if (threadIdx.x == 0) { kw[nkw] = 0u; vw[nvw] = 0u; }
+    const uint32_t kbit0 = stage_code_words(kw, p.k_codes, kbase, j0, n, p.k_rb);
+    const uint32_t vbit0 = stage_code_words(vw, p.v_codes, vbase, j0, n, p.v_rb);
     __syncthreads();
-    const uint32_t kbit0 = static_cast<uint32_t>((ks - ka) * 8), vbit0 = static_cast<uint32_t>((vs - va) * 8);
 
     // ---- dequantize + RoPE the keys: item = (key, 8-pair chunk)
     for (int it = threadIdx.x; it < kBN * (D / 16); it += blockDim.x) {
@@ -135,24 +129,9 @@ __global__ void __launch_bounds__(kPfWarps * 32) prefill_kernel(const AttnParams
       const int ca = 8 * cb, cbb = HALF + 8 * cb;
       uint4 ua = make_uint4(0, 0, 0, 0), ub = make_uint4(0, 0, 0, 0);
       if (kn < n) {
-        const int j = j0 + kn;
-        float ka8[8], kb8[8], cs[8], sn[8];
-        const uint32_t bit = kbit0 + static_cast<uint32_t>(kn * p.k_rb * 8);
-        gather8<T, false, 0>(ka8, kcent, D, lck, Kk, p.k_bits, kw, bit, ca);
-        gather8<T, false, 0>(kb8, kcent, D, lck, Kk, p.k_bits, kw, bit, cbb);
-        const float4* cp = reinterpret_cast<const float4*>(cos_b + static_cast<int64_t>(j) * D + ca);
-        const float4* sp = reinterpret_cast<const float4*>(sin_b + static_cast<int64_t>(j) * D + ca);
-        const float4 c0 = __ldg(cp), c1 = __ldg(cp + 1), s0 = __ldg(sp), s1 = __ldg(sp + 1);
-        cs[0] = c0.x; cs[1] = c0.y; cs[2] = c0.z; cs[3] = c0.w; cs[4] = c1.x; cs[5] = c1.y; cs[6] = c1.z; cs[7] = c1.w;
-        sn[0] = s0.x; sn[1] = s0.y; sn[2] = s0.z; sn[3] = s0.w; sn[4] = s1.x; sn[5] = s1.y; sn[6] = s1.z; sn[7] = s1.w;
-        float ra[8], rb[8];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          ra[e] = ka8[e] * cs[e] - kb8[e] * sn[e];
-          rb[e] = kb8[e] * cs[e] + ka8[e] * sn[e];
-        }
-        ua = make_uint4(pack2<T>(ra[0], ra[1]), pack2<T>(ra[2], ra[3]), pack2<T>(ra[4], ra[5]), pack2<T>(ra[6], ra[7]));
-        ub = make_uint4(pack2<T>(rb[0], rb[1]), pack2<T>(rb[2], rb[3]), pack2<T>(rb[4], rb[5]), pack2<T>(rb[6], rb[7]));
+        const int64_t row = static_cast<int64_t>(j0 + kn) * D;
+        rope_key_chunk<T>(ua, ub, kcent, D, lck, Kk, p.k_bits, kw, kbit0 + static_cast<uint32_t>(kn * p.k_rb * 8), ca,
+                          cos_b + row, sin_b + row);
       }
       *reinterpret_cast<uint4*>(Ks + kn * KS + ca) = ua;
       *reinterpret_cast<uint4*>(Ks + kn * KS + cbb) = ub;
