@@ -71,6 +71,25 @@ def _require_kernels(what: str) -> None:
         raise ConfigError(f"the CUDA kernels are not available: {st['reason']}")
 
 
+def _each_choice(setting: str, choices, call, ref: torch.Tensor, t_base: float, reps: int, warmup: int = 5) -> dict:
+    """`call()` under every value of ops.<setting> (restored afterwards) on the same data: the kernel that ran, the
+    median time, the speed against t_base and the relative difference to ref ([B, H, Q, D], call's output is
+    [B, Q, H, D])."""
+    kernels, keep = {}, getattr(ops, setting)
+    try:
+        for choice in choices:
+            setattr(ops, setting, choice)
+            out = call()
+            ran = ops.KERNEL_USED.get("attention") if ops.BACKEND_USED.get("attention") == "cuda" else "reference"
+            err = float((out.transpose(1, 2).float() - ref.float()).norm() / ref.float().norm())
+            t = statistics.median(cuda_times(call, warmup=warmup, reps=reps))
+            kernels[choice] = {"ran": ran, "ms": t, "speedup": t_base / t, "rel_err_vs_sdpa": err}
+            del out
+    finally:
+        setattr(ops, setting, keep)
+    return kernels
+
+
 def synthetic_layer(B: int, S: int, H: int, D: int, spec: QuantSpec, dtype=torch.bfloat16, seed: int = 0,
                     dense: bool = True, q_heads: int | None = None):
     """A decode step's view of one CQ layer with S random tokens and H kv heads (Q = 1, no window; q_heads query
@@ -146,18 +165,9 @@ def attention_bench(shapes=DEFAULT_SHAPES, specs=DEFAULT_SPECS, heads: int = 32,
             ref = sdpa()
             t_sdpa = statistics.median(cuda_times(sdpa, reps=reps))
             # every decode kernel choice on the same data ("ran": the kernel a choice ran for this shape)
-            kernels, keep = {}, ops.DECODE_KERNEL
-            try:
-                for choice in ops.DECODE_KERNELS:
-                    ops.DECODE_KERNEL = choice
-                    out = ops.cq_attention(query, view, None, scaling)
-                    err = float((out.transpose(1, 2).float() - ref.float()).norm() / ref.float().norm())
-                    t = statistics.median(cuda_times(lambda: ops.cq_attention(query, view, None, scaling), reps=reps))
-                    kernels[choice] = {"ran": ops.KERNEL_USED.get("attention"), "ms": t, "speedup": t_sdpa / t,
-                                       "rel_err_vs_sdpa": err}
-                    del out
-            finally:
-                ops.DECODE_KERNEL = keep
+            kernels = _each_choice("DECODE_KERNEL", ops.DECODE_KERNELS, lambda: ops.cq_attention(query, view, None, scaling),
+                                   ref, t_sdpa, reps)
+            keep = ops.DECODE_KERNEL
             t_cq, err = kernels[keep]["ms"], kernels[keep]["rel_err_vs_sdpa"]
             layer = view.layer
             code_bytes = layer.k_codes.numel() + layer.v_codes.numel()
@@ -206,22 +216,14 @@ def prefill_bench(shapes=DEFAULT_PREFILL_SHAPES, specs=("8c8b",), heads: int = 3
             ref = sdpa()
             t_sdpa = statistics.median(cuda_times(sdpa, warmup=3, reps=reps))
             flop = 4.0 * B * heads * head_dim * S * (S + 1) / 2  # QK^T and PV over the causal half
-            kernels, keep = {}, ops.PREFILL_KERNEL
-            try:
-                for choice in ops.PREFILL_KERNELS:  # every prefill choice on the same data
-                    ops.PREFILL_KERNEL = choice
-                    out = ops.cq_attention(query, view, None, scaling)
-                    ran = ops.KERNEL_USED.get("attention") if ops.BACKEND_USED.get("attention") == "cuda" else "reference"
-                    err = float((out.transpose(1, 2).float() - ref.float()).norm() / ref.float().norm())
-                    t = statistics.median(cuda_times(lambda: ops.cq_attention(query, view, None, scaling), warmup=3,
-                                                     reps=reps))
-                    kernels[choice] = {"ran": ran, "ms": t, "speedup": t_sdpa / t, "tflops": flop / t / 1e9,
-                                       "rel_err_vs_sdpa": err}
-                    del out
-            finally:
-                ops.PREFILL_KERNEL = keep
+            # every prefill choice on the same data
+            kernels = _each_choice("PREFILL_KERNEL", ops.PREFILL_KERNELS,
+                                   lambda: ops.cq_attention(query, view, None, scaling), ref, t_sdpa, reps, warmup=3)
+            for k in kernels.values():
+                k["tflops"] = flop / k["ms"] / 1e9
+            keep = ops.PREFILL_KERNEL
             layer = view.layer
-            cos, sin = view.layer.parent.cos_sin(S, "cuda")
+            cos, sin = layer.parent.cos_sin(S, "cuda")
             mod = ops.get_module()
             t_dq = statistics.median(cuda_times(lambda: mod.dequant(
                 layer.k_codes, layer.v_codes, layer.k_centroids, layer.v_centroids, int(layer.k_bits),

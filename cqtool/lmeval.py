@@ -43,8 +43,8 @@ def use_method(model, method: KVMethod) -> Iterator[Any]:
     if not kw:
         raise ConfigError(f"{type(model).__name__}.forward takes no KV cache argument; a KV method cannot be used with it")
 
-    def given(bound_or_kwargs: dict, kwargs: dict) -> bool:  # the caller passed a cache, under either name
-        return bound_or_kwargs.get(kw) is not None or any(kwargs.get(n) is not None for n in ("cache", "past_key_values"))
+    def given(*named: dict) -> bool:  # the caller passed a cache, under either name
+        return any(d.get(n) is not None for d in named for n in ("cache", "past_key_values"))
 
     @functools.wraps(forward)  # keeps the signature that generate() inspects
     def forward_with_cache(*args, **kwargs):
@@ -58,7 +58,7 @@ def use_method(model, method: KVMethod) -> Iterator[Any]:
 
     @functools.wraps(generate)
     def generate_with_cache(*args, **kwargs):
-        if not given(kwargs, kwargs):
+        if not given(kwargs):
             cache = method.make_cache(model)
             if cache is not None:
                 kwargs[kw] = cache

@@ -25,7 +25,7 @@ from . import quant
 log = logging.getLogger("cqtool")
 _ANNOUNCED: set[tuple[str, str, str]] = set()
 BACKEND_USED: dict[str, str] = {}
-KERNEL_USED: dict[str, str] = {}  # which CUDA kernel the last call of an op ran ("decode", "decode-mma", "prefill")
+KERNEL_USED: dict[str, str] = {}  # which CUDA kernel the last call of an op ran (values of _KERNEL_NAMES, "dequant+sdpa")
 KERNELS_RUN: set[str] = set()  # every attention kernel run since the caller last cleared it (evaluate records it)
 
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
@@ -35,14 +35,12 @@ HEADERS = ("kernels.h", "common.cuh", "decode.cuh")
 KERNEL_CHANNELS = (1, 2, 4, 8, 16)
 KERNEL_HEAD_DIMS = (64, 128)
 MAX_KERNEL_BITS = 12
-# more (query, head) pairs per kv head than this go to the tensor-core prefill kernel
+# more (query, head) pairs per kv head than this go to the prefill path (PREFILL_KERNEL)
 DECODE_MAX_ROWS = 16
 # Decode kernel, read at every call: "cuda-core" (kernels/decode.cuh, measured on the H100), "tensor-core" (kernels/
 # decode_mma.cu where it applies: one query per query head, any GQA ratio, head_dim 128, 8-bit c=8 codes for K and V,
 # no window/sinks; the CUDA-core kernel elsewhere) with 8 warps per block, or "tensor-core-16w", the same kernel with
-# 16 warps per block (twice the warps to hide latencies, 128 registers per thread). "auto" (default) takes AUTO_MMA_KERNEL from
-# AUTO_MMA_TOKENS cached tokens per batch on and the CUDA-core kernel below: on the H100 the tensor-core kernel was
-# faster at 1x32K, 8x32K and 32x8K and slower at 1x4K (docs/RESULTS_kernels.md).
+# 16 warps per block (twice the warps to hide latencies, 128 registers per thread). "auto" (default): _decode_variant.
 DECODE_KERNELS = ("auto", "cuda-core", "tensor-core", "tensor-core-16w")
 DECODE_KERNEL = os.environ.get("CQTOOL_DECODE_KERNEL", "auto")
 AUTO_MMA_TOKENS = 16384
@@ -212,6 +210,12 @@ def _attention_reason(query: torch.Tensor, layer) -> str:
         _spec_reason(D, layer.v_centroids.shape[-1], layer.v_bits, "value")
 
 
+def _ran(kernel: str, why: str) -> None:
+    KERNEL_USED["attention"] = kernel
+    KERNELS_RUN.add(kernel)
+    _note("attention", "cuda", why)
+
+
 def _prefill_sdpa(mod, query, view, attention_mask, scaling: float, cos, sin) -> torch.Tensor:
     """Prefill: the layer's codes dequantized once (keys rotated) by the CUDA kernel, then torch SDPA.
     query [B, H_q, Q, D] -> [B, Q, H_q, D]. Queries with no allowed key get zeros, as in the reference."""
@@ -230,7 +234,7 @@ def _prefill_sdpa(mod, query, view, attention_mask, scaling: float, cos, sin) ->
     allowed = (j >= r[..., :1]) & (j < r[..., 1:])  # [B, Q, S]
     out = sdpa(query, k, v, attn_mask=allowed.unsqueeze(1), scale=scaling, enable_gqa=gqa)
     empty = (r[..., 0] >= r[..., 1]).view(B, 1, Q, 1)
-    return torch.where(empty, torch.zeros((), dtype=out.dtype, device=out.device), out).transpose(1, 2)
+    return out.masked_fill(empty, 0.0).transpose(1, 2)
 
 
 def _shared_heads(group: int) -> int:
@@ -276,9 +280,7 @@ def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> t
         raise ValueError(f"ops.PREFILL_KERNEL must be one of {list(PREFILL_KERNELS)}, got {PREFILL_KERNEL!r}")
     if prefill and PREFILL_KERNEL == "sdpa":
         out = _prefill_sdpa(mod, query, view, attention_mask, scaling, cos, sin)
-        KERNEL_USED["attention"] = "dequant+sdpa"
-        KERNELS_RUN.add("dequant+sdpa")
-        _note("attention", "cuda", "dequant kernel + torch SDPA for prefill")
+        _ran("dequant+sdpa", "dequant kernel + torch SDPA for prefill")
         return out
     q = query if query.stride(-1) == 1 else query.contiguous()
     sinks = cfg.sinks and layer.sink_k is not None
@@ -290,7 +292,5 @@ def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> t
         layer.sink_k if sinks else None, layer.sink_v if sinks else None,
         int(cfg.window), int(view.start), int(S), float(scaling), bool(prefill),
         _decode_variant(B, S, Hq // layer.k_centroids.shape[0]))
-    KERNEL_USED["attention"] = _KERNEL_NAMES[used]
-    KERNELS_RUN.add(_KERNEL_NAMES[used])
-    _note("attention", "cuda", f"{_KERNEL_NAMES[used]} kernel")
+    _ran(_KERNEL_NAMES[used], f"{_KERNEL_NAMES[used]} kernel")
     return out
