@@ -25,7 +25,9 @@
 // pipelined). Each thread flushes its bins into fp32 accumulators (registers for R = 1, a global scratch for R > 1)
 // when the mass added since the last flush could overflow 32 bits, and whenever the max grows (rescaling them). At
 // the end the histogram is multiplied by the value centroids: one c-wide gather and FMA per token and group become
-// one integer add.
+// one integer add. With R = 1 the shared addresses of the key gathers and the histogram atomics are built whole
+// (table base in the PRMT constant, bin base in the lane's slot address), saving the window-base add of each access
+// (H100: 3% at 8 x 32K); with R > 1 that made ptxas spill, and was slower, so those blocks add the base.
 #include <type_traits>
 
 #include "common.cuh"
@@ -48,9 +50,15 @@ constexpr int kColReinit = 16;       // query-column rotation: exact sincos ever
 constexpr int kBRow = 20 * 16;       // bytes per query column in shared memory (16 chunks + 4 of padding)
 constexpr int kPBufStride = 68;      // words per warp: token 0 of each lane at 0.., token 1 at 36.. (bank skew)
 
-// shared memory (bytes)
+// shared memory (bytes). The key tables start at dynamic offset kOffTab = 0xFC00: with the 1 KiB of shared memory
+// the driver reserves per block (the dynamic window starts at shared address 0x400, checked by smem_window_ok), that
+// is shared address 0x10000, so a key gather's whole shared address is one PRMT of its code byte into the constant
+// (copy << 16 | slot << 4) with the table base in bits 16 and up: no address add per gather. Stages, reductions,
+// p buffers (and the query columns where they fit) lie below the tables, the histograms (and columns) above.
 constexpr int kTabCopy = kCodes * kD * 2;                  // one key table [code][16 chunks of 8 channels]
-constexpr int kOffTab = 0;                                 // key table copies; the value table at the end
+constexpr int kOffTab = 0xFC00;                            // key table copies; the value table at the end
+constexpr uint32_t kSharedWindow = 0x400;                  // dynamic shared memory starts here (reserved 1 KiB)
+static_assert(((kSharedWindow + kOffTab) & 0xFFFFu) == 0, "key tables must start at a 64 KiB shared address");
 constexpr int kVRows = kTile * kRB;                        // value rows follow the key rows in a stage
 constexpr int kStageBytes = kVRows + kTile * kRB + 8 * 16;  // value rows skewed by 16 B per 64 tokens
 
@@ -76,12 +84,20 @@ struct Cfg {
   static constexpr int kColStep = kNT / 64;                // between a thread's columns
   static constexpr int kNPer = 8 / kColStep;               // distinct column offsets n per thread
   static constexpr int kTokPerThread = kTile / kNT;        // tokens per thread in a stage load
-  static constexpr int kOffHist = kOffTab + kCopies * kTabCopy;      // u32 [R][code][slots]
-  static constexpr int kOffStage = kOffHist + R * kBinsHead * 4;
-  static constexpr int kOffB = kOffStage + kMStages * kStageBytes;  // query columns [2][8 R][kBRow], double buffered
-  static constexpr int kOffRed = kOffB + 2 * 8 * R * kBRow;
-  static constexpr int kOffPBuf = kOffRed + 4 * NW * R * 4;         // p of each warp's tokens, per query head
-  static constexpr int kSmem = kOffPBuf + R * NW * kPBufStride * 4;
+  static constexpr int kStagesBytes = kMStages * kStageBytes;
+  static constexpr int kRedBytes = 4 * NW * R * 4;
+  static constexpr int kPBufBytes = R * NW * kPBufStride * 4;  // p of each warp's tokens, per query head
+  static constexpr int kBBytes = 2 * 8 * R * kBRow;             // query columns [2][8 R][kBRow], double buffered
+  static constexpr int kHistBytes = R * kBinsHead * 4;          // u32 [R][code][slots]
+  static constexpr bool kBBelow = kStagesBytes + kRedBytes + kPBufBytes + kBBytes <= kOffTab;
+  static constexpr int kOffStage = 0;
+  static constexpr int kOffRed = kStagesBytes;
+  static constexpr int kOffPBuf = kOffRed + kRedBytes;
+  static constexpr int kOffHist = kOffTab + kCopies * kTabCopy;
+  static constexpr int kOffB = kBBelow ? kOffPBuf + kPBufBytes : kOffHist + kHistBytes;
+  static constexpr int kSmem = kBBelow ? kOffHist + kHistBytes : kOffB + kBBytes;
+  static_assert(kOffPBuf + kPBufBytes + (kBBelow ? kBBytes : 0) <= kOffTab, "buffers below the key tables");
+  static_assert(kOffB % 16 == 0 && kOffPBuf % 16 == 0 && kOffHist % 16 == 0, "16-byte alignment");
   static_assert(kSmem <= 232448, "decode_mma shared memory exceeds the H100/H200 per-block limit");
   static_assert(kCodes % (kNT / kD) == 0 && kNT % kD == 0, "value product split");
   static_assert(kBinsHead % kNT == 0, "bins per thread");
@@ -185,6 +201,16 @@ __device__ __forceinline__ uint32_t gather_sel(int r) { return 0x7604u | (static
 __device__ __forceinline__ uint32_t gather_off(int g, int r, int a, int copies = 2) {
   const uint32_t odd = copies == 2 ? static_cast<uint32_t>(g & 1) : 0u;
   return (odd << 16) | ((static_cast<uint32_t>(4 * a + r) ^ (odd << 2)) << 4);
+}
+
+// Shared-memory accesses at whole 32-bit shared addresses (no window base to add).
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ void red_add(uint32_t addr, uint32_t v) {
+  asm volatile("red.shared.add.u32 [%0], %1;\n" ::"r"(addr), "r"(v));
 }
 
 // Scores of an m-tile whose keys are not at consecutive positions: each key rotated at its own offset px / py
@@ -303,9 +329,19 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
 
   // ---- per-thread constants of the key gathers and rotations
   const uint32_t sel = gather_sel(r);
-  uint32_t loff[4];  // copy << 16 | slot << 4 of chunk 4a + r
+  // shared address of the key tables: its low 16 bits are zero (kOffTab), so PRMT can put a code into bits 8-15
+  constexpr bool kWhole = R == 1;  // whole shared addresses (see the top of this file)
+  const uint32_t sbase = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t tabs = sbase + kOffTab;
+  if (kWhole && (tabs & 0xFFFFu) != 0u) __trap();  // launches check the window (smem_window_ok): never silently wrong
+  uint32_t loff[4];  // (table base +) copy << 16 | slot << 4 of chunk 4a + r
 #pragma unroll
-  for (int a = 0; a < 4; ++a) loff[a] = gather_off(g, r, a, C::kCopies);
+  for (int a = 0; a < 4; ++a) loff[a] = (kWhole ? tabs : 0u) + gather_off(g, r, a, C::kCopies);
+  auto gather = [&](uint32_t code_word, int a) {  // 8 key channels of chunk 4a + r, by the code byte r of code_word
+    const uint32_t at = __byte_perm(code_word, loff[a], sel);
+    if constexpr (kWhole) return lds128(at);
+    else return *reinterpret_cast<const uint4*>(smem + kOffTab + at);
+  };
   RopeK rk;  // R(tau), tau = 8 wt + g: fixed for all of this thread's keys
   rope_consts<T>(p.inv_freq, r, static_cast<float>(8 * wt + g), rk);
 
@@ -384,7 +420,8 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
   // replica with two replicas)
   const int half = lane >> 4;
   const int vlane = kVRows + (8 * wt + half * kDelta) * kRB + half * 16 + (lane & 15);
-  const int slot4 = (lane & (kSlots - 1)) * 4;
+  // this lane's histogram slot: its whole shared address (R == 1), or its byte offset in a head's histogram
+  const uint32_t slot4 = (kWhole ? sbase + C::kOffHist : 0u) + (lane & (kSlots - 1)) * 4;
   uint32_t* pbw = reinterpret_cast<uint32_t*>(smem + C::kOffPBuf) + warp * kPBufStride;  // head j at + j kNW stride
   const int o0 = 2 * r * kDelta + 8 * wt + g;  // tile offsets of this lane's two scores: o0, o0 + kDelta
 
@@ -401,7 +438,9 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     const uint8_t* vs = sv + vlane;
 #pragma unroll
     for (int k4 = 2 * part; k4 < 2 * part + 2; ++k4) {
-      uint32_t code[kRR];  // lane 4 k4 + rr's tokens: 2 rr * 64 + 8 wt + k4 (+ 64), rr = kRR wh + jj
+      // bin addresses (whole, or in a head's histogram) of lane 4 k4 + rr's tokens: 2 rr * 64 + 8 wt + k4 (+ 64),
+      // rr = kRR wh + jj
+      uint32_t code[kRR];
 #pragma unroll
       for (int jj = 0; jj < kRR; ++jj) {
         const int rr = kRR * wh + jj;
@@ -418,9 +457,14 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
           const uint2 w = *reinterpret_cast<const uint2*>(pr + 4 * k4 + kRR * wh);
           pk[0] = w.x; pk[1] = w.y;
         }
-        uint8_t* hj = smem + C::kOffHist + j * C::kBinsHead * 4;
+        if constexpr (kWhole) {
 #pragma unroll
-        for (int jj = 0; jj < kRR; ++jj) atomicAdd(reinterpret_cast<unsigned*>(hj + code[jj]), pk[jj]);
+          for (int jj = 0; jj < kRR; ++jj) red_add(code[jj], pk[jj]);
+        } else {
+          uint8_t* hj = smem + C::kOffHist + j * C::kBinsHead * 4;
+#pragma unroll
+          for (int jj = 0; jj < kRR; ++jj) atomicAdd(reinterpret_cast<unsigned*>(hj + code[jj]), pk[jj]);
+        }
       }
     }
   };
@@ -493,10 +537,8 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
           // chunk pairs (a, a + 2), a = 0, 1: gather, rotate, multiply; one pair's keys live at a time
 #pragma unroll
           for (int a = 0; a < 2; ++a) {
-            const uint4 xlo = *reinterpret_cast<const uint4*>(smem + kOffTab + __byte_perm(word(cx, a), loff[a], sel));
-            const uint4 xhi = *reinterpret_cast<const uint4*>(smem + kOffTab + __byte_perm(word(cx, a + 2), loff[a + 2], sel));
-            const uint4 ylo = *reinterpret_cast<const uint4*>(smem + kOffTab + __byte_perm(word(cy, a), loff[a], sel));
-            const uint4 yhi = *reinterpret_cast<const uint4*>(smem + kOffTab + __byte_perm(word(cy, a + 2), loff[a + 2], sel));
+            const uint4 xlo = gather(word(cx, a), a), xhi = gather(word(cx, a + 2), a + 2);
+            const uint4 ylo = gather(word(cy, a), a), yhi = gather(word(cy, a + 2), a + 2);
             uint32_t fr[2][2][4];
             rotate_key<T, 0>(xlo, xhi, rk.c[a], rk.s[a], rk.ns[a], fr);
             rotate_key<T, 1>(ylo, yhi, rk.c[a], rk.s[a], rk.ns[a], fr);
@@ -716,9 +758,21 @@ size_t mma_hist_floats(const AttnParams& p) {
   return static_cast<size_t>(p.B) * (p.Hq / R) * p.nsplit * R * kCodes * 16 * (R <= 2 ? 2 : 1);
 }
 
+// The kernel's key-gather addresses assume that dynamic shared memory starts at shared address kSharedWindow (the
+// 1 KiB the driver reserves per block on sm_80/sm_90). Elsewhere the CUDA-core kernel runs instead.
+bool smem_window_ok() {
+  static const bool ok = [] {
+    int dev = 0, reserved = -1;
+    if (cudaGetDevice(&dev) != cudaSuccess) return false;
+    if (cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev) != cudaSuccess) return false;
+    return static_cast<uint32_t>(reserved) == kSharedWindow;
+  }();
+  return ok;
+}
+
 // variant 1: 8 warps per block, variant 2: 16 warps per block
 bool mma_decode_applies(const AttnParams& p, size_t max_smem) {
-  return (p.variant == 1 || p.variant == 2) && p.D == kD && p.Q == 1 && p.Hq % p.Hkv == 0 && p.window == 0 &&
+  return (p.variant == 1 || p.variant == 2) && smem_window_ok() && p.D == kD && p.Q == 1 && p.Hq % p.Hkv == 0 && p.window == 0 &&
          p.n_sink == 0 && p.k_bits == 8 && p.v_bits == 8 && p.k_c == 8 && p.v_c == 8 && p.k_rb == kRB &&
          p.v_rb == kRB && aligned16(p.k_codes) && aligned16(p.v_codes) && aligned16(p.k_cent) &&
          aligned16(p.v_cent) && mma_smem(p) <= max_smem;
