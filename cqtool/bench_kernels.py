@@ -417,8 +417,8 @@ def peak_bytes(kind: str, setup: GenSetup, B: int, probe_steps: int = 2) -> int:
 
 
 def run_at_max_batch(kind: str, setup: GenSetup, cap_bytes: float, limit: int, say=None) -> tuple[int, dict | None]:
-    """Largest batch that fits: per-sequence memory from two small probes predicts it, then the timed run starts
-    there and steps down 4% at a time on out-of-memory until it completes."""
+    """Largest batch that fits: per-sequence memory from two small probes predicts it, then an untimed and a timed
+    run start there and step down 4% at a time on out-of-memory until both complete."""
     say = say or (lambda *_: None)
     p1, p2 = peak_bytes(kind, setup, 4), peak_bytes(kind, setup, 8)
     per_seq = max(1.0, (p2 - p1) / 4)
@@ -427,6 +427,8 @@ def run_at_max_batch(kind: str, setup: GenSetup, cap_bytes: float, limit: int, s
     say(f"{kind}: {per_seq / 2**20:.1f} MiB per sequence, predicted max batch {b}")
     while b >= 1:
         try:
+            run_generation(kind, setup, b, real_prefill=False)  # untimed: the allocator grows to this size
+            setup.records.pop()
             rec = run_generation(kind, setup, b, real_prefill=False)
             rec["per_sequence_mib"] = per_seq / 2**20
             return b, rec
@@ -439,9 +441,16 @@ def run_at_max_batch(kind: str, setup: GenSetup, cap_bytes: float, limit: int, s
 
 def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, spec: str = "8c8b", layers: int = 32,
                    memory_gb: float = 80.0, search: bool = True, max_search: int = 2048, progress=None,
-                   kv_heads: int = 32) -> dict:
+                   kv_heads: int = 32, repeats: int = 3) -> dict:
+    """Every timed run is preceded by an untimed run of the same cache at the same batch and length: the first run
+    at a new size pays the allocator's growth (for DynamicCache, whose tensors grow by torch.cat at every step, that
+    made its first run 3x slower on the H100). Same batch: `repeats` paired timed runs (DynamicCache then CQ), the
+    speedup is the median of the paired ratios (at a small batch decode is bound by the host's Python and launch
+    overhead, which varies from run to run). Largest batch (search): one timed run per cache."""
     if kv_heads < 1 or 32 % kv_heads:
         raise ConfigError(f"--kv-heads {kv_heads}: must divide the 32 query heads")
+    if repeats < 1:
+        raise ConfigError(f"--repeats {repeats}: must be at least 1")
     if not torch.cuda.is_available():
         raise ConfigError("bench generate needs a CUDA GPU")
     say = progress or (lambda *_: None)
@@ -467,11 +476,21 @@ def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, sp
     for kind in ("dynamic", "cq"):
         run_generation(kind, warm, 2)
         run_generation(kind, warm, 2, real_prefill=False)
-    say(f"same batch {batch}: dynamic")
-    dyn = run_generation("dynamic", setup, batch)
-    say(f"same batch {batch}: cq")
-    cq = run_generation("cq", setup, batch)
-    out["same_batch"] = {"dynamic": dyn, "cq": cq, "decode_speedup": cq["decode_tok_s"] / dyn["decode_tok_s"]}
+    for kind in ("dynamic", "cq"):
+        say(f"same batch {batch}: untimed run of {kind}")
+        run_generation(kind, setup, batch)
+    setup.records.clear()
+    runs = []
+    for i in range(repeats):
+        say(f"same batch {batch}, run {i + 1}/{repeats}: dynamic")
+        dyn = run_generation("dynamic", setup, batch)
+        say(f"same batch {batch}, run {i + 1}/{repeats}: cq")
+        runs.append((dyn, run_generation("cq", setup, batch)))
+    ratios = [cq["decode_tok_s"] / dyn["decode_tok_s"] for dyn, cq in runs]
+    mid = sorted(range(repeats), key=ratios.__getitem__)[(repeats - 1) // 2]  # the run of the (lower) median ratio
+    out["same_batch"] = {"dynamic": runs[mid][0], "cq": runs[mid][1], "decode_speedup": statistics.median(ratios),
+                         "decode_speedup_runs": ratios, "repeats": repeats,
+                         "runs": [{"dynamic": d, "cq": c} for d, c in runs]}
     if search:
         cap = frac * total
         bd, mdyn = run_at_max_batch("dynamic", setup, cap, max_search, say)

@@ -226,3 +226,7 @@ def test_kernel_bench_bad_kv_heads():
 
 def test_generate_bench_bad_kv_heads():
     assert_user_error(run("bench", "generate", "--kv-heads", "5"), "--kv-heads 5")
+
+
+def test_generate_bench_bad_repeats():
+    assert_user_error(run("bench", "generate", "--repeats", "0"), "--repeats 0", "at least 1")

@@ -543,6 +543,26 @@ def test_bench_attention_and_prefill_cli(tmp_path):
     assert all(k["rel_err_vs_sdpa"] < 2e-2 for k in row["kernels"].values()) and row["dequant_ms"] > 0
 
 
+@cuda_test
+def test_bench_generate_cli_repeats(tmp_path):
+    """Paired same-batch runs: the speedup printed and saved is the median of the per-run ratios."""
+    import json
+    import statistics
+
+    from typer.testing import CliRunner
+
+    from cqtool.cli import app
+
+    r = CliRunner().invoke(app, ["bench", "generate", "--layers", "2", "--batch", "2", "--prompt", "64", "--new-tokens",
+                                 "4", "--no-search", "--repeats", "2", "--json", str(tmp_path / "g.json")])
+    assert r.exit_code == 0, r.output
+    sb = json.loads((tmp_path / "g.json").read_text())["same_batch"]
+    assert sb["repeats"] == 2 and len(sb["runs"]) == 2 and len(sb["decode_speedup_runs"]) == 2
+    ratios = [x["cq"]["decode_tok_s"] / x["dynamic"]["decode_tok_s"] for x in sb["runs"]]
+    assert sb["decode_speedup"] == pytest.approx(statistics.median(ratios), rel=1e-3)
+    assert "median of 2 paired runs" in r.output
+
+
 def test_decode_kernel_request(monkeypatch):
     """What each DECODE_KERNEL choice asks the extension for (0: CUDA cores, 1/2: tensor cores, 8/16 warps)."""
     monkeypatch.setattr(ops, "DECODE_KERNEL", "auto")

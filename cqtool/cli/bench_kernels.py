@@ -104,6 +104,7 @@ def generate_cmd(
     memory_gb: Annotated[float, typer.Option(help="GPU memory cap for the largest-batch search (GB)")] = 80.0,
     search: Annotated[bool, typer.Option(help="Also run each cache at its largest batch")] = True,
     max_batch: Annotated[int, typer.Option(help="Upper bound of the largest-batch search")] = 1024,
+    repeats: Annotated[int, typer.Option(help="Paired runs at the same batch (the speedup is their median)")] = 3,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Save results as JSON")] = None,
 ):
     """Generation with a random Llama-2-7b-shaped model: CQ cache vs DynamicCache bf16 (tokens/s, peak memory)."""
@@ -113,13 +114,17 @@ def generate_cmd(
     from ..io import write_json
 
     res = generate_bench(batch, prompt, new_tokens, spec, layers, memory_gb, search, max_batch,
-                         progress=lambda m: console.print(f"[dim]{m}[/]"), kv_heads=kv_heads)
+                         progress=lambda m: console.print(f"[dim]{m}[/]"), kv_heads=kv_heads, repeats=repeats)
     kv = f", {kv_heads} kv heads" if kv_heads != 32 else ""
     t = Table(title=f"generation, Llama-2-7b shape ({layers} layers{kv}, random weights), {prompt}+{new_tokens} tokens, "
                     f"CQ-{spec}, {res['device']}")
     for col in ("run", "cache", "batch", "prefill s", "decode tok/s", "end-to-end tok/s", "peak GiB", "cache GiB"):
         t.add_column(col, justify="right")
-    rows = [("same batch", res["same_batch"]["dynamic"]), ("same batch", res["same_batch"]["cq"])]
+    sb = res["same_batch"]
+    rows = []
+    for i, r in enumerate(sb["runs"]):
+        run = "same batch" if sb["repeats"] == 1 else f"same batch, run {i + 1}"
+        rows += [(run, r["dynamic"]), (run, r["cq"])]
     if "max_batch" in res:
         rows += [("largest batch", res["max_batch"]["dynamic"]), ("largest batch", res["max_batch"]["cq"])]
     for run, r in rows:
@@ -129,8 +134,9 @@ def generate_cmd(
         t.add_row(run, r["cache"], str(r["batch"]), f"{r['prefill_s']:.2f}" + ("" if r["real_prefill"] else " (synthetic)"),
                   f"{r['decode_tok_s']:.0f}", "-" if e2e is None else f"{e2e:.0f}", f"{r['peak_gib']:.1f}", f"{r['cache_gib']:.2f}")
     console.print(t)
-    sb = res["same_batch"]
-    console.print(f"same batch {batch}: CQ decode {sb['decode_speedup']:.2f}x DynamicCache")
+    spread = "" if sb["repeats"] == 1 else (f" (median of {sb['repeats']} paired runs: "
+                                            f"{min(sb['decode_speedup_runs']):.2f}-{max(sb['decode_speedup_runs']):.2f}x)")
+    console.print(f"same batch {batch}: CQ decode {sb['decode_speedup']:.2f}x DynamicCache{spread}")
     if "max_batch" in res and res["max_batch"]["throughput_ratio"]:
         mb = res["max_batch"]
         console.print(f"largest batch within {memory_gb:g} GB: DynamicCache {mb['dynamic_batch']}, CQ {mb['cq_batch']}"
