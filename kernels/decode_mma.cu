@@ -630,22 +630,22 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     irr = irr_next;
     P_tile = Pn;
   }
+  // ---- histogram x value centroids, per query head. Once every warp's last key gathers are done, the value table
+  // [code][128] loads into the first key-table copy while the last tile's scatter and the flush run.
+  __syncthreads();
+  for (int i = tid; i < kCodes * 16; i += kNT) {
+    const int code = i >> 4, gamma = i & 15;
+    cp_async16(smem + kOffTab + code * 256 + gamma * 16, vcent + (gamma * kCodes + code) * 8);
+  }
+  cp_async_commit();
   {
     const uint8_t* sv_last = smem + C::kOffStage + ((ntile - 1) % kMStages) * kStageBytes;
 #pragma unroll
     for (int part = 0; part < 4; ++part) scatter(sv_last, part);
   }
-
-  // ---- histogram x value centroids, per query head
-  cp_async_wait<0>();
-  __syncthreads();
+  __syncthreads();  // every bin complete before the flush reads it
 #pragma unroll
   for (int j = 0; j < R; ++j) flush(j, 1.f);
-  for (int i = tid; i < kCodes * 16; i += kNT) {  // value table [code][128] in the first key-table copy
-    const int code = i >> 4, gamma = i & 15;
-    cp_async16(smem + kOffTab + code * 256 + gamma * 16, vcent + (gamma * kCodes + code) * 8);
-  }
-  cp_async_commit();
   float* histf = reinterpret_cast<float*>(smem + C::kOffHist);  // fp32 bins in place of the u32 ones
 #pragma unroll
   for (int j = 0; j < R; ++j) {
