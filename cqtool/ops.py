@@ -44,6 +44,10 @@ DECODE_MAX_ROWS = 16
 DECODE_KERNELS = ("auto", "cuda-core", "tensor-core", "tensor-core-16w")
 DECODE_KERNEL = os.environ.get("CQTOOL_DECODE_KERNEL", "auto")
 AUTO_MMA_TOKENS = 16384
+# below this many cached tokens per sequence a tensor-core block's fixed cost (tables, pipeline fill, epilogue: ~13 us
+# on the H100) outweighs its faster tiles: 512 x 512 ran 1.92 ms on tensor cores vs 1.64 on CUDA cores (GQA-4: 0.90 vs
+# 0.70); at 1024 tokens they were within 4% either way (docs/RESULTS_kernels.md)
+AUTO_MMA_MIN_SEQ = 1024
 AUTO_MMA_KERNEL = "tensor-core"
 _VARIANTS = {"cuda-core": 0, "tensor-core": 1, "tensor-core-16w": 2}
 _KERNEL_NAMES = {0: "decode", 1: "decode-mma", 2: "prefill", 3: "decode-mma16", 4: "decode-mma-gqa"}
@@ -244,13 +248,13 @@ def _shared_heads(group: int) -> int:
 
 def _decode_variant(B: int, S: int, group: int = 1) -> int:
     """The decode kernel request passed to the extension (0: CUDA cores, 1/2: tensor cores with 8/16 warps).
-    auto: the tensor-core kernel from AUTO_MMA_TOKENS cached tokens per batch, for MHA and for GQA groups whose query
-    heads it can take 2-4 per block; for groups of 5, 7, ..., where it runs a block per query head while the CUDA-core
-    kernel shares each kv head's work among the group, only from AUTO_MMA_TOKENS tokens per sequence (H100, docs/
-    RESULTS_kernels.md)."""
+    auto: the tensor-core kernel from AUTO_MMA_TOKENS cached tokens per batch and AUTO_MMA_MIN_SEQ per sequence, for
+    MHA and for GQA groups whose query heads it can take 2-4 per block; for groups of 5, 7, ..., where it runs a block
+    per query head while the CUDA-core kernel shares each kv head's work among the group, only from AUTO_MMA_TOKENS
+    tokens per sequence (H100, docs/RESULTS_kernels.md)."""
     if DECODE_KERNEL == "auto":
         n = S if group > 1 and _shared_heads(group) == 1 else B * S
-        return _VARIANTS[AUTO_MMA_KERNEL] if n >= AUTO_MMA_TOKENS else 0
+        return _VARIANTS[AUTO_MMA_KERNEL] if n >= AUTO_MMA_TOKENS and S >= AUTO_MMA_MIN_SEQ else 0
     return _VARIANTS[DECODE_KERNEL]
 
 

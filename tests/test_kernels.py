@@ -568,6 +568,8 @@ def test_decode_kernel_request(monkeypatch):
     monkeypatch.setattr(ops, "DECODE_KERNEL", "auto")
     assert ops._decode_variant(8, 32768) == 1 and ops._decode_variant(1, 4096) == 0
     assert ops._decode_variant(4, 4096) == 1  # MHA: tokens per batch
+    assert ops._decode_variant(512, 512) == 0 and ops._decode_variant(512, 1024) == 1  # and per sequence
+    assert ops._decode_variant(512, 512, group=4) == 0
     assert ops._decode_variant(32, 8192, group=4) == 1 and ops._decode_variant(1, 4096, group=4) == 0  # a group per block
     assert ops._decode_variant(32, 8192, group=8) == 1  # two blocks of 4 per kv head
     assert ops._decode_variant(32, 8192, group=5) == 0 and ops._decode_variant(1, 32768, group=5) == 1  # per sequence
