@@ -427,7 +427,7 @@ def run_at_max_batch(kind: str, setup: GenSetup, cap_bytes: float, limit: int, s
     say(f"{kind}: {per_seq / 2**20:.1f} MiB per sequence, predicted max batch {b}")
     while b >= 1:
         try:
-            run_generation(kind, setup, b, real_prefill=False)  # untimed: the first run at a size is slow
+            run_generation(kind, setup, b, real_prefill=False)  # untimed: a first run at a new size is slow
             setup.records.pop()
             rec = run_generation(kind, setup, b, real_prefill=False)
             rec["per_sequence_mib"] = per_seq / 2**20
@@ -444,7 +444,7 @@ def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, sp
                    kv_heads: int = 32, repeats: int = 3) -> dict:
     """Every timed run is preceded by an untimed run of the same cache at the same batch and length: the first run at
     a new size is slow (DynamicCache, whose tensors grow by torch.cat at every step, ran 3x slower in its first run on
-    the H100, most likely while the CUDA allocator grew). Same batch: `repeats` paired timed runs (DynamicCache then
+    the H100, cause not found; not the allocator). Same batch: `repeats` paired timed runs (DynamicCache then
     CQ), the speedup is the median of the paired ratios (at a small batch decode is bound by the host's Python and
     launch overhead, which varies from run to run). Largest batch (search): one timed run per cache."""
     if kv_heads < 1 or 32 % kv_heads:
