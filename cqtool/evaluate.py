@@ -26,10 +26,11 @@ def perplexity(model, tokenizer, text: str, method: KVMethod, seqlen: int = 2048
     dev = model_device(model)
     nll, count, t0 = 0.0, 0, time.time()
     batches = list(windows.split(batch_size))
+    cache_kw = cache_kwarg(model)
     for batch in track(batches, description=f"ppl {method.name}"):
         ids = batch.to(dev)
         cache = method.make_cache(model)
-        kw = {cache_kwarg(model): cache, "use_cache": True} if cache is not None else {"use_cache": False}
+        kw = {cache_kw: cache, "use_cache": True} if cache is not None else {"use_cache": False}
         logits = model(input_ids=ids, **kw).logits.float()
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                                  reduction="sum")

@@ -33,9 +33,8 @@ TASK_ALIASES = {"lambada": "lambada_openai", "openbook_qa": "openbookqa"}
 @contextlib.contextmanager
 def use_method(model, method: KVMethod) -> Iterator[Any]:
     """While active, each `model(...)` / `model.generate(...)` given no KV cache (`cache`, or `past_key_values` before
-    transformers 5.24) runs with a fresh
-    `method.make_cache(model)` (and use_cache=True). A method whose cache is None leaves calls untouched.
-    The model's own `forward` / `generate` are restored on exit."""
+    transformers 5.24) runs with a fresh `method.make_cache(model)` (and use_cache=True). A method whose cache is None
+    leaves calls untouched. The model's own `forward` / `generate` are restored on exit."""
     saved = {name: model.__dict__[name] for name in ("forward", "generate") if name in model.__dict__}
     forward, generate = model.forward, model.generate
     signature = inspect.signature(forward)
