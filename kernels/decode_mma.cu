@@ -772,9 +772,9 @@ bool smem_window_ok() {
 
 // variant 1: 8 warps per block, variant 2: 16 warps per block
 bool mma_decode_applies(const AttnParams& p, size_t max_smem) {
-  return (p.variant == 1 || p.variant == 2) && smem_window_ok() && p.D == kD && p.Q == 1 && p.Hq % p.Hkv == 0 && p.window == 0 &&
-         p.n_sink == 0 && p.k_bits == 8 && p.v_bits == 8 && p.k_c == 8 && p.v_c == 8 && p.k_rb == kRB &&
-         p.v_rb == kRB && aligned16(p.k_codes) && aligned16(p.v_codes) && aligned16(p.k_cent) &&
+  return (p.variant == 1 || p.variant == 2) && smem_window_ok() && p.D == kD && p.Q == 1 && p.Hq % p.Hkv == 0 &&
+         p.window == 0 && p.n_sink == 0 && p.k_bits == 8 && p.v_bits == 8 && p.k_c == 8 && p.v_c == 8 &&
+         p.k_rb == kRB && p.v_rb == kRB && aligned16(p.k_codes) && aligned16(p.v_codes) && aligned16(p.k_cent) &&
          aligned16(p.v_cent) && mma_smem(p) <= max_smem;
 }
 
