@@ -44,11 +44,16 @@ DECODE_MAX_ROWS = 16
 DECODE_KERNELS = ("auto", "cuda-core", "tensor-core", "tensor-core-16w")
 DECODE_KERNEL = os.environ.get("CQTOOL_DECODE_KERNEL", "auto")
 AUTO_MMA_TOKENS = 16384
-# below this many cached tokens per sequence a tensor-core block's fixed cost (tables, pipeline fill, epilogue: ~13 us
-# on the H100) outweighs its faster tiles: 512 x 512 ran 1.92 ms on tensor cores vs 1.64 on CUDA cores (GQA-4: 0.90 vs
-# 0.70); at 1024 tokens they were within 4% either way (docs/RESULTS_kernels.md)
-AUTO_MMA_MIN_SEQ = 1024
+# GQA blocks of 2-4 query heads: below this many cached tokens per sequence the CUDA-core kernel, which shares each
+# kv head's work among the whole group, was faster (H100, 512 x 256: 0.53 vs 0.68 ms; at 512 x 512 the tensor-core
+# kernel 0.18 vs 0.19). MHA has no such limit since the tensor-core blocks loop over their items with the key tables
+# loaded (512 x 128: 0.95 vs 1.63 ms on CUDA cores; docs/RESULTS_kernels.md).
+AUTO_MMA_MIN_SEQ = 512
 AUTO_MMA_KERNEL = "tensor-core"
+# Tensor-core decode blocks per launch, read at every call: 0 (default) = one per SM, each block looping over a
+# contiguous run of the (kv-head-major) items (query heads, batch row, split) so that its key tables stay loaded;
+# tests set a few to make each block run many items.
+MMA_MAX_BLOCKS = 0
 _VARIANTS = {"cuda-core": 0, "tensor-core": 1, "tensor-core-16w": 2}
 _KERNEL_NAMES = {0: "decode", 1: "decode-mma", 2: "prefill", 3: "decode-mma16", 4: "decode-mma-gqa"}
 # Prefill (many queries, no window/sinks), read at every call: "sdpa" (default) dequantizes the layer once
@@ -248,13 +253,15 @@ def _shared_heads(group: int) -> int:
 
 def _decode_variant(B: int, S: int, group: int = 1) -> int:
     """The decode kernel request passed to the extension (0: CUDA cores, 1/2: tensor cores with 8/16 warps).
-    auto: the tensor-core kernel from AUTO_MMA_TOKENS cached tokens per batch and AUTO_MMA_MIN_SEQ per sequence, for
-    MHA and for GQA groups whose query heads it can take 2-4 per block; for groups of 5, 7, ..., where it runs a block
-    per query head while the CUDA-core kernel shares each kv head's work among the group, only from AUTO_MMA_TOKENS
-    tokens per sequence (H100, docs/RESULTS_kernels.md)."""
+    auto: the tensor-core kernel from AUTO_MMA_TOKENS cached tokens per batch for MHA, and also from AUTO_MMA_MIN_SEQ
+    per sequence for GQA groups whose query heads it takes 2-4 per block; for groups of 5, 7, ..., where it runs a
+    block per query head while the CUDA-core kernel shares each kv head's work among the group, only from
+    AUTO_MMA_TOKENS tokens per sequence (H100, docs/RESULTS_kernels.md)."""
     if DECODE_KERNEL == "auto":
-        n = S if group > 1 and _shared_heads(group) == 1 else B * S
-        return _VARIANTS[AUTO_MMA_KERNEL] if n >= AUTO_MMA_TOKENS and S >= AUTO_MMA_MIN_SEQ else 0
+        shared = _shared_heads(group) if group > 1 else 1
+        n = S if group > 1 and shared == 1 else B * S
+        ok = n >= AUTO_MMA_TOKENS and (shared == 1 or S >= AUTO_MMA_MIN_SEQ)
+        return _VARIANTS[AUTO_MMA_KERNEL] if ok else 0
     return _VARIANTS[DECODE_KERNEL]
 
 
@@ -295,6 +302,6 @@ def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> t
         view.win_k if cfg.window else None, view.win_v if cfg.window else None, view.new_k, view.new_v,
         layer.sink_k if sinks else None, layer.sink_v if sinks else None,
         int(cfg.window), int(view.start), int(S), float(scaling), bool(prefill),
-        _decode_variant(B, S, Hq // layer.k_centroids.shape[0]))
+        _decode_variant(B, S, Hq // layer.k_centroids.shape[0]), int(MMA_MAX_BLOCKS))
     _ran(_KERNEL_NAMES[used], f"{_KERNEL_NAMES[used]} kernel")
     return out

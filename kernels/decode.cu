@@ -35,8 +35,12 @@ cudaError_t plan_decode(AttnParams& p, int num_sms, size_t max_smem) {
     p.has_fp = 0;
     p.tab_smem = 0;
     p.tile = 0;
-    const int base = p.B * (p.Hq / mma_group(p));  // a block per R query heads
+    const int base = p.B * (p.Hq / mma_group(p));  // items per split: (batch row, R query heads)
     p.nsplit = base < num_sms ? std::max(1, std::min(num_sms / base, (p.S + 1023) / 1024)) : 1;
+    // at most one resident block per SM, each looping over its items: a block's key tables stay loaded while its
+    // items share the kv head, and the next item's loads overlap the current one's epilogue
+    const int64_t items = static_cast<int64_t>(base) * p.nsplit;
+    p.mma_blocks = static_cast<int>(std::min<int64_t>(items, p.max_blocks > 0 ? p.max_blocks : num_sms));
     return cudaSuccess;
   }
   const int rep = p.Hq / p.Hkv;

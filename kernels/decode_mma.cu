@@ -252,60 +252,43 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wt = warp & 7, wh = warp >> 3;  // tau group (tau = 8 wt + lane / 4) and m-tile half
   const int g = lane >> 2, r = lane & 3;
-  const int b = blockIdx.z, split = blockIdx.x;
   const int nsplit = p.nsplit;
-  // blockIdx.y = R consecutive query heads qh0 .. qh0 + R - 1 of one GQA group (R divides the group size; R == 1: a
-  // single query head), all reading kv head hk
-  const int qh0 = R * static_cast<int>(blockIdx.y);
-  const int hk = qh0 / (p.Hq / p.Hkv);
-
-  // this block's share of the query's allowed keys (Q == 1: range[b])
-  const int cmin = max(p.range[b * 2], 0), cmax = min(p.range[b * 2 + 1], p.S);
-  int t_begin = 0, t_end = 0;
-  if (cmin < cmax) {
-    const int per = (cmax - cmin + nsplit - 1) / nsplit;
-    t_begin = cmin + split * per;
-    t_end = min(cmax, t_begin + per);
-  }
-  const int ntile = t_end > t_begin ? (t_end - t_begin + kTile - 1) / kTile : 0;
-  auto row_out = [&](int j) { return (static_cast<int64_t>(b) * p.Hq + qh0 + j) * nsplit + split; };
-  auto out_ptr = [&](int j) { return reinterpret_cast<T*>(p.out) + b * p.o_sb + (qh0 + j) * p.o_sh; };
-  if (ntile == 0) {
-    if (tid < kD) {
-#pragma unroll
-      for (int j = 0; j < R; ++j) {
-        if (nsplit == 1) {
-          out_ptr(j)[tid] = from_f<T>(0.f);
-        } else {
-          p.ws_o[row_out(j) * kD + tid] = 0.f;
-          if (tid == 0) { p.ws_ml[row_out(j) * 2] = kNegInf; p.ws_ml[row_out(j) * 2 + 1] = 0.f; }
-        }
-      }
-    }
-    return;
-  }
-
-  const int64_t head_row = (static_cast<int64_t>(b) * p.Hkv + hk) * p.cap;
-  const uint8_t* kcodes = p.k_codes + head_row * kRB;
-  const uint8_t* vcodes = p.v_codes + head_row * kRB;
-  const T* kcent = reinterpret_cast<const T*>(p.k_cent) + static_cast<int64_t>(hk) * 16 * kCodes * 8;
-  const T* vcent = reinterpret_cast<const T*>(p.v_cent) + static_cast<int64_t>(hk) * 16 * kCodes * 8;
-  const int64_t* pos_g = p.positions + b * p.pos_sb;
+  // Work items (kv-head-major: head block hb of R query heads, batch row b, split): item = (hb B + b) nsplit + split.
+  // This block takes the contiguous items [i_begin, i_end); consecutive items of one kv head reuse its key tables.
+  const int64_t n_items = static_cast<int64_t>(p.Hq / R) * p.B * nsplit;  // < 2^31 (at most 65535 x 1024 x 132)
+  const int i_begin = static_cast<int>(n_items * blockIdx.x / gridDim.x);
+  const int i_end = static_cast<int>(n_items * (blockIdx.x + 1) / gridDim.x);
   // R > 1: fp32 accumulators of the histograms in global memory, [R][bins], this block's own
   float* gacc = nullptr;
-  if constexpr (R > 1)
-    gacc = p.ws_hist + ((static_cast<int64_t>(b) * gridDim.y + blockIdx.y) * nsplit + split) * (R * C::kBinsHead);
+  if constexpr (R > 1) gacc = p.ws_hist + static_cast<int64_t>(blockIdx.x) * (R * C::kBinsHead);
 
-  // ---- key table copies: copy c holds chunk gamma (channels 8 gamma .. 8 gamma + 7) at slot gamma ^ 4c
-  for (int i = tid; i < C::kCopies * kCodes * 16; i += kNT) {
-    const int copy = i >> 12, code = (i >> 4) & (kCodes - 1), slot = i & 15, gamma = slot ^ (copy << 2);
-    cp_async16(smem + kOffTab + copy * kTabCopy + code * 256 + slot * 16, kcent + (gamma * kCodes + code) * 8);
-  }
-  auto load_stage = [&](int stage, int t0) {
+  struct Item {
+    int b, qh0, hk, split, t_begin, t_end, ntile;
+  };
+  auto item_at = [&](int i) {
+    Item it;
+    it.split = static_cast<int>(i % nsplit);
+    it.b = (i / nsplit) % p.B;
+    it.qh0 = R * (i / (nsplit * p.B));
+    it.hk = it.qh0 / (p.Hq / p.Hkv);
+    // this item's share of the query's allowed keys (Q == 1: range[b])
+    const int cmin = max(p.range[it.b * 2], 0), cmax = min(p.range[it.b * 2 + 1], p.S);
+    it.t_begin = it.t_end = 0;
+    if (cmin < cmax) {
+      const int per = (cmax - cmin + nsplit - 1) / nsplit;
+      it.t_begin = cmin + it.split * per;
+      it.t_end = min(cmax, it.t_begin + per);
+    }
+    it.ntile = it.t_end > it.t_begin ? (it.t_end - it.t_begin + kTile - 1) / kTile : 0;
+    return it;
+  };
+  auto head_row = [&](const Item& it) { return (static_cast<int64_t>(it.b) * p.Hkv + it.hk) * p.cap * kRB; };
+  // stage `stage` <- the code rows of tokens t0 .. min(t0 + kTile, t_end) of the rows at kc / vc
+  auto load_stage = [&](int stage, const uint8_t* kc, const uint8_t* vc, int t0, int t_end) {
     const int n = min(kTile, t_end - t0);
     uint8_t* sp = smem + C::kOffStage + stage * kStageBytes;
-    const uint8_t* ks = kcodes + static_cast<int64_t>(t0) * kRB;
-    const uint8_t* vs = vcodes + static_cast<int64_t>(t0) * kRB;
+    const uint8_t* ks = kc + static_cast<int64_t>(t0) * kRB;
+    const uint8_t* vs = vc + static_cast<int64_t>(t0) * kRB;
 #pragma unroll
     for (int j = 0; j < C::kTokPerThread; ++j) {
       const int i = tid + j * kNT;
@@ -315,17 +298,26 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       }
     }
   };
-  load_stage(0, t_begin);
-  cp_async_commit();
+  // Asynchronous loads that start an item: the key table copies when the kv head changes (copy c holds chunk gamma,
+  // channels 8 gamma .. 8 gamma + 7, at slot gamma ^ 4c) and the first kMStages - 1 stages, one commit group each.
+  // Issued for the next item while the current one finishes (its last key gathers done, its stages free).
+  int cur_hk = -1;
+  auto prologue = [&](const Item& it) {
+    if (it.ntile > 0 && it.hk != cur_hk) {
+      const T* kcent = reinterpret_cast<const T*>(p.k_cent) + static_cast<int64_t>(it.hk) * 16 * kCodes * 8;
+      for (int i = tid; i < C::kCopies * kCodes * 16; i += kNT) {
+        const int copy = i >> 12, code = (i >> 4) & (kCodes - 1), slot = i & 15, gamma = slot ^ (copy << 2);
+        cp_async16(smem + kOffTab + copy * kTabCopy + code * 256 + slot * 16, kcent + (gamma * kCodes + code) * 8);
+      }
+      cur_hk = it.hk;
+    }
+    const int64_t row = head_row(it);
 #pragma unroll
-  for (int s = 1; s < kMStages - 1; ++s) {
-    if (s < ntile) load_stage(s, t_begin + s * kTile);
-    cp_async_commit();
-  }
-  for (int i = tid; i < R * C::kBinsHead / 4; i += kNT)
-    reinterpret_cast<uint4*>(smem + C::kOffHist)[i] = make_uint4(0u, 0u, 0u, 0u);
-  if constexpr (R > 1)
-    for (int i = tid; i < R * C::kBinsHead; i += kNT) gacc[i] = 0.f;
+    for (int s = 0; s < kMStages - 1; ++s) {
+      if (s < it.ntile) load_stage(s, p.k_codes + row, p.v_codes + row, it.t_begin + s * kTile, it.t_end);
+      cp_async_commit();
+    }
+  };
 
   // ---- per-thread constants of the key gathers and rotations
   const uint32_t sel = gather_sel(r);
@@ -348,19 +340,13 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
   // ---- query columns [buf][8 j + n]: this thread writes frequency fi of columns col0 + k kColStep (n, head j)
   const int fi = tid & 63, col0 = tid >> 6;
   const float qscale = p.scaling * kLog2e * p.rope_scale;
-  float qa[R], qb[R];
-#pragma unroll
-  for (int j = 0; j < R; ++j) {
-    const T* qp = reinterpret_cast<const T*>(p.q) + b * p.q_sb + (qh0 + j) * p.q_sh;
-    qa[j] = to_f<T>(qp[fi]) * qscale;
-    qb[j] = to_f<T>(qp[fi + 64]) * qscale;
-  }
   const float ff = __ldg(p.inv_freq + fi);
   float rcc[C::kNPer], rss[C::kNPer], stc, sts;
 #pragma unroll
   for (int k = 0; k < C::kNPer; ++k)
     sincosf(static_cast<float>(kDelta * (col0 + k * C::kColStep)) * ff, &rss[k], &rcc[k]);
   sincosf(static_cast<float>(kTile) * ff, &sts, &stc);
+  float qa[R], qb[R];
   float ec = 1.f, es = 0.f;
   int64_t pcur = 0;
   int nrec = kColReinit;
@@ -386,24 +372,9 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     }
   };
 
-  // ---- tile 0: base position, regularity, columns
-  int64_t P_tile = pos_g[t_begin];
-  bool irr;
-  {
-    const int n0 = min(kTile, t_end - t_begin);
-    bool bad = false;
-    for (int i = tid; i < n0; i += kNT) bad |= pos_g[t_begin + i] != P_tile + i;
-    columns(P_tile, 0);
-    irr = __syncthreads_or(bad);
-  }
-
   // accumulators of the histogram bins this thread owns (bin tid + kNT k of each head)
   float acc[R == 1 ? kBinsPerThread : 1];
-#pragma unroll
-  for (int k = 0; k < (R == 1 ? kBinsPerThread : 1); ++k) acc[k] = 0.f;
   float m_ref[R], l[R], ptile[R], mass_acc[R];
-#pragma unroll
-  for (int j = 0; j < R; ++j) { m_ref[j] = kNegInf; l[j] = 0.f; ptile[j] = 0.f; mass_acc[j] = 0.f; }
   uint32_t* hist = reinterpret_cast<uint32_t*>(smem + C::kOffHist);
   float* red = reinterpret_cast<float*>(smem + C::kOffRed);
   auto flush = [&](int j, float scale) {
@@ -427,12 +398,6 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
 
   // Value scatter of the previous tile (p in pbw, value codes still in its stage), a part per m-tile so that the
   // atomics interleave with the score math. Lanes 0-15 take token 0 of lane k, lanes 16-31 its token 1.
-#pragma unroll
-  for (int j = 0; j < R; ++j) {
-    pbw[j * kNW * kPBufStride + lane] = 0u;
-    pbw[j * kNW * kPBufStride + 36 + lane] = 0u;
-  }
-  __syncwarp();
   // Part `part` (0..3) takes the tokens of lanes 8 part .. 8 part + 7 whose r holds scores in this warp.
   auto scatter = [&](const uint8_t* sv, int part) {
     const uint8_t* vs = sv + vlane;
@@ -469,236 +434,337 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     }
   };
 
-  for (int it = 0; it < ntile; ++it) {
-    cp_async_wait<kMStages - 2>();
-    __syncthreads();
-    const uint8_t* sv_prev = smem + C::kOffStage + ((it + kMStages - 1) % kMStages) * kStageBytes;  // tile it - 1
-    const int t0 = t_begin + it * kTile;
-    const int n = min(kTile, t_end - t0);
-    const uint8_t* sk = smem + C::kOffStage + (it % kMStages) * kStageBytes;
-    // positions of the next tile, used after the scores
-    const bool has_next = it + 1 < ntile;
-    const int t0n = t0 + kTile;
-    const int nn = has_next ? min(kTile, t_end - t0n) : 0;
-    int64_t Pn = 0, pn[C::kTokPerThread];
+  if (i_begin < i_end) prologue(item_at(i_begin));
+  for (int item = i_begin; item < i_end; ++item) {
+    const Item cur = item_at(item);
+    const int b = cur.b, qh0 = cur.qh0, split = cur.split, t_begin = cur.t_begin, t_end = cur.t_end;
+    const int ntile = cur.ntile;
+    auto row_out = [&](int j) { return (static_cast<int64_t>(b) * p.Hq + qh0 + j) * nsplit + split; };
+    auto out_ptr = [&](int j) { return reinterpret_cast<T*>(p.out) + b * p.o_sb + (qh0 + j) * p.o_sh; };
+    if (ntile == 0) {  // no keys: a zero output, or an empty partial for the combine (block-uniform)
+      if (item + 1 < i_end) prologue(item_at(item + 1));
+      if (tid < kD) {
 #pragma unroll
-    for (int j = 0; j < C::kTokPerThread; ++j) pn[j] = 0;
-    if (has_next) {
-      Pn = pos_g[t0n];
-#pragma unroll
-      for (int j = 0; j < C::kTokPerThread; ++j)
-        if (tid + j * kNT < nn) pn[j] = pos_g[t0n + tid + j * kNT];
-    }
-    // this thread's B fragments (query column g of each head's n-tile, its k-slots): in registers for R == 1, read
-    // from shared memory at each use for R > 1
-    const uint8_t* bsrc = smem + C::kOffB + (it & 1) * 8 * R * kBRow + g * kBRow + r * 16;
-    uint4 bq[R == 1 ? 4 : 1];
-    if constexpr (R == 1) {
-#pragma unroll
-      for (int a = 0; a < 4; ++a) bq[a] = *reinterpret_cast<const uint4*>(bsrc + a * 64);
-    }
-
-    // ---- scores: m-tile v holds keys 2v*64 + 8 wt + g (row g) and that + 64 (row g + 8)
-    float s0[R], s1[R];
-#pragma unroll
-    for (int j = 0; j < R; ++j) { s0[j] = kNegInf; s1[j] = kNegInf; }
-    auto mtiles = [&](auto irregular) {
-      constexpr bool kIrr = decltype(irregular)::value;
-#pragma unroll
-      for (int vv = 0; vv < kMT; ++vv) {
-        const int v = kMT * wh + vv;
-#pragma unroll
-        for (int pp = 0; pp < C::kParts; ++pp) scatter(sv_prev, vv * C::kParts + pp);
-        const int offx = 2 * v * kDelta + 8 * wt + g, offy = offx + kDelta;
-        const uint4 cx = *reinterpret_cast<const uint4*>(sk + offx * kRB);
-        const uint4 cy = *reinterpret_cast<const uint4*>(sk + offy * kRB);
-        float sx[R], sy[R];
-        if constexpr (kIrr) {  // each key at its own position, relative to its column's P_tile + 64 n
-          const int64_t bx = P_tile + 2 * v * kDelta, by = bx + kDelta;
-          const float px = static_cast<float>((offx < n ? pos_g[t0 + offx] : bx) - bx);
-          const float py = static_cast<float>((offy < n ? pos_g[t0 + offy] : by) - by);
-#pragma unroll
-          for (int j = 0; j < R; ++j) {
-            const float2 sc = irregular_mtile<T>(smem + kOffTab, bsrc + j * 8 * kBRow, cx, cy, lane, px, py,
-                                                 p.inv_freq, C::kCopies);
-            sx[j] = sc.x;
-            sy[j] = sc.y;
-          }
-        } else {
-          // R == 1: two accumulator chains (hh = 0, 1) for overlap; R > 1: one per head (the heads overlap)
-          constexpr int kAcc = R == 1 ? 2 : 1;
-          float d[R][kAcc][4];
-#pragma unroll
-          for (int j = 0; j < R; ++j)
-#pragma unroll
-            for (int u = 0; u < kAcc; ++u)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) d[j][u][e] = 0.f;
-          // chunk pairs (a, a + 2), a = 0, 1: gather, rotate, multiply; one pair's keys live at a time
-#pragma unroll
-          for (int a = 0; a < 2; ++a) {
-            const uint4 xlo = gather(word(cx, a), a), xhi = gather(word(cx, a + 2), a + 2);
-            const uint4 ylo = gather(word(cy, a), a), yhi = gather(word(cy, a + 2), a + 2);
-            uint32_t fr[2][2][4];
-            rotate_key<T, 0>(xlo, xhi, rk.c[a], rk.s[a], rk.ns[a], fr);
-            rotate_key<T, 1>(ylo, yhi, rk.c[a], rk.s[a], rk.ns[a], fr);
-            if constexpr (R == 1) {
-              pair_mma<T>(d[0][0], d[0][1], fr, bq[a], bq[a + 2]);
-            } else {
-#pragma unroll
-              for (int j = 0; j < R; ++j)
-                pair_mma<T>(d[j][0], d[j][0], fr, *reinterpret_cast<const uint4*>(bsrc + j * 8 * kBRow + a * 64),
-                            *reinterpret_cast<const uint4*>(bsrc + j * 8 * kBRow + (a + 2) * 64));
-            }
-          }
-#pragma unroll
-          for (int j = 0; j < R; ++j) {
-            sx[j] = kAcc == 2 ? d[j][0][0] + d[j][kAcc - 1][0] : d[j][0][0];
-            sy[j] = kAcc == 2 ? d[j][0][3] + d[j][kAcc - 1][3] : d[j][0][3];
+        for (int j = 0; j < R; ++j) {
+          if (nsplit == 1) {
+            out_ptr(j)[tid] = from_f<T>(0.f);
+          } else {
+            p.ws_o[row_out(j) * kD + tid] = 0.f;
+            if (tid == 0) { p.ws_ml[row_out(j) * 2] = kNegInf; p.ws_ml[row_out(j) * 2 + 1] = 0.f; }
           }
         }
-        if (r == v) {
-#pragma unroll
-          for (int j = 0; j < R; ++j) { s0[j] = sx[j]; s1[j] = sy[j]; }
-        }
       }
-    };
-    if (irr) mtiles(std::true_type{});
-    else mtiles(std::false_type{});
-#pragma unroll
-    for (int j = 0; j < R; ++j) {
-      if (o0 >= n) s0[j] = kNegInf;
-      if (o0 + kDelta >= n) s1[j] = kNegInf;
+      continue;
     }
+    const int64_t* pos_g = p.positions + b * p.pos_sb;
+    const uint8_t* kcodes = p.k_codes + head_row(cur);
+    const uint8_t* vcodes = p.v_codes + head_row(cur);
 
-    // ---- tile max and the previous tile's mass per head, block-wide; the next tile's columns and regularity
+    // ---- per-item state (the previous item's last reads of the histograms, red and the columns are behind the
+    // barrier that ends it)
+    for (int i = tid; i < R * C::kBinsHead / 4; i += kNT)
+      reinterpret_cast<uint4*>(smem + C::kOffHist)[i] = make_uint4(0u, 0u, 0u, 0u);
+    if constexpr (R > 1)
+      for (int i = tid; i < R * C::kBinsHead; i += kNT) gacc[i] = 0.f;
 #pragma unroll
     for (int j = 0; j < R; ++j) {
-      float mx = fmaxf(s0[j], s1[j]), ms = ptile[j];
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) {
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-        ms += __shfl_xor_sync(0xffffffffu, ms, off);
-      }
-      if (lane == 0) { red[(2 * j) * kNW + warp] = mx; red[(2 * j + 1) * kNW + warp] = ms; }
+      const T* qp = reinterpret_cast<const T*>(p.q) + b * p.q_sb + (qh0 + j) * p.q_sh;
+      qa[j] = to_f<T>(qp[fi]) * qscale;
+      qb[j] = to_f<T>(qp[fi + 64]) * qscale;
     }
-    bool bad = false;
-    if (has_next) {
-      columns(Pn, (it + 1) & 1);
-#pragma unroll
-      for (int j = 0; j < C::kTokPerThread; ++j) bad |= tid + j * kNT < nn && pn[j] != Pn + tid + j * kNT;
+    nrec = kColReinit;  // exact angles for the first tile
+    // ---- tile 0: base position, regularity, columns
+    int64_t P_tile = pos_g[t_begin];
+    bool irr;
+    {
+      const int n0 = min(kTile, t_end - t_begin);
+      bool bad = false;
+      for (int i = tid; i < n0; i += kNT) bad |= pos_g[t_begin + i] != P_tile + i;
+      columns(P_tile, 0);
+      irr = __syncthreads_or(bad);
     }
-    const bool irr_next = __syncthreads_or(bad);
-    bool flushed = false;  // block-uniform
+#pragma unroll
+    for (int k = 0; k < (R == 1 ? kBinsPerThread : 1); ++k) acc[k] = 0.f;
+#pragma unroll
+    for (int j = 0; j < R; ++j) { m_ref[j] = kNegInf; l[j] = 0.f; ptile[j] = 0.f; mass_acc[j] = 0.f; }
 #pragma unroll
     for (int j = 0; j < R; ++j) {
-      float tmax = kNegInf, mass = 0.f;
-#pragma unroll
-      for (int wi = 0; wi < kNW; ++wi) { tmax = fmaxf(tmax, red[(2 * j) * kNW + wi]); mass += red[(2 * j + 1) * kNW + wi]; }
-      mass_acc[j] += mass;
-      if (tmax > m_ref[j]) {
-        const float scale = m_ref[j] == kNegInf ? 0.f : exp2f(m_ref[j] - tmax);
-        flush(j, scale);
-        l[j] *= scale;
-        m_ref[j] = tmax;
-        mass_acc[j] = 0.f;
-        flushed = true;
-      } else if (mass_acc[j] > kFlushMass) {
-        flush(j, 1.f);
-        mass_acc[j] = 0.f;
-        flushed = true;
-      }
-    }
-    if (flushed) __syncthreads();
-
-    // ---- p (scattered during the next tile); the stage of tile it - 1 is free now: load tile it + 2 into it
-#pragma unroll
-    for (int j = 0; j < R; ++j) {
-      const float p0 = s0[j] == kNegInf ? 0.f : fast_exp2(s0[j] - m_ref[j]);
-      const float p1 = s1[j] == kNegInf ? 0.f : fast_exp2(s1[j] - m_ref[j]);
-      l[j] += p0 + p1;
-      ptile[j] = p0 + p1;
-      pbw[j * kNW * kPBufStride + lane] = __float2uint_rn(p0 * kFix);
-      pbw[j * kNW * kPBufStride + 36 + lane] = __float2uint_rn(p1 * kFix);
+      pbw[j * kNW * kPBufStride + lane] = 0u;
+      pbw[j * kNW * kPBufStride + 36 + lane] = 0u;
     }
     __syncwarp();
+
+    for (int it = 0; it < ntile; ++it) {
+      cp_async_wait<kMStages - 2>();
+      __syncthreads();
+      const uint8_t* sv_prev = smem + C::kOffStage + ((it + kMStages - 1) % kMStages) * kStageBytes;  // tile it - 1
+      const int t0 = t_begin + it * kTile;
+      const int n = min(kTile, t_end - t0);
+      const uint8_t* sk = smem + C::kOffStage + (it % kMStages) * kStageBytes;
+      // positions of the next tile, used after the scores
+      const bool has_next = it + 1 < ntile;
+      const int t0n = t0 + kTile;
+      const int nn = has_next ? min(kTile, t_end - t0n) : 0;
+      int64_t Pn = 0, pn[C::kTokPerThread];
+#pragma unroll
+      for (int j = 0; j < C::kTokPerThread; ++j) pn[j] = 0;
+      if (has_next) {
+        Pn = pos_g[t0n];
+#pragma unroll
+        for (int j = 0; j < C::kTokPerThread; ++j)
+          if (tid + j * kNT < nn) pn[j] = pos_g[t0n + tid + j * kNT];
+      }
+      // this thread's B fragments (query column g of each head's n-tile, its k-slots): in registers for R == 1, read
+      // from shared memory at each use for R > 1
+      const uint8_t* bsrc = smem + C::kOffB + (it & 1) * 8 * R * kBRow + g * kBRow + r * 16;
+      uint4 bq[R == 1 ? 4 : 1];
+      if constexpr (R == 1) {
+#pragma unroll
+        for (int a = 0; a < 4; ++a) bq[a] = *reinterpret_cast<const uint4*>(bsrc + a * 64);
+      }
+
+      // ---- scores: m-tile v holds keys 2v*64 + 8 wt + g (row g) and that + 64 (row g + 8)
+      float s0[R], s1[R];
+#pragma unroll
+      for (int j = 0; j < R; ++j) { s0[j] = kNegInf; s1[j] = kNegInf; }
+      auto mtiles = [&](auto irregular) {
+        constexpr bool kIrr = decltype(irregular)::value;
+#pragma unroll
+        for (int vv = 0; vv < kMT; ++vv) {
+          const int v = kMT * wh + vv;
+#pragma unroll
+          for (int pp = 0; pp < C::kParts; ++pp) scatter(sv_prev, vv * C::kParts + pp);
+          const int offx = 2 * v * kDelta + 8 * wt + g, offy = offx + kDelta;
+          const uint4 cx = *reinterpret_cast<const uint4*>(sk + offx * kRB);
+          const uint4 cy = *reinterpret_cast<const uint4*>(sk + offy * kRB);
+          float sx[R], sy[R];
+          if constexpr (kIrr) {  // each key at its own position, relative to its column's P_tile + 64 n
+            const int64_t bx = P_tile + 2 * v * kDelta, by = bx + kDelta;
+            const float px = static_cast<float>((offx < n ? pos_g[t0 + offx] : bx) - bx);
+            const float py = static_cast<float>((offy < n ? pos_g[t0 + offy] : by) - by);
+#pragma unroll
+            for (int j = 0; j < R; ++j) {
+              const float2 sc = irregular_mtile<T>(smem + kOffTab, bsrc + j * 8 * kBRow, cx, cy, lane, px, py,
+                                                   p.inv_freq, C::kCopies);
+              sx[j] = sc.x;
+              sy[j] = sc.y;
+            }
+          } else {
+            // R == 1: two accumulator chains (hh = 0, 1) for overlap; R > 1: one per head (the heads overlap)
+            constexpr int kAcc = R == 1 ? 2 : 1;
+            float d[R][kAcc][4];
+#pragma unroll
+            for (int j = 0; j < R; ++j)
+#pragma unroll
+              for (int u = 0; u < kAcc; ++u)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) d[j][u][e] = 0.f;
+            // chunk pairs (a, a + 2), a = 0, 1: gather, rotate, multiply; one pair's keys live at a time
+#pragma unroll
+            for (int a = 0; a < 2; ++a) {
+              const uint4 xlo = gather(word(cx, a), a), xhi = gather(word(cx, a + 2), a + 2);
+              const uint4 ylo = gather(word(cy, a), a), yhi = gather(word(cy, a + 2), a + 2);
+              uint32_t fr[2][2][4];
+              rotate_key<T, 0>(xlo, xhi, rk.c[a], rk.s[a], rk.ns[a], fr);
+              rotate_key<T, 1>(ylo, yhi, rk.c[a], rk.s[a], rk.ns[a], fr);
+              if constexpr (R == 1) {
+                pair_mma<T>(d[0][0], d[0][1], fr, bq[a], bq[a + 2]);
+              } else {
+#pragma unroll
+                for (int j = 0; j < R; ++j)
+                  pair_mma<T>(d[j][0], d[j][0], fr, *reinterpret_cast<const uint4*>(bsrc + j * 8 * kBRow + a * 64),
+                              *reinterpret_cast<const uint4*>(bsrc + j * 8 * kBRow + (a + 2) * 64));
+              }
+            }
+#pragma unroll
+            for (int j = 0; j < R; ++j) {
+              sx[j] = kAcc == 2 ? d[j][0][0] + d[j][kAcc - 1][0] : d[j][0][0];
+              sy[j] = kAcc == 2 ? d[j][0][3] + d[j][kAcc - 1][3] : d[j][0][3];
+            }
+          }
+          if (r == v) {
+#pragma unroll
+            for (int j = 0; j < R; ++j) { s0[j] = sx[j]; s1[j] = sy[j]; }
+          }
+        }
+      };
+      if (irr) mtiles(std::true_type{});
+      else mtiles(std::false_type{});
+#pragma unroll
+      for (int j = 0; j < R; ++j) {
+        if (o0 >= n) s0[j] = kNegInf;
+        if (o0 + kDelta >= n) s1[j] = kNegInf;
+      }
+
+      // ---- tile max and the previous tile's mass per head, block-wide; the next tile's columns and regularity
+#pragma unroll
+      for (int j = 0; j < R; ++j) {
+        float mx = fmaxf(s0[j], s1[j]), ms = ptile[j];
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) {
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+          ms += __shfl_xor_sync(0xffffffffu, ms, off);
+        }
+        if (lane == 0) { red[(2 * j) * kNW + warp] = mx; red[(2 * j + 1) * kNW + warp] = ms; }
+      }
+      bool bad = false;
+      if (has_next) {
+        columns(Pn, (it + 1) & 1);
+#pragma unroll
+        for (int j = 0; j < C::kTokPerThread; ++j) bad |= tid + j * kNT < nn && pn[j] != Pn + tid + j * kNT;
+      }
+      const bool irr_next = __syncthreads_or(bad);
+      bool flushed = false;  // block-uniform
+#pragma unroll
+      for (int j = 0; j < R; ++j) {
+        float tmax = kNegInf, mass = 0.f;
+#pragma unroll
+        for (int wi = 0; wi < kNW; ++wi) {
+          tmax = fmaxf(tmax, red[(2 * j) * kNW + wi]);
+          mass += red[(2 * j + 1) * kNW + wi];
+        }
+        mass_acc[j] += mass;
+        if (tmax > m_ref[j]) {
+          const float scale = m_ref[j] == kNegInf ? 0.f : exp2f(m_ref[j] - tmax);
+          flush(j, scale);
+          l[j] *= scale;
+          m_ref[j] = tmax;
+          mass_acc[j] = 0.f;
+          flushed = true;
+        } else if (mass_acc[j] > kFlushMass) {
+          flush(j, 1.f);
+          mass_acc[j] = 0.f;
+          flushed = true;
+        }
+      }
+      if (flushed) __syncthreads();
+
+      // ---- p (scattered during the next tile); the stage of tile it - 1 is free now: load tile it + 2 into it
+#pragma unroll
+      for (int j = 0; j < R; ++j) {
+        const float p0 = s0[j] == kNegInf ? 0.f : fast_exp2(s0[j] - m_ref[j]);
+        const float p1 = s1[j] == kNegInf ? 0.f : fast_exp2(s1[j] - m_ref[j]);
+        l[j] += p0 + p1;
+        ptile[j] = p0 + p1;
+        pbw[j * kNW * kPBufStride + lane] = __float2uint_rn(p0 * kFix);
+        pbw[j * kNW * kPBufStride + 36 + lane] = __float2uint_rn(p1 * kFix);
+      }
+      __syncwarp();
+      {
+        const int nt = it + kMStages - 1;
+        if (nt < ntile) load_stage(nt % kMStages, kcodes, vcodes, t_begin + nt * kTile, t_end);
+        cp_async_commit();
+      }
+      irr = irr_next;
+      P_tile = Pn;
+    }
+
+    // ---- the last tile's scatter; then the next item's loads (key tables, first stages) overlap this epilogue
+    __syncthreads();  // every warp's last key gathers are done
     {
-      const int nt = it + kMStages - 1;
-      if (nt < ntile) load_stage(nt % kMStages, t_begin + nt * kTile);
-      cp_async_commit();
+      const uint8_t* sv_last = smem + C::kOffStage + ((ntile - 1) % kMStages) * kStageBytes;
+#pragma unroll
+      for (int part = 0; part < 4; ++part) scatter(sv_last, part);
     }
-    irr = irr_next;
-    P_tile = Pn;
-  }
-  // ---- histogram x value centroids, per query head. Once every warp's last key gathers are done, the value table
-  // [code][128] loads into the first key-table copy while the last tile's scatter and the flush run.
-  __syncthreads();
-  for (int i = tid; i < kCodes * 16; i += kNT) {
-    const int code = i >> 4, gamma = i & 15;
-    cp_async16(smem + kOffTab + code * 256 + gamma * 16, vcent + (gamma * kCodes + code) * 8);
-  }
-  cp_async_commit();
-  {
-    const uint8_t* sv_last = smem + C::kOffStage + ((ntile - 1) % kMStages) * kStageBytes;
-#pragma unroll
-    for (int part = 0; part < 4; ++part) scatter(sv_last, part);
-  }
-  __syncthreads();  // every bin complete before the flush reads it
-#pragma unroll
-  for (int j = 0; j < R; ++j) flush(j, 1.f);
-  float* histf = reinterpret_cast<float*>(smem + C::kOffHist);  // fp32 bins in place of the u32 ones
-#pragma unroll
-  for (int j = 0; j < R; ++j) {
-#pragma unroll
-    for (int k = 0; k < kBinsPerThread; ++k) {
-      const int idx = j * C::kBinsHead + tid + kNT * k;
-      if constexpr (R == 1) histf[idx] = acc[k];
-      else histf[idx] = gacc[idx];
-    }
-    float lw = l[j];
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) lw += __shfl_xor_sync(0xffffffffu, lw, off);
-    if (lane == 0) red[j * kNW + warp] = lw;
-  }
-  cp_async_wait<0>();
-  __syncthreads();
-  const int d = tid & (kD - 1), hc = tid >> 7, gv = d >> 3;
-  constexpr int kHC = kNT / kD, kCPer = kCodes / kHC;  // code ranges summed by separate thread groups
-  const T* tabv = reinterpret_cast<const T*>(smem + kOffTab);
-  float* red_o = reinterpret_cast<float*>(smem + C::kOffStage);
-  float o[R];
-#pragma unroll
-  for (int j = 0; j < R; ++j) {
-    const float* hj = histf + j * C::kBinsHead;
-    float oj = 0.f;
-#pragma unroll 8
-    for (int c = hc * kCPer; c < hc * kCPer + kCPer; ++c) {
-      float w = hj[c * kSlots + gv];
-      if constexpr (C::kRep == 2) w += hj[c * kSlots + 16 + gv];
-      oj = fmaf(w, to_f<T>(tabv[c * kD + d]), oj);
-    }
-    o[j] = oj;
-    if (hc > 0) red_o[((hc - 1) * R + j) * kD + d] = oj;
-  }
-  __syncthreads();
-  if (hc == 0) {
+    __syncthreads();  // every bin complete before the flush reads it; the stages are free
+    if (item + 1 < i_end) prologue(item_at(item + 1));
 #pragma unroll
     for (int j = 0; j < R; ++j) {
-      float oj = o[j], L = 0.f;
+      flush(j, 1.f);
+      float lw = l[j];
 #pragma unroll
-      for (int k = 1; k < kHC; ++k) oj += red_o[((k - 1) * R + j) * kD + d];
+      for (int off = 16; off > 0; off >>= 1) lw += __shfl_xor_sync(0xffffffffu, lw, off);
+      if (lane == 0) red[j * kNW + warp] = lw;
+    }
+    __syncthreads();  // every u32 bin read before the fp32 sums overwrite them
+
+    // ---- histogram x value centroids. The fp32 bins, replicas summed, go to ht[j][gamma][code ^ 2 gamma] (in place
+    // of the u32 bins; the swizzle keeps these writes and the product's reads free of bank conflicts). Warp w then
+    // takes value groups gamma = kGPW w .., each lane the codes lane + 32 k: one 16-byte centroid load from global
+    // memory (L2; coalesced along the codes) and 8 FMAs per code, group and head, summed over the lanes at the end.
+    float* ht = reinterpret_cast<float*>(smem + C::kOffHist);
 #pragma unroll
-      for (int wi = 0; wi < kNW; ++wi) L += red[j * kNW + wi];
-      if (nsplit == 1) {
-        out_ptr(j)[d] = from_f<T>(L > 0.f ? oj / L : 0.f);
-      } else {
-        p.ws_o[row_out(j) * kD + d] = oj;
-        if (d == 0) { p.ws_ml[row_out(j) * 2] = m_ref[j]; p.ws_ml[row_out(j) * 2 + 1] = L; }
+    for (int j = 0; j < R; ++j) {
+#pragma unroll
+      for (int k = 0; k < kBinsPerThread; ++k) {
+        const int idx = tid + kNT * k, code = idx / kSlots, gamma = idx & 15;
+        float v;
+        if constexpr (R == 1) v = acc[k];
+        else v = gacc[j * C::kBinsHead + idx];
+        if constexpr (C::kRep == 2) v += __shfl_xor_sync(0xffffffffu, v, 16);  // slot gamma + 16 is lane ^ 16
+        if (C::kRep == 1 || lane < 16) ht[(j * 16 + gamma) * kCodes + (code ^ (2 * gamma))] = v;
       }
     }
+    __syncthreads();
+    constexpr int kGPW = 16 / kNW;  // value groups per warp
+    const uint4* vrow =
+        reinterpret_cast<const uint4*>(p.v_cent) + static_cast<int64_t>(cur.hk) * 16 * kCodes;  // [gamma][code]
+    float o[R][kGPW][8];
+#pragma unroll
+    for (int j = 0; j < R; ++j)
+#pragma unroll
+      for (int gi = 0; gi < kGPW; ++gi)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) o[j][gi][e] = 0.f;
+    uint4 raws[kCodes / 32][kGPW];  // every load issued before the first use: one L2 latency, not eight
+#pragma unroll
+    for (int k = 0; k < kCodes / 32; ++k)
+#pragma unroll
+      for (int gi = 0; gi < kGPW; ++gi) raws[k][gi] = __ldg(vrow + (kGPW * warp + gi) * kCodes + lane + 32 * k);
+#pragma unroll
+    for (int k = 0; k < kCodes / 32; ++k) {
+      const int code = lane + 32 * k;
+#pragma unroll
+      for (int gi = 0; gi < kGPW; ++gi) {
+        const int gamma = kGPW * warp + gi;
+        const uint4 raw = raws[k][gi];
+        float vf[8];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float2 f = unpack2<T>(word(raw, e));
+          vf[2 * e] = f.x;
+          vf[2 * e + 1] = f.y;
+        }
+#pragma unroll
+        for (int j = 0; j < R; ++j) {
+          const float h = ht[(j * 16 + gamma) * kCodes + (code ^ (2 * gamma))];
+#pragma unroll
+          for (int e = 0; e < 8; ++e) o[j][gi][e] = fmaf(h, vf[e], o[j][gi][e]);
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      float L = 0.f;
+#pragma unroll
+      for (int wi = 0; wi < kNW; ++wi) L += red[j * kNW + wi];
+#pragma unroll
+      for (int gi = 0; gi < kGPW; ++gi) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          float oj = o[j][gi][e];
+#pragma unroll
+          for (int off = 16; off > 0; off >>= 1) oj += __shfl_xor_sync(0xffffffffu, oj, off);
+          o[j][gi][e] = oj;
+        }
+        // lane e of the warp writes channel 8 gamma + e
+        float mine = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) mine = lane == e ? o[j][gi][e] : mine;
+        const int d = 8 * (kGPW * warp + gi) + lane;
+        if (lane < 8) {
+          if (nsplit == 1) {
+            out_ptr(j)[d] = from_f<T>(L > 0.f ? mine / L : 0.f);
+          } else {
+            p.ws_o[row_out(j) * kD + d] = mine;
+            if (d == 0) { p.ws_ml[row_out(j) * 2] = m_ref[j]; p.ws_ml[row_out(j) * 2 + 1] = L; }
+          }
+        }
+      }
+    }
+    __syncthreads();  // the bins and red are read before the next item reuses them
   }
 }
-
 template <typename T, int NW, int R>
 cudaError_t launch_t(const AttnParams& p, cudaStream_t stream) {
   using C = Cfg<NW, R>;
@@ -709,8 +775,7 @@ cudaError_t launch_t(const AttnParams& p, cudaStream_t stream) {
     if (e != cudaSuccess) return e;
     configured = true;
   }
-  dim3 grid(p.nsplit, p.Hq / R, p.B);
-  decode_mma_kernel<T, NW, R><<<grid, C::kNT, C::kSmem, stream>>>(p);
+  decode_mma_kernel<T, NW, R><<<p.mma_blocks, C::kNT, C::kSmem, stream>>>(p);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || p.nsplit == 1) return e;
   combine_kernel<T><<<p.B * p.Hq * p.Q, p.D, 0, stream>>>(p);
@@ -755,7 +820,7 @@ int mma_group(const AttnParams& p) {
 size_t mma_hist_floats(const AttnParams& p) {
   const int R = mma_group(p);
   if (R == 1) return 0;
-  return static_cast<size_t>(p.B) * (p.Hq / R) * p.nsplit * R * kCodes * 16 * (R <= 2 ? 2 : 1);
+  return static_cast<size_t>(p.mma_blocks) * R * kCodes * 16 * (R <= 2 ? 2 : 1);  // per block, reused by its items
 }
 
 // The kernel's key-gather addresses assume that dynamic shared memory starts at shared address kSharedWindow (the

@@ -70,6 +70,8 @@ struct AttnParams {
                 // warps per block where it applies
   int mma;  // plan: 1 when the tensor-core decode kernel (decode_mma.cu) runs
   float* ws_hist;  // tensor-core decode with a GQA group per block: fp32 histogram accumulators (mma_hist_floats)
+  int max_blocks;  // request: at most this many tensor-core decode blocks (0: one per SM)
+  int mma_blocks;  // plan: tensor-core decode blocks; each takes a contiguous run of the B * H_q / R * nsplit items
 };
 
 // Shared memory the decode kernel needs for a given configuration (0 when it cannot run).

@@ -304,6 +304,35 @@ def test_decode_mma_kernel(case, kernel, monkeypatch):
     assert_within_2x(out, query, view, mask, scaling)
 
 
+# Few blocks, many items each (ops.MMA_MAX_BLOCKS): the kv head changes inside a block (key tables reloaded), the
+# next item's loads overlap the current epilogue, GQA blocks reuse their fp32 scratch, splits of one row land in
+# different blocks.
+MMA_MULTI_ITEM_CASES = [
+    (3, dict(S=1100, B=5, Hq=4, Hkv=4, pads=[0, 5, 600, 1098, 300])),  # 2 splits: 40 items, one row with 2 keys
+    (3, dict(S=900, B=4, Hq=3, Hkv=3, dtype=torch.bfloat16, pads=[0, 899, 0, 450])),  # no split: 12 items
+    (4, dict(S=1500, B=3, Hq=8, Hkv=2, dtype=torch.bfloat16, pads=[0, 700, 1])),  # group 4: 2 heads per kv head
+    (5, dict(S=900, B=4, Hq=12, Hkv=4, gaps=True)),  # group 3, irregular positions
+    (2, dict(S=2100, B=2, Hq=4, Hkv=2, qscale=8.0, pads=[1000, 0])),  # group 2, peaky: rescales; 3 splits
+    (7, dict(S=600, B=3, Hq=10, Hkv=2, pads=[0, 13, 300])),  # group 5: a block per query head
+]
+
+
+@cuda_test
+@pytest.mark.parametrize("kernel", ["tensor-core", "tensor-core-16w"])
+@pytest.mark.parametrize("blocks,case", MMA_MULTI_ITEM_CASES, ids=[f"multi{i}" for i in range(len(MMA_MULTI_ITEM_CASES))])
+def test_decode_mma_multi_item_blocks(blocks, case, kernel, monkeypatch):
+    monkeypatch.setattr(ops, "DECODE_KERNEL", kernel)
+    query, view, mask, scaling = make_case(Q=1, **case)
+    monkeypatch.setattr(ops, "MMA_MAX_BLOCKS", 0)
+    out_one = run_attention(query, view, mask, scaling)
+    monkeypatch.setattr(ops, "MMA_MAX_BLOCKS", blocks)
+    out = run_attention(query, view, mask, scaling)
+    assert ops.KERNEL_USED["attention"] == mma_name(kernel, case["Hq"], case["Hkv"])
+    assert_within_2x(out, query, view, mask, scaling)
+    # the same items in fewer blocks: the same sums in the same order
+    assert torch.equal(out, out_one)
+
+
 @cuda_test
 def test_decode_kernel_choice(monkeypatch):
     """Both decode kernels agree; cases the tensor-core kernel does not cover fall back to the CUDA-core one."""
@@ -568,8 +597,9 @@ def test_decode_kernel_request(monkeypatch):
     monkeypatch.setattr(ops, "DECODE_KERNEL", "auto")
     assert ops._decode_variant(8, 32768) == 1 and ops._decode_variant(1, 4096) == 0
     assert ops._decode_variant(4, 4096) == 1  # MHA: tokens per batch
-    assert ops._decode_variant(512, 512) == 0 and ops._decode_variant(512, 1024) == 1  # and per sequence
-    assert ops._decode_variant(512, 512, group=4) == 0
+    assert ops._decode_variant(512, 128) == 1 and ops._decode_variant(128, 64) == 0  # MHA: any sequence length
+    assert ops._decode_variant(512, 256, group=4) == 0 and ops._decode_variant(512, 512, group=4) == 1  # GQA blocks:
+    assert ops._decode_variant(64, 256, group=2) == 0 and ops._decode_variant(32, 512, group=3) == 1  # per sequence too
     assert ops._decode_variant(32, 8192, group=4) == 1 and ops._decode_variant(1, 4096, group=4) == 0  # a group per block
     assert ops._decode_variant(32, 8192, group=8) == 1  # two blocks of 4 per kv head
     assert ops._decode_variant(32, 8192, group=5) == 0 and ops._decode_variant(1, 32768, group=5) == 1  # per sequence
