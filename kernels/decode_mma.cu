@@ -7,6 +7,11 @@
 // query head. MHA, groups of 5 or 7, and the 16-warp variant: a block per query head (R = 1; the blocks of a group
 // read the same codes, mostly from L2).
 //
+// Blocks. At most one block per SM (a block fills one); each takes a contiguous run of the kv-head-major items (R query
+// heads, batch row, split), keeps the key tables while its items share the kv head, and issues the next item's table
+// and first-stage loads as soon as the current item's last scatter is done, so that they overlap its epilogue
+// (H100: 13 -> 6 us of fixed cost per item; docs/RESULTS_kernels.md).
+//
 // Scores. A tile is kTile = 512 consecutive tokens at positions P + o. Write o = 64 n + tau (n = 0..7, tau = 0..63):
 //   q . R(P + o) k = (R(P + 64 n)^T q) . (R(tau) k)
 // The eight rotated queries ("columns", computed once per tile and block, exact fp32 angles) of each query head are
@@ -25,9 +30,11 @@
 // pipelined). Each thread flushes its bins into fp32 accumulators (registers for R = 1, a global scratch for R > 1)
 // when the mass added since the last flush could overflow 32 bits, and whenever the max grows (rescaling them). At
 // the end the histogram is multiplied by the value centroids: one c-wide gather and FMA per token and group become
-// one integer add. With R = 1 the shared addresses of the key gathers and the histogram atomics are built whole
-// (table base in the PRMT constant, bin base in the lane's slot address), saving the window-base add of each access
-// (H100: 3% at 8 x 32K); with R > 1 that made ptxas spill, and was slower, so those blocks add the base.
+// one integer add. That product reads the value centroids from global memory (L2) against the bins, transposed in
+// place as fp32 (see the epilogue), so the key tables stay loaded for the next item. With R = 1 the shared addresses
+// of the key gathers and the histogram atomics are built whole (table base in the PRMT constant, bin base in the
+// lane's slot address), saving the window-base add of each access (H100: 3% at 8 x 32K); with R > 1 that made ptxas
+// spill, and was slower, so those blocks add the base.
 #include <type_traits>
 
 #include "common.cuh"
