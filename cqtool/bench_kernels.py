@@ -91,10 +91,11 @@ def _each_choice(setting: str, choices, call, ref: torch.Tensor, t_base: float, 
 
 
 def synthetic_layer(B: int, S: int, H: int, D: int, spec: QuantSpec, dtype=torch.bfloat16, seed: int = 0,
-                    dense: bool = True, q_heads: int | None = None):
-    """A decode step's view of one CQ layer with S random tokens and H kv heads (Q = 1, no window; q_heads query
-    heads, default H), and, when `dense`, the same keys (dequantized, RoPE applied) and values as dense [B, H, S, D]
-    tensors for the baseline."""
+                    dense: bool = True, q_heads: int | None = None, window: int = 0):
+    """A decode step's view of one CQ layer with S random tokens and H kv heads (Q = 1; q_heads query heads, default
+    H), and, when `dense`, the same keys (dequantized, RoPE applied) and values as dense [B, H, S, D] tensors for the
+    baseline. window > 0 (needs `dense`): the last `window` tokens are also held in full precision, as the CQ cache
+    keeps them (the dense tokens themselves, so that the baseline sees the same data)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     G, K = D // spec.channels, spec.num_centroids
     k_cent = torch.randn(H, G, K, spec.channels, generator=g, device="cuda").to(dtype)
@@ -131,21 +132,31 @@ def synthetic_layer(B: int, S: int, H: int, D: int, spec: QuantSpec, dtype=torch
     cache.cos_sin = cos_sin
     layer = SimpleNamespace(k_codes=k_codes, v_codes=v_codes, k_centroids=k_cent, v_centroids=v_cent,
                             k_bits=spec.code_bits, v_bits=spec.code_bits, k_groups=G, v_groups=G,
-                            config=SimpleNamespace(window=0, sinks=0), parent=cache, sink_k=None, sink_v=None, length=S)
+                            config=SimpleNamespace(window=window, sinks=0), parent=cache, sink_k=None, sink_v=None,
+                            length=S)
     layer.valid_codes = lambda: (k_codes[:, :, :S], v_codes[:, :, :S])
     new = torch.randn(B, H, 1, D, generator=g, device="cuda").to(dtype)
     view = SimpleNamespace(layer=layer, new_k=new, new_v=new, start=S - 1, win_k=None, win_v=None, length=S)
+    if window:
+        if not dense:
+            raise ValueError("synthetic_layer: a full-precision window needs dense=True")
+        w = min(window, S - 1)  # the window kept from earlier steps; the new token comes as new_k / new_v
+        view.win_k, view.win_v = kd[:, :, S - 1 - w : S - 1], vd[:, :, S - 1 - w : S - 1]
+        view.new_k, view.new_v = kd[:, :, S - 1 :], vd[:, :, S - 1 :]
     query = torch.randn(B, q_heads or H, 1, D, generator=g, device="cuda").to(dtype)
     return query, view, kd, vd
 
 
 def attention_bench(shapes=DEFAULT_SHAPES, specs=DEFAULT_SPECS, heads: int = 32, head_dim: int = 128,
-                    reps: int = 30, progress=None, kv_heads: int | None = None) -> dict:
+                    reps: int = 30, progress=None, kv_heads: int | None = None, window: int = 0) -> dict:
     """Decode attention per layer: CQ kernel vs SDPA bf16 on the same data. Returns {"device", "rows", ...}.
-    kv_heads < heads: grouped-query attention (SDPA with enable_gqa on the kv heads' dense K/V)."""
+    kv_heads < heads: grouped-query attention (SDPA with enable_gqa on the kv heads' dense K/V). window: the CQ layer
+    also holds its last `window` tokens in full precision (the paper's 128), read from there instead of the codes."""
     kv_heads = kv_heads or heads
     if kv_heads < 1 or heads % kv_heads:
         raise ConfigError(f"--kv-heads {kv_heads}: must divide --heads {heads}")
+    if window < 0:
+        raise ConfigError(f"--window {window}: must be >= 0 (0: every cached token read from codes)")
     _require_kernels("attention")
     info = device_info()
     bw = copy_bandwidth()
@@ -155,7 +166,7 @@ def attention_bench(shapes=DEFAULT_SHAPES, specs=DEFAULT_SPECS, heads: int = 32,
         spec = QuantSpec.parse(spec_name)
         for B, S in shapes:
             say(f"{spec.name} {B}x{S}")
-            query, view, kd, vd = synthetic_layer(B, S, kv_heads, head_dim, spec, q_heads=heads)
+            query, view, kd, vd = synthetic_layer(B, S, kv_heads, head_dim, spec, q_heads=heads, window=window)
             scaling = head_dim**-0.5
             gqa = heads != kv_heads
 
@@ -175,7 +186,8 @@ def attention_bench(shapes=DEFAULT_SHAPES, specs=DEFAULT_SPECS, heads: int = 32,
             dense_bytes = (kd.numel() + vd.numel()) * 2 + 2 * query.numel() * 2
             floor_ms = floor_bytes / bw * 1e3
             rows.append({"quant": f"CQ-{spec.name}", "bits_per_channel": spec.bits_per_channel, "batch": B, "context": S,
-                         "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "cq_kernel": kernels[keep]["ran"],
+                         "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "window": window,
+                         "cq_kernel": kernels[keep]["ran"],
                          "sdpa_ms": t_sdpa,
                          "cq_ms": t_cq, "speedup": t_sdpa / t_cq, "kernels": kernels,
                          "cq_floor_ms": floor_ms, "cq_floor_fraction": floor_ms / t_cq,

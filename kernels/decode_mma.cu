@@ -1,11 +1,12 @@
 // Decode attention from CQ codes with the scores on the tensor cores and P.V as a code histogram.
 //
-// Applies to one query (Q == 1) per query head, head_dim 128, 8-bit codes with c = 8 for keys and values, no window
-// or sinks (mma_decode_applies); everything else runs decode.cuh. GQA (8 warps): a block takes R = 4, 3 or 2 query
-// heads of a group (the largest that divides the group size; a group of 8 runs as two blocks of 4), so that each key
-// is gathered and rotated once for the R heads and only the products, the softmax and the value scatter are per
-// query head. MHA, groups of 5 or 7, and the 16-warp variant: a block per query head (R = 1; the blocks of a group
-// read the same codes, mostly from L2).
+// Applies to one query (Q == 1) per query head, head_dim 128, 8-bit codes with c = 8 for keys and values
+// (mma_decode_applies); everything else runs decode.cuh. This kernel reads the keys held as codes; a full-precision
+// window and sinks are one more split, decode.cuh's full-precision block, merged by the split-K combine. GQA (8
+// warps): a block takes R = 4, 3 or 2 query heads of a group (the largest that divides the group size; a group of 8
+// runs as two blocks of 4), so that each key is gathered and rotated once for the R heads and only the products, the
+// softmax and the value scatter are per query head. MHA, groups of 5 or 7, and the 16-warp variant: a block per
+// query head (R = 1; the blocks of a group read the same codes, mostly from L2).
 //
 // Blocks. At most one block per SM (a block fills one); each takes a contiguous run of the kv-head-major items (R query
 // heads, batch row, split), keeps the key tables while its items share the kv head, and issues the next item's table
@@ -259,10 +260,12 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wt = warp & 7, wh = warp >> 3;  // tau group (tau = 8 wt + lane / 4) and m-tile half
   const int g = lane >> 2, r = lane & 3;
-  const int nsplit = p.nsplit;
-  // Work items (kv-head-major: head block hb of R query heads, batch row b, split): item = (hb B + b) nsplit + split.
-  // This block takes the contiguous items [i_begin, i_end); consecutive items of one kv head reuse its key tables.
-  const int64_t n_items = static_cast<int64_t>(p.Hq / R) * p.B * nsplit;  // < 2^31 (at most 65535 x 1024 x 132)
+  const int nsplit = p.nsplit;          // partial rows per query head (code splits + the full-precision split)
+  const int ncode = nsplit - p.has_fp;  // code splits: this kernel's
+  // Work items (kv-head-major: head block hb of R query heads, batch row b, code split): item = (hb B + b) ncode +
+  // split. This block takes the contiguous items [i_begin, i_end); consecutive items of one kv head reuse its key
+  // tables.
+  const int64_t n_items = static_cast<int64_t>(p.Hq / R) * p.B * ncode;  // < 2^31 (at most 65535 x 1024 x 132)
   const int i_begin = static_cast<int>(n_items * blockIdx.x / gridDim.x);
   const int i_end = static_cast<int>(n_items * (blockIdx.x + 1) / gridDim.x);
   // R > 1: fp32 accumulators of the histograms in global memory, [R][bins], this block's own
@@ -274,15 +277,17 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
   };
   auto item_at = [&](int i) {
     Item it;
-    it.split = static_cast<int>(i % nsplit);
-    it.b = (i / nsplit) % p.B;
-    it.qh0 = R * (i / (nsplit * p.B));
+    it.split = i % ncode;
+    it.b = (i / ncode) % p.B;
+    it.qh0 = R * (i / (ncode * p.B));
     it.hk = it.qh0 / (p.Hq / p.Hkv);
-    // this item's share of the query's allowed keys (Q == 1: range[b])
-    const int cmin = max(p.range[it.b * 2], 0), cmax = min(p.range[it.b * 2 + 1], p.S);
+    // this item's share of the query's allowed keys that are read through codes (Q == 1: range[b]; not the sinks and
+    // not the window, as in attention.attend_codes_reference)
+    const int code_hi = p.window > 0 ? max(0, p.start - p.window + 1) : p.S;
+    const int cmin = max(p.range[it.b * 2], p.n_sink), cmax = min(min(p.range[it.b * 2 + 1], p.S), code_hi);
     it.t_begin = it.t_end = 0;
     if (cmin < cmax) {
-      const int per = (cmax - cmin + nsplit - 1) / nsplit;
+      const int per = (cmax - cmin + ncode - 1) / ncode;
       it.t_begin = cmin + it.split * per;
       it.t_end = min(cmax, it.t_begin + per);
     }
@@ -784,7 +789,7 @@ cudaError_t launch_t(const AttnParams& p, cudaStream_t stream) {
   }
   decode_mma_kernel<T, NW, R><<<p.mma_blocks, C::kNT, C::kSmem, stream>>>(p);
   cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess || p.nsplit == 1) return e;
+  if (e != cudaSuccess || p.nsplit == 1 || p.has_fp) return e;  // has_fp: combined after the full-precision split
   combine_kernel<T><<<p.B * p.Hq * p.Q, p.D, 0, stream>>>(p);
   return cudaGetLastError();
 }
@@ -845,7 +850,7 @@ bool smem_window_ok() {
 // variant 1: 8 warps per block, variant 2: 16 warps per block
 bool mma_decode_applies(const AttnParams& p, size_t max_smem) {
   return (p.variant == 1 || p.variant == 2) && smem_window_ok() && p.D == kD && p.Q == 1 && p.Hq % p.Hkv == 0 &&
-         p.window == 0 && p.n_sink == 0 && p.k_bits == 8 && p.v_bits == 8 && p.k_c == 8 && p.v_c == 8 &&
+         p.k_bits == 8 && p.v_bits == 8 && p.k_c == 8 && p.v_c == 8 &&
          p.k_rb == kRB && p.v_rb == kRB && aligned16(p.k_codes) && aligned16(p.v_codes) && aligned16(p.k_cent) &&
          aligned16(p.v_cent) && mma_smem(p) <= max_smem;
 }

@@ -71,6 +71,7 @@ struct AttnParams {
   int mma;  // plan: 1 when the tensor-core decode kernel (decode_mma.cu) runs
   float* ws_hist;  // tensor-core decode with a GQA group per block: fp32 histogram accumulators (mma_hist_floats)
   int max_blocks;  // request: at most this many tensor-core decode blocks (0: one per SM)
+  int fp_only;  // CUDA-core decode launch of the full-precision split alone (after the tensor-core kernel's splits)
   int mma_blocks;  // plan: tensor-core decode blocks; each takes a contiguous run of the B * H_q / R * nsplit items
 };
 
@@ -80,9 +81,11 @@ size_t decode_smem_bytes(const AttnParams& p);
 cudaError_t plan_decode(AttnParams& p, int num_sms, size_t max_smem);
 cudaError_t launch_encode(const EncodeParams& p, cudaStream_t stream);
 cudaError_t launch_decode(const AttnParams& p, cudaStream_t stream);
+// out <- merge of the nsplit partials in ws_o / ws_ml (split-K combine)
+cudaError_t launch_combine(const AttnParams& p, cudaStream_t stream);
 // Tensor-core decode kernel: whether it applies (variant 1 or 2, one query per query head, any GQA ratio, head_dim
-// 128, 8-bit codes with c = 8 for K and V, no window or sinks, 16-byte aligned buffers, its shared memory fits), and
-// its launch (kernel + split-K combine).
+// 128, 8-bit codes with c = 8 for K and V, 16-byte aligned buffers, its shared memory fits), and its launch (kernel
+// over the codes; with a window or sinks, the CUDA-core kernel's full-precision split; split-K combine).
 bool mma_decode_applies(const AttnParams& p, size_t max_smem);
 // Query heads per tensor-core decode block (4, 3 or 2 heads of a GQA group share each key's gather and rotation; 1: a
 // block per query head), and the fp32 scratch that a block of several heads needs (0 for 1).

@@ -224,6 +224,10 @@ def test_kernel_bench_bad_kv_heads():
     assert_user_error(run("bench", "attention", "--heads", "32", "--kv-heads", "5"), "--kv-heads 5", "--heads 32")
 
 
+def test_kernel_bench_bad_window():
+    assert_user_error(run("bench", "attention", "--window", "-8"), "--window -8", ">= 0")
+
+
 def test_generate_bench_bad_kv_heads():
     assert_user_error(run("bench", "generate", "--kv-heads", "5"), "--kv-heads 5")
 

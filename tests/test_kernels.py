@@ -284,6 +284,12 @@ MMA_CASES = [  # one query, head_dim 128, 8-bit codes with c = 8 for K and V; MH
     dict(S=2049, B=1, Hq=16, Hkv=2),  # group 8: two blocks of 4 query heads per kv head
     dict(S=1800, B=2, Hq=12, Hkv=2, dtype=torch.bfloat16, pads=[0, 900]),  # group 6: two blocks of 3
     dict(S=1300, B=1, Hq=10, Hkv=2),  # group 5: a block per query head
+    # a full-precision window / sinks: the codes on tensor cores, the rest as the CUDA-core kernel's last split
+    dict(S=3000, B=2, Hq=4, Hkv=4, window=128, pads=[0, 1234]),  # split-K over the codes, then the window
+    dict(S=2100, B=2, Hq=8, Hkv=2, window=128, sinks=4, dtype=torch.bfloat16, pads=[0, 2050]),  # group 4; row 1:
+    # no key before the window (its code items are empty)
+    dict(S=700, B=1, Hq=6, Hkv=2, sinks=16, gaps=True),  # group 3, sinks only, irregular positions
+    dict(S=100, B=2, Hq=2, Hkv=2, window=128, pads=[0, 40]),  # the window covers every key
 ]
 
 
@@ -314,6 +320,7 @@ MMA_MULTI_ITEM_CASES = [
     (5, dict(S=900, B=4, Hq=12, Hkv=4, gaps=True)),  # group 3, irregular positions
     (2, dict(S=2100, B=2, Hq=4, Hkv=2, qscale=8.0, pads=[1000, 0])),  # group 2, peaky: rescales; 3 splits
     (7, dict(S=600, B=3, Hq=10, Hkv=2, pads=[0, 13, 300])),  # group 5: a block per query head
+    (3, dict(S=1500, B=3, Hq=8, Hkv=2, window=128, sinks=2, pads=[0, 1400, 7])),  # window and sinks
 ]
 
 
@@ -444,10 +451,10 @@ def test_model_logits_kernels_vs_reference(monkeypatch, window, sinks, dtype):
 
 
 @cuda_test
-@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
-def test_model_tensor_core_decode_vs_reference(monkeypatch, heads, kv_heads):
-    """A tiny Llama with head_dim 128 and CQ-8c8b (MHA, and a GQA group of 4): decode steps through the tensor-core
-    kernel (forced: the context is short) against the reference path."""
+@pytest.mark.parametrize("heads,kv_heads,window,sinks", [(4, 4, 0, 0), (8, 2, 0, 0), (4, 4, 64, 4), (8, 2, 128, 0)])
+def test_model_tensor_core_decode_vs_reference(monkeypatch, heads, kv_heads, window, sinks):
+    """A tiny Llama with head_dim 128 and CQ-8c8b (MHA, and a GQA group of 4; with a full-precision window and sinks):
+    decode steps through the tensor-core kernel (forced: the context is short) against the reference path."""
     from conftest import tiny_model
     from test_codebook import make_codebook
 
@@ -461,7 +468,7 @@ def test_model_tensor_core_decode_vs_reference(monkeypatch, heads, kv_heads):
     ids = torch.randint(0, 512, (2, 600), device="cuda")
 
     def run():
-        cache = CQCache(model, cb)
+        cache = CQCache(model, cb, window=window, sinks=sinks)
         seen = set()
         with torch.no_grad():
             out = [model(ids[:, :590], **{cache_kwarg(model): cache}, use_cache=True).logits[:, -1:]]
@@ -559,6 +566,13 @@ def test_bench_attention_and_prefill_cli(tmp_path):
     assert set(row["kernels"]) == set(ops.DECODE_KERNELS)
     assert row["kernels"]["tensor-core-16w"]["ran"] == "decode-mma16"
     assert row["kernels"]["cuda-core"]["ran"] == "decode"
+    assert all(k["rel_err_vs_sdpa"] < 2e-2 for k in row["kernels"].values())
+    # a 128-token window: the last keys come from the dense tensors SDPA reads, so the error stays as small
+    r = CliRunner().invoke(app, ["bench", "attention", "--shape", "2x3000", "--spec", "8c8b", "--window", "128",
+                                 "--reps", "3", "--json", str(tmp_path / "w.json")])
+    assert r.exit_code == 0, r.output
+    row = json.loads((tmp_path / "w.json").read_text())["rows"][0]
+    assert row["window"] == 128 and row["kernels"]["tensor-core"]["ran"] == "decode-mma"
     assert all(k["rel_err_vs_sdpa"] < 2e-2 for k in row["kernels"].values())
     r = CliRunner().invoke(app, ["bench", "attention", "--shape", "2x2000", "--spec", "4c8b", "--heads", "8",
                                  "--kv-heads", "2", "--reps", "3", "--json", str(tmp_path / "g.json")])

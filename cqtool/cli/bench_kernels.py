@@ -32,6 +32,7 @@ def attention_cmd(
     heads: Annotated[int, typer.Option(help="Query heads (32: Llama-2-7b)")] = 32,
     kv_heads: Annotated[Optional[int], typer.Option(help="KV heads, dividing --heads [= heads, MHA; 8: Llama-3-8b]")] = None,
     head_dim: Annotated[int, typer.Option(help="64 or 128")] = 128,
+    window: Annotated[int, typer.Option(help="Recent tokens also held in full precision (paper: 128)")] = 0,
     reps: Annotated[int, typer.Option(help="Timed calls per measurement (median)")] = 30,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Save results as JSON")] = None,
 ):
@@ -42,8 +43,9 @@ def attention_cmd(
     from ..io import write_json
 
     res = attention_bench(_shapes(shape), tuple(spec or DEFAULT_SPECS), heads, head_dim, reps,
-                          progress=lambda m: console.print(f"[dim]{m}[/]"), kv_heads=kv_heads)
+                          progress=lambda m: console.print(f"[dim]{m}[/]"), kv_heads=kv_heads, window=window)
     kv = f" ({kv_heads} kv heads)" if kv_heads and kv_heads != heads else ""
+    kv += f", {window}-token full-precision window" if window else ""
     t = Table(title=f"decode attention per layer, {heads} heads{kv} x {head_dim}, {res['device']} "
                     f"(copy bandwidth {res['copy_bandwidth_tbs']:.2f} TB/s)")
     for col in ("quant", "batch x ctx", "SDPA bf16 ms", "CQ ms", "speedup", "CQ floor ms", "% of floor", "rel err"):
