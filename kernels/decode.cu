@@ -35,9 +35,8 @@ cudaError_t plan_decode(AttnParams& p, int num_sms, size_t max_smem) {
   if (mma_decode_applies(p, max_smem)) {
     // one block (~216 KB of shared memory) per SM: split the sequence only when the rows do not fill the SMs
     p.mma = 1;
-    // window / sinks: the CUDA-core kernel's full-precision split (nq, nchunk above; no tables, the smallest tile)
-    p.tab_smem = 0;
-    p.tile = step;
+    p.tab_smem = 0;  // decode.cuh's fields: unused here
+    p.tile = 0;
     const int base = p.B * (p.Hq / mma_group(p));  // items per code split: (batch row, R query heads)
     const int ncode = base < num_sms ? std::max(1, std::min(num_sms / base, (p.S + 1023) / 1024)) : 1;
     p.nsplit = ncode + p.has_fp;
@@ -65,6 +64,125 @@ cudaError_t plan_decode(AttnParams& p, int num_sms, size_t max_smem) {
   return cudaSuccess;
 }
 
+namespace {
+
+// The full-precision split of a tensor-core decode (one query per query head): attention over the sinks and the
+// recent window, as decode.cuh's full-precision block computes it, written as split nsplit - 1's partial (m, l, o)
+// for the combine. A block of kFpThreads per (batch row, query head), a chunk of kFpThreads keys at a time: a thread
+// per key for the scores (its whole key row in flight), then each warp takes 32 of the keys for P.V, a lane holding
+// D / 32 channels (coalesced value rows), the warps' sums added through shared memory. Few registers and few
+// dependent memory round trips: the window is a few hundred tokens, so this kernel is latency-bound.
+constexpr int kFpThreads = 128;
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kFpThreads) fp_split_kernel(const AttnParams p) {
+  constexpr int kW = kFpThreads / 32, kCL = D / 32;  // warps; channels per lane in P.V
+  __shared__ __align__(16) float qs[D];
+  __shared__ __align__(16) float osum[kW][D];
+  __shared__ float ps[kFpThreads], red[kW];
+  __shared__ const T* vrow[kFpThreads];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int b = blockIdx.x / p.Hq, hq = blockIdx.x % p.Hq, h = hq / (p.Hq / p.Hkv);
+  const int mlo = p.range[b * 2], mhi = p.range[b * 2 + 1];
+  const int code_hi = p.window > 0 ? max(0, p.start - p.window + 1) : p.S;
+  const int fp_lo = max(min(p.S, code_hi), p.n_sink);
+  const int nf = p.n_sink + max(0, min(p.S, mhi) - fp_lo);
+  const float qscale = p.scaling * kLog2e;  // keys already rotated
+  if (tid < D) qs[tid] = to_f<T>(reinterpret_cast<const T*>(p.q)[b * p.q_sb + hq * p.q_sh + tid]) * qscale;
+  auto block_reduce = [&](float v, bool is_max) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const float o = __shfl_xor_sync(0xffffffffu, v, off);
+      v = is_max ? fmaxf(v, o) : v + o;
+    }
+    __syncthreads();  // red is free (its last readers are done)
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = red[0];
+#pragma unroll
+    for (int w = 1; w < kW; ++w) v = is_max ? fmaxf(v, red[w]) : v + red[w];
+    return v;
+  };
+  __syncthreads();
+  float m = kNegInf, l = 0.f, o = 0.f;  // o: channel tid (tid < D)
+  for (int base = 0; base < nf; base += kFpThreads) {
+    // ---- scores: a thread per key j (sinks, then the window; the new tokens come from new_k / new_v)
+    const int u = base + tid;
+    const int j = u < p.n_sink ? u : fp_lo + (u - p.n_sink);
+    float s = kNegInf;
+    const T* vp = nullptr;
+    if (u < nf && j >= mlo && j < mhi && (j < p.n_sink || j >= code_hi)) {
+      const bool is_sink = j < p.n_sink, is_new = j >= p.start;
+      const int64_t jj = is_sink ? j : (is_new ? j - p.start : j - (p.start - p.win_len));
+      const FpBuf fk = is_sink ? p.sink_k : (is_new ? p.new_k : p.win_k);
+      const FpBuf fv = is_sink ? p.sink_v : (is_new ? p.new_v : p.win_v);
+      const T* kp = reinterpret_cast<const T*>(fk.data) + b * fk.sb + h * fk.sh + jj * fk.st;
+      vp = reinterpret_cast<const T*>(fv.data) + b * fv.sb + h * fv.sh + jj * fv.st;
+      uint4 kr[D / 8];
+#pragma unroll
+      for (int c = 0; c < D / 8; ++c) kr[c] = __ldg(reinterpret_cast<const uint4*>(kp) + c);
+      float acc = 0.f;
+#pragma unroll
+      for (int c = 0; c < D / 8; ++c) {
+        const float4 q0 = *reinterpret_cast<const float4*>(qs + 8 * c);
+        const float4 q1 = *reinterpret_cast<const float4*>(qs + 8 * c + 4);
+        const float2 a = unpack2<T>(kr[c].x), bb = unpack2<T>(kr[c].y);
+        const float2 cc = unpack2<T>(kr[c].z), d = unpack2<T>(kr[c].w);
+        acc = fmaf(q0.x, a.x, fmaf(q0.y, a.y, fmaf(q0.z, bb.x, fmaf(q0.w, bb.y, acc))));
+        acc = fmaf(q1.x, cc.x, fmaf(q1.y, cc.y, fmaf(q1.z, d.x, fmaf(q1.w, d.y, acc))));
+      }
+      s = acc;
+    }
+    const float mn = fmaxf(m, block_reduce(s, true));
+    if (mn == kNegInf) continue;  // no key yet (block-uniform)
+    const float a = m == kNegInf ? 0.f : exp2f(m - mn);
+    const float pv = s == kNegInf ? 0.f : exp2f(s - mn);
+    ps[tid] = pv;
+    vrow[tid] = vp;
+    l = l * a + block_reduce(pv, false);  // its barriers also publish ps and vrow
+    m = mn;
+    // ---- P.V: warp w takes keys 32 w .. 32 w + 31 of the chunk, lane channels kCL lane ..
+    float ov[kCL];
+#pragma unroll
+    for (int e = 0; e < kCL; ++e) ov[e] = 0.f;
+#pragma unroll 8
+    for (int t = 32 * warp; t < 32 * warp + 32; ++t) {
+      const T* row = vrow[t];
+      if (row == nullptr) continue;  // masked or past the chunk (warp-uniform)
+      float v[kCL];
+      load_vec_g<T, kCL>(row + kCL * lane, v);
+      const float w = ps[t];
+#pragma unroll
+      for (int e = 0; e < kCL; ++e) ov[e] = fmaf(w, v[e], ov[e]);
+    }
+#pragma unroll
+    for (int e = 0; e < kCL; ++e) osum[warp][kCL * lane + e] = ov[e];
+    __syncthreads();
+    if (tid < D) {
+      float sum = 0.f;
+#pragma unroll
+      for (int w = 0; w < kW; ++w) sum += osum[w][tid];
+      o = o * a + sum;
+    }
+    __syncthreads();  // ps, vrow and osum are read before the next chunk writes them
+  }
+  const int64_t row = (static_cast<int64_t>(b) * p.Hq + hq) * p.nsplit + p.nsplit - 1;
+  if (tid < D) p.ws_o[row * D + tid] = o;
+  if (tid == 0) { p.ws_ml[row * 2] = m; p.ws_ml[row * 2 + 1] = l; }
+}
+
+}  // namespace
+
+cudaError_t launch_fp_split(const AttnParams& p, cudaStream_t stream) {
+  if (p.Q != 1 || (p.D != 64 && p.D != 128) || p.nsplit < 2) return cudaErrorInvalidValue;
+  const int n = p.B * p.Hq;
+  if (p.dtype == kBF16 && p.D == 128) fp_split_kernel<__nv_bfloat16, 128><<<n, kFpThreads, 0, stream>>>(p);
+  else if (p.dtype == kBF16) fp_split_kernel<__nv_bfloat16, 64><<<n, kFpThreads, 0, stream>>>(p);
+  else if (p.D == 128) fp_split_kernel<__half, 128><<<n, kFpThreads, 0, stream>>>(p);
+  else fp_split_kernel<__half, 64><<<n, kFpThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
 cudaError_t launch_combine(const AttnParams& p, cudaStream_t stream) {
   if (p.dtype == kBF16) combine_kernel<__nv_bfloat16><<<p.B * p.Hq * p.Q, p.D, 0, stream>>>(p);
   else combine_kernel<__half><<<p.B * p.Hq * p.Q, p.D, 0, stream>>>(p);
@@ -74,13 +192,11 @@ cudaError_t launch_combine(const AttnParams& p, cudaStream_t stream) {
 cudaError_t launch_decode(const AttnParams& p, cudaStream_t stream) {
   if (p.B * p.Q == 0) return cudaSuccess;
   if (!p.mma) return p.dtype == kBF16 ? launch_dt<__nv_bfloat16>(p, stream) : launch_dt<__half>(p, stream);
-  // tensor cores over the codes (splits 0 .. nsplit - 1 - has_fp); the window and sinks as the CUDA-core kernel's
-  // full-precision split; then the split-K combine
+  // tensor cores over the codes (splits 0 .. nsplit - 1 - has_fp); the window and sinks as the last split
+  // (fp_split_kernel); then the split-K combine
   cudaError_t e = launch_mma_decode(p, stream);
   if (e != cudaSuccess || !p.has_fp) return e;
-  AttnParams f = p;
-  f.fp_only = 1;
-  e = f.dtype == kBF16 ? launch_dt<__nv_bfloat16>(f, stream) : launch_dt<__half>(f, stream);
+  e = launch_fp_split(p, stream);
   if (e != cudaSuccess) return e;
   return launch_combine(p, stream);
 }

@@ -273,7 +273,7 @@ __global__ void __launch_bounds__(dec_warps<NQ>() * 32, 1) decode_kernel(const A
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int slot = lane / LPT, r = lane % LPT;
   const int b = blockIdx.z, h = blockIdx.y / p.nchunk, chunk = blockIdx.y % p.nchunk;
-  const int split = p.fp_only ? p.nsplit - 1 : static_cast<int>(blockIdx.x);
+  const int split = blockIdx.x;
   const int rep = p.Hq / p.Hkv;
   const bool fp_block = p.has_fp && split == p.nsplit - 1;
   const int ncode = p.nsplit - p.has_fp;
@@ -644,10 +644,10 @@ cudaError_t launch_t(const AttnParams& p, cudaStream_t stream) {
     if (e != cudaSuccess) return e;
     configured = smem;
   }
-  dim3 grid(p.fp_only ? 1 : p.nsplit, p.Hkv * p.nchunk, p.B);  // fp_only: the full-precision split alone
+  dim3 grid(p.nsplit, p.Hkv * p.nchunk, p.B);
   decode_kernel<T, D, NQ, TSMEM, CH><<<grid, dec_warps<NQ>() * 32, smem, stream>>>(p);
   cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess || p.nsplit == 1 || p.fp_only) return e;  // fp_only: the caller combines
+  if (e != cudaSuccess || p.nsplit == 1) return e;
   combine_kernel<T><<<p.B * p.Hq * p.Q, p.D, 0, stream>>>(p);
   return cudaGetLastError();
 }

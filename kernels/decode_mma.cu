@@ -2,7 +2,7 @@
 //
 // Applies to one query (Q == 1) per query head, head_dim 128, 8-bit codes with c = 8 for keys and values
 // (mma_decode_applies); everything else runs decode.cuh. This kernel reads the keys held as codes; a full-precision
-// window and sinks are one more split, decode.cuh's full-precision block, merged by the split-K combine. GQA (8
+// window and sinks are one more split (fp_split_kernel in decode.cu), merged by the split-K combine. GQA (8
 // warps): a block takes R = 4, 3 or 2 query heads of a group (the largest that divides the group size; a group of 8
 // runs as two blocks of 4), so that each key is gathered and rotated once for the R heads and only the products, the
 // softmax and the value scatter are per query head. MHA, groups of 5 or 7, and the 16-warp variant: a block per

@@ -71,7 +71,6 @@ struct AttnParams {
   int mma;  // plan: 1 when the tensor-core decode kernel (decode_mma.cu) runs
   float* ws_hist;  // tensor-core decode with a GQA group per block: fp32 histogram accumulators (mma_hist_floats)
   int max_blocks;  // request: at most this many tensor-core decode blocks (0: one per SM)
-  int fp_only;  // CUDA-core decode launch of the full-precision split alone (after the tensor-core kernel's splits)
   int mma_blocks;  // plan: tensor-core decode blocks; each takes a contiguous run of the B * H_q / R * nsplit items
 };
 
@@ -83,6 +82,9 @@ cudaError_t launch_encode(const EncodeParams& p, cudaStream_t stream);
 cudaError_t launch_decode(const AttnParams& p, cudaStream_t stream);
 // out <- merge of the nsplit partials in ws_o / ws_ml (split-K combine)
 cudaError_t launch_combine(const AttnParams& p, cudaStream_t stream);
+// One query per query head (Q == 1): attention over the sinks and the full-precision window alone, written as split
+// nsplit - 1's partial (the tensor-core decode's last split)
+cudaError_t launch_fp_split(const AttnParams& p, cudaStream_t stream);
 // Tensor-core decode kernel: whether it applies (variant 1 or 2, one query per query head, any GQA ratio, head_dim
 // 128, 8-bit codes with c = 8 for K and V, 16-byte aligned buffers, its shared memory fits), and its launch (kernel
 // over the codes; with a window or sinks, the CUDA-core kernel's full-precision split; split-K combine).
