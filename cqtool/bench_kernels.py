@@ -315,6 +315,7 @@ class GenSetup:
     prompt: int = 2048
     new_tokens: int = 256
     chunk: int = 256  # prefill chunk (tokens): keeps activations small at large batch
+    window: int = 0  # CQ: most recent tokens also kept in full precision
     records: list = field(default_factory=list)
 
 
@@ -325,7 +326,7 @@ def _make_cache(kind: str, setup: GenSetup):
         return DynamicCache()
     from .cache import CQCache
 
-    return CQCache(setup.model, setup.codebook)
+    return CQCache(setup.model, setup.codebook, window=setup.window)
 
 
 def _release() -> None:
@@ -454,7 +455,7 @@ def run_at_max_batch(kind: str, setup: GenSetup, cap_bytes: float, limit: int, s
 
 def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, spec: str = "8c8b", layers: int = 32,
                    memory_gb: float = 80.0, search: bool = True, max_search: int = 2048, progress=None,
-                   kv_heads: int = 32, repeats: int = 3) -> dict:
+                   kv_heads: int = 32, repeats: int = 3, window: int = 0) -> dict:
     """Every timed run is preceded by an untimed run of the same cache at the same batch and length: the first run at
     a new size is slow (DynamicCache, whose tensors grow by torch.cat at every step, ran 3x slower in its first run on
     the H100, cause not found; not the allocator). Same batch: `repeats` paired timed runs (DynamicCache then
@@ -464,6 +465,8 @@ def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, sp
         raise ConfigError(f"--kv-heads {kv_heads}: must divide the 32 query heads")
     if repeats < 1:
         raise ConfigError(f"--repeats {repeats}: must be at least 1")
+    if window < 0:
+        raise ConfigError(f"--window {window}: must be >= 0 (0: every cached token held as codes)")
     if not torch.cuda.is_available():
         raise ConfigError("bench generate needs a CUDA GPU")
     say = progress or (lambda *_: None)
@@ -478,14 +481,15 @@ def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, sp
     info = device_info()
     say("building the model")
     model = random_llama(layers, kv_heads=kv_heads)
-    setup = GenSetup(model, random_codebook(model, QuantSpec.parse(spec)), prompt, new_tokens)
+    setup = GenSetup(model, random_codebook(model, QuantSpec.parse(spec)), prompt, new_tokens, window=window)
     from .cache import prepare_model
 
     prepare_model(model)  # both caches run under the "cq" attention (SDPA for dense K/V)
-    out: dict = {**info, "memory_cap_gb": memory_gb, "spec": spec, "layers": layers, "kv_heads": kv_heads, "prompt": prompt,
+    out: dict = {**info, "memory_cap_gb": memory_gb, "spec": spec, "window": window, "layers": layers, "kv_heads": kv_heads,
+                 "prompt": prompt,
                  "new_tokens": new_tokens, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
     say("warm-up (kernel build, cuBLAS handles, allocator)")
-    warm = GenSetup(model, setup.codebook, prompt=min(prompt, 256), new_tokens=4, chunk=setup.chunk)
+    warm = GenSetup(model, setup.codebook, prompt=min(prompt, 256), new_tokens=4, chunk=setup.chunk, window=window)
     for kind in ("dynamic", "cq"):
         run_generation(kind, warm, 2)
         run_generation(kind, warm, 2, real_prefill=False)

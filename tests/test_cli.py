@@ -232,5 +232,9 @@ def test_generate_bench_bad_kv_heads():
     assert_user_error(run("bench", "generate", "--kv-heads", "5"), "--kv-heads 5")
 
 
+def test_generate_bench_bad_window():
+    assert_user_error(run("bench", "generate", "--window", "-1"), "--window -1", ">= 0")
+
+
 def test_generate_bench_bad_repeats():
     assert_user_error(run("bench", "generate", "--repeats", "0"), "--repeats 0", "at least 1")

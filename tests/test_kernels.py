@@ -604,6 +604,13 @@ def test_bench_generate_cli_repeats(tmp_path):
     ratios = [x["cq"]["decode_tok_s"] / x["dynamic"]["decode_tok_s"] for x in sb["runs"]]
     assert sb["decode_speedup"] == pytest.approx(statistics.median(ratios), rel=1e-3)
     assert "median of 2 paired runs" in r.output
+    # a full-precision window: the CQ cache holds it, so its per-run cache size grows by the window's bytes
+    r = CliRunner().invoke(app, ["bench", "generate", "--layers", "2", "--batch", "2", "--prompt", "64", "--new-tokens",
+                                 "4", "--no-search", "--repeats", "1", "--window", "16", "--json", str(tmp_path / "w.json")])
+    assert r.exit_code == 0, r.output
+    w = json.loads((tmp_path / "w.json").read_text())
+    assert w["window"] == 16 and "CQ window 16" in r.output
+    assert w["same_batch"]["cq"]["cache_gib"] > sb["cq"]["cache_gib"]
 
 
 def test_decode_kernel_request(monkeypatch):

@@ -107,6 +107,7 @@ def generate_cmd(
     search: Annotated[bool, typer.Option(help="Also run each cache at its largest batch")] = True,
     max_batch: Annotated[int, typer.Option(help="Upper bound of the largest-batch search")] = 1024,
     repeats: Annotated[int, typer.Option(help="Paired runs at the same batch (the speedup is their median)")] = 3,
+    window: Annotated[int, typer.Option(help="CQ: recent tokens also kept in full precision (paper: 128)")] = 0,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Save results as JSON")] = None,
 ):
     """Generation with a random Llama-2-7b-shaped model: CQ cache vs DynamicCache bf16 (tokens/s, peak memory)."""
@@ -116,8 +117,10 @@ def generate_cmd(
     from ..io import write_json
 
     res = generate_bench(batch, prompt, new_tokens, spec, layers, memory_gb, search, max_batch,
-                         progress=lambda m: console.print(f"[dim]{m}[/]"), kv_heads=kv_heads, repeats=repeats)
+                         progress=lambda m: console.print(f"[dim]{m}[/]"), kv_heads=kv_heads, repeats=repeats,
+                         window=window)
     kv = f", {kv_heads} kv heads" if kv_heads != 32 else ""
+    kv += f", CQ window {window}" if window else ""
     t = Table(title=f"generation, Llama-2-7b shape ({layers} layers{kv}, random weights), {prompt}+{new_tokens} tokens, "
                     f"CQ-{spec}, {res['device']}")
     for col in ("run", "cache", "batch", "prefill s", "decode tok/s", "end-to-end tok/s", "peak GiB", "cache GiB"):
