@@ -236,15 +236,43 @@ def _prefill_sdpa(mod, query, view, attention_mask, scaling: float, cos, sin) ->
                        int(layer.v_bits), cos, sin, int(S))
     gqa = Hq != k.shape[1]
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    if attention_mask is None and view.start == 0 and Q == S:
+    cfg = layer.config
+    if attention_mask is None and view.start == 0 and Q == S and not (cfg.window or cfg.sinks):
         out = sdpa(query, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
         return out.transpose(1, 2)
     r = key_ranges(attention_mask, B, Q, S, view.start, query.device)  # [B, Q, 2]
     j = torch.arange(S, device=query.device)
     allowed = (j >= r[..., :1]) & (j < r[..., 1:])  # [B, Q, S]
+    if cfg.window or cfg.sinks:
+        k, v, allowed = _with_full_precision(view, k, v, allowed)
     out = sdpa(query, k, v, attn_mask=allowed.unsqueeze(1), scale=scaling, enable_gqa=gqa)
     empty = (r[..., 0] >= r[..., 1]).view(B, 1, Q, 1)
     return out.masked_fill(empty, 0.0).transpose(1, 2)
+
+
+def _with_full_precision(view, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor):
+    """Prefill with a window / sinks as one SDPA call: the full-precision keys and values (window and new tokens,
+    sinks) appended after the dequantized ones, and the mask choosing, per (query, key position), the source that
+    attention.attend_codes_reference uses: the sink where one is held, else the full-precision token inside the window
+    where it is available, else the codes. k, v [B, H_kv, S, D]; allowed [B, Q, S] -> the longer k, v, mask."""
+    from .attention import fp_region
+
+    layer, cfg = view.layer, view.layer.config
+    S, Q, dev = k.shape[2], allowed.shape[1], k.device
+    lo, fk, fv = fp_region(view, S)
+    qi = torch.arange(view.start, view.start + Q, device=dev).view(Q, 1)
+    j = torch.arange(S, device=dev).view(1, S)
+    use_fp = ((qi - j) < cfg.window) | (j < min(cfg.sinks, S))  # [Q, S]
+    n = layer.sink_k.shape[2] if cfg.sinks and layer.sink_k is not None else 0
+    sink = j < n
+    fp_here = use_fp & ~sink & (j >= lo)
+    keys, values = [k, fk], [v, fv]
+    masks = [allowed & ~(use_fp & (sink | (j >= lo))), (allowed & fp_here)[..., lo:]]
+    if n:
+        keys.append(layer.sink_k)
+        values.append(layer.sink_v)
+        masks.append((allowed & use_fp & sink)[..., :n])
+    return torch.cat(keys, 2), torch.cat(values, 2), torch.cat(masks, 2)
 
 
 def _shared_heads(group: int) -> int:
@@ -282,7 +310,8 @@ def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> t
     B, Hq, Q, D = query.shape
     S = view.length
     rows = Hq // layer.k_centroids.shape[0] * Q
-    prefill = rows > DECODE_MAX_ROWS and not (cfg.window or cfg.sinks)
+    # many queries: prefill (with a window or sinks only through SDPA; the fused prefill kernel takes neither)
+    prefill = rows > DECODE_MAX_ROWS and (PREFILL_KERNEL == "sdpa" or not (cfg.window or cfg.sinks))
     cos = sin = None
     if prefill:
         cos, sin = cache.cos_sin(S, query.device)

@@ -372,9 +372,13 @@ PREFILL_CASES = [
     dict(S=70, Q=17, B=1, Hq=24, Hkv=3, kspec=(16, 12), vspec=(1, 4), dtype=torch.bfloat16),
     dict(S=130, Q=130, B=1, Hq=2, Hkv=2, kspec=(8, 10), vspec=(8, 8), rope_scale=1.3, gaps=True),
     dict(S=2048, Q=1024, B=1, Hq=4, Hkv=1, dtype=torch.bfloat16),
-    # window/sinks with many queries: the decode kernel in query chunks
+    # window/sinks with many queries: "sdpa" appends the full-precision keys and masks per source; the fused prefill
+    # kernel takes neither, so "tensor-core" runs the decode kernel in query chunks
     dict(S=120, Q=120, B=2, Hq=4, Hkv=2, window=16, sinks=4, pads=[0, 13]),
     dict(S=90, Q=40, B=1, Hq=8, Hkv=2, window=7, dtype=torch.bfloat16),
+    dict(S=300, Q=100, B=2, Hq=8, Hkv=2, window=64, sinks=3, pads=[0, 150], dtype=torch.bfloat16),  # a kept window
+    dict(S=200, Q=200, B=1, Hq=4, Hkv=4, sinks=5),  # sinks only
+    dict(S=64, Q=40, B=2, Hq=4, Hkv=2, window=128, sinks=2, pads=[0, 10]),  # a window longer than the context
 ]
 
 
@@ -385,9 +389,35 @@ def test_prefill_attention(case, kernel, monkeypatch):
     monkeypatch.setattr(ops, "PREFILL_KERNEL", kernel)
     query, view, mask, scaling = make_case(**case)
     out = run_attention(query, view, mask, scaling)
-    if not (case.get("window") or case.get("sinks")):
-        assert ops.KERNEL_USED["attention"] == {"sdpa": "dequant+sdpa", "tensor-core": "prefill"}[kernel]
+    fp = case.get("window") or case.get("sinks")
+    assert ops.KERNEL_USED["attention"] == {"sdpa": "dequant+sdpa", "tensor-core": "decode" if fp else "prefill"}[kernel]
     assert_within_2x(out, query, view, mask, scaling)
+
+
+class _TorchDequant:
+    """Stands in for the extension's dequant on CPU: the reference dequantization and RoPE, in the centroids' dtype."""
+
+    def dequant(self, k_codes, v_codes, k_cent, v_cent, k_bits, v_bits, cos, sin, S):
+        D = k_cent.shape[1] * k_cent.shape[3]
+        k = quant.decode(quant.unpack(k_codes[:, :, :S], k_bits, k_cent.shape[1]), k_cent, torch.float32)
+        v = quant.decode(quant.unpack(v_codes[:, :, :S], v_bits, v_cent.shape[1]), v_cent, torch.float32)
+        assert k.shape[-1] == D
+        return quant.apply_rope(k, cos, sin).to(k_cent.dtype), v.to(v_cent.dtype)
+
+
+@pytest.mark.parametrize("case", [c for c in PREFILL_CASES if c.get("window") or c.get("sinks")],
+                         ids=lambda c: f"S{c['S']}Q{c['Q']}w{c.get('window', 0)}s{c.get('sinks', 0)}")
+def test_prefill_sdpa_full_precision_mask_cpu(case):
+    """The SDPA prefill with a window / sinks (full-precision keys appended, one mask choosing each key's source)
+    equals the reference path; on CPU in fp32, the kernel's dequantization replaced by PyTorch's."""
+    from cqtool.attention import attend_codes_reference
+
+    query, view, mask, scaling = make_case(**dict(case, dtype=torch.float32), dev="cpu")
+    cos, sin = view.layer.parent.cos_sin(view.length, "cpu")
+    out = ops._prefill_sdpa(_TorchDequant(), query, view, mask, scaling, cos, sin)
+    ref = attend_codes_reference(query, view, mask, scaling)
+    assert out.shape == ref.shape
+    assert torch.allclose(out, ref, atol=2e-5, rtol=1e-4), (out - ref).abs().max()
 
 
 @cuda_test
