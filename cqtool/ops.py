@@ -6,7 +6,7 @@ torch's cpp_extension into ~/.cache/cqtool (or $TORCH_EXTENSIONS_DIR) and reused
 and CUDA is not touched, at import.
 
     encode_into   x [B, H_kv, Q, D] -> codes[:, :, start:start+Q] ([B, H_kv, cap, R] uint8), in place
-    cq_attention  query [B, H_q, Q, D] + CQView -> [B, Q, H_q, D]; decode (few queries, or a window/sinks):
+    cq_attention  query [B, H_q, Q, D] + CQView -> [B, Q, H_q, D]; decode (few queries):
                   tensor-core scores and a code histogram for the values where that kernel applies (DECODE_KERNEL),
                   the split-K CUDA-core kernel elsewhere; prefill (many queries): the layer dequantized once by a
                   kernel, then torch SDPA (PREFILL_KERNEL = "sdpa"), or the fused tensor-core prefill kernel
@@ -57,10 +57,12 @@ AUTO_MMA_KERNEL = "tensor-core"
 MMA_MAX_BLOCKS = 0
 _VARIANTS = {"cuda-core": 0, "tensor-core": 1, "tensor-core-16w": 2}
 _KERNEL_NAMES = {0: "decode", 1: "decode-mma", 2: "prefill", 3: "decode-mma16", 4: "decode-mma-gqa"}
-# Prefill (many queries, no window/sinks), read at every call: "sdpa" (default) dequantizes the layer once
-# (kernels/dequant.cu: centroid lookup + RoPE) and runs torch SDPA, FlashAttention where it applies; "tensor-core" is
-# the fused kernel (kernels/prefill.cu) that dequantizes key tiles per block of 64 queries, never writing them to
-# memory (8-10x slower than SDPA on the H100 at Llama-2-7b shapes: docs/RESULTS_kernels.md).
+# Prefill (many queries), read at every call: "sdpa" (default) dequantizes the layer once (kernels/dequant.cu:
+# centroid lookup + RoPE) and runs torch SDPA, FlashAttention where it applies (with a window or sinks: the
+# full-precision keys appended, one mask choosing each key's source); "tensor-core" is the fused kernel
+# (kernels/prefill.cu) that dequantizes key tiles per block of 64 queries, never writing them to memory (8-10x slower
+# than SDPA on the H100 at Llama-2-7b shapes: docs/RESULTS_kernels.md; no window or sinks: those run the decode
+# kernel in query chunks).
 PREFILL_KERNELS = ("sdpa", "tensor-core")
 PREFILL_KERNEL = os.environ.get("CQTOOL_PREFILL_KERNEL", "sdpa")
 _build_error: str | None = None
