@@ -265,7 +265,8 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
   // Work items (kv-head-major: head block hb of R query heads, batch row b, code split): item = (hb B + b) ncode +
   // split. This block takes the contiguous items [i_begin, i_end); consecutive items of one kv head reuse its key
   // tables.
-  const int64_t n_items = static_cast<int64_t>(p.Hq / R) * p.B * ncode;  // < 2^31 (at most 65535 x 1024 x 132)
+  // items fit an int: B * H_q / R rows (ncode > 1 only while the rows do not fill the SMs, so at most #SMs items then)
+  const int64_t n_items = static_cast<int64_t>(p.Hq / R) * p.B * ncode;
   const int i_begin = static_cast<int>(n_items * blockIdx.x / gridDim.x);
   const int i_end = static_cast<int>(n_items * (blockIdx.x + 1) / gridDim.x);
   // R > 1: fp32 accumulators of the histograms in global memory, [R][bins], this block's own
