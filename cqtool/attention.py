@@ -78,6 +78,15 @@ def fp_region(view, S: int) -> tuple[int, torch.Tensor | None, torch.Tensor | No
     return view.start - w, torch.cat([view.win_k, view.new_k], 2), torch.cat([view.win_v, view.new_v], 2)
 
 
+def full_precision_pairs(view, Q: int, S: int, device) -> torch.Tensor:
+    """bool [Q, S]: the (query, key) pairs that read the key in full precision, the window of recent tokens before
+    each query and the sinks, rather than through its codes."""
+    cfg = view.layer.config
+    qi = torch.arange(view.start, view.start + Q, device=device).view(Q, 1)
+    kj = torch.arange(S, device=device).view(1, S)
+    return ((qi - kj) < cfg.window) | (kj < min(cfg.sinks, S))
+
+
 def attend_codes_reference(query: torch.Tensor, view, attention_mask, scaling: float) -> torch.Tensor:
     """Reference CQ attention. query [B, H_q, Q, D] (post-RoPE) -> [B, Q, H_q, D].
 
@@ -110,9 +119,7 @@ def attend_codes_reference(query: torch.Tensor, view, attention_mask, scaling: f
             n = layer.sink_k.shape[2]
             kf[:, :, :n] = layer.sink_k.float().repeat_interleave(rep, 1)
             vf[:, :, :n] = layer.sink_v.float().repeat_interleave(rep, 1)
-        qi = torch.arange(view.start, view.start + Q, device=query.device).view(Q, 1)
-        kj = torch.arange(S, device=query.device).view(1, S)
-        use_fp = ((qi - kj) < cfg.window) | (kj < min(cfg.sinks, S))
+        use_fp = full_precision_pairs(view, Q, S, query.device)
         scores = torch.where(use_fp, torch.matmul(q, kf.transpose(-1, -2)) * scaling, scores)
     scores = scores.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with nothing to attend (padding) give zeros

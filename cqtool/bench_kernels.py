@@ -90,6 +90,11 @@ def _each_choice(setting: str, choices, call, ref: torch.Tensor, t_base: float, 
     return kernels
 
 
+def _check_window(window: int) -> None:
+    if window < 0:
+        raise ConfigError(f"--window {window}: must be >= 0 (0: every cached token held as codes)")
+
+
 def synthetic_layer(B: int, S: int, H: int, D: int, spec: QuantSpec, dtype=torch.bfloat16, seed: int = 0,
                     dense: bool = True, q_heads: int | None = None, window: int = 0):
     """A decode step's view of one CQ layer with S random tokens and H kv heads (Q = 1; q_heads query heads, default
@@ -155,8 +160,7 @@ def attention_bench(shapes=DEFAULT_SHAPES, specs=DEFAULT_SPECS, heads: int = 32,
     kv_heads = kv_heads or heads
     if kv_heads < 1 or heads % kv_heads:
         raise ConfigError(f"--kv-heads {kv_heads}: must divide --heads {heads}")
-    if window < 0:
-        raise ConfigError(f"--window {window}: must be >= 0 (0: every cached token read from codes)")
+    _check_window(window)
     _require_kernels("attention")
     info = device_info()
     bw = copy_bandwidth()
@@ -465,8 +469,7 @@ def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, sp
         raise ConfigError(f"--kv-heads {kv_heads}: must divide the 32 query heads")
     if repeats < 1:
         raise ConfigError(f"--repeats {repeats}: must be at least 1")
-    if window < 0:
-        raise ConfigError(f"--window {window}: must be >= 0 (0: every cached token held as codes)")
+    _check_window(window)
     if not torch.cuda.is_available():
         raise ConfigError("bench generate needs a CUDA GPU")
     say = progress or (lambda *_: None)

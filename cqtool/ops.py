@@ -257,14 +257,13 @@ def _with_full_precision(view, k: torch.Tensor, v: torch.Tensor, allowed: torch.
     sinks) appended after the dequantized ones, and the mask choosing, per (query, key position), the source that
     attention.attend_codes_reference uses: the sink where one is held, else the full-precision token inside the window
     where it is available, else the codes. k, v [B, H_kv, S, D]; allowed [B, Q, S] -> the longer k, v, mask."""
-    from .attention import fp_region
+    from .attention import fp_region, full_precision_pairs
 
     layer, cfg = view.layer, view.layer.config
     S, Q, dev = k.shape[2], allowed.shape[1], k.device
     lo, fk, fv = fp_region(view, S)
-    qi = torch.arange(view.start, view.start + Q, device=dev).view(Q, 1)
     j = torch.arange(S, device=dev).view(1, S)
-    use_fp = ((qi - j) < cfg.window) | (j < min(cfg.sinks, S))  # [Q, S]
+    use_fp = full_precision_pairs(view, Q, S, dev)  # [Q, S]
     n = layer.sink_k.shape[2] if cfg.sinks and layer.sink_k is not None else 0
     sink = j < n
     fp_here = use_fp & ~sink & (j >= lo)
