@@ -71,7 +71,8 @@ struct AttnParams {
   int mma;  // plan: 1 when the tensor-core decode kernel (decode_mma.cu) runs
   float* ws_hist;  // tensor-core decode with a GQA group per block: fp32 histogram accumulators (mma_hist_floats)
   int max_blocks;  // request: at most this many tensor-core decode blocks (0: one per SM)
-  int mma_blocks;  // plan: tensor-core decode blocks; each takes a contiguous run of the B * H_q / R * nsplit items
+  int mma_blocks;  // plan: tensor-core decode blocks; each takes a contiguous run of the B * H_q / R * (code splits)
+                   // items
 };
 
 // Shared memory the decode kernel needs for a given configuration (0 when it cannot run).
@@ -86,8 +87,9 @@ cudaError_t launch_combine(const AttnParams& p, cudaStream_t stream);
 // nsplit - 1's partial (the tensor-core decode's last split)
 cudaError_t launch_fp_split(const AttnParams& p, cudaStream_t stream);
 // Tensor-core decode kernel: whether it applies (variant 1 or 2, one query per query head, any GQA ratio, head_dim
-// 128, 8-bit codes with c = 8 for K and V, 16-byte aligned buffers, its shared memory fits), and its launch (kernel
-// over the codes; with a window or sinks, the CUDA-core kernel's full-precision split; split-K combine).
+// 128, 8-bit codes with c = 8 for K and V, 16-byte aligned buffers, its shared memory fits), and its launch over the
+// codes (with the split-K combine when there is no full-precision split; with one, launch_decode runs
+// launch_fp_split and then the combine).
 bool mma_decode_applies(const AttnParams& p, size_t max_smem);
 // Query heads per tensor-core decode block (4, 3 or 2 heads of a GQA group share each key's gather and rotation; 1: a
 // block per query head), and the fp32 scratch that a block of several heads needs (0 for 1).
