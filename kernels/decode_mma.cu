@@ -565,13 +565,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
           } else {
             // R == 1: two accumulator chains (hh = 0, 1) for overlap; R > 1: one per head (the heads overlap)
             constexpr int kAcc = R == 1 ? 2 : 1;
-            float d[R][kAcc][4];
-#pragma unroll
-            for (int j = 0; j < R; ++j)
-#pragma unroll
-              for (int u = 0; u < kAcc; ++u)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) d[j][u][e] = 0.f;
+            float d[R][kAcc][4] = {};
             // chunk pairs (a, a + 2), a = 0, 1: gather, rotate, multiply; one pair's keys live at a time
 #pragma unroll
             for (int a = 0; a < 2; ++a) {
@@ -712,13 +706,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     constexpr int kGPW = 16 / kNW;  // value groups per warp
     const uint4* vrow =
         reinterpret_cast<const uint4*>(p.v_cent) + static_cast<int64_t>(cur.hk) * 16 * kCodes;  // [gamma][code]
-    float o[R][kGPW][8];
-#pragma unroll
-    for (int j = 0; j < R; ++j)
-#pragma unroll
-      for (int gi = 0; gi < kGPW; ++gi)
-#pragma unroll
-        for (int e = 0; e < 8; ++e) o[j][gi][e] = 0.f;
+    float o[R][kGPW][8] = {};
     uint4 raws[kCodes / 32][kGPW];  // every load issued before the first use: one L2 latency, not eight
 #pragma unroll
     for (int k = 0; k < kCodes / 32; ++k)
