@@ -277,20 +277,21 @@ def _with_full_precision(view, k: torch.Tensor, v: torch.Tensor, allowed: torch.
 
 
 def _shared_heads(group: int) -> int:
-    """Query heads per tensor-core decode block (kernels/decode_mma.cu mma_group, 8 warps): 4, 3 or 2 of a GQA group."""
-    return next((r for r in (4, 3, 2) if group % r == 0), 1) if group > 1 else 1
+    """Query heads per tensor-core decode block (kernels/decode_mma.cu mma_group, 8 warps): a GQA group runs as
+    ceil(group / 4) blocks per kv head of R = ceil(group / blocks) heads, the last overlapping the one before it when R
+    does not divide the group (7 -> 4 + 4 over heads 0-3 and 3-6, 5 -> 3 + 3); 1 for MHA."""
+    if group < 2:
+        return 1
+    blocks = -(-group // 4)
+    return -(-group // blocks)
 
 
 def _decode_variant(B: int, S: int, group: int = 1) -> int:
     """The decode kernel request passed to the extension (0: CUDA cores, 1/2: tensor cores with 8/16 warps).
-    auto: the tensor-core kernel from AUTO_MMA_TOKENS cached tokens per batch for MHA, and also from AUTO_MMA_MIN_SEQ
-    per sequence for GQA groups whose query heads it takes 2-4 per block; for groups of 5, 7, ..., where it runs a
-    block per query head while the CUDA-core kernel shares each kv head's work among the group, only from
-    AUTO_MMA_TOKENS tokens per sequence (H100, docs/RESULTS_kernels.md)."""
+    auto: the tensor-core kernel from AUTO_MMA_TOKENS cached tokens per batch, and for GQA (whose query heads it takes
+    2-4 per block) also from AUTO_MMA_MIN_SEQ per sequence (H100, docs/RESULTS_kernels.md)."""
     if DECODE_KERNEL == "auto":
-        shared = _shared_heads(group) if group > 1 else 1
-        n = S if group > 1 and shared == 1 else B * S
-        ok = n >= AUTO_MMA_TOKENS and (shared == 1 or S >= AUTO_MMA_MIN_SEQ)
+        ok = B * S >= AUTO_MMA_TOKENS and (group < 2 or S >= AUTO_MMA_MIN_SEQ)
         return _VARIANTS[AUTO_MMA_KERNEL] if ok else 0
     return _VARIANTS[DECODE_KERNEL]
 

@@ -27,17 +27,14 @@ size_t decode_smem_bytes(const AttnParams& p) { return dec_layout(p, p.nq).total
 cudaError_t plan_decode(AttnParams& p, int num_sms, size_t max_smem) {
   if (p.D != 64 && p.D != 128) return cudaErrorInvalidValue;
   p.mma = 0;
-  const int rep = p.Hq / p.Hkv;
-  p.nq = rep * p.Q == 1 ? 1 : 4;
-  p.nchunk = (rep * p.Q + p.nq - 1) / p.nq;
   p.has_fp = (p.window > 0 || p.n_sink > 0) ? 1 : 0;
-  const int step = (p.nq == 1 ? 16 : 8) * (32 / (p.D / 16));
+  p.tab_smem = 0;
+  p.tile = 0;
   if (mma_decode_applies(p, max_smem)) {
     // one block (~216 KB of shared memory) per SM: split the sequence only when the rows do not fill the SMs
     p.mma = 1;
-    p.tab_smem = 0;  // decode.cuh's fields: unused here
-    p.tile = 0;
-    const int base = p.B * (p.Hq / mma_group(p));  // items per code split: (batch row, R query heads)
+    p.mma_nhb = mma_head_blocks(p);
+    const int base = p.B * p.Hkv * p.mma_nhb;  // items per code split: (batch row, head block)
     const int ncode = base < num_sms ? std::max(1, std::min(num_sms / base, (p.S + 1023) / 1024)) : 1;
     p.nsplit = ncode + p.has_fp;
     // at most one resident block per SM, each looping over its items: a block's key tables stay loaded while its
@@ -46,8 +43,10 @@ cudaError_t plan_decode(AttnParams& p, int num_sms, size_t max_smem) {
     p.mma_blocks = static_cast<int>(std::min<int64_t>(items, p.max_blocks > 0 ? p.max_blocks : num_sms));
     return cudaSuccess;
   }
-  p.tab_smem = 0;
-  p.tile = 0;
+  const int rep = p.Hq / p.Hkv;
+  p.nq = rep * p.Q == 1 ? 1 : 4;
+  p.nchunk = (rep * p.Q + p.nq - 1) / p.nq;
+  const int step = (p.nq == 1 ? 16 : 8) * (32 / (p.D / 16));
   for (int tab = 1; tab >= 0 && !p.tile; --tab) {
     for (int tile = 8 * step; tile >= step; tile /= 2) {
       AttnParams t = p;
@@ -195,9 +194,8 @@ cudaError_t launch_decode(const AttnParams& p, cudaStream_t stream) {
   // tensor cores over the codes (splits 0 .. nsplit - 1 - has_fp); the window and sinks as the last split
   // (fp_split_kernel); then the split-K combine
   cudaError_t e = launch_mma_decode(p, stream);
-  if (e != cudaSuccess || !p.has_fp) return e;
-  e = launch_fp_split(p, stream);
-  if (e != cudaSuccess) return e;
+  if (e == cudaSuccess && p.has_fp) e = launch_fp_split(p, stream);
+  if (e != cudaSuccess || p.nsplit == 1) return e;
   return launch_combine(p, stream);
 }
 

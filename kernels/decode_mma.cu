@@ -263,10 +263,13 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
   const int nsplit = p.nsplit;          // partial rows per query head (code splits + the full-precision split)
   const int ncode = nsplit - p.has_fp;  // code splits: this kernel's
   // Work items (kv-head-major: head block hb of R query heads, batch row b, code split): item = (hb B + b) ncode +
-  // split. This block takes the contiguous items [i_begin, i_end); consecutive items of one kv head reuse its key
-  // tables.
+  // split; a kv head has p.mma_nhb head blocks, block x taking query heads from min(R x, group - R) of its group:
+  // when R does not divide the group, the last block overlaps the one before it (7 = 4 + 4 over heads 0-3 and 3-6;
+  // 5 = 3 + 3 over 0-2 and 2-4), computes the shared heads again and writes only its own (skip). This block takes
+  // the contiguous items [i_begin, i_end); consecutive items of one kv head reuse its key tables.
   // items fit an int: B * H_q / R rows (ncode > 1 only while the rows do not fill the SMs, so at most #SMs items then)
-  const int64_t n_items = static_cast<int64_t>(p.Hq / R) * p.B * ncode;
+  const int rep = p.Hq / p.Hkv;
+  const int64_t n_items = static_cast<int64_t>(p.Hkv) * p.mma_nhb * p.B * ncode;
   const int i_begin = static_cast<int>(n_items * blockIdx.x / gridDim.x);
   const int i_end = static_cast<int>(n_items * (blockIdx.x + 1) / gridDim.x);
   // R > 1: fp32 accumulators of the histograms in global memory, [R][bins], this block's own
@@ -274,14 +277,17 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
   if constexpr (R > 1) gacc = p.ws_hist + static_cast<int64_t>(blockIdx.x) * (R * C::kBinsHead);
 
   struct Item {
-    int b, qh0, hk, split, t_begin, t_end, ntile;
+    int b, qh0, hk, split, t_begin, t_end, ntile, skip;
   };
   auto item_at = [&](int i) {
     Item it;
     it.split = i % ncode;
     it.b = (i / ncode) % p.B;
-    it.qh0 = R * (i / (ncode * p.B));
-    it.hk = it.qh0 / (p.Hq / p.Hkv);
+    const int hb = i / (ncode * p.B);  // head block: kv head hb / nhb, block x = hb % nhb of its group
+    it.hk = hb / p.mma_nhb;
+    const int first = R * (hb - it.hk * p.mma_nhb), h0 = min(first, rep - R);
+    it.qh0 = it.hk * rep + h0;
+    it.skip = first - h0;  // leading heads that the previous block of the group writes
     // this item's share of the query's allowed keys that are read through codes (Q == 1: range[b]; not the sinks and
     // not the window, as in attention.attend_codes_reference)
     const int code_hi = p.window > 0 ? max(0, p.start - p.window + 1) : p.S;
@@ -459,6 +465,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       if (tid < kD) {
 #pragma unroll
         for (int j = 0; j < R; ++j) {
+          if (j < cur.skip) continue;
           if (nsplit == 1) {
             out_ptr(j)[tid] = from_f<T>(0.f);
           } else {
@@ -753,7 +760,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
 #pragma unroll
         for (int e = 0; e < 8; ++e) mine = lane == e ? o[j][gi][e] : mine;
         const int d = 8 * (kGPW * warp + gi) + lane;
-        if (lane < 8) {
+        if (lane < 8 && j >= cur.skip) {
           if (nsplit == 1) {
             out_ptr(j)[d] = from_f<T>(L > 0.f ? mine / L : 0.f);
           } else {
@@ -777,9 +784,6 @@ cudaError_t launch_t(const AttnParams& p, cudaStream_t stream) {
     configured = true;
   }
   decode_mma_kernel<T, NW, R><<<p.mma_blocks, C::kNT, C::kSmem, stream>>>(p);
-  cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess || p.nsplit == 1 || p.has_fp) return e;  // has_fp: combined after the full-precision split
-  combine_kernel<T><<<p.B * p.Hq * p.Q, p.D, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -808,20 +812,25 @@ size_t mma_smem(const AttnParams& p) {
 
 }  // namespace
 
-// Query heads per block: with 8 warps, the largest of 4, 3, 2 that divides the GQA group (a group of 8 runs as two
-// blocks of 4); else 1 (a block per query head).
+// Query heads per block (8 warps): a GQA group of rep heads runs as mma_head_blocks = ceil(rep / 4) blocks per kv
+// head of R = ceil(rep / blocks) heads (8 -> 4 + 4, 6 -> 3 + 3; 7 -> 4 + 4 and 5 -> 3 + 3 with one head computed by
+// two blocks); R = 1 for MHA and the 16-warp variant (a block per query head).
 int mma_group(const AttnParams& p) {
   const int rep = p.Hq / p.Hkv;
   if (p.variant != 1 || rep < 2) return 1;
-  for (int R = 4; R >= 2; --R)
-    if (rep % R == 0) return R;
-  return 1;
+  return (rep + mma_head_blocks(p) - 1) / mma_head_blocks(p);
 }
 
+int mma_head_blocks(const AttnParams& p) {
+  const int rep = p.Hq / p.Hkv;
+  return p.variant != 1 || rep < 2 ? rep : (rep + 3) / 4;
+}
+
+// fp32 scratch of the GQA blocks: per block, reused by its items
 size_t mma_hist_floats(const AttnParams& p) {
   const int R = mma_group(p);
   if (R == 1) return 0;
-  return static_cast<size_t>(p.mma_blocks) * R * kCodes * 16 * (R <= 2 ? 2 : 1);  // per block, reused by its items
+  return static_cast<size_t>(p.mma_blocks) * R * kCodes * 16 * (R <= 2 ? 2 : 1);
 }
 
 // The kernel's key-gather addresses assume that dynamic shared memory starts at shared address kSharedWindow (the

@@ -71,8 +71,9 @@ struct AttnParams {
   int mma;  // plan: 1 when the tensor-core decode kernel (decode_mma.cu) runs
   float* ws_hist;  // tensor-core decode with a GQA group per block: fp32 histogram accumulators (mma_hist_floats)
   int max_blocks;  // request: at most this many tensor-core decode blocks (0: one per SM)
-  int mma_blocks;  // plan: tensor-core decode blocks; each takes a contiguous run of the B * H_q / R * (code splits)
-                   // items
+  int mma_blocks;  // plan: tensor-core decode blocks; each takes a contiguous run of the H_kv * mma_nhb * B * (code
+                   // splits) items
+  int mma_nhb;     // plan: head blocks per kv head (mma_head_blocks)
 };
 
 // Shared memory the decode kernel needs for a given configuration (0 when it cannot run).
@@ -88,12 +89,15 @@ cudaError_t launch_combine(const AttnParams& p, cudaStream_t stream);
 cudaError_t launch_fp_split(const AttnParams& p, cudaStream_t stream);
 // Tensor-core decode kernel: whether it applies (variant 1 or 2, one query per query head, any GQA ratio, head_dim
 // 128, 8-bit codes with c = 8 for K and V, 16-byte aligned buffers, its shared memory fits), and its launch over the
-// codes (with the split-K combine when there is no full-precision split; with one, launch_decode runs
-// launch_fp_split and then the combine).
+// codes; launch_decode then runs launch_fp_split when there is a full-precision split, and the split-K combine when
+// there are several splits.
 bool mma_decode_applies(const AttnParams& p, size_t max_smem);
-// Query heads per tensor-core decode block (4, 3 or 2 heads of a GQA group share each key's gather and rotation; 1: a
-// block per query head), and the fp32 scratch that a block of several heads needs (0 for 1).
+// Query heads per tensor-core decode block (2 to 4 heads of a GQA group share each key's gather and rotation; 1: a
+// block per query head): mma_group is R, mma_head_blocks the blocks per kv head (ceil(group / R); when R does not
+// divide the group the last block overlaps the one before it and writes only its own heads), mma_hist_floats the fp32
+// scratch that blocks of several heads need (0 for R = 1).
 int mma_group(const AttnParams& p);
+int mma_head_blocks(const AttnParams& p);
 size_t mma_hist_floats(const AttnParams& p);
 cudaError_t launch_mma_decode(const AttnParams& p, cudaStream_t stream);
 cudaError_t launch_prefill(const AttnParams& p, cudaStream_t stream);

@@ -275,7 +275,8 @@ MMA_CASES = [  # one query, head_dim 128, 8-bit codes with c = 8 for K and V; MH
     dict(S=700, B=2, Hq=2, Hkv=2, gaps=True, dtype=torch.bfloat16, pads=[0, 100]),  # irregular positions
     dict(S=513, B=1, Hq=1, Hkv=1, rope_scale=0.7),  # one tile and one token
     dict(S=2049, B=2, Hq=1, Hkv=1, pads=[2045, 0]),  # 4 keys over 3 splits: one split has none
-    # GQA groups of 2-4 query heads: one block per group (8 warps); others: one block per query head
+    # GQA groups of 2-4 query heads: one block per group (8 warps); larger groups: ceil(group / 4) blocks of R heads per
+    # kv head, the last overlapping the one before when R does not divide the group (5 -> 3 + 3, 7 -> 4 + 4)
     dict(S=3000, B=2, Hq=8, Hkv=2, dtype=torch.bfloat16, pads=[0, 1234]),  # group 4, split over blocks
     dict(S=1500, B=1, Hq=6, Hkv=2, gaps=True),  # group 3, irregular positions
     dict(S=4097, B=1, Hq=4, Hkv=2, qscale=0.05),  # group 2, flat: histograms flushed every tile
@@ -283,7 +284,10 @@ MMA_CASES = [  # one query, head_dim 128, 8-bit codes with c = 8 for K and V; MH
     dict(S=1100, B=3, Hq=96, Hkv=24, pads=[0, 5, 600]),  # group 4, 72 groups: no split-K
     dict(S=2049, B=1, Hq=16, Hkv=2),  # group 8: two blocks of 4 query heads per kv head
     dict(S=1800, B=2, Hq=12, Hkv=2, dtype=torch.bfloat16, pads=[0, 900]),  # group 6: two blocks of 3
-    dict(S=1300, B=1, Hq=10, Hkv=2),  # group 5: a block per query head
+    dict(S=1300, B=1, Hq=10, Hkv=2),  # group 5: heads 0-2 and 2-4
+    dict(S=2200, B=2, Hq=14, Hkv=2, dtype=torch.bfloat16, pads=[0, 1500]),  # group 7: 0-3 and 3-6, split over blocks
+    dict(S=1700, B=3, Hq=20, Hkv=2, gaps=True, pads=[9, 0, 1000]),  # group 10: 0-3, 4-7, 6-9; irregular positions
+    dict(S=1200, B=2, Hq=28, Hkv=4, window=64, sinks=3, pads=[0, 300]),  # group 7 (Qwen2.5-7B): window and sinks
     # a full-precision window / sinks: the codes on tensor cores, the rest as the CUDA-core kernel's last split
     dict(S=3000, B=2, Hq=4, Hkv=4, window=128, pads=[0, 1234]),  # split-K over the codes, then the window
     dict(S=2100, B=2, Hq=8, Hkv=2, window=128, sinks=4, dtype=torch.bfloat16, pads=[0, 2050]),  # group 4; row 1:
@@ -319,7 +323,8 @@ MMA_MULTI_ITEM_CASES = [
     (4, dict(S=1500, B=3, Hq=8, Hkv=2, dtype=torch.bfloat16, pads=[0, 700, 1])),  # group 4: 2 heads per kv head
     (5, dict(S=900, B=4, Hq=12, Hkv=4, gaps=True)),  # group 3, irregular positions
     (2, dict(S=2100, B=2, Hq=4, Hkv=2, qscale=8.0, pads=[1000, 0])),  # group 2, peaky: rescales; 3 splits
-    (7, dict(S=600, B=3, Hq=10, Hkv=2, pads=[0, 13, 300])),  # group 5: a block per query head
+    (7, dict(S=600, B=3, Hq=10, Hkv=2, pads=[0, 13, 300])),  # group 5: 3 + 3 heads, one of them in both
+    (3, dict(S=1300, B=3, Hq=14, Hkv=2, dtype=torch.bfloat16, pads=[0, 1290, 40])),  # group 7: 4 + 4
     (3, dict(S=1500, B=3, Hq=8, Hkv=2, window=128, sinks=2, pads=[0, 1400, 7])),  # window and sinks
 ]
 
@@ -653,8 +658,10 @@ def test_decode_kernel_request(monkeypatch):
     assert ops._decode_variant(64, 256, group=2) == 0 and ops._decode_variant(32, 512, group=3) == 1  # per sequence too
     assert ops._decode_variant(32, 8192, group=4) == 1 and ops._decode_variant(1, 4096, group=4) == 0  # a group per block
     assert ops._decode_variant(32, 8192, group=8) == 1  # two blocks of 4 per kv head
-    assert ops._decode_variant(32, 8192, group=5) == 0 and ops._decode_variant(1, 32768, group=5) == 1  # per sequence
-    assert [ops._shared_heads(g) for g in (1, 2, 3, 4, 5, 6, 7, 8, 12)] == [1, 2, 3, 4, 1, 3, 1, 4, 4]
+    # groups that 2-4 do not divide: overlapping blocks of R heads, the same rule
+    assert ops._decode_variant(32, 8192, group=5) == 1 and ops._decode_variant(64, 256, group=7) == 0
+    assert [ops._shared_heads(g) for g in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14)] == [1, 2, 3, 4, 3, 3, 4, 4, 3,
+                                                                                         4, 4, 4, 4]
     for choice, v in (("cuda-core", 0), ("tensor-core", 1), ("tensor-core-16w", 2)):
         monkeypatch.setattr(ops, "DECODE_KERNEL", choice)
         assert ops._decode_variant(1, 10) == v and ops._decode_variant(8, 32768, group=4) == v
