@@ -394,6 +394,8 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
   // accumulators of the histogram bins this thread owns (bin tid + kNT k of each head)
   float acc[R == 1 ? kBinsPerThread : 1];
   float m_ref[R], l[R], ptile[R], mass_acc[R];
+  // R > 1: this lane's query head r (r < R) - its sum of p and its mass of the last tile (l, ptile are for R == 1)
+  float l_r = 0.f, ptile_r = 0.f;
   uint32_t* hist = reinterpret_cast<uint32_t*>(smem + C::kOffHist);
   float* red = reinterpret_cast<float*>(smem + C::kOffRed);
   auto flush = [&](int j, float scale) {
@@ -507,6 +509,8 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     for (int k = 0; k < (R == 1 ? kBinsPerThread : 1); ++k) acc[k] = 0.f;
 #pragma unroll
     for (int j = 0; j < R; ++j) { m_ref[j] = kNegInf; l[j] = 0.f; ptile[j] = 0.f; mass_acc[j] = 0.f; }
+    l_r = 0.f;
+    ptile_r = 0.f;
 #pragma unroll
     for (int j = 0; j < R; ++j) {
       pbw[j * kNW * kPBufStride + lane] = 0u;
@@ -543,10 +547,15 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
         for (int a = 0; a < 4; ++a) bq[a] = *reinterpret_cast<const uint4*>(bsrc + a * 64);
       }
 
-      // ---- scores: m-tile v holds keys 2v*64 + 8 wt + g (row g) and that + 64 (row g + 8)
-      float s0[R], s1[R];
+      // ---- scores: m-tile v holds keys 2v*64 + 8 wt + g (row g) and that + 64 (row g + 8). R == 1: lane r keeps
+      // m-tile r's scores (s0, s1). R > 1: the n-tile of m-tile v packs the R heads' columns 2v, 2v + 1 (column c: head
+      // c / 2, column 2v + c % 2; c >= 2R repeat head R - 1), so one MMA chain scores every head and lane r keeps head
+      // r's scores of each m-tile (sv0[v], sv1[v]); lanes r >= R hold none.
+      float s0[R], s1[R], sv0[kMT], sv1[kMT];
 #pragma unroll
       for (int j = 0; j < R; ++j) { s0[j] = kNegInf; s1[j] = kNegInf; }
+      // R > 1: this lane's B column row (head min(g / 2, R - 1), column g % 2 of the m-tile's pair; + 2v kBRow)
+      const uint8_t* bpk = smem + C::kOffB + (it & 1) * 8 * R * kBRow + (8 * min(g >> 1, R - 1) + (g & 1)) * kBRow + r * 16;
       auto mtiles = [&](auto irregular) {
         constexpr bool kIrr = decltype(irregular)::value;
 #pragma unroll
@@ -557,22 +566,17 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
           const int offx = 2 * v * kDelta + 8 * wt + g, offy = offx + kDelta;
           const uint4 cx = *reinterpret_cast<const uint4*>(sk + offx * kRB);
           const uint4 cy = *reinterpret_cast<const uint4*>(sk + offy * kRB);
-          float sx[R], sy[R];
+          const uint8_t* bcol = R == 1 ? bsrc : bpk + 2 * v * kBRow;
+          float sx, sy;
           if constexpr (kIrr) {  // each key at its own position, relative to its column's P_tile + 64 n
             const int64_t bx = P_tile + 2 * v * kDelta, by = bx + kDelta;
             const float px = static_cast<float>((offx < n ? pos_g[t0 + offx] : bx) - bx);
             const float py = static_cast<float>((offy < n ? pos_g[t0 + offy] : by) - by);
-#pragma unroll
-            for (int j = 0; j < R; ++j) {
-              const float2 sc = irregular_mtile<T>(smem + kOffTab, bsrc + j * 8 * kBRow, cx, cy, lane, px, py,
-                                                   p.inv_freq, C::kCopies);
-              sx[j] = sc.x;
-              sy[j] = sc.y;
-            }
+            const float2 sc = irregular_mtile<T>(smem + kOffTab, bcol, cx, cy, lane, px, py, p.inv_freq, C::kCopies);
+            sx = sc.x;
+            sy = sc.y;
           } else {
-            // R == 1: two accumulator chains (hh = 0, 1) for overlap; R > 1: one per head (the heads overlap)
-            constexpr int kAcc = R == 1 ? 2 : 1;
-            float d[R][kAcc][4] = {};
+            float d[2][4] = {};  // two accumulator chains (hh = 0, 1) for overlap
             // chunk pairs (a, a + 2), a = 0, 1: gather, rotate, multiply; one pair's keys live at a time
 #pragma unroll
             for (int a = 0; a < 2; ++a) {
@@ -582,44 +586,56 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
               rotate_key<T, 0>(xlo, xhi, rk.c[a], rk.s[a], rk.ns[a], fr);
               rotate_key<T, 1>(ylo, yhi, rk.c[a], rk.s[a], rk.ns[a], fr);
               if constexpr (R == 1) {
-                pair_mma<T>(d[0][0], d[0][1], fr, bq[a], bq[a + 2]);
+                pair_mma<T>(d[0], d[1], fr, bq[a], bq[a + 2]);
               } else {
-#pragma unroll
-                for (int j = 0; j < R; ++j)
-                  pair_mma<T>(d[j][0], d[j][0], fr, *reinterpret_cast<const uint4*>(bsrc + j * 8 * kBRow + a * 64),
-                              *reinterpret_cast<const uint4*>(bsrc + j * 8 * kBRow + (a + 2) * 64));
+                pair_mma<T>(d[0], d[1], fr, *reinterpret_cast<const uint4*>(bcol + a * 64),
+                            *reinterpret_cast<const uint4*>(bcol + (a + 2) * 64));
               }
             }
-#pragma unroll
-            for (int j = 0; j < R; ++j) {
-              sx[j] = kAcc == 2 ? d[j][0][0] + d[j][kAcc - 1][0] : d[j][0][0];
-              sy[j] = kAcc == 2 ? d[j][0][3] + d[j][kAcc - 1][3] : d[j][0][3];
-            }
+            sx = d[0][0] + d[1][0];
+            sy = d[0][3] + d[1][3];
           }
-          if (r == v) {
-#pragma unroll
-            for (int j = 0; j < R; ++j) { s0[j] = sx[j]; s1[j] = sy[j]; }
+          if constexpr (R == 1) {
+            if (r == v) { s0[0] = sx; s1[0] = sy; }
+          } else {
+            sv0[vv] = sx;
+            sv1[vv] = sy;
           }
         }
       };
       if (irr) mtiles(std::true_type{});
       else mtiles(std::false_type{});
+      if constexpr (R == 1) {
+        if (o0 >= n) s0[0] = kNegInf;
+        if (o0 + kDelta >= n) s1[0] = kNegInf;
+      } else {
 #pragma unroll
-      for (int j = 0; j < R; ++j) {
-        if (o0 >= n) s0[j] = kNegInf;
-        if (o0 + kDelta >= n) s1[j] = kNegInf;
+        for (int vv = 0; vv < kMT; ++vv) {
+          const int ox = 2 * (kMT * wh + vv) * kDelta + 8 * wt + g;
+          if (ox >= n || r >= R) sv0[vv] = kNegInf;
+          if (ox + kDelta >= n || r >= R) sv1[vv] = kNegInf;
+        }
       }
 
       // ---- tile max and the previous tile's mass per head, block-wide; the next tile's columns and regularity
-#pragma unroll
-      for (int j = 0; j < R; ++j) {
-        float mx = fmaxf(s0[j], s1[j]), ms = ptile[j];
+      if constexpr (R == 1) {
+        float mx = fmaxf(s0[0], s1[0]), ms = ptile[0];
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) {
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
           ms += __shfl_xor_sync(0xffffffffu, ms, off);
         }
-        if (lane == 0) { red[(2 * j) * kNW + warp] = mx; red[(2 * j + 1) * kNW + warp] = ms; }
+        if (lane == 0) { red[warp] = mx; red[kNW + warp] = ms; }
+      } else {  // each lane reduces its own head over the lanes of the same r
+        float mx = kNegInf, ms = ptile_r;
+#pragma unroll
+        for (int vv = 0; vv < kMT; ++vv) mx = fmaxf(mx, fmaxf(sv0[vv], sv1[vv]));
+#pragma unroll
+        for (int off = 16; off >= 4; off >>= 1) {
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+          ms += __shfl_xor_sync(0xffffffffu, ms, off);
+        }
+        if (lane < R) { red[(2 * lane) * kNW + warp] = mx; red[(2 * lane + 1) * kNW + warp] = ms; }
       }
       bool bad = false;
       if (has_next) {
@@ -642,6 +658,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
           const float scale = m_ref[j] == kNegInf ? 0.f : exp2f(m_ref[j] - tmax);
           flush(j, scale);
           l[j] *= scale;
+          if (r == j) l_r *= scale;
           m_ref[j] = tmax;
           mass_acc[j] = 0.f;
           flushed = true;
@@ -654,14 +671,30 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       if (flushed) __syncthreads();
 
       // ---- p (scattered during the next tile); the stage of tile it - 1 is free now: load tile it + 2 into it
+      if constexpr (R == 1) {
+        const float p0 = s0[0] == kNegInf ? 0.f : fast_exp2(s0[0] - m_ref[0]);
+        const float p1 = s1[0] == kNegInf ? 0.f : fast_exp2(s1[0] - m_ref[0]);
+        l[0] += p0 + p1;
+        ptile[0] = p0 + p1;
+        pbw[lane] = __float2uint_rn(p0 * kFix);
+        pbw[36 + lane] = __float2uint_rn(p1 * kFix);
+      } else {  // head r's p of m-tile v go where lane 4 g + v's would (the scatter's layout)
+        float mr = m_ref[0];
 #pragma unroll
-      for (int j = 0; j < R; ++j) {
-        const float p0 = s0[j] == kNegInf ? 0.f : fast_exp2(s0[j] - m_ref[j]);
-        const float p1 = s1[j] == kNegInf ? 0.f : fast_exp2(s1[j] - m_ref[j]);
-        l[j] += p0 + p1;
-        ptile[j] = p0 + p1;
-        pbw[j * kNW * kPBufStride + lane] = __float2uint_rn(p0 * kFix);
-        pbw[j * kNW * kPBufStride + 36 + lane] = __float2uint_rn(p1 * kFix);
+        for (int j = 1; j < R; ++j) mr = r == j ? m_ref[j] : mr;
+        float sum = 0.f;
+#pragma unroll
+        for (int vv = 0; vv < kMT; ++vv) {
+          const float p0 = sv0[vv] == kNegInf ? 0.f : fast_exp2(sv0[vv] - mr);
+          const float p1 = sv1[vv] == kNegInf ? 0.f : fast_exp2(sv1[vv] - mr);
+          sum += p0 + p1;
+          if (r < R) {
+            pbw[r * kNW * kPBufStride + 4 * g + vv] = __float2uint_rn(p0 * kFix);
+            pbw[r * kNW * kPBufStride + 36 + 4 * g + vv] = __float2uint_rn(p1 * kFix);
+          }
+        }
+        l_r += sum;
+        ptile_r = sum;
       }
       __syncwarp();
       {
@@ -683,12 +716,17 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     __syncthreads();  // every bin complete before the flush reads it; the stages are free
     if (item + 1 < i_end) prologue(item_at(item + 1));
 #pragma unroll
-    for (int j = 0; j < R; ++j) {
-      flush(j, 1.f);
-      float lw = l[j];
+    for (int j = 0; j < R; ++j) flush(j, 1.f);
+    if constexpr (R == 1) {
+      float lw = l[0];
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) lw += __shfl_xor_sync(0xffffffffu, lw, off);
-      if (lane == 0) red[j * kNW + warp] = lw;
+      if (lane == 0) red[warp] = lw;
+    } else {
+      float lw = l_r;
+#pragma unroll
+      for (int off = 16; off >= 4; off >>= 1) lw += __shfl_xor_sync(0xffffffffu, lw, off);
+      if (lane < R) red[lane * kNW + warp] = lw;
     }
     __syncthreads();  // every u32 bin read before the fp32 sums overwrite them
 
