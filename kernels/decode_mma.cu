@@ -87,6 +87,10 @@ struct Cfg {
   static constexpr int kRep = R <= 2 ? 2 : 1;     // histogram replicas
   static constexpr int kSlots = 16 * kRep;        // histogram slots per code
   static constexpr int kBinsHead = kCodes * kSlots;
+  // R == 4 (one replica): the value scatter pairs heads instead of tokens, so head j's histogram starts 16 banks after
+  // head j - 1's (kHeadStride words apart)
+  static constexpr bool kPair = R == 4;
+  static constexpr int kHeadStride = kBinsHead + (kPair ? 16 : 0);
   static constexpr int kBinsPerThread = kBinsHead / kNT;   // per query head
   static constexpr int kColsPerThread = 8 * R * 64 / kNT;  // query columns written per thread
   static constexpr int kColStep = kNT / 64;                // between a thread's columns
@@ -96,7 +100,7 @@ struct Cfg {
   static constexpr int kRedBytes = 4 * NW * R * 4;
   static constexpr int kPBufBytes = R * NW * kPBufStride * 4;  // p of each warp's tokens, per query head
   static constexpr int kBBytes = 2 * 8 * R * kBRow;             // query columns [2][8 R][kBRow], double buffered
-  static constexpr int kHistBytes = R * kBinsHead * 4;          // u32 [R][code][slots]
+  static constexpr int kHistBytes = R * kHeadStride * 4;        // u32 [R][code][slots] (+ kHeadStride padding)
   static constexpr bool kBBelow = kStagesBytes + kRedBytes + kPBufBytes + kBBytes <= kOffTab;
   static constexpr int kOffStage = 0;
   static constexpr int kOffRed = kStagesBytes;
@@ -401,9 +405,9 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
   auto flush = [&](int j, float scale) {
 #pragma unroll
     for (int k = 0; k < kBinsPerThread; ++k) {
-      const int idx = j * C::kBinsHead + tid + kNT * k;
-      const uint32_t v = hist[idx];
-      hist[idx] = 0u;
+      const int hidx = j * C::kHeadStride + tid + kNT * k, idx = j * C::kBinsHead + tid + kNT * k;
+      const uint32_t v = hist[hidx];
+      hist[hidx] = 0u;
       if constexpr (R == 1) acc[k] = fmaf(static_cast<float>(v), kInvFix, acc[k]) * scale;
       else gacc[idx] = fmaf(static_cast<float>(v), kInvFix, gacc[idx]) * scale;
     }
@@ -420,7 +424,36 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
   // Value scatter of the previous tile (p in pbw, value codes still in its stage), a part per m-tile so that the
   // atomics interleave with the score math. Lanes 0-15 take token 0 of lane k, lanes 16-31 its token 1.
   // Part `part` (0..3) takes the tokens of lanes 8 part .. 8 part + 7 whose r holds scores in this warp.
+  // R == 4: lanes 0-15 add head 2i's p and lanes 16-31 head 2i + 1's for the same token (group lane & 15); with the
+  // heads' histograms 16 banks apart a warp's 32 atomics hit 32 banks (pairing two tokens, as below, puts two codes
+  // of one group on the same bank whenever their parities agree).
+  uint8_t* const hpair = smem + C::kOffHist + (half * C::kHeadStride + (lane & 15)) * 4;
+  auto scatter_pairs = [&](const uint8_t* sv, int part) {
+#pragma unroll
+    for (int k4 = 2 * part; k4 < 2 * part + 2; ++k4) {
+#pragma unroll
+      for (int th = 0; th < 2; ++th) {
+        const uint8_t* vt = sv + kVRows + (8 * wt + th * kDelta) * kRB + th * 16 + (lane & 15);
+        uint32_t code[4];
+#pragma unroll
+        for (int rr = 0; rr < 4; ++rr) code[rr] = vt[(2 * rr * kDelta + k4) * kRB + 2 * rr * 16] * (kSlots * 4);
+#pragma unroll
+        for (int i = 0; i < R / 2; ++i) {
+          const uint4 w = *reinterpret_cast<const uint4*>(pbw + (2 * i + half) * kNW * kPBufStride + 36 * th + 4 * k4);
+          uint8_t* hb = hpair + i * 2 * C::kHeadStride * 4;
+          atomicAdd(reinterpret_cast<unsigned*>(hb + code[0]), w.x);
+          atomicAdd(reinterpret_cast<unsigned*>(hb + code[1]), w.y);
+          atomicAdd(reinterpret_cast<unsigned*>(hb + code[2]), w.z);
+          atomicAdd(reinterpret_cast<unsigned*>(hb + code[3]), w.w);
+        }
+      }
+    }
+  };
   auto scatter = [&](const uint8_t* sv, int part) {
+    if constexpr (C::kPair) {
+      scatter_pairs(sv, part);
+      return;
+    }
     const uint8_t* vs = sv + vlane;
 #pragma unroll
     for (int k4 = 2 * part; k4 < 2 * part + 2; ++k4) {
@@ -447,7 +480,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
 #pragma unroll
           for (int jj = 0; jj < kRR; ++jj) red_add(code[jj], pk[jj]);
         } else {
-          uint8_t* hj = smem + C::kOffHist + j * C::kBinsHead * 4;
+          uint8_t* hj = smem + C::kOffHist + j * C::kHeadStride * 4;
 #pragma unroll
           for (int jj = 0; jj < kRR; ++jj) atomicAdd(reinterpret_cast<unsigned*>(hj + code[jj]), pk[jj]);
         }
@@ -484,7 +517,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
 
     // ---- per-item state (the previous item's last reads of the histograms, red and the columns are behind the
     // barrier that ends it)
-    for (int i = tid; i < R * C::kBinsHead / 4; i += kNT)
+    for (int i = tid; i < R * C::kHeadStride / 4; i += kNT)
       reinterpret_cast<uint4*>(smem + C::kOffHist)[i] = make_uint4(0u, 0u, 0u, 0u);
     if constexpr (R > 1)
       for (int i = tid; i < R * C::kBinsHead; i += kNT) gacc[i] = 0.f;
