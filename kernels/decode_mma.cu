@@ -87,9 +87,9 @@ struct Cfg {
   static constexpr int kRep = R <= 2 ? 2 : 1;     // histogram replicas
   static constexpr int kSlots = 16 * kRep;        // histogram slots per code
   static constexpr int kBinsHead = kCodes * kSlots;
-  // R == 4 (one replica): the value scatter pairs heads instead of tokens, so head j's histogram starts 16 banks after
-  // head j - 1's (kHeadStride words apart)
-  static constexpr bool kPair = R == 4;
+  // R = 3, 4 (one replica): the value scatter pairs heads instead of tokens, so head j's histogram starts 16 banks
+  // after head j - 1's (kHeadStride words apart)
+  static constexpr bool kPair = R >= 3;
   static constexpr int kHeadStride = kBinsHead + (kPair ? 16 : 0);
   static constexpr int kBinsPerThread = kBinsHead / kNT;   // per query head
   static constexpr int kColsPerThread = 8 * R * 64 / kNT;  // query columns written per thread
@@ -424,13 +424,38 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
   // Value scatter of the previous tile (p in pbw, value codes still in its stage), a part per m-tile so that the
   // atomics interleave with the score math. Lanes 0-15 take token 0 of lane k, lanes 16-31 its token 1.
   // Part `part` (0..3) takes the tokens of lanes 8 part .. 8 part + 7 whose r holds scores in this warp.
-  // R == 4: lanes 0-15 add head 2i's p and lanes 16-31 head 2i + 1's for the same token (group lane & 15); with the
+  // R = 4: lanes 0-15 add head 2i's p and lanes 16-31 head 2i + 1's for the same token (group lane & 15); with the
   // heads' histograms 16 banks apart a warp's 32 atomics hit 32 banks (pairing two tokens, as below, puts two codes
-  // of one group on the same bank whenever their parities agree).
+  // of one group on the same bank whenever their parities agree). R = 3: heads 0 | 1 of each token, then head 2 of
+  // the two tokens (lanes 0-15 | 16-31) as before.
   uint8_t* const hpair = smem + C::kOffHist + (half * C::kHeadStride + (lane & 15)) * 4;
   auto scatter_pairs = [&](const uint8_t* sv, int part) {
 #pragma unroll
     for (int k4 = 2 * part; k4 < 2 * part + 2; ++k4) {
+      if constexpr (R == 3) {
+        uint32_t code[2][4];
+#pragma unroll
+        for (int th = 0; th < 2; ++th) {
+          const uint8_t* vt = sv + kVRows + (8 * wt + th * kDelta) * kRB + th * 16 + (lane & 15);
+#pragma unroll
+          for (int rr = 0; rr < 4; ++rr) code[th][rr] = vt[(2 * rr * kDelta + k4) * kRB + 2 * rr * 16] * (kSlots * 4);
+        }
+#pragma unroll
+        for (int th = 0; th < 2; ++th) {
+          const uint4 w = *reinterpret_cast<const uint4*>(pbw + half * kNW * kPBufStride + 36 * th + 4 * k4);
+          atomicAdd(reinterpret_cast<unsigned*>(hpair + code[th][0]), w.x);
+          atomicAdd(reinterpret_cast<unsigned*>(hpair + code[th][1]), w.y);
+          atomicAdd(reinterpret_cast<unsigned*>(hpair + code[th][2]), w.z);
+          atomicAdd(reinterpret_cast<unsigned*>(hpair + code[th][3]), w.w);
+        }
+        const uint4 w = *reinterpret_cast<const uint4*>(pbw + 2 * kNW * kPBufStride + 36 * half + 4 * k4);
+        uint8_t* h2 = smem + C::kOffHist + (2 * C::kHeadStride + (lane & 15)) * 4;
+        atomicAdd(reinterpret_cast<unsigned*>(h2 + (half ? code[1][0] : code[0][0])), w.x);
+        atomicAdd(reinterpret_cast<unsigned*>(h2 + (half ? code[1][1] : code[0][1])), w.y);
+        atomicAdd(reinterpret_cast<unsigned*>(h2 + (half ? code[1][2] : code[0][2])), w.z);
+        atomicAdd(reinterpret_cast<unsigned*>(h2 + (half ? code[1][3] : code[0][3])), w.w);
+        continue;
+      }
 #pragma unroll
       for (int th = 0; th < 2; ++th) {
         const uint8_t* vt = sv + kVRows + (8 * wt + th * kDelta) * kRB + th * 16 + (lane & 15);
