@@ -3,10 +3,11 @@
 // Applies to one query (Q == 1) per query head, head_dim 128, 8-bit codes with c = 8 for keys and values
 // (mma_decode_applies); everything else runs decode.cuh. This kernel reads the keys held as codes; a full-precision
 // window and sinks are one more split (fp_split_kernel in decode.cu), merged by the split-K combine. GQA (8
-// warps): a block takes R = 4, 3 or 2 query heads of a group (the largest that divides the group size; a group of 8
-// runs as two blocks of 4), so that each key is gathered and rotated once for the R heads and only the products, the
-// softmax and the value scatter are per query head. MHA, groups of 5 or 7, and the 16-warp variant: a block per
-// query head (R = 1; the blocks of a group read the same codes, mostly from L2).
+// warps): a group runs as ceil(group / 4) blocks of R = 2, 3 or 4 query heads (8 = 4 + 4, 6 = 3 + 3; when R does
+// not divide the group the last block overlaps the one before and writes only its own heads: 7 = heads 0-3 and 3-6),
+// so that each key is gathered and rotated once for the R heads, and one MMA chain scores all of them (their query
+// columns packed into one n-tile); the softmax and the value scatter are per query head. MHA and the 16-warp
+// variant: a block per query head (R = 1).
 //
 // Blocks. At most one block per SM (a block fills one); each takes a contiguous run of the kv-head-major items (R query
 // heads, batch row, split), keeps the key tables while its items share the kv head, and issues the next item's table
@@ -26,16 +27,17 @@
 // shared memory holds the group's histograms instead, and half of the gathers meet a 2-way bank conflict).
 //
 // Values. p = 2^(s - m) (m: the query head's running max, raised tile by tile, so p <= 1) is added as 22-bit fixed
-// point into a histogram hist[code][slots] per query head in shared memory with integer atomics (slot = value group
-// + 16 * replica; with two replicas a warp's 32 atomics hit 32 banks), during the next tile's score math (software
+// point into a histogram hist[code][slots] per query head in shared memory with integer atomics (slot = value group +
+// 16 * replica; with two replicas (R <= 2) a warp's 32 atomics hit 32 banks; with one (R = 3, 4) the heads' histograms
+// lie 16 banks apart and a warp's atomics pair two heads of one token), during the next tile's score math (software
 // pipelined). Each thread flushes its bins into fp32 accumulators (registers for R = 1, a global scratch for R > 1)
-// when the mass added since the last flush could overflow 32 bits, and whenever the max grows (rescaling them). At
-// the end the histogram is multiplied by the value centroids: one c-wide gather and FMA per token and group become
-// one integer add. That product reads the value centroids from global memory (L2) against the bins, transposed in
-// place as fp32 (see the epilogue), so the key tables stay loaded for the next item. With R = 1 the shared addresses
-// of the key gathers and the histogram atomics are built whole (table base in the PRMT constant, bin base in the
-// lane's slot address), saving the window-base add of each access (H100: 3% at 8 x 32K); with R > 1 that made ptxas
-// spill, and was slower, so those blocks add the base.
+// when the mass added since the last flush could overflow 32 bits, and whenever the max grows (rescaling them). At the
+// end the histogram is multiplied by the value centroids: one c-wide gather and FMA per token and group become one
+// integer add. That product reads the value centroids from global memory (L2) against the bins, transposed in place as
+// fp32 (see the epilogue), so the key tables stay loaded for the next item. With R = 1 the shared addresses of the key
+// gathers and the histogram atomics are built whole (table base in the PRMT constant, bin base in the lane's slot
+// address), saving the window-base add of each access (H100: 3% at 8 x 32K); with R > 1 that made ptxas spill, and was
+// slower, so those blocks add the base.
 #include <type_traits>
 
 #include "common.cuh"
@@ -454,22 +456,23 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
         atomicAdd(reinterpret_cast<unsigned*>(h2 + (half ? code[1][1] : code[0][1])), w.y);
         atomicAdd(reinterpret_cast<unsigned*>(h2 + (half ? code[1][2] : code[0][2])), w.z);
         atomicAdd(reinterpret_cast<unsigned*>(h2 + (half ? code[1][3] : code[0][3])), w.w);
-        continue;
-      }
+      } else {
 #pragma unroll
-      for (int th = 0; th < 2; ++th) {
-        const uint8_t* vt = sv + kVRows + (8 * wt + th * kDelta) * kRB + th * 16 + (lane & 15);
-        uint32_t code[4];
+        for (int th = 0; th < 2; ++th) {
+          const uint8_t* vt = sv + kVRows + (8 * wt + th * kDelta) * kRB + th * 16 + (lane & 15);
+          uint32_t code[4];
 #pragma unroll
-        for (int rr = 0; rr < 4; ++rr) code[rr] = vt[(2 * rr * kDelta + k4) * kRB + 2 * rr * 16] * (kSlots * 4);
+          for (int rr = 0; rr < 4; ++rr) code[rr] = vt[(2 * rr * kDelta + k4) * kRB + 2 * rr * 16] * (kSlots * 4);
 #pragma unroll
-        for (int i = 0; i < R / 2; ++i) {
-          const uint4 w = *reinterpret_cast<const uint4*>(pbw + (2 * i + half) * kNW * kPBufStride + 36 * th + 4 * k4);
-          uint8_t* hb = hpair + i * 2 * C::kHeadStride * 4;
-          atomicAdd(reinterpret_cast<unsigned*>(hb + code[0]), w.x);
-          atomicAdd(reinterpret_cast<unsigned*>(hb + code[1]), w.y);
-          atomicAdd(reinterpret_cast<unsigned*>(hb + code[2]), w.z);
-          atomicAdd(reinterpret_cast<unsigned*>(hb + code[3]), w.w);
+          for (int i = 0; i < R / 2; ++i) {
+            const uint32_t* pr = pbw + (2 * i + half) * kNW * kPBufStride + 36 * th;
+            const uint4 w = *reinterpret_cast<const uint4*>(pr + 4 * k4);
+            uint8_t* hb = hpair + i * 2 * C::kHeadStride * 4;
+            atomicAdd(reinterpret_cast<unsigned*>(hb + code[0]), w.x);
+            atomicAdd(reinterpret_cast<unsigned*>(hb + code[1]), w.y);
+            atomicAdd(reinterpret_cast<unsigned*>(hb + code[2]), w.z);
+            atomicAdd(reinterpret_cast<unsigned*>(hb + code[3]), w.w);
+          }
         }
       }
     }
@@ -613,7 +616,8 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
 #pragma unroll
       for (int j = 0; j < R; ++j) { s0[j] = kNegInf; s1[j] = kNegInf; }
       // R > 1: this lane's B column row (head min(g / 2, R - 1), column g % 2 of the m-tile's pair; + 2v kBRow)
-      const uint8_t* bpk = smem + C::kOffB + (it & 1) * 8 * R * kBRow + (8 * min(g >> 1, R - 1) + (g & 1)) * kBRow + r * 16;
+      const uint8_t* bpk =
+          smem + C::kOffB + (it & 1) * 8 * R * kBRow + (8 * min(g >> 1, R - 1) + (g & 1)) * kBRow + r * 16;
       auto mtiles = [&](auto irregular) {
         constexpr bool kIrr = decltype(irregular)::value;
 #pragma unroll
