@@ -46,8 +46,8 @@ DECODE_KERNELS = ("auto", "cuda-core", "tensor-core", "tensor-core-16w")
 DECODE_KERNEL = os.environ.get("CQTOOL_DECODE_KERNEL", "auto")
 AUTO_MMA_TOKENS = 16384
 # GQA blocks of 2-4 query heads: below this many cached tokens per sequence the CUDA-core kernel, which shares each
-# kv head's work among the whole group, was faster (H100, 512 x 256: 0.53 vs 0.68 ms; at 512 x 512 the tensor-core
-# kernel 0.18 vs 0.19). MHA has no such limit since the tensor-core blocks loop over their items with the key tables
+# kv head's work among the whole group, was faster (H100, Llama-3-8b shapes, 512 x 256: 0.53 vs 0.62 ms; at 512 x 512
+# the tensor-core kernel 0.63 vs 0.71, re-measured after the packed-head MMA). MHA has no such limit since the tensor-core blocks loop over their items with the key tables
 # loaded (512 x 128: 0.95 vs 1.63 ms on CUDA cores; docs/RESULTS_kernels.md).
 AUTO_MMA_MIN_SEQ = 512
 AUTO_MMA_KERNEL = "tensor-core"
