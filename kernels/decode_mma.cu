@@ -399,8 +399,9 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
 
   // accumulators of the histogram bins this thread owns (bin tid + kNT k of each head)
   float acc[R == 1 ? kBinsPerThread : 1];
-  float m_ref[R], l[R], ptile[R], mass_acc[R];
-  // R > 1: this lane's query head r (r < R) - its sum of p and its mass of the last tile (l, ptile are for R == 1)
+  float m_ref[R], mass_acc[R];
+  // the sum of p and the last tile's mass of this lane's tokens, for its query head (R == 1: head 0; R > 1: head r, or
+  // none for r >= R)
   float l_r = 0.f, ptile_r = 0.f;
   uint32_t* hist = reinterpret_cast<uint32_t*>(smem + C::kOffHist);
   float* red = reinterpret_cast<float*>(smem + C::kOffRed);
@@ -569,7 +570,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
 #pragma unroll
     for (int k = 0; k < (R == 1 ? kBinsPerThread : 1); ++k) acc[k] = 0.f;
 #pragma unroll
-    for (int j = 0; j < R; ++j) { m_ref[j] = kNegInf; l[j] = 0.f; ptile[j] = 0.f; mass_acc[j] = 0.f; }
+    for (int j = 0; j < R; ++j) { m_ref[j] = kNegInf; mass_acc[j] = 0.f; }
     l_r = 0.f;
     ptile_r = 0.f;
 #pragma unroll
@@ -612,9 +613,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       // m-tile r's scores (s0, s1). R > 1: the n-tile of m-tile v packs the R heads' columns 2v, 2v + 1 (column c: head
       // c / 2, column 2v + c % 2; c >= 2R repeat head R - 1), so one MMA chain scores every head and lane r keeps head
       // r's scores of each m-tile (sv0[v], sv1[v]); lanes r >= R hold none.
-      float s0[R], s1[R], sv0[kMT], sv1[kMT];
-#pragma unroll
-      for (int j = 0; j < R; ++j) { s0[j] = kNegInf; s1[j] = kNegInf; }
+      float s0 = kNegInf, s1 = kNegInf, sv0[kMT], sv1[kMT];
       // R > 1: this lane's B column row (head min(g / 2, R - 1), column g % 2 of the m-tile's pair; + 2v kBRow)
       const uint8_t* bpk =
           smem + C::kOffB + (it & 1) * 8 * R * kBRow + (8 * min(g >> 1, R - 1) + (g & 1)) * kBRow + r * 16;
@@ -658,7 +657,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
             sy = d[0][3] + d[1][3];
           }
           if constexpr (R == 1) {
-            if (r == v) { s0[0] = sx; s1[0] = sy; }
+            if (r == v) { s0 = sx; s1 = sy; }
           } else {
             sv0[vv] = sx;
             sv1[vv] = sy;
@@ -668,8 +667,8 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       if (irr) mtiles(std::true_type{});
       else mtiles(std::false_type{});
       if constexpr (R == 1) {
-        if (o0 >= n) s0[0] = kNegInf;
-        if (o0 + kDelta >= n) s1[0] = kNegInf;
+        if (o0 >= n) s0 = kNegInf;
+        if (o0 + kDelta >= n) s1 = kNegInf;
       } else {
 #pragma unroll
         for (int vv = 0; vv < kMT; ++vv) {
@@ -681,7 +680,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
 
       // ---- tile max and the previous tile's mass per head, block-wide; the next tile's columns and regularity
       if constexpr (R == 1) {
-        float mx = fmaxf(s0[0], s1[0]), ms = ptile[0];
+        float mx = fmaxf(s0, s1), ms = ptile_r;
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) {
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
@@ -719,8 +718,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
         if (tmax > m_ref[j]) {
           const float scale = m_ref[j] == kNegInf ? 0.f : exp2f(m_ref[j] - tmax);
           flush(j, scale);
-          l[j] *= scale;
-          if (r == j) l_r *= scale;
+          if (R == 1 || r == j) l_r *= scale;
           m_ref[j] = tmax;
           mass_acc[j] = 0.f;
           flushed = true;
@@ -734,10 +732,10 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
 
       // ---- p (scattered during the next tile); the stage of tile it - 1 is free now: load tile it + 2 into it
       if constexpr (R == 1) {
-        const float p0 = s0[0] == kNegInf ? 0.f : fast_exp2(s0[0] - m_ref[0]);
-        const float p1 = s1[0] == kNegInf ? 0.f : fast_exp2(s1[0] - m_ref[0]);
-        l[0] += p0 + p1;
-        ptile[0] = p0 + p1;
+        const float p0 = s0 == kNegInf ? 0.f : fast_exp2(s0 - m_ref[0]);
+        const float p1 = s1 == kNegInf ? 0.f : fast_exp2(s1 - m_ref[0]);
+        l_r += p0 + p1;
+        ptile_r = p0 + p1;
         pbw[lane] = __float2uint_rn(p0 * kFix);
         pbw[36 + lane] = __float2uint_rn(p1 * kFix);
       } else {  // head r's p of m-tile v go where lane 4 g + v's would (the scatter's layout)
@@ -780,7 +778,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
 #pragma unroll
     for (int j = 0; j < R; ++j) flush(j, 1.f);
     if constexpr (R == 1) {
-      float lw = l[0];
+      float lw = l_r;
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) lw += __shfl_xor_sync(0xffffffffu, lw, off);
       if (lane == 0) red[warp] = lw;
