@@ -47,8 +47,9 @@ DECODE_KERNEL = os.environ.get("CQTOOL_DECODE_KERNEL", "auto")
 AUTO_MMA_TOKENS = 16384
 # GQA blocks of 2-4 query heads: below this many cached tokens per sequence the CUDA-core kernel, which shares each
 # kv head's work among the whole group, was faster (H100, Llama-3-8b shapes, 512 x 256: 0.53 vs 0.62 ms; at 512 x 512
-# the tensor-core kernel 0.63 vs 0.71, re-measured after the packed-head MMA). MHA has no such limit since the tensor-core blocks loop over their items with the key tables
-# loaded (512 x 128: 0.95 vs 1.63 ms on CUDA cores; docs/RESULTS_kernels.md).
+# the tensor-core kernel 0.63 vs 0.71, re-measured after the packed-head MMA). MHA has no such limit since the
+# tensor-core blocks loop over their items with the key tables loaded (512 x 128: 0.95 vs 1.63 ms on CUDA cores;
+# docs/RESULTS_kernels.md).
 AUTO_MMA_MIN_SEQ = 512
 AUTO_MMA_KERNEL = "tensor-core"
 # Tensor-core decode blocks per launch, read at every call: 0 (default) = one per SM, each block looping over a
@@ -274,16 +275,6 @@ def _with_full_precision(view, k: torch.Tensor, v: torch.Tensor, allowed: torch.
         values.append(layer.sink_v)
         masks.append((allowed & use_fp & sink)[..., :n])
     return torch.cat(keys, 2), torch.cat(values, 2), torch.cat(masks, 2)
-
-
-def _shared_heads(group: int) -> int:
-    """Query heads per tensor-core decode block (kernels/decode_mma.cu mma_group, 8 warps): a GQA group runs as
-    ceil(group / 4) blocks per kv head of R = ceil(group / blocks) heads, the last overlapping the one before it when R
-    does not divide the group (7 -> 4 + 4 over heads 0-3 and 3-6, 5 -> 3 + 3); 1 for MHA."""
-    if group < 2:
-        return 1
-    blocks = -(-group // 4)
-    return -(-group // blocks)
 
 
 def _decode_variant(B: int, S: int, group: int = 1) -> int:
