@@ -52,7 +52,6 @@ constexpr int kDelta = 64;         // tokens between two query columns (= the ra
 constexpr int kTile = 8 * kDelta;  // tokens per tile: 8 query columns
 constexpr int kMStages = 3;
 constexpr int kCodes = 256;
-constexpr int kRB = 16;  // code row bytes: 16 groups x 8 bits
 constexpr float kFix = 4194304.f;  // 2^22: p <= 1 and at most 1012 units of mass per bin between flushes
 constexpr float kInvFix = 1.f / 4194304.f;
 constexpr float kFlushMass = 500.f;  // flush before a tile when the mass since the last flush exceeds this
@@ -65,30 +64,40 @@ constexpr int kPBufStride = 68;      // words per warp: token 0 of each lane at 
 // is shared address 0x10000, so a key gather's whole shared address is one PRMT of its code byte into the constant
 // (copy << 16 | slot << 4) with the table base in bits 16 and up: no address add per gather. Stages, reductions,
 // p buffers (and the query columns where they fit) lie below the tables, the histograms (and columns) above.
-constexpr int kTabCopy = kCodes * kD * 2;                  // one key table [code][16 chunks of 8 channels]
-constexpr int kOffTab = 0xFC00;                            // key table copies; the value table at the end
+constexpr int kTabCopy = kCodes * kD * 2;                  // one key table [code][128 channels]
+constexpr int kOffTab8 = 0xFC00;                           // c = 8: key table copies at shared address 0x10000
 constexpr uint32_t kSharedWindow = 0x400;                  // dynamic shared memory starts here (reserved 1 KiB)
-static_assert(((kSharedWindow + kOffTab) & 0xFFFFu) == 0, "key tables must start at a 64 KiB shared address");
-constexpr int kVRows = kTile * kRB;                        // value rows follow the key rows in a stage
-constexpr int kStageBytes = kVRows + kTile * kRB + 8 * 16;  // value rows skewed by 16 B per 64 tokens
+static_assert(((kSharedWindow + kOffTab8) & 0xFFFFu) == 0, "key tables must start at a 64 KiB shared address");
 
 // NW warps per block (8 or 16), R query heads per block (1; or 2, 3, 4 heads of a GQA group, with 8 warps). Warp w
 // handles the tokens at tau = 8 (w % 8) + lane / 4 of each 64-token column group, and m-tiles (pairs of columns)
 // kMT (w / 8) .. kMT (w / 8) + kMT - 1 of every tile: with 16 warps each warp has half the m-tiles of the 8-warp
 // kernel and twice as many warps hide the latencies (measured slower on the H100: docs/RESULTS_kernels.md).
-template <int NW, int R>
+// KC channels per code group for keys and values: 8 (CQ-8c8b, 16 groups) or 4 (CQ-4c8b, 32 groups; MHA only, 8 warps).
+// With c = 4 a chunk of 8 channels is two groups: two 8-byte gathers of two codes instead of one 16-byte gather, then
+// the same rotation and MMA; a warp's value atomics take the 32 groups of one token.
+template <int NW, int R, int KC = 8>
 struct Cfg {
   static_assert(NW == 8 || NW == 16, "8 or 16 warps");
   static_assert(R == 1 || (NW == 8 && R >= 2 && R <= 4), "query heads per block: 1, or 2 to 4 with 8 warps");
+  static_assert(KC == 8 || (KC == 4 && NW == 8 && R == 1), "c = 4: one query head per block, 8 warps");
+  static constexpr int kKC = KC;
+  static constexpr int kGroups = kD / KC;          // code groups per head (= code row bytes: 8-bit codes)
+  static constexpr int kRB = kGroups;
+  static constexpr int kVRows = kTile * kRB;                        // value rows follow the key rows in a stage
+  static constexpr int kStageBytes = kVRows + kTile * kRB + 8 * 16;  // value rows skewed by 16 B per 64 tokens
   static constexpr int kNW = NW;
   static constexpr int kNT = NW * 32;
   static constexpr int kMT = 4 / (NW / 8);        // m-tiles per warp and tile
   static constexpr int kRR = kMT;                 // lanes r (= lane % 4) of a warp that hold scores
   static constexpr int kParts = 4 / kMT;          // scatter parts per m-tile
-  static constexpr int kCopies = R == 1 ? 2 : 1;  // key table copies
-  static constexpr int kRep = R <= 2 ? 2 : 1;     // histogram replicas
-  static constexpr int kSlots = 16 * kRep;        // histogram slots per code
+  // key table copies: two for c = 8 and R = 1 (the second with its halves swapped); c = 4 has no room for two
+  static constexpr int kCopies = R == 1 && KC == 8 ? 2 : 1;
+  static constexpr int kRep = R <= 2 && KC == 8 ? 2 : 1;  // histogram replicas
+  static constexpr int kSlots = kGroups * kRep;           // histogram slots per code
   static constexpr int kBinsHead = kCodes * kSlots;
+  // whole shared addresses for the key gathers and the histogram atomics (see the top of this file)
+  static constexpr bool kWhole = R == 1 && KC == 8;
   // R = 3, 4 (one replica): the value scatter pairs heads instead of tokens, so head j's histogram starts 16 banks
   // after head j - 1's (kHeadStride words apart)
   static constexpr bool kPair = R >= 3;
@@ -103,7 +112,11 @@ struct Cfg {
   static constexpr int kPBufBytes = R * NW * kPBufStride * 4;  // p of each warp's tokens, per query head
   static constexpr int kBBytes = 2 * 8 * R * kBRow;             // query columns [2][8 R][kBRow], double buffered
   static constexpr int kHistBytes = R * kHeadStride * 4;        // u32 [R][code][slots] (+ kHeadStride padding)
-  static constexpr bool kBBelow = kStagesBytes + kRedBytes + kPBufBytes + kBBytes <= kOffTab;
+  // c = 8: the key tables at kOffTab8 (stages, reductions, p buffers and, where they fit, the columns below them);
+  // c = 4 (no whole addresses): everything in sequence, the tables after the buffers
+  static constexpr int kBelow = kStagesBytes + kRedBytes + kPBufBytes;
+  static constexpr int kOffTab = KC == 8 ? kOffTab8 : kBelow + kBBytes;
+  static constexpr bool kBBelow = kBelow + kBBytes <= kOffTab;
   static constexpr int kOffStage = 0;
   static constexpr int kOffRed = kStagesBytes;
   static constexpr int kOffPBuf = kOffRed + kRedBytes;
@@ -111,6 +124,7 @@ struct Cfg {
   static constexpr int kOffB = kBBelow ? kOffPBuf + kPBufBytes : kOffHist + kHistBytes;
   static constexpr int kSmem = kBBelow ? kOffHist + kHistBytes : kOffB + kBBytes;
   static_assert(kOffPBuf + kPBufBytes + (kBBelow ? kBBytes : 0) <= kOffTab, "buffers below the key tables");
+  static_assert(kOffTab % 16 == 0, "16-byte alignment");
   static_assert(kOffB % 16 == 0 && kOffPBuf % 16 == 0 && kOffHist % 16 == 0, "16-byte alignment");
   static_assert(kSmem <= 232448, "decode_mma shared memory exceeds the H100/H200 per-block limit");
   static_assert(kCodes % (kNT / kD) == 0 && kNT % kD == 0, "value product split");
@@ -140,6 +154,7 @@ struct RopeK {
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
+__device__ __forceinline__ uint32_t word(const uint2& v, int i) { return i == 0 ? v.x : v.y; }
 
 // RoPE constants of angle * f for the 8 frequencies of chunk a (channels 8(4a + r) + 2e + {0, 1}).
 template <typename T>
@@ -217,6 +232,30 @@ __device__ __forceinline__ uint32_t gather_off(int g, int r, int a, int copies =
   return (odd << 16) | ((static_cast<uint32_t>(4 * a + r) ^ (odd << 2)) << 4);
 }
 
+// c = 4: a lane's code word a holds the codes of its chunk 4a + r (groups 2 (4a + r) + e, e = 0, 1) in bytes
+// 2 (r & 1) + e (see load_stage). The selector puts byte e of them into byte 1; the offset of group 2 gamma + e in a
+// code's 256-byte table row is 16 gamma + 8 e. Two 8-byte gathers make the chunk's 8 channels. The four keys (rows g)
+// of a half-warp read the same group of one table: rows of odd g fetch group e = 1 first (swap), so that each 8-byte
+// gather instruction meets a 2-way bank conflict instead of a 4-way one, for 4 selects per chunk.
+__device__ __forceinline__ uint32_t gather_sel4(int r, int e) {
+  return 0x7604u | (static_cast<uint32_t>(2 * (r & 1) + e) << 4);
+}
+// lane constants of chunk 4a + r: offsets (first, second) and selectors (first, second) of its two groups
+__device__ __forceinline__ void gather4_consts(int g, int r, int a, uint32_t& off_a, uint32_t& off_b, uint32_t& sel_a,
+                                               uint32_t& sel_b) {
+  const uint32_t odd = static_cast<uint32_t>(g & 1), base = static_cast<uint32_t>(4 * a + r) << 4;
+  off_a = base | (odd << 3);
+  off_b = base | ((odd ^ 1u) << 3);
+  sel_a = gather_sel4(r, static_cast<int>(odd));
+  sel_b = gather_sel4(r, static_cast<int>(odd ^ 1u));
+}
+__device__ __forceinline__ uint4 gather4(const uint8_t* tab, uint32_t kw, uint32_t off_a, uint32_t off_b, uint32_t sel_a,
+                                         uint32_t sel_b, bool swap) {
+  const uint2 u = *reinterpret_cast<const uint2*>(tab + __byte_perm(kw, off_a, sel_a));
+  const uint2 v = *reinterpret_cast<const uint2*>(tab + __byte_perm(kw, off_b, sel_b));
+  return swap ? make_uint4(v.x, v.y, u.x, u.y) : make_uint4(u.x, u.y, v.x, v.y);
+}
+
 // Shared-memory accesses at whole 32-bit shared addresses (no window base to add).
 __device__ __forceinline__ uint4 lds128(uint32_t addr) {
   uint4 v;
@@ -229,7 +268,7 @@ __device__ __forceinline__ void red_add(uint32_t addr, uint32_t v) {
 
 // Scores of an m-tile whose keys are not at consecutive positions: each key rotated at its own offset px / py
 // from its column. Out of line, so that its sincosf calls do not raise the register pressure of the regular loop.
-template <typename T>
+template <typename T, int KC>
 __device__ __noinline__ float2 irregular_mtile(const uint8_t* tab, const uint8_t* bcol, uint4 cx, uint4 cy, int lane,
                                                float px, float py, const float* inv_freq, int copies) {
   const int g = lane >> 2, r = lane & 3;
@@ -237,11 +276,23 @@ __device__ __noinline__ float2 irregular_mtile(const uint8_t* tab, const uint8_t
   float d0[4] = {0.f, 0.f, 0.f, 0.f}, d1[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
   for (int a = 0; a < 2; ++a) {
-    const uint32_t lo = gather_off(g, r, a, copies), hi = gather_off(g, r, a + 2, copies);
-    const uint4 xlo = *reinterpret_cast<const uint4*>(tab + __byte_perm(word(cx, a), lo, sel));
-    const uint4 xhi = *reinterpret_cast<const uint4*>(tab + __byte_perm(word(cx, a + 2), hi, sel));
-    const uint4 ylo = *reinterpret_cast<const uint4*>(tab + __byte_perm(word(cy, a), lo, sel));
-    const uint4 yhi = *reinterpret_cast<const uint4*>(tab + __byte_perm(word(cy, a + 2), hi, sel));
+    uint4 xlo, xhi, ylo, yhi;
+    if constexpr (KC == 8) {
+      const uint32_t lo = gather_off(g, r, a, copies), hi = gather_off(g, r, a + 2, copies);
+      xlo = *reinterpret_cast<const uint4*>(tab + __byte_perm(word(cx, a), lo, sel));
+      xhi = *reinterpret_cast<const uint4*>(tab + __byte_perm(word(cx, a + 2), hi, sel));
+      ylo = *reinterpret_cast<const uint4*>(tab + __byte_perm(word(cy, a), lo, sel));
+      yhi = *reinterpret_cast<const uint4*>(tab + __byte_perm(word(cy, a + 2), hi, sel));
+    } else {
+      uint32_t la, lb, lsa, lsb, ha, hb, hsa, hsb;
+      gather4_consts(g, r, a, la, lb, lsa, lsb);
+      gather4_consts(g, r, a + 2, ha, hb, hsa, hsb);
+      const bool odd = g & 1;
+      xlo = gather4(tab, word(cx, a), la, lb, lsa, lsb, odd);
+      xhi = gather4(tab, word(cx, a + 2), ha, hb, hsa, hsb, odd);
+      ylo = gather4(tab, word(cy, a), la, lb, lsa, lsb, odd);
+      yhi = gather4(tab, word(cy, a + 2), ha, hb, hsa, hsb, odd);
+    }
     uint32_t fr[2][2][4], c[4], sn[4], ns[4];
     rope_consts_a<T>(inv_freq, r, a, px, c, sn, ns);
     rotate_key<T, 0>(xlo, xhi, c, sn, ns, fr);
@@ -257,11 +308,12 @@ __device__ __noinline__ float2 irregular_mtile(const uint8_t* tab, const uint8_t
 // 2hh + 1 of the thread's chunk a (channels 8(4a + r) ..). The scores of the m-tile's keys x (row lane/4) and y
 // (row lane/4 + 8) against the query columns are d0[0] + d1[0] (column 2r) and d0[3] + d1[3] (column 2r + 1).
 
-template <typename T, int NW, int R>
+template <typename T, int NW, int R, int KC>
 __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams p) {
-  using C = Cfg<NW, R>;
+  using C = Cfg<NW, R, KC>;
   constexpr int kNW = C::kNW, kNT = C::kNT, kMT = C::kMT, kRR = C::kRR, kBinsPerThread = C::kBinsPerThread;
-  constexpr int kSlots = C::kSlots;
+  constexpr int kSlots = C::kSlots, kRB = C::kRB, kVRows = C::kVRows, kStageBytes = C::kStageBytes;
+  constexpr int kOffTab = C::kOffTab, kGroups = C::kGroups;
   extern __shared__ __align__(16) uint8_t smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wt = warp & 7, wh = warp >> 3;  // tau group (tau = 8 wt + lane / 4) and m-tile half
@@ -314,12 +366,27 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     uint8_t* sp = smem + C::kOffStage + stage * kStageBytes;
     const uint8_t* ks = kc + static_cast<int64_t>(t0) * kRB;
     const uint8_t* vs = vc + static_cast<int64_t>(t0) * kRB;
+    if constexpr (KC == 8) {
 #pragma unroll
-    for (int j = 0; j < C::kTokPerThread; ++j) {
-      const int i = tid + j * kNT;
-      if (i < n) {
-        cp_async16(sp + i * kRB, ks + i * kRB);
-        cp_async16(sp + kVRows + i * kRB + (i / kDelta) * 16, vs + i * kRB);
+      for (int j = 0; j < C::kTokPerThread; ++j) {
+        const int i = tid + j * kNT;
+        if (i < n) {
+          cp_async16(sp + i * kRB, ks + i * kRB);
+          cp_async16(sp + kVRows + i * kRB + (i / kDelta) * 16, vs + i * kRB);
+        }
+      }
+    } else {
+      // key rows with their words permuted (word w at slot (w & 1) * 4 + w / 2): lane r's code words for chunks
+      // 4a + r (a = 0..3: words 2a + r / 2) are then the 16 bytes at r / 2 * 16
+#pragma unroll
+      for (int j = 0; j < kTile * 8 / kNT; ++j) {
+        const int i = (tid + j * kNT) >> 3, w = (tid + j * kNT) & 7;
+        if (i < n) cp_async4(sp + i * kRB + ((w & 1) * 4 + (w >> 1)) * 4, ks + i * kRB + w * 4);
+      }
+#pragma unroll
+      for (int j = 0; j < kTile * 2 / kNT; ++j) {
+        const int i = (tid + j * kNT) >> 1, h = (tid + j * kNT) & 1;
+        if (i < n) cp_async16(sp + kVRows + i * kRB + (i / kDelta) * 16 + h * 16, vs + i * kRB + h * 16);
       }
     }
   };
@@ -329,10 +396,17 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
   int cur_hk = -1;
   auto prologue = [&](const Item& it) {
     if (it.ntile > 0 && it.hk != cur_hk) {
-      const T* kcent = reinterpret_cast<const T*>(p.k_cent) + static_cast<int64_t>(it.hk) * 16 * kCodes * 8;
-      for (int i = tid; i < C::kCopies * kCodes * 16; i += kNT) {
-        const int copy = i >> 12, code = (i >> 4) & (kCodes - 1), slot = i & 15, gamma = slot ^ (copy << 2);
-        cp_async16(smem + kOffTab + copy * kTabCopy + code * 256 + slot * 16, kcent + (gamma * kCodes + code) * 8);
+      const T* kcent = reinterpret_cast<const T*>(p.k_cent) + static_cast<int64_t>(it.hk) * kD * kCodes;
+      if constexpr (KC == 8) {
+        for (int i = tid; i < C::kCopies * kCodes * 16; i += kNT) {
+          const int copy = i >> 12, code = (i >> 4) & (kCodes - 1), slot = i & 15, gamma = slot ^ (copy << 2);
+          cp_async16(smem + kOffTab + copy * kTabCopy + code * 256 + slot * 16, kcent + (gamma * kCodes + code) * 8);
+        }
+      } else {  // [code][group]: group gamma's 4 channels at byte 8 gamma of the code's 256-byte row
+        for (int i = tid; i < kCodes * kGroups; i += kNT) {
+          const int gamma = i >> 8, code = i & (kCodes - 1);
+          cp_async8(smem + kOffTab + code * 256 + gamma * 8, kcent + (gamma * kCodes + code) * 4);
+        }
       }
       cur_hk = it.hk;
     }
@@ -345,19 +419,30 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
   };
 
   // ---- per-thread constants of the key gathers and rotations
-  const uint32_t sel = gather_sel(r);
+  uint32_t sel = gather_sel(r), sel1 = 0u;
   // shared address of the key tables: its low 16 bits are zero (kOffTab), so PRMT can put a code into bits 8-15
-  constexpr bool kWhole = R == 1;  // whole shared addresses (see the top of this file)
+  constexpr bool kWhole = C::kWhole;  // whole shared addresses (see the top of this file)
   const uint32_t sbase = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const uint32_t tabs = sbase + kOffTab;
   if (kWhole && (tabs & 0xFFFFu) != 0u) __trap();  // launches check the window (smem_window_ok): never silently wrong
-  uint32_t loff[4];  // (table base +) copy << 16 | slot << 4 of chunk 4a + r
+  // (table base +) copy << 16 | slot << 4 of chunk 4a + r; c = 4: its two groups' offsets (loff[a], loff[4 + a])
+  uint32_t loff[KC == 8 ? 4 : 8];
 #pragma unroll
-  for (int a = 0; a < 4; ++a) loff[a] = (kWhole ? tabs : 0u) + gather_off(g, r, a, C::kCopies);
+  for (int a = 0; a < 4; ++a) {
+    if constexpr (KC == 8) {
+      loff[a] = (kWhole ? tabs : 0u) + gather_off(g, r, a, C::kCopies);
+    } else {
+      gather4_consts(g, r, a, loff[a], loff[4 + a], sel, sel1);  // sel, sel1: the same for every a
+    }
+  }
   auto gather = [&](uint32_t code_word, int a) {  // 8 key channels of chunk 4a + r, by the code byte r of code_word
-    const uint32_t at = __byte_perm(code_word, loff[a], sel);
-    if constexpr (kWhole) return lds128(at);
-    else return *reinterpret_cast<const uint4*>(smem + kOffTab + at);
+    if constexpr (KC == 4) {
+      return gather4(smem + kOffTab, code_word, loff[a], loff[4 + a], sel, sel1, g & 1);
+    } else {
+      const uint32_t at = __byte_perm(code_word, loff[a], sel);
+      if constexpr (kWhole) return lds128(at);
+      else return *reinterpret_cast<const uint4*>(smem + kOffTab + at);
+    }
   };
   RopeK rk;  // R(tau), tau = 8 wt + g: fixed for all of this thread's keys
   rope_consts<T>(p.inv_freq, r, static_cast<float>(8 * wt + g), rk);
@@ -478,7 +563,33 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       }
     }
   };
+  // c = 4 (R = 1): lane = value group; each atomic instruction adds one token's p to its 32 groups' bins (32 banks)
+  const uint8_t* const vgrp = smem + kVRows + 8 * wt * kRB + lane;
+  uint8_t* const hgrp = smem + C::kOffHist + lane * 4;
+  auto scatter4 = [&](const uint8_t* sv, int part) {
+    const uint8_t* vb = sv + (vgrp - smem);
+#pragma unroll
+    for (int k4 = 2 * part; k4 < 2 * part + 2; ++k4) {
+#pragma unroll
+      for (int th = 0; th < 2; ++th) {
+        // tokens 2 rr * 64 + 8 wt + k4 + 64 th (lane 4 k4 + rr's p of its token th); value row skew 16 B per 64 tokens
+        uint32_t code[4];
+#pragma unroll
+        for (int rr = 0; rr < 4; ++rr)
+          code[rr] = vb[k4 * kRB + (2 * rr + th) * (kDelta * kRB + 16)] * (kSlots * 4);
+        const uint4 w = *reinterpret_cast<const uint4*>(pbw + 36 * th + 4 * k4);
+        atomicAdd(reinterpret_cast<unsigned*>(hgrp + code[0]), w.x);
+        atomicAdd(reinterpret_cast<unsigned*>(hgrp + code[1]), w.y);
+        atomicAdd(reinterpret_cast<unsigned*>(hgrp + code[2]), w.z);
+        atomicAdd(reinterpret_cast<unsigned*>(hgrp + code[3]), w.w);
+      }
+    }
+  };
   auto scatter = [&](const uint8_t* sv, int part) {
+    if constexpr (KC == 4) {
+      scatter4(sv, part);
+      return;
+    }
     if constexpr (C::kPair) {
       scatter_pairs(sv, part);
       return;
@@ -625,15 +736,17 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
 #pragma unroll
           for (int pp = 0; pp < C::kParts; ++pp) scatter(sv_prev, vv * C::kParts + pp);
           const int offx = 2 * v * kDelta + 8 * wt + g, offy = offx + kDelta;
-          const uint4 cx = *reinterpret_cast<const uint4*>(sk + offx * kRB);
-          const uint4 cy = *reinterpret_cast<const uint4*>(sk + offy * kRB);
+          // the key code words of this lane (c = 4: its half of the permuted row)
+          const int cofs = KC == 8 ? 0 : (r >> 1) * 16;
+          const uint4 cx = *reinterpret_cast<const uint4*>(sk + offx * kRB + cofs);
+          const uint4 cy = *reinterpret_cast<const uint4*>(sk + offy * kRB + cofs);
           const uint8_t* bcol = R == 1 ? bsrc : bpk + 2 * v * kBRow;
           float sx, sy;
           if constexpr (kIrr) {  // each key at its own position, relative to its column's P_tile + 64 n
             const int64_t bx = P_tile + 2 * v * kDelta, by = bx + kDelta;
             const float px = static_cast<float>((offx < n ? pos_g[t0 + offx] : bx) - bx);
             const float py = static_cast<float>((offy < n ? pos_g[t0 + offy] : by) - by);
-            const float2 sc = irregular_mtile<T>(smem + kOffTab, bcol, cx, cy, lane, px, py, p.inv_freq, C::kCopies);
+            const float2 sc = irregular_mtile<T, KC>(smem + kOffTab, bcol, cx, cy, lane, px, py, p.inv_freq, C::kCopies);
             sx = sc.x;
             sy = sc.y;
           } else {
@@ -790,29 +903,31 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     }
     __syncthreads();  // every u32 bin read before the fp32 sums overwrite them
 
-    // ---- histogram x value centroids. The fp32 bins, replicas summed, go to ht[j][gamma][code ^ 2 gamma] (in place
-    // of the u32 bins; the swizzle keeps these writes and the product's reads free of bank conflicts). Warp w then
-    // takes value groups gamma = kGPW w .., each lane the codes lane + 32 k: one 16-byte centroid load from global
-    // memory (L2; coalesced along the codes) and 8 FMAs per code, group and head, summed over the lanes at the end.
+    // ---- histogram x value centroids. The fp32 bins, replicas summed, go to ht[j][gamma][code ^ sw(gamma)] (in
+    // place of the u32 bins; the swizzle keeps these writes and the product's reads free of bank conflicts). Warp w
+    // then takes value groups gamma = kGPW w .., each lane the codes lane + 32 k: one c-wide centroid load from global
+    // memory (L2; coalesced along the codes) and c FMAs per code, group and head, summed over the lanes at the end.
     float* ht = reinterpret_cast<float*>(smem + C::kOffHist);
+    auto sw = [](int gamma) { return KC == 8 ? 2 * gamma : gamma; };
 #pragma unroll
     for (int j = 0; j < R; ++j) {
 #pragma unroll
       for (int k = 0; k < kBinsPerThread; ++k) {
-        const int idx = tid + kNT * k, code = idx / kSlots, gamma = idx & 15;
+        const int idx = tid + kNT * k, code = idx / kSlots, gamma = idx & (kGroups - 1);
         float v;
         if constexpr (R == 1) v = acc[k];
         else v = gacc[j * C::kBinsHead + idx];
         if constexpr (C::kRep == 2) v += __shfl_xor_sync(0xffffffffu, v, 16);  // slot gamma + 16 is lane ^ 16
-        if (C::kRep == 1 || lane < 16) ht[(j * 16 + gamma) * kCodes + (code ^ (2 * gamma))] = v;
+        if (C::kRep == 1 || lane < 16) ht[(j * kGroups + gamma) * kCodes + (code ^ sw(gamma))] = v;
       }
     }
     __syncthreads();
-    constexpr int kGPW = 16 / kNW;  // value groups per warp
-    const uint4* vrow =
-        reinterpret_cast<const uint4*>(p.v_cent) + static_cast<int64_t>(cur.hk) * 16 * kCodes;  // [gamma][code]
-    float o[R][kGPW][8] = {};
-    uint4 raws[kCodes / 32][kGPW];  // every load issued before the first use: one L2 latency, not eight
+    constexpr int kGPW = kGroups / kNW;  // value groups per warp
+    using VT = typename std::conditional<KC == 8, uint4, uint2>::type;  // one value centroid (c 16-bit channels)
+    const VT* vrow =
+        reinterpret_cast<const VT*>(p.v_cent) + static_cast<int64_t>(cur.hk) * kGroups * kCodes;  // [gamma][code]
+    float o[R][kGPW][KC] = {};
+    VT raws[kCodes / 32][kGPW];  // every load issued before the first use: one L2 latency, not eight
 #pragma unroll
     for (int k = 0; k < kCodes / 32; ++k)
 #pragma unroll
@@ -823,19 +938,19 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
 #pragma unroll
       for (int gi = 0; gi < kGPW; ++gi) {
         const int gamma = kGPW * warp + gi;
-        const uint4 raw = raws[k][gi];
-        float vf[8];
+        const VT raw = raws[k][gi];
+        float vf[KC];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
+        for (int e = 0; e < KC / 2; ++e) {
           const float2 f = unpack2<T>(word(raw, e));
           vf[2 * e] = f.x;
           vf[2 * e + 1] = f.y;
         }
 #pragma unroll
         for (int j = 0; j < R; ++j) {
-          const float h = ht[(j * 16 + gamma) * kCodes + (code ^ (2 * gamma))];
+          const float h = ht[(j * kGroups + gamma) * kCodes + (code ^ sw(gamma))];
 #pragma unroll
-          for (int e = 0; e < 8; ++e) o[j][gi][e] = fmaf(h, vf[e], o[j][gi][e]);
+          for (int e = 0; e < KC; ++e) o[j][gi][e] = fmaf(h, vf[e], o[j][gi][e]);
         }
       }
     }
@@ -847,18 +962,18 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
 #pragma unroll
       for (int gi = 0; gi < kGPW; ++gi) {
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
+        for (int e = 0; e < KC; ++e) {
           float oj = o[j][gi][e];
 #pragma unroll
           for (int off = 16; off > 0; off >>= 1) oj += __shfl_xor_sync(0xffffffffu, oj, off);
           o[j][gi][e] = oj;
         }
-        // lane e of the warp writes channel 8 gamma + e
+        // lane e of the warp writes channel c gamma + e
         float mine = 0.f;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) mine = lane == e ? o[j][gi][e] : mine;
-        const int d = 8 * (kGPW * warp + gi) + lane;
-        if (lane < 8 && j >= cur.skip) {
+        for (int e = 0; e < KC; ++e) mine = lane == e ? o[j][gi][e] : mine;
+        const int d = KC * (kGPW * warp + gi) + lane;
+        if (lane < KC && j >= cur.skip) {
           if (nsplit == 1) {
             out_ptr(j)[d] = from_f<T>(L > 0.f ? mine / L : 0.f);
           } else {
@@ -871,22 +986,23 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     __syncthreads();  // the bins and red are read before the next item reuses them
   }
 }
-template <typename T, int NW, int R>
+template <typename T, int NW, int R, int KC = 8>
 cudaError_t launch_t(const AttnParams& p, cudaStream_t stream) {
-  using C = Cfg<NW, R>;
+  using C = Cfg<NW, R, KC>;
   static bool configured = false;
   if (!configured) {
-    cudaError_t e = cudaFuncSetAttribute(decode_mma_kernel<T, NW, R>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         C::kSmem);
+    cudaError_t e = cudaFuncSetAttribute(decode_mma_kernel<T, NW, R, KC>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
     if (e != cudaSuccess) return e;
     configured = true;
   }
-  decode_mma_kernel<T, NW, R><<<p.mma_blocks, C::kNT, C::kSmem, stream>>>(p);
+  decode_mma_kernel<T, NW, R, KC><<<p.mma_blocks, C::kNT, C::kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_dt(const AttnParams& p, cudaStream_t stream) {
+  if (p.k_c == 4) return launch_t<T, 8, 1, 4>(p, stream);  // mma_decode_applies: MHA, 8 warps
   if (p.variant == 2) return launch_t<T, 16, 1>(p, stream);
   switch (mma_group(p)) {
     case 2: return launch_t<T, 8, 2>(p, stream);
@@ -899,6 +1015,7 @@ cudaError_t launch_dt(const AttnParams& p, cudaStream_t stream) {
 bool aligned16(const void* x) { return (reinterpret_cast<uintptr_t>(x) & 15) == 0; }
 
 size_t mma_smem(const AttnParams& p) {
+  if (p.k_c == 4) return Cfg<8, 1, 4>::kSmem;
   if (p.variant == 2) return Cfg<16, 1>::kSmem;
   switch (mma_group(p)) {
     case 2: return Cfg<8, 2>::kSmem;
@@ -943,12 +1060,14 @@ bool smem_window_ok() {
   return ok;
 }
 
-// variant 1: 8 warps per block, variant 2: 16 warps per block
+// variant 1: 8 warps per block, variant 2: 16 warps per block. 8-bit codes with c = 8 for K and V, or c = 4 for both
+// (CQ-4c8b) with one query head per kv head and 8 warps.
 bool mma_decode_applies(const AttnParams& p, size_t max_smem) {
+  const bool c8 = p.k_c == 8 && p.v_c == 8 && p.k_rb == kD / 8 && p.v_rb == kD / 8;
+  const bool c4 = p.k_c == 4 && p.v_c == 4 && p.k_rb == kD / 4 && p.v_rb == kD / 4 && p.variant == 1 && p.Hq == p.Hkv;
   return (p.variant == 1 || p.variant == 2) && smem_window_ok() && p.D == kD && p.Q == 1 && p.Hq % p.Hkv == 0 &&
-         p.k_bits == 8 && p.v_bits == 8 && p.k_c == 8 && p.v_c == 8 &&
-         p.k_rb == kRB && p.v_rb == kRB && aligned16(p.k_codes) && aligned16(p.v_codes) && aligned16(p.k_cent) &&
-         aligned16(p.v_cent) && mma_smem(p) <= max_smem;
+         p.k_bits == 8 && p.v_bits == 8 && (c8 || c4) && aligned16(p.k_codes) && aligned16(p.v_codes) &&
+         aligned16(p.k_cent) && aligned16(p.v_cent) && mma_smem(p) <= max_smem;
 }
 
 cudaError_t launch_mma_decode(const AttnParams& p, cudaStream_t stream) {

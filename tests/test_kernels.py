@@ -267,7 +267,8 @@ def test_decode_gqa_and_lengths(ratio, S):
 
 # ---------------------------------------------------------------- tensor-core decode kernel (kernels/decode_mma.cu)
 
-MMA_CASES = [  # one query, head_dim 128, 8-bit codes with c = 8 for K and V; MHA and GQA
+C4 = dict(kspec=(4, 8), vspec=(4, 8))
+MMA_CASES = [  # one query, head_dim 128, 8-bit codes with c = 8 (and below, c = 4) for K and V; MHA and GQA
     dict(S=3000, B=2, Hq=4, Hkv=4, dtype=torch.bfloat16, pads=[0, 1234]),  # left padding, split over blocks
     dict(S=4097, B=1, Hq=2, Hkv=2, qscale=0.05),  # nearly flat attention: the histogram is flushed every tile
     dict(S=2500, B=1, Hq=2, Hkv=2, qscale=8.0, dtype=torch.bfloat16),  # peaky: the running max moves (rescales)
@@ -294,10 +295,23 @@ MMA_CASES = [  # one query, head_dim 128, 8-bit codes with c = 8 for K and V; MH
     # no key before the window (its code items are empty)
     dict(S=700, B=1, Hq=6, Hkv=2, sinks=16, gaps=True),  # group 3, sinks only, irregular positions
     dict(S=100, B=2, Hq=2, Hkv=2, window=128, pads=[0, 40]),  # the window covers every key
+    # CQ-4c8b (c = 4 for K and V): MHA with 8 warps on tensor cores; GQA and 16 warps run the CUDA-core kernel
+    dict(S=3000, B=2, Hq=4, Hkv=4, dtype=torch.bfloat16, pads=[0, 1234], **C4),  # left padding, split over blocks
+    dict(S=4097, B=1, Hq=2, Hkv=2, qscale=0.05, **C4),  # flat: flushed every tile
+    dict(S=2500, B=1, Hq=2, Hkv=2, qscale=8.0, dtype=torch.bfloat16, **C4),  # peaky: rescales
+    dict(S=1100, B=3, Hq=48, Hkv=48, pads=[0, 5, 600], **C4),  # no split-K
+    dict(S=700, B=2, Hq=2, Hkv=2, gaps=True, dtype=torch.bfloat16, pads=[0, 100], **C4),  # irregular positions
+    dict(S=513, B=1, Hq=1, Hkv=1, rope_scale=0.7, **C4),  # one tile and one token
+    dict(S=2049, B=2, Hq=1, Hkv=1, pads=[2045, 0], **C4),  # a split with no key
+    dict(S=3000, B=2, Hq=4, Hkv=4, window=128, sinks=2, pads=[0, 1234], **C4),  # codes, then window and sinks
+    dict(S=1500, B=2, Hq=8, Hkv=2, dtype=torch.bfloat16, pads=[0, 700], **C4),  # GQA: the CUDA-core kernel
 ]
 
 
-def mma_name(kernel: str, Hq: int, Hkv: int) -> str:
+def mma_name(kernel: str, case: dict) -> str:
+    Hq, Hkv = case["Hq"], case["Hkv"]
+    if case.get("kspec") == (4, 8):  # c = 4: tensor cores for MHA with 8 warps only
+        return "decode-mma" if kernel == "tensor-core" and Hq == Hkv else "decode"
     if kernel == "tensor-core-16w":
         return "decode-mma16"
     return "decode-mma-gqa" if Hq > Hkv else "decode-mma"  # every GQA group runs blocks of 2-4 of its heads
@@ -310,7 +324,7 @@ def test_decode_mma_kernel(case, kernel, monkeypatch):
     monkeypatch.setattr(ops, "DECODE_KERNEL", kernel)
     query, view, mask, scaling = make_case(Q=1, **case)
     out = run_attention(query, view, mask, scaling)
-    assert ops.KERNEL_USED["attention"] == mma_name(kernel, case["Hq"], case["Hkv"])
+    assert ops.KERNEL_USED["attention"] == mma_name(kernel, case)
     assert_within_2x(out, query, view, mask, scaling)
 
 
@@ -326,6 +340,8 @@ MMA_MULTI_ITEM_CASES = [
     (7, dict(S=600, B=3, Hq=10, Hkv=2, pads=[0, 13, 300])),  # group 5: 3 + 3 heads, one of them in both
     (3, dict(S=1300, B=3, Hq=14, Hkv=2, dtype=torch.bfloat16, pads=[0, 1290, 40])),  # group 7: 4 + 4
     (3, dict(S=1500, B=3, Hq=8, Hkv=2, window=128, sinks=2, pads=[0, 1400, 7])),  # window and sinks
+    (3, dict(S=1100, B=5, Hq=4, Hkv=4, pads=[0, 5, 600, 1098, 300], **C4)),  # c = 4: tables reloaded per kv head
+    (4, dict(S=900, B=3, Hq=3, Hkv=3, gaps=True, dtype=torch.bfloat16, pads=[0, 899, 0], **C4)),  # irregular
 ]
 
 
@@ -339,7 +355,7 @@ def test_decode_mma_multi_item_blocks(blocks, case, kernel, monkeypatch):
     out_one = run_attention(query, view, mask, scaling)
     monkeypatch.setattr(ops, "MMA_MAX_BLOCKS", blocks)
     out = run_attention(query, view, mask, scaling)
-    assert ops.KERNEL_USED["attention"] == mma_name(kernel, case["Hq"], case["Hkv"])
+    assert ops.KERNEL_USED["attention"] == mma_name(kernel, case)
     assert_within_2x(out, query, view, mask, scaling)
     # the same items in fewer blocks: the same sums in the same order
     assert torch.equal(out, out_one)
