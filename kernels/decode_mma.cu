@@ -97,7 +97,7 @@ struct Cfg {
   static constexpr int kSlots = kGroups * kRep;           // histogram slots per code
   static constexpr int kBinsHead = kCodes * kSlots;
   // whole shared addresses for the key gathers and the histogram atomics (see the top of this file)
-  static constexpr bool kWhole = R == 1 && KC == 8;
+  static constexpr bool kWhole = R == 1;
   // R = 3, 4 (one replica): the value scatter pairs heads instead of tokens, so head j's histogram starts 16 banks
   // after head j - 1's (kHeadStride words apart)
   static constexpr bool kPair = R >= 3;
@@ -112,10 +112,10 @@ struct Cfg {
   static constexpr int kPBufBytes = R * NW * kPBufStride * 4;  // p of each warp's tokens, per query head
   static constexpr int kBBytes = 2 * 8 * R * kBRow;             // query columns [2][8 R][kBRow], double buffered
   static constexpr int kHistBytes = R * kHeadStride * 4;        // u32 [R][code][slots] (+ kHeadStride padding)
-  // c = 8: the key tables at kOffTab8 (stages, reductions, p buffers and, where they fit, the columns below them);
-  // c = 4 (no whole addresses): everything in sequence, the tables after the buffers
+  // the key tables at shared address 0x10000 (c = 8) or 0x20000 (c = 4: twice the stages below them); stages,
+  // reductions, p buffers and, where they fit, the columns below them
   static constexpr int kBelow = kStagesBytes + kRedBytes + kPBufBytes;
-  static constexpr int kOffTab = KC == 8 ? kOffTab8 : kBelow + kBBytes;
+  static constexpr int kOffTab = KC == 8 ? kOffTab8 : kOffTab8 + 0x10000;
   static constexpr bool kBBelow = kBelow + kBBytes <= kOffTab;
   static constexpr int kOffStage = 0;
   static constexpr int kOffRed = kStagesBytes;
@@ -223,6 +223,16 @@ __device__ __forceinline__ void pair_mma(float (&d0)[4], float (&d1)[4], const u
   mma16816<T>(d1, fr[1][1][0], fr[1][1][1], fr[1][1][2], fr[1][1][3], bhi.z, bhi.w);
 }
 
+// The same for chunks whose words 2, 3 come first (c = 4, rows of odd g): B words 2, 3 with the first k-step.
+template <typename T>
+__device__ __forceinline__ void pair_mma_swapped(float (&d0)[4], float (&d1)[4], const uint32_t (&fr)[2][2][4],
+                                                 const uint4& blo, const uint4& bhi) {
+  mma16816<T>(d0, fr[0][0][0], fr[0][0][1], fr[0][0][2], fr[0][0][3], blo.z, blo.w);
+  mma16816<T>(d1, fr[0][1][0], fr[0][1][1], fr[0][1][2], fr[0][1][3], blo.x, blo.y);
+  mma16816<T>(d0, fr[1][0][0], fr[1][0][1], fr[1][0][2], fr[1][0][3], bhi.z, bhi.w);
+  mma16816<T>(d1, fr[1][1][0], fr[1][1][1], fr[1][1][2], fr[1][1][3], bhi.x, bhi.y);
+}
+
 // Gather constants of a lane: the PRMT selector (byte r of a code word into byte 1) and, per chunk slot a, the
 // table copy (row parity of the quad) and the 16-byte slot of chunk 4a + r in it (copy 1 holds chunk gamma at
 // slot gamma ^ 4).
@@ -260,6 +270,11 @@ __device__ __forceinline__ uint4 gather4(const uint8_t* tab, uint32_t kw, uint32
 __device__ __forceinline__ uint4 lds128(uint32_t addr) {
   uint4 v;
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ uint2 lds64(uint32_t addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr));
   return v;
 }
 __device__ __forceinline__ void red_add(uint32_t addr, uint32_t v) {
@@ -403,8 +418,9 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
           cp_async16(smem + kOffTab + copy * kTabCopy + code * 256 + slot * 16, kcent + (gamma * kCodes + code) * 8);
         }
       } else {  // [code][group]: group gamma's 4 channels at byte 8 gamma of the code's 256-byte row
+        // a warp: 4 consecutive codes (one 32-byte global sector per group) x 8 groups (4-way smem write conflicts)
         for (int i = tid; i < kCodes * kGroups; i += kNT) {
-          const int gamma = i >> 8, code = i & (kCodes - 1);
+          const int l = i & 31, code = ((i >> 5) & 63) * 4 + (l & 3), gamma = (i >> 11) * 8 + (l >> 2);
           cp_async8(smem + kOffTab + code * 256 + gamma * 8, kcent + (gamma * kCodes + code) * 4);
         }
       }
@@ -433,11 +449,16 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       loff[a] = (kWhole ? tabs : 0u) + gather_off(g, r, a, C::kCopies);
     } else {
       gather4_consts(g, r, a, loff[a], loff[4 + a], sel, sel1);  // sel, sel1: the same for every a
+      loff[a] += tabs;  // whole addresses: the table's shared address has its low 16 bits zero
+      loff[4 + a] += tabs;
     }
   }
   auto gather = [&](uint32_t code_word, int a) {  // 8 key channels of chunk 4a + r, by the code byte r of code_word
     if constexpr (KC == 4) {
-      return gather4(smem + kOffTab, code_word, loff[a], loff[4 + a], sel, sel1, g & 1);
+      // rows of odd g: group 2 gamma + 1 (words 2, 3 of the chunk) in u, words 0, 1 in v; their MMA takes the B words
+      // in the same order (pair_mma_swapped), so no register moves
+      const uint2 u = lds64(__byte_perm(code_word, loff[a], sel)), v = lds64(__byte_perm(code_word, loff[4 + a], sel1));
+      return make_uint4(u.x, u.y, v.x, v.y);
     } else {
       const uint32_t at = __byte_perm(code_word, loff[a], sel);
       if constexpr (kWhole) return lds128(at);
@@ -446,6 +467,19 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
   };
   RopeK rk;  // R(tau), tau = 8 wt + g: fixed for all of this thread's keys
   rope_consts<T>(p.inv_freq, r, static_cast<float>(8 * wt + g), rk);
+  if constexpr (KC == 4) {  // rows of odd g hold each chunk's words 2, 3 before 0, 1 (see gather): their constants too
+    if (g & 1) {
+#pragma unroll
+      for (int a = 0; a < 2; ++a) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          uint32_t t = rk.c[a][e]; rk.c[a][e] = rk.c[a][e + 2]; rk.c[a][e + 2] = t;
+          t = rk.s[a][e]; rk.s[a][e] = rk.s[a][e + 2]; rk.s[a][e + 2] = t;
+          t = rk.ns[a][e]; rk.ns[a][e] = rk.ns[a][e + 2]; rk.ns[a][e + 2] = t;
+        }
+      }
+    }
+  }
 
   // ---- query columns [buf][8 j + n]: this thread writes frequency fi of columns col0 + k kColStep (n, head j)
   const int fi = tid & 63, col0 = tid >> 6;
@@ -563,25 +597,29 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       }
     }
   };
-  // c = 4 (R = 1): lane = value group; each atomic instruction adds one token's p to its 32 groups' bins (32 banks)
-  const uint8_t* const vgrp = smem + kVRows + 8 * wt * kRB + lane;
-  uint8_t* const hgrp = smem + C::kOffHist + lane * 4;
+  // c = 4 (R = 1): one 4-byte load gives the warp the value code rows of 4 tokens (lane l: word l % 8 of token q = l / 8,
+  // the 4 rows on distinct banks); its atomic j then adds token q's p to the bin of group 4 (l % 8) + (j + q) % 4 (the
+  // byte (j + q) % 4 of its word, byte j after rotating the word by q bytes): a warp's atomics hit 32 banks.
+  const int q4 = lane >> 3;
+  const uint8_t* const vgrp = smem + kVRows + 8 * wt * kRB + 2 * q4 * (kDelta * kRB + 16) + (lane & 7) * 4;
+  uint32_t hsl[4];  // whole shared address of this lane's slot in code 0's histogram row, per atomic j
+#pragma unroll
+  for (int j = 0; j < 4; ++j) hsl[j] = sbase + C::kOffHist + (4 * (lane & 7) + ((j + q4) & 3)) * 4;
   auto scatter4 = [&](const uint8_t* sv, int part) {
     const uint8_t* vb = sv + (vgrp - smem);
 #pragma unroll
     for (int k4 = 2 * part; k4 < 2 * part + 2; ++k4) {
 #pragma unroll
       for (int th = 0; th < 2; ++th) {
-        // tokens 2 rr * 64 + 8 wt + k4 + 64 th (lane 4 k4 + rr's p of its token th); value row skew 16 B per 64 tokens
-        uint32_t code[4];
+        // token q: 2 q * 64 + 8 wt + k4 + 64 th, lane 4 k4 + q's p of its token th; value rows skewed 16 B per 64 tokens
+        const uint32_t raw = *reinterpret_cast<const uint32_t*>(vb + k4 * kRB + th * (kDelta * kRB + 16));
+        const uint32_t wv = __funnelshift_r(raw, raw, 8 * q4);  // byte j: the code of group 4 (l % 8) + (j + q) % 4
+        const uint32_t pv = pbw[36 * th + 4 * k4 + q4];
 #pragma unroll
-        for (int rr = 0; rr < 4; ++rr)
-          code[rr] = vb[k4 * kRB + (2 * rr + th) * (kDelta * kRB + 16)] * (kSlots * 4);
-        const uint4 w = *reinterpret_cast<const uint4*>(pbw + 36 * th + 4 * k4);
-        atomicAdd(reinterpret_cast<unsigned*>(hgrp + code[0]), w.x);
-        atomicAdd(reinterpret_cast<unsigned*>(hgrp + code[1]), w.y);
-        atomicAdd(reinterpret_cast<unsigned*>(hgrp + code[2]), w.z);
-        atomicAdd(reinterpret_cast<unsigned*>(hgrp + code[3]), w.w);
+        for (int j = 0; j < 4; ++j) {
+          const uint32_t code = __byte_perm(wv, 0u, 0x4440u | j);
+          red_add(code * (kSlots * 4) + hsl[j], pv);
+        }
       }
     }
   };
@@ -751,6 +789,8 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
             sy = sc.y;
           } else {
             float d[2][4] = {};  // two accumulator chains (hh = 0, 1) for overlap
+            // c = 4: the rows of odd g, whose chunks hold words 2, 3 first, accumulate with the B words swapped
+            float ds[KC == 4 ? 2 : 1][4] = {};
             // chunk pairs (a, a + 2), a = 0, 1: gather, rotate, multiply; one pair's keys live at a time
 #pragma unroll
             for (int a = 0; a < 2; ++a) {
@@ -761,13 +801,19 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
               rotate_key<T, 1>(ylo, yhi, rk.c[a], rk.s[a], rk.ns[a], fr);
               if constexpr (R == 1) {
                 pair_mma<T>(d[0], d[1], fr, bq[a], bq[a + 2]);
+                if constexpr (KC == 4) pair_mma_swapped<T>(ds[0], ds[1], fr, bq[a], bq[a + 2]);
               } else {
                 pair_mma<T>(d[0], d[1], fr, *reinterpret_cast<const uint4*>(bcol + a * 64),
                             *reinterpret_cast<const uint4*>(bcol + (a + 2) * 64));
               }
             }
-            sx = d[0][0] + d[1][0];
-            sy = d[0][3] + d[1][3];
+            if (KC == 4 && (g & 1)) {
+              sx = ds[0][0] + ds[KC == 4 ? 1 : 0][0];
+              sy = ds[0][3] + ds[KC == 4 ? 1 : 0][3];
+            } else {
+              sx = d[0][0] + d[1][0];
+              sy = d[0][3] + d[1][3];
+            }
           }
           if constexpr (R == 1) {
             if (r == v) { s0 = sx; s1 = sy; }
