@@ -1,7 +1,7 @@
 // Decode attention from CQ codes with the scores on the tensor cores and P.V as a code histogram.
 //
-// Applies to one query (Q == 1) per query head, head_dim 128, 8-bit codes with c = 8 for keys and values
-// (mma_decode_applies); everything else runs decode.cuh. This kernel reads the keys held as codes; a full-precision
+// Applies to one query (Q == 1) per query head, head_dim 128, 8-bit codes with c = 8 for keys and values, or c = 4
+// for both with MHA and 8 warps (CQ-4c8b; see Cfg) (mma_decode_applies); everything else runs decode.cuh. This kernel reads the keys held as codes; a full-precision
 // window and sinks are one more split (fp_split_kernel in decode.cu), merged by the split-K combine. GQA (8
 // warps): a group runs as ceil(group / 4) blocks of R = 2, 3 or 4 query heads (8 = 4 + 4, 6 = 3 + 3; when R does
 // not divide the group the last block overlaps the one before and writes only its own heads: 7 = heads 0-3 and 3-6),

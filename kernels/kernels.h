@@ -88,7 +88,8 @@ cudaError_t launch_combine(const AttnParams& p, cudaStream_t stream);
 // nsplit - 1's partial (the tensor-core decode's last split)
 cudaError_t launch_fp_split(const AttnParams& p, cudaStream_t stream);
 // Tensor-core decode kernel: whether it applies (variant 1 or 2, one query per query head, any GQA ratio, head_dim
-// 128, 8-bit codes with c = 8 for K and V, 16-byte aligned buffers, its shared memory fits), and its launch over the
+// 128, 8-bit codes with c = 8 for K and V or, MHA with 8 warps only, c = 4 for both; 16-byte aligned buffers, its
+// shared memory fits), and its launch over the
 // codes; launch_decode then runs launch_fp_split when there is a full-precision split, and the split-K combine when
 // there are several splits.
 bool mma_decode_applies(const AttnParams& p, size_t max_smem);
