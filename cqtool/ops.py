@@ -52,6 +52,10 @@ AUTO_MMA_TOKENS = 16384
 # tensor-core blocks loop over their items with the key tables loaded (512 x 128: 0.95 vs 1.63 ms on CUDA cores;
 # docs/RESULTS_kernels.md).
 AUTO_MMA_MIN_SEQ = 512
+# CQ-4c8b (c = 4) GQA blocks take 2 query heads, the CUDA-core kernel the whole group: the tensor-core kernel was faster
+# only at long contexts (H100, Llama-3-8b shapes: 8 x 32K 0.341 vs 0.393 ms, 1 x 32K 0.071 vs 0.073; 32 x 8K 0.401 vs
+# 0.404; 128 x 512 0.303 vs 0.224; docs/RESULTS_kernels.md)
+AUTO_MMA_MIN_SEQ_C4_GQA = 16384
 AUTO_MMA_KERNEL = "tensor-core"
 # Tensor-core decode blocks per launch, read at every call: 0 (default) = one per SM, each block looping over a
 # contiguous run of the (kv-head-major) items (query heads, batch row, split) so that its key tables stay loaded;
@@ -278,12 +282,14 @@ def _with_full_precision(view, k: torch.Tensor, v: torch.Tensor, allowed: torch.
     return torch.cat(keys, 2), torch.cat(values, 2), torch.cat(masks, 2)
 
 
-def _decode_variant(B: int, S: int, group: int = 1) -> int:
+def _decode_variant(B: int, S: int, group: int = 1, c: int = 8) -> int:
     """The decode kernel request passed to the extension (0: CUDA cores, 1/2: tensor cores with 8/16 warps).
     auto: the tensor-core kernel from AUTO_MMA_TOKENS cached tokens per batch, and for GQA (whose query heads it takes
-    2-4 per block) also from AUTO_MMA_MIN_SEQ per sequence (H100, docs/RESULTS_kernels.md)."""
+    2-4 per block, 2 with c = 4 codes) also from AUTO_MMA_MIN_SEQ (c = 4: AUTO_MMA_MIN_SEQ_C4_GQA) per sequence
+    (H100, docs/RESULTS_kernels.md)."""
     if DECODE_KERNEL == "auto":
-        ok = B * S >= AUTO_MMA_TOKENS and (group < 2 or S >= AUTO_MMA_MIN_SEQ)
+        min_seq = AUTO_MMA_MIN_SEQ_C4_GQA if c == 4 else AUTO_MMA_MIN_SEQ
+        ok = B * S >= AUTO_MMA_TOKENS and (group < 2 or S >= min_seq)
         return _VARIANTS[AUTO_MMA_KERNEL] if ok else 0
     return _VARIANTS[DECODE_KERNEL]
 
@@ -326,6 +332,6 @@ def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> t
         view.win_k if cfg.window else None, view.win_v if cfg.window else None, view.new_k, view.new_v,
         layer.sink_k if sinks else None, layer.sink_v if sinks else None,
         int(cfg.window), int(view.start), int(S), float(scaling), bool(prefill),
-        _decode_variant(B, S, Hq // layer.k_centroids.shape[0]), int(MMA_MAX_BLOCKS))
+        _decode_variant(B, S, Hq // layer.k_centroids.shape[0], layer.k_centroids.shape[-1]), int(MMA_MAX_BLOCKS))
     _ran(_KERNEL_NAMES[used], f"{_KERNEL_NAMES[used]} kernel")
     return out

@@ -1,7 +1,8 @@
 // Decode attention from CQ codes with the scores on the tensor cores and P.V as a code histogram.
 //
 // Applies to one query (Q == 1) per query head, head_dim 128, 8-bit codes with c = 8 for keys and values, or c = 4
-// for both with MHA and 8 warps (CQ-4c8b; see Cfg) (mma_decode_applies); everything else runs decode.cuh. This kernel reads the keys held as codes; a full-precision
+// for both with 8 warps (CQ-4c8b; GQA in blocks of 2 heads; see Cfg) (mma_decode_applies); everything else runs
+// decode.cuh. This kernel reads the keys held as codes; a full-precision
 // window and sinks are one more split (fp_split_kernel in decode.cu), merged by the split-K combine. GQA (8
 // warps): a group runs as ceil(group / 4) blocks of R = 2, 3 or 4 query heads (8 = 4 + 4, 6 = 3 + 3; when R does
 // not divide the group the last block overlaps the one before and writes only its own heads: 7 = heads 0-3 and 3-6),
@@ -73,14 +74,15 @@ static_assert(((kSharedWindow + kOffTab8) & 0xFFFFu) == 0, "key tables must star
 // handles the tokens at tau = 8 (w % 8) + lane / 4 of each 64-token column group, and m-tiles (pairs of columns)
 // kMT (w / 8) .. kMT (w / 8) + kMT - 1 of every tile: with 16 warps each warp has half the m-tiles of the 8-warp
 // kernel and twice as many warps hide the latencies (measured slower on the H100: docs/RESULTS_kernels.md).
-// KC channels per code group for keys and values: 8 (CQ-8c8b, 16 groups) or 4 (CQ-4c8b, 32 groups; MHA only, 8 warps).
+// KC channels per code group for keys and values: 8 (CQ-8c8b, 16 groups) or 4 (CQ-4c8b, 32 groups; 8 warps, 1 or 2
+// query heads per block).
 // With c = 4 a chunk of 8 channels is two groups: two 8-byte gathers of two codes instead of one 16-byte gather, then
 // the same rotation and MMA; a warp's value atomics take the 32 groups of one token.
 template <int NW, int R, int KC = 8>
 struct Cfg {
   static_assert(NW == 8 || NW == 16, "8 or 16 warps");
   static_assert(R == 1 || (NW == 8 && R >= 2 && R <= 4), "query heads per block: 1, or 2 to 4 with 8 warps");
-  static_assert(KC == 8 || (KC == 4 && NW == 8 && R == 1), "c = 4: one query head per block, 8 warps");
+  static_assert(KC == 8 || (KC == 4 && NW == 8 && R <= 2), "c = 4: one or two query heads per block, 8 warps");
   static constexpr int kKC = KC;
   static constexpr int kGroups = kD / KC;          // code groups per head (= code row bytes: 8-bit codes)
   static constexpr int kRB = kGroups;
@@ -98,24 +100,31 @@ struct Cfg {
   static constexpr int kBinsHead = kCodes * kSlots;
   // whole shared addresses for the key gathers and the histogram atomics (see the top of this file)
   static constexpr bool kWhole = R == 1;
+  // c = 4 with two heads: the key rows in a ring of 2 stages, the value rows (scattered one tile later) in a ring of 3,
+  // so that two histograms fit; otherwise a stage holds a tile's key rows and value rows, in a ring of kMStages
+  static constexpr bool kSplit = KC == 4 && R > 1;
+  static constexpr int kKStages = kSplit ? 2 : kMStages;
+  static constexpr int kKStageBytes = kSplit ? kTile * kRB : kStageBytes;
+  static constexpr int kVStageBytes = kSplit ? kVRows + 8 * 16 : kStageBytes;
   // R = 3, 4 (one replica): the value scatter pairs heads instead of tokens, so head j's histogram starts 16 banks
   // after head j - 1's (kHeadStride words apart)
-  static constexpr bool kPair = R >= 3;
+  static constexpr bool kPair = KC == 8 && R >= 3;
   static constexpr int kHeadStride = kBinsHead + (kPair ? 16 : 0);
   static constexpr int kBinsPerThread = kBinsHead / kNT;   // per query head
   static constexpr int kColsPerThread = 8 * R * 64 / kNT;  // query columns written per thread
   static constexpr int kColStep = kNT / 64;                // between a thread's columns
   static constexpr int kNPer = 8 / kColStep;               // distinct column offsets n per thread
   static constexpr int kTokPerThread = kTile / kNT;        // tokens per thread in a stage load
-  static constexpr int kStagesBytes = kMStages * kStageBytes;
+  static constexpr int kStagesBytes = kSplit ? kKStages * kKStageBytes + kMStages * kVStageBytes : kMStages * kStageBytes;
   static constexpr int kRedBytes = 4 * NW * R * 4;
   static constexpr int kPBufBytes = R * NW * kPBufStride * 4;  // p of each warp's tokens, per query head
   static constexpr int kBBytes = 2 * 8 * R * kBRow;             // query columns [2][8 R][kBRow], double buffered
   static constexpr int kHistBytes = R * kHeadStride * 4;        // u32 [R][code][slots] (+ kHeadStride padding)
   // the key tables at shared address 0x10000 (c = 8) or 0x20000 (c = 4: twice the stages below them); stages,
-  // reductions, p buffers and, where they fit, the columns below them
+  // reductions, p buffers and, where they fit, the columns below them. c = 4 with two heads: everything in sequence
+  // (no whole addresses)
   static constexpr int kBelow = kStagesBytes + kRedBytes + kPBufBytes;
-  static constexpr int kOffTab = KC == 8 ? kOffTab8 : kOffTab8 + 0x10000;
+  static constexpr int kOffTab = KC == 8 ? kOffTab8 : R == 1 ? kOffTab8 + 0x10000 : kBelow + kBBytes;
   static constexpr bool kBBelow = kBelow + kBBytes <= kOffTab;
   static constexpr int kOffStage = 0;
   static constexpr int kOffRed = kStagesBytes;
@@ -375,10 +384,20 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     return it;
   };
   auto head_row = [&](const Item& it) { return (static_cast<int64_t>(it.b) * p.Hkv + it.hk) * p.cap * kRB; };
-  // stage `stage` <- the code rows of tokens t0 .. min(t0 + kTile, t_end) of the rows at kc / vc
-  auto load_stage = [&](int stage, const uint8_t* kc, const uint8_t* vc, int t0, int t_end) {
+  // the key rows of an item's tile t, and its value rows at vstage(t) + kVRows (C::kSplit: two rings)
+  auto kstage = [&](int t) {
+    return smem + C::kOffStage + (C::kSplit ? (t % C::kKStages) * C::kKStageBytes : (t % kMStages) * kStageBytes);
+  };
+  auto vstage = [&](int t) {
+    return smem + C::kOffStage +
+           (C::kSplit ? C::kKStages * C::kKStageBytes + (t % kMStages) * C::kVStageBytes - kVRows
+                      : (t % kMStages) * kStageBytes);
+  };
+  // tile t's stages <- the code rows of tokens t0 .. min(t0 + kTile, t_end) of the rows at kc / vc
+  auto load_stage = [&](int t, const uint8_t* kc, const uint8_t* vc, int t0, int t_end) {
     const int n = min(kTile, t_end - t0);
-    uint8_t* sp = smem + C::kOffStage + stage * kStageBytes;
+    uint8_t* sp = kstage(t);
+    uint8_t* sq = vstage(t);
     const uint8_t* ks = kc + static_cast<int64_t>(t0) * kRB;
     const uint8_t* vs = vc + static_cast<int64_t>(t0) * kRB;
     if constexpr (KC == 8) {
@@ -387,7 +406,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
         const int i = tid + j * kNT;
         if (i < n) {
           cp_async16(sp + i * kRB, ks + i * kRB);
-          cp_async16(sp + kVRows + i * kRB + (i / kDelta) * 16, vs + i * kRB);
+          cp_async16(sq + kVRows + i * kRB + (i / kDelta) * 16, vs + i * kRB);
         }
       }
     } else {
@@ -401,7 +420,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
 #pragma unroll
       for (int j = 0; j < kTile * 2 / kNT; ++j) {
         const int i = (tid + j * kNT) >> 1, h = (tid + j * kNT) & 1;
-        if (i < n) cp_async16(sp + kVRows + i * kRB + (i / kDelta) * 16 + h * 16, vs + i * kRB + h * 16);
+        if (i < n) cp_async16(sq + kVRows + i * kRB + (i / kDelta) * 16 + h * 16, vs + i * kRB + h * 16);
       }
     }
   };
@@ -449,15 +468,24 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       loff[a] = (kWhole ? tabs : 0u) + gather_off(g, r, a, C::kCopies);
     } else {
       gather4_consts(g, r, a, loff[a], loff[4 + a], sel, sel1);  // sel, sel1: the same for every a
-      loff[a] += tabs;  // whole addresses: the table's shared address has its low 16 bits zero
-      loff[4 + a] += tabs;
+      if (kWhole) {  // whole addresses: the table's shared address has its low 16 bits zero
+        loff[a] += tabs;
+        loff[4 + a] += tabs;
+      }
     }
   }
   auto gather = [&](uint32_t code_word, int a) {  // 8 key channels of chunk 4a + r, by the code byte r of code_word
     if constexpr (KC == 4) {
       // rows of odd g: group 2 gamma + 1 (words 2, 3 of the chunk) in u, words 0, 1 in v; their MMA takes the B words
       // in the same order (pair_mma_swapped), so no register moves
-      const uint2 u = lds64(__byte_perm(code_word, loff[a], sel)), v = lds64(__byte_perm(code_word, loff[4 + a], sel1));
+      uint2 u, v;
+      if constexpr (kWhole) {
+        u = lds64(__byte_perm(code_word, loff[a], sel));
+        v = lds64(__byte_perm(code_word, loff[4 + a], sel1));
+      } else {
+        u = *reinterpret_cast<const uint2*>(smem + kOffTab + __byte_perm(code_word, loff[a], sel));
+        v = *reinterpret_cast<const uint2*>(smem + kOffTab + __byte_perm(code_word, loff[4 + a], sel1));
+      }
       return make_uint4(u.x, u.y, v.x, v.y);
     } else {
       const uint32_t at = __byte_perm(code_word, loff[a], sel);
@@ -614,11 +642,14 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
         // token q: 2 q * 64 + 8 wt + k4 + 64 th, lane 4 k4 + q's p of its token th; value rows skewed 16 B per 64 tokens
         const uint32_t raw = *reinterpret_cast<const uint32_t*>(vb + k4 * kRB + th * (kDelta * kRB + 16));
         const uint32_t wv = __funnelshift_r(raw, raw, 8 * q4);  // byte j: the code of group 4 (l % 8) + (j + q) % 4
-        const uint32_t pv = pbw[36 * th + 4 * k4 + q4];
+        uint32_t pv[R];  // head jj's p (R > 1: lane r held head r's scores, written in the same layout)
+#pragma unroll
+        for (int jj = 0; jj < R; ++jj) pv[jj] = pbw[jj * kNW * kPBufStride + 36 * th + 4 * k4 + q4];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const uint32_t code = __byte_perm(wv, 0u, 0x4440u | j);
-          red_add(code * (kSlots * 4) + hsl[j], pv);
+          const uint32_t code = __byte_perm(wv, 0u, 0x4440u | j) * (kSlots * 4) + hsl[j];
+#pragma unroll
+          for (int jj = 0; jj < R; ++jj) red_add(code + jj * C::kHeadStride * 4, pv[jj]);
         }
       }
     }
@@ -732,10 +763,10 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     for (int it = 0; it < ntile; ++it) {
       cp_async_wait<kMStages - 2>();
       __syncthreads();
-      const uint8_t* sv_prev = smem + C::kOffStage + ((it + kMStages - 1) % kMStages) * kStageBytes;  // tile it - 1
+      const uint8_t* sv_prev = vstage(it + kMStages - 1);  // tile it - 1
       const int t0 = t_begin + it * kTile;
       const int n = min(kTile, t_end - t0);
-      const uint8_t* sk = smem + C::kOffStage + (it % kMStages) * kStageBytes;
+      const uint8_t* sk = kstage(it);
       // positions of the next tile, used after the scores
       const bool has_next = it + 1 < ntile;
       const int t0n = t0 + kTile;
@@ -803,8 +834,10 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
                 pair_mma<T>(d[0], d[1], fr, bq[a], bq[a + 2]);
                 if constexpr (KC == 4) pair_mma_swapped<T>(ds[0], ds[1], fr, bq[a], bq[a + 2]);
               } else {
-                pair_mma<T>(d[0], d[1], fr, *reinterpret_cast<const uint4*>(bcol + a * 64),
-                            *reinterpret_cast<const uint4*>(bcol + (a + 2) * 64));
+                const uint4 blo = *reinterpret_cast<const uint4*>(bcol + a * 64);
+                const uint4 bhi = *reinterpret_cast<const uint4*>(bcol + (a + 2) * 64);
+                pair_mma<T>(d[0], d[1], fr, blo, bhi);
+                if constexpr (KC == 4) pair_mma_swapped<T>(ds[0], ds[1], fr, blo, bhi);
               }
             }
             if (KC == 4 && (g & 1)) {
@@ -918,7 +951,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       __syncwarp();
       {
         const int nt = it + kMStages - 1;
-        if (nt < ntile) load_stage(nt % kMStages, kcodes, vcodes, t_begin + nt * kTile, t_end);
+        if (nt < ntile) load_stage(nt, kcodes, vcodes, t_begin + nt * kTile, t_end);
         cp_async_commit();
       }
       irr = irr_next;
@@ -928,7 +961,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     // ---- the last tile's scatter; then the next item's loads (key tables, first stages) overlap this epilogue
     __syncthreads();  // every warp's last key gathers are done
     {
-      const uint8_t* sv_last = smem + C::kOffStage + ((ntile - 1) % kMStages) * kStageBytes;
+      const uint8_t* sv_last = vstage(ntile - 1);
 #pragma unroll
       for (int part = 0; part < 4; ++part) scatter(sv_last, part);
     }
@@ -1048,7 +1081,8 @@ cudaError_t launch_t(const AttnParams& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_dt(const AttnParams& p, cudaStream_t stream) {
-  if (p.k_c == 4) return launch_t<T, 8, 1, 4>(p, stream);  // mma_decode_applies: MHA, 8 warps
+  if (p.k_c == 4)  // mma_decode_applies: 8 warps
+    return mma_group(p) == 2 ? launch_t<T, 8, 2, 4>(p, stream) : launch_t<T, 8, 1, 4>(p, stream);
   if (p.variant == 2) return launch_t<T, 16, 1>(p, stream);
   switch (mma_group(p)) {
     case 2: return launch_t<T, 8, 2>(p, stream);
@@ -1061,7 +1095,7 @@ cudaError_t launch_dt(const AttnParams& p, cudaStream_t stream) {
 bool aligned16(const void* x) { return (reinterpret_cast<uintptr_t>(x) & 15) == 0; }
 
 size_t mma_smem(const AttnParams& p) {
-  if (p.k_c == 4) return Cfg<8, 1, 4>::kSmem;
+  if (p.k_c == 4) return mma_group(p) == 2 ? Cfg<8, 2, 4>::kSmem : Cfg<8, 1, 4>::kSmem;
   if (p.variant == 2) return Cfg<16, 1>::kSmem;
   switch (mma_group(p)) {
     case 2: return Cfg<8, 2>::kSmem;
@@ -1075,7 +1109,8 @@ size_t mma_smem(const AttnParams& p) {
 
 // Query heads per block (8 warps): a GQA group of rep heads runs as mma_head_blocks = ceil(rep / 4) blocks per kv
 // head of R = ceil(rep / blocks) heads (8 -> 4 + 4, 6 -> 3 + 3; 7 -> 4 + 4 and 5 -> 3 + 3 with one head computed by
-// two blocks); R = 1 for MHA and the 16-warp variant (a block per query head).
+// two blocks; c = 4: ceil(rep / 2) blocks of 2, 3 -> 2 + 2); R = 1 for MHA and the 16-warp variant (a block per
+// query head).
 int mma_group(const AttnParams& p) {
   const int rep = p.Hq / p.Hkv;
   if (p.variant != 1 || rep < 2) return 1;
@@ -1084,14 +1119,16 @@ int mma_group(const AttnParams& p) {
 
 int mma_head_blocks(const AttnParams& p) {
   const int rep = p.Hq / p.Hkv;
-  return p.variant != 1 || rep < 2 ? rep : (rep + 3) / 4;
+  const int most = p.k_c == 4 ? 2 : 4;  // c = 4: two histograms of 32 KB fit, not more
+  return p.variant != 1 || rep < 2 ? rep : (rep + most - 1) / most;
 }
 
 // fp32 scratch of the GQA blocks: per block, reused by its items
 size_t mma_hist_floats(const AttnParams& p) {
   const int R = mma_group(p);
   if (R == 1) return 0;
-  return static_cast<size_t>(p.mma_blocks) * R * kCodes * 16 * (R <= 2 ? 2 : 1);
+  const int slots = p.k_c == 4 ? 32 : 16 * (R <= 2 ? 2 : 1);  // Cfg::kSlots
+  return static_cast<size_t>(p.mma_blocks) * R * kCodes * slots;
 }
 
 // The kernel's key-gather addresses assume that dynamic shared memory starts at shared address kSharedWindow (the
@@ -1107,10 +1144,10 @@ bool smem_window_ok() {
 }
 
 // variant 1: 8 warps per block, variant 2: 16 warps per block. 8-bit codes with c = 8 for K and V, or c = 4 for both
-// (CQ-4c8b) with one query head per kv head and 8 warps.
+// (CQ-4c8b) with 8 warps.
 bool mma_decode_applies(const AttnParams& p, size_t max_smem) {
   const bool c8 = p.k_c == 8 && p.v_c == 8 && p.k_rb == kD / 8 && p.v_rb == kD / 8;
-  const bool c4 = p.k_c == 4 && p.v_c == 4 && p.k_rb == kD / 4 && p.v_rb == kD / 4 && p.variant == 1 && p.Hq == p.Hkv;
+  const bool c4 = p.k_c == 4 && p.v_c == 4 && p.k_rb == kD / 4 && p.v_rb == kD / 4 && p.variant == 1;
   return (p.variant == 1 || p.variant == 2) && smem_window_ok() && p.D == kD && p.Q == 1 && p.Hq % p.Hkv == 0 &&
          p.k_bits == 8 && p.v_bits == 8 && (c8 || c4) && aligned16(p.k_codes) && aligned16(p.v_codes) &&
          aligned16(p.k_cent) && aligned16(p.v_cent) && mma_smem(p) <= max_smem;

@@ -295,7 +295,8 @@ MMA_CASES = [  # one query, head_dim 128, 8-bit codes with c = 8 (and below, c =
     # no key before the window (its code items are empty)
     dict(S=700, B=1, Hq=6, Hkv=2, sinks=16, gaps=True),  # group 3, sinks only, irregular positions
     dict(S=100, B=2, Hq=2, Hkv=2, window=128, pads=[0, 40]),  # the window covers every key
-    # CQ-4c8b (c = 4 for K and V): MHA with 8 warps on tensor cores; GQA and 16 warps run the CUDA-core kernel
+    # CQ-4c8b (c = 4 for K and V) on tensor cores with 8 warps: MHA, and GQA in blocks of 2 query heads (3 -> 2 + 2,
+    # overlapping); with 16 warps the CUDA-core kernel
     dict(S=3000, B=2, Hq=4, Hkv=4, dtype=torch.bfloat16, pads=[0, 1234], **C4),  # left padding, split over blocks
     dict(S=4097, B=1, Hq=2, Hkv=2, qscale=0.05, **C4),  # flat: flushed every tile
     dict(S=2500, B=1, Hq=2, Hkv=2, qscale=8.0, dtype=torch.bfloat16, **C4),  # peaky: rescales
@@ -304,14 +305,19 @@ MMA_CASES = [  # one query, head_dim 128, 8-bit codes with c = 8 (and below, c =
     dict(S=513, B=1, Hq=1, Hkv=1, rope_scale=0.7, **C4),  # one tile and one token
     dict(S=2049, B=2, Hq=1, Hkv=1, pads=[2045, 0], **C4),  # a split with no key
     dict(S=3000, B=2, Hq=4, Hkv=4, window=128, sinks=2, pads=[0, 1234], **C4),  # codes, then window and sinks
-    dict(S=1500, B=2, Hq=8, Hkv=2, dtype=torch.bfloat16, pads=[0, 700], **C4),  # GQA: the CUDA-core kernel
+    dict(S=1500, B=2, Hq=8, Hkv=2, dtype=torch.bfloat16, pads=[0, 700], **C4),  # group 4: two blocks of 2
+    dict(S=1300, B=1, Hq=6, Hkv=2, gaps=True, **C4),  # group 3: heads 0-1 and 1-2, irregular positions
+    dict(S=4097, B=1, Hq=4, Hkv=2, qscale=0.05, **C4),  # group 2, flat: flushed every tile
+    dict(S=2500, B=2, Hq=4, Hkv=2, qscale=8.0, dtype=torch.bfloat16, pads=[700, 0], **C4),  # peaky: rescales
+    dict(S=1200, B=2, Hq=28, Hkv=4, window=64, sinks=3, pads=[0, 300], **C4),  # group 7: 4 blocks; window, sinks
+    dict(S=1100, B=3, Hq=96, Hkv=24, pads=[0, 5, 600], **C4),  # group 4, 96 blocks: no split-K
 ]
 
 
 def mma_name(kernel: str, case: dict) -> str:
     Hq, Hkv = case["Hq"], case["Hkv"]
-    if case.get("kspec") == (4, 8):  # c = 4: tensor cores for MHA with 8 warps only
-        return "decode-mma" if kernel == "tensor-core" and Hq == Hkv else "decode"
+    if case.get("kspec") == (4, 8) and kernel == "tensor-core-16w":  # c = 4: tensor cores with 8 warps only
+        return "decode"
     if kernel == "tensor-core-16w":
         return "decode-mma16"
     return "decode-mma-gqa" if Hq > Hkv else "decode-mma"  # every GQA group runs blocks of 2-4 of its heads
@@ -342,6 +348,7 @@ MMA_MULTI_ITEM_CASES = [
     (3, dict(S=1500, B=3, Hq=8, Hkv=2, window=128, sinks=2, pads=[0, 1400, 7])),  # window and sinks
     (3, dict(S=1100, B=5, Hq=4, Hkv=4, pads=[0, 5, 600, 1098, 300], **C4)),  # c = 4: tables reloaded per kv head
     (4, dict(S=900, B=3, Hq=3, Hkv=3, gaps=True, dtype=torch.bfloat16, pads=[0, 899, 0], **C4)),  # irregular
+    (3, dict(S=1300, B=3, Hq=6, Hkv=2, pads=[0, 1290, 40], **C4)),  # c = 4, group 3: overlapping blocks of 2
 ]
 
 
@@ -677,6 +684,9 @@ def test_decode_kernel_request(monkeypatch):
     assert ops._decode_variant(64, 256, group=2) == 0 and ops._decode_variant(32, 512, group=3) == 1  # per sequence too
     assert ops._decode_variant(32, 8192, group=4) == 1 and ops._decode_variant(1, 4096, group=4) == 0  # a group per block
     assert ops._decode_variant(32, 8192, group=8) == 1  # two blocks of 4 per kv head
+    # CQ-4c8b GQA (blocks of 2 heads): long contexts only; MHA as with c = 8
+    assert ops._decode_variant(32, 8192, group=4, c=4) == 0 and ops._decode_variant(8, 32768, group=4, c=4) == 1
+    assert ops._decode_variant(1, 16384, group=7, c=4) == 1 and ops._decode_variant(32, 8192, group=1, c=4) == 1
     # groups that 2-4 do not divide: overlapping blocks of R heads, the same rule
     assert ops._decode_variant(32, 8192, group=5) == 1 and ops._decode_variant(64, 256, group=7) == 0
     for choice, v in (("cuda-core", 0), ("tensor-core", 1), ("tensor-core-16w", 2)):
