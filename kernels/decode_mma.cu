@@ -384,20 +384,17 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     return it;
   };
   auto head_row = [&](const Item& it) { return (static_cast<int64_t>(it.b) * p.Hkv + it.hk) * p.cap * kRB; };
-  // the key rows of an item's tile t, and its value rows at vstage(t) + kVRows (C::kSplit: two rings)
-  auto kstage = [&](int t) {
-    return smem + C::kOffStage + (C::kSplit ? (t % C::kKStages) * C::kKStageBytes : (t % kMStages) * kStageBytes);
+  // the key rows in key stage ks, the value rows of value stage vs at vstage(vs) + kVRows (tile t of an item: ks =
+  // t % C::kKStages, vs = t % kMStages; C::kSplit: two rings, else one stage holds both)
+  auto kstage = [&](int ks) { return smem + C::kOffStage + ks * C::kKStageBytes; };
+  auto vstage = [&](int vs) {
+    return smem + C::kOffStage + (C::kSplit ? C::kKStages * C::kKStageBytes - kVRows : 0) + vs * C::kVStageBytes;
   };
-  auto vstage = [&](int t) {
-    return smem + C::kOffStage +
-           (C::kSplit ? C::kKStages * C::kKStageBytes + (t % kMStages) * C::kVStageBytes - kVRows
-                      : (t % kMStages) * kStageBytes);
-  };
-  // tile t's stages <- the code rows of tokens t0 .. min(t0 + kTile, t_end) of the rows at kc / vc
-  auto load_stage = [&](int t, const uint8_t* kc, const uint8_t* vc, int t0, int t_end) {
+  // stages (ks, vs) <- the code rows of tokens t0 .. min(t0 + kTile, t_end) of the rows at kc / vc
+  auto load_stage = [&](int kslot, int vslot, const uint8_t* kc, const uint8_t* vc, int t0, int t_end) {
     const int n = min(kTile, t_end - t0);
-    uint8_t* sp = kstage(t);
-    uint8_t* sq = vstage(t);
+    uint8_t* sp = kstage(kslot);
+    uint8_t* sq = C::kSplit ? vstage(vslot) : sp;
     const uint8_t* ks = kc + static_cast<int64_t>(t0) * kRB;
     const uint8_t* vs = vc + static_cast<int64_t>(t0) * kRB;
     if constexpr (KC == 8) {
@@ -448,7 +445,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     const int64_t row = head_row(it);
 #pragma unroll
     for (int s = 0; s < kMStages - 1; ++s) {
-      if (s < it.ntile) load_stage(s, p.k_codes + row, p.v_codes + row, it.t_begin + s * kTile, it.t_end);
+      if (s < it.ntile) load_stage(s, s, p.k_codes + row, p.v_codes + row, it.t_begin + s * kTile, it.t_end);
       cp_async_commit();
     }
   };
@@ -763,10 +760,10 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     for (int it = 0; it < ntile; ++it) {
       cp_async_wait<kMStages - 2>();
       __syncthreads();
-      const uint8_t* sv_prev = vstage(it + kMStages - 1);  // tile it - 1
+      const uint8_t* sv_prev = vstage((it + kMStages - 1) % kMStages);  // tile it - 1
       const int t0 = t_begin + it * kTile;
       const int n = min(kTile, t_end - t0);
-      const uint8_t* sk = kstage(it);
+      const uint8_t* sk = kstage(it % C::kKStages);
       // positions of the next tile, used after the scores
       const bool has_next = it + 1 < ntile;
       const int t0n = t0 + kTile;
@@ -833,11 +830,14 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
               if constexpr (R == 1) {
                 pair_mma<T>(d[0], d[1], fr, bq[a], bq[a + 2]);
                 if constexpr (KC == 4) pair_mma_swapped<T>(ds[0], ds[1], fr, bq[a], bq[a + 2]);
+              } else if constexpr (KC == 8) {
+                pair_mma<T>(d[0], d[1], fr, *reinterpret_cast<const uint4*>(bcol + a * 64),
+                            *reinterpret_cast<const uint4*>(bcol + (a + 2) * 64));
               } else {
                 const uint4 blo = *reinterpret_cast<const uint4*>(bcol + a * 64);
                 const uint4 bhi = *reinterpret_cast<const uint4*>(bcol + (a + 2) * 64);
                 pair_mma<T>(d[0], d[1], fr, blo, bhi);
-                if constexpr (KC == 4) pair_mma_swapped<T>(ds[0], ds[1], fr, blo, bhi);
+                pair_mma_swapped<T>(ds[0], ds[1], fr, blo, bhi);
               }
             }
             if (KC == 4 && (g & 1)) {
@@ -951,7 +951,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       __syncwarp();
       {
         const int nt = it + kMStages - 1;
-        if (nt < ntile) load_stage(nt, kcodes, vcodes, t_begin + nt * kTile, t_end);
+        if (nt < ntile) load_stage(nt % C::kKStages, nt % kMStages, kcodes, vcodes, t_begin + nt * kTile, t_end);
         cp_async_commit();
       }
       irr = irr_next;
@@ -961,7 +961,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     // ---- the last tile's scatter; then the next item's loads (key tables, first stages) overlap this epilogue
     __syncthreads();  // every warp's last key gathers are done
     {
-      const uint8_t* sv_last = vstage(ntile - 1);
+      const uint8_t* sv_last = vstage((ntile - 1) % kMStages);
 #pragma unroll
       for (int part = 0; part < 4; ++part) scatter(sv_last, part);
     }
