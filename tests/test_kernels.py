@@ -509,13 +509,15 @@ def test_model_logits_kernels_vs_reference(monkeypatch, window, sinks, dtype):
 
 
 @cuda_test
-@pytest.mark.parametrize("family,heads,kv_heads,window,sinks", [("llama", 4, 4, 0, 0), ("llama", 8, 2, 0, 0),
-                                                                 ("llama", 4, 4, 64, 4), ("llama", 8, 2, 128, 0),
-                                                                 ("qwen2", 14, 2, 0, 0), ("qwen2", 10, 2, 32, 2)])
-def test_model_tensor_core_decode_vs_reference(monkeypatch, family, heads, kv_heads, window, sinks):
+@pytest.mark.parametrize("family,heads,kv_heads,window,sinks,c", [
+    ("llama", 4, 4, 0, 0, 8), ("llama", 8, 2, 0, 0, 8), ("llama", 4, 4, 64, 4, 8), ("llama", 8, 2, 128, 0, 8),
+    ("qwen2", 14, 2, 0, 0, 8), ("qwen2", 10, 2, 32, 2, 8),
+    ("llama", 4, 4, 0, 0, 4), ("llama", 8, 2, 64, 4, 4), ("qwen2", 14, 2, 0, 0, 4)])  # CQ-4c8b
+def test_model_tensor_core_decode_vs_reference(monkeypatch, family, heads, kv_heads, window, sinks, c):
     """A tiny Llama (or Qwen2) with head_dim 128 and CQ-8c8b (MHA; GQA groups of 4, and of 7 and 5, whose blocks of
-    4 and 3 heads overlap; with a full-precision window and sinks): decode steps through the tensor-core kernel
-    (forced: the context is short) against the reference path."""
+    4 and 3 heads overlap; with a full-precision window and sinks) or CQ-4c8b (MHA; GQA in blocks of 2 heads, 7 =
+    2 + 2 + 2 + 2 overlapping): decode steps through the tensor-core kernel (forced: the context is short) against the
+    reference path."""
     from conftest import tiny_model
     from test_codebook import make_codebook
 
@@ -525,7 +527,7 @@ def test_model_tensor_core_decode_vs_reference(monkeypatch, family, heads, kv_he
 
     monkeypatch.setattr(ops, "DECODE_KERNEL", "tensor-core")
     model = tiny_model(family, heads=heads, kv_heads=kv_heads, head_dim=128).to("cuda", torch.bfloat16)
-    cb = make_codebook(ModelInfo.from_config(model.config, "tiny"), QuantSpec(8, 8))
+    cb = make_codebook(ModelInfo.from_config(model.config, "tiny"), QuantSpec(c, 8))
     ids = torch.randint(0, 512, (2, 600), device="cuda")
 
     def run():
