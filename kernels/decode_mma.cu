@@ -651,9 +651,35 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       }
     }
   };
+  // c = 8, MHA (8 warps, two replicas): one 4-byte load gives the warp the value code rows of 8 tokens (lane l: word
+  // l % 4 of token q = l / 4, i.e. token 2 (q / 2) * 64 + 8 wt + k4 + 64 (q % 2); the 8 rows on distinct banks); its
+  // atomic j adds token q's p to group 4 (l % 4) + (j + q) % 4 of replica q / 4: a warp's atomics hit 32 banks.
+  constexpr bool kWords8 = KC == 8 && R == 1 && NW == 8;
+  const int q8 = lane >> 2;
+  const uint8_t* const vwrd =
+      smem + kVRows + 8 * wt * kRB + (q8 >> 1) * 2 * (kDelta * kRB + 16) + (q8 & 1) * (kDelta * kRB + 16) + (lane & 3) * 4;
+  uint32_t hsl8[kWords8 ? 4 : 1];  // whole shared address of this lane's slot in code 0's histogram row, per atomic j
+#pragma unroll
+  for (int j = 0; j < (kWords8 ? 4 : 1); ++j)
+    hsl8[j] = sbase + C::kOffHist + (4 * (lane & 3) + ((j + q8) & 3) + 16 * (q8 >> 2)) * 4;
+  auto scatter8w = [&](const uint8_t* sv, int part) {
+    const uint8_t* vb = sv + (vwrd - smem);
+#pragma unroll
+    for (int k4 = 2 * part; k4 < 2 * part + 2; ++k4) {
+      const uint32_t raw = *reinterpret_cast<const uint32_t*>(vb + k4 * kRB);
+      const uint32_t wv = __funnelshift_r(raw, raw, 8 * (q8 & 3));  // byte j: group 4 (l % 4) + (j + q) % 4
+      const uint32_t pv = pbw[36 * (q8 & 1) + 4 * k4 + (q8 >> 1)];   // lane 4 k4 + q / 2's p of its token q % 2
+#pragma unroll
+      for (int j = 0; j < 4; ++j) red_add(__byte_perm(wv, 0u, 0x4440u | j) * (kSlots * 4) + hsl8[j], pv);
+    }
+  };
   auto scatter = [&](const uint8_t* sv, int part) {
     if constexpr (KC == 4) {
       scatter4(sv, part);
+      return;
+    }
+    if constexpr (kWords8) {
+      scatter8w(sv, part);
       return;
     }
     if constexpr (C::kPair) {
