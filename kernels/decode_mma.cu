@@ -30,8 +30,8 @@
 // Values. p = 2^(s - m) (m: the query head's running max, raised tile by tile, so p <= 1) is added as 22-bit fixed
 // point into a histogram hist[code][slots] per query head in shared memory with integer atomics (slot = value group +
 // 16 * replica; with two replicas (R <= 2) a warp's 32 atomics hit 32 banks; with one (R = 3, 4) the heads' histograms
-// lie 16 banks apart and a warp's atomics pair two heads of one token), during the next tile's score math (software
-// pipelined). Each thread flushes its bins into fp32 accumulators (registers for R = 1, a global scratch for R > 1)
+// lie 16 banks apart and a warp's atomics pair two heads of one token; MHA and c = 4 read the value codes of 8 or 4
+// tokens per 4-byte load, see scatter8w / scatter4), during the next tile's score math (software pipelined). Each thread flushes its bins into fp32 accumulators (registers for R = 1, a global scratch for R > 1)
 // when the mass added since the last flush could overflow 32 bits, and whenever the max grows (rescaling them). At the
 // end the histogram is multiplied by the value centroids: one c-wide gather and FMA per token and group become one
 // integer add. That product reads the value centroids from global memory (L2) against the bins, transposed in place as
