@@ -38,11 +38,10 @@ MAX_KERNEL_BITS = 12
 # more (query, head) pairs per kv head than this go to the prefill path (PREFILL_KERNEL)
 DECODE_MAX_ROWS = 16
 # Decode kernel, read at every call: "cuda-core" (kernels/decode.cuh, measured on the H100), "tensor-core" (kernels/
-# decode_mma.cu where it applies: one query per query head, head_dim 128, 8-bit codes with c=8 for K and V at any GQA
-# ratio, or c=4 (CQ-4c8b) for both with MHA;
-# a window/sinks run as one more split on CUDA cores; the CUDA-core kernel elsewhere) with 8 warps per block, or
-# "tensor-core-16w", the same kernel with 16 warps per block (c=8 only) (twice the warps to hide latencies, 128 registers per
-# thread). "auto" (default): _decode_variant.
+# decode_mma.cu where it applies: one query per query head, head_dim 128, 8-bit codes with c=8 or c=4 (CQ-4c8b) for K
+# and V, any GQA ratio; a window/sinks run as one more split on CUDA cores; the CUDA-core kernel elsewhere) with 8 warps
+# per block, or "tensor-core-16w", the same kernel with 16 warps per block for c=8 (twice the warps to hide latencies,
+# 128 registers per thread). "auto" (default): _decode_variant.
 DECODE_KERNELS = ("auto", "cuda-core", "tensor-core", "tensor-core-16w")
 DECODE_KERNEL = os.environ.get("CQTOOL_DECODE_KERNEL", "auto")
 AUTO_MMA_TOKENS = 16384

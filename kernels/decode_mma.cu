@@ -1,14 +1,13 @@
 // Decode attention from CQ codes with the scores on the tensor cores and P.V as a code histogram.
 //
-// Applies to one query (Q == 1) per query head, head_dim 128, 8-bit codes with c = 8 for keys and values, or c = 4
-// for both with 8 warps (CQ-4c8b; GQA in blocks of 2 heads; see Cfg) (mma_decode_applies); everything else runs
-// decode.cuh. This kernel reads the keys held as codes; a full-precision
-// window and sinks are one more split (fp_split_kernel in decode.cu), merged by the split-K combine. GQA (8
-// warps): a group runs as ceil(group / 4) blocks of R = 2, 3 or 4 query heads (8 = 4 + 4, 6 = 3 + 3; when R does
-// not divide the group the last block overlaps the one before and writes only its own heads: 7 = heads 0-3 and 3-6),
-// so that each key is gathered and rotated once for the R heads, and one MMA chain scores all of them (their query
-// columns packed into one n-tile); the softmax and the value scatter are per query head. MHA and the 16-warp
-// variant: a block per query head (R = 1).
+// Applies to one query (Q == 1) per query head, head_dim 128, 8-bit codes with c = 8 for keys and values, or c = 4 for
+// both with 8 warps (CQ-4c8b; GQA in blocks of 2 heads; see Cfg) (mma_decode_applies); everything else runs decode.cuh.
+// This kernel reads the keys held as codes; a full-precision window and sinks are one more split (fp_split_kernel in
+// decode.cu), merged by the split-K combine. GQA (8 warps): a group runs as ceil(group / 4) blocks of R = 2, 3 or 4
+// query heads (8 = 4 + 4, 6 = 3 + 3; when R does not divide the group the last block overlaps the one before and writes
+// only its own heads: 7 = heads 0-3 and 3-6), so that each key is gathered and rotated once for the R heads, and one
+// MMA chain scores all of them (their query columns packed into one n-tile); the softmax and the value scatter are per
+// query head. MHA and the 16-warp variant: a block per query head (R = 1).
 //
 // Blocks. At most one block per SM (a block fills one); each takes a contiguous run of the kv-head-major items (R query
 // heads, batch row, split), keeps the key tables while its items share the kv head, and issues the next item's table
@@ -31,8 +30,9 @@
 // point into a histogram hist[code][slots] per query head in shared memory with integer atomics (slot = value group +
 // 16 * replica; with two replicas (R <= 2) a warp's 32 atomics hit 32 banks; with one (R = 3, 4) the heads' histograms
 // lie 16 banks apart and a warp's atomics pair two heads of one token; MHA and c = 4 read the value codes of 8 or 4
-// tokens per 4-byte load, see scatter8w / scatter4), during the next tile's score math (software pipelined). Each thread flushes its bins into fp32 accumulators (registers for R = 1, a global scratch for R > 1)
-// when the mass added since the last flush could overflow 32 bits, and whenever the max grows (rescaling them). At the
+// tokens per 4-byte load, see scatter8w / scatter4), during the next tile's score math (software pipelined). Each
+// thread flushes its bins into fp32 accumulators (registers for R = 1, a global scratch for R > 1) when the mass added
+// since the last flush could overflow 32 bits, and whenever the max grows (rescaling them). At the
 // end the histogram is multiplied by the value centroids: one c-wide gather and FMA per token and group become one
 // integer add. That product reads the value centroids from global memory (L2) against the bins, transposed in place as
 // fp32 (see the epilogue), so the key tables stay loaded for the next item. With R = 1 the shared addresses of the key
@@ -83,7 +83,6 @@ struct Cfg {
   static_assert(NW == 8 || NW == 16, "8 or 16 warps");
   static_assert(R == 1 || (NW == 8 && R >= 2 && R <= 4), "query heads per block: 1, or 2 to 4 with 8 warps");
   static_assert(KC == 8 || (KC == 4 && NW == 8 && R <= 2), "c = 4: one or two query heads per block, 8 warps");
-  static constexpr int kKC = KC;
   static constexpr int kGroups = kD / KC;          // code groups per head (= code row bytes: 8-bit codes)
   static constexpr int kRB = kGroups;
   static constexpr int kVRows = kTile * kRB;                        // value rows follow the key rows in a stage
@@ -115,7 +114,8 @@ struct Cfg {
   static constexpr int kColStep = kNT / 64;                // between a thread's columns
   static constexpr int kNPer = 8 / kColStep;               // distinct column offsets n per thread
   static constexpr int kTokPerThread = kTile / kNT;        // tokens per thread in a stage load
-  static constexpr int kStagesBytes = kSplit ? kKStages * kKStageBytes + kMStages * kVStageBytes : kMStages * kStageBytes;
+  static constexpr int kStagesBytes =
+      kSplit ? kKStages * kKStageBytes + kMStages * kVStageBytes : kMStages * kStageBytes;
   static constexpr int kRedBytes = 4 * NW * R * 4;
   static constexpr int kPBufBytes = R * NW * kPBufStride * 4;  // p of each warp's tokens, per query head
   static constexpr int kBBytes = 2 * 8 * R * kBRow;             // query columns [2][8 R][kBRow], double buffered
@@ -268,8 +268,8 @@ __device__ __forceinline__ void gather4_consts(int g, int r, int a, uint32_t& of
   sel_a = gather_sel4(r, static_cast<int>(odd));
   sel_b = gather_sel4(r, static_cast<int>(odd ^ 1u));
 }
-__device__ __forceinline__ uint4 gather4(const uint8_t* tab, uint32_t kw, uint32_t off_a, uint32_t off_b, uint32_t sel_a,
-                                         uint32_t sel_b, bool swap) {
+__device__ __forceinline__ uint4 gather4(const uint8_t* tab, uint32_t kw, uint32_t off_a, uint32_t off_b,
+                                         uint32_t sel_a, uint32_t sel_b, bool swap) {
   const uint2 u = *reinterpret_cast<const uint2*>(tab + __byte_perm(kw, off_a, sel_a));
   const uint2 v = *reinterpret_cast<const uint2*>(tab + __byte_perm(kw, off_b, sel_b));
   return swap ? make_uint4(v.x, v.y, u.x, u.y) : make_uint4(u.x, u.y, v.x, v.y);
@@ -622,8 +622,8 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       }
     }
   };
-  // c = 4 (R = 1): one 4-byte load gives the warp the value code rows of 4 tokens (lane l: word l % 8 of token q = l / 8,
-  // the 4 rows on distinct banks); its atomic j then adds token q's p to the bin of group 4 (l % 8) + (j + q) % 4 (the
+  // c = 4: one 4-byte load gives the warp the value code rows of 4 tokens (lane l: word l % 8 of token q = l / 8, the
+  // 4 rows on distinct banks); its atomic j then adds token q's p to the bin of group 4 (l % 8) + (j + q) % 4 (the
   // byte (j + q) % 4 of its word, byte j after rotating the word by q bytes): a warp's atomics hit 32 banks.
   const int q4 = lane >> 3;
   const uint8_t* const vgrp = smem + kVRows + 8 * wt * kRB + 2 * q4 * (kDelta * kRB + 16) + (lane & 7) * 4;
@@ -636,7 +636,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     for (int k4 = 2 * part; k4 < 2 * part + 2; ++k4) {
 #pragma unroll
       for (int th = 0; th < 2; ++th) {
-        // token q: 2 q * 64 + 8 wt + k4 + 64 th, lane 4 k4 + q's p of its token th; value rows skewed 16 B per 64 tokens
+        // token q: 2 q * 64 + 8 wt + k4 + 64 th, lane 4 k4 + q's p of its token th; value rows skewed 16 B / 64 tokens
         const uint32_t raw = *reinterpret_cast<const uint32_t*>(vb + k4 * kRB + th * (kDelta * kRB + 16));
         const uint32_t wv = __funnelshift_r(raw, raw, 8 * q4);  // byte j: the code of group 4 (l % 8) + (j + q) % 4
         uint32_t pv[R];  // head jj's p (R > 1: lane r held head r's scores, written in the same layout)
@@ -656,8 +656,8 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
   // atomic j adds token q's p to group 4 (l % 4) + (j + q) % 4 of replica q / 4: a warp's atomics hit 32 banks.
   constexpr bool kWords8 = KC == 8 && R == 1 && NW == 8;
   const int q8 = lane >> 2;
-  const uint8_t* const vwrd =
-      smem + kVRows + 8 * wt * kRB + (q8 >> 1) * 2 * (kDelta * kRB + 16) + (q8 & 1) * (kDelta * kRB + 16) + (lane & 3) * 4;
+  const uint8_t* const vwrd = smem + kVRows + 8 * wt * kRB + (q8 >> 1) * 2 * (kDelta * kRB + 16) +
+                             (q8 & 1) * (kDelta * kRB + 16) + (lane & 3) * 4;
   uint32_t hsl8[kWords8 ? 4 : 1];  // whole shared address of this lane's slot in code 0's histogram row, per atomic j
 #pragma unroll
   for (int j = 0; j < (kWords8 ? 4 : 1); ++j)
@@ -838,13 +838,14 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
             const int64_t bx = P_tile + 2 * v * kDelta, by = bx + kDelta;
             const float px = static_cast<float>((offx < n ? pos_g[t0 + offx] : bx) - bx);
             const float py = static_cast<float>((offy < n ? pos_g[t0 + offy] : by) - by);
-            const float2 sc = irregular_mtile<T, KC>(smem + kOffTab, bcol, cx, cy, lane, px, py, p.inv_freq, C::kCopies);
+            const float2 sc =
+                irregular_mtile<T, KC>(smem + kOffTab, bcol, cx, cy, lane, px, py, p.inv_freq, C::kCopies);
             sx = sc.x;
             sy = sc.y;
           } else {
             float d[2][4] = {};  // two accumulator chains (hh = 0, 1) for overlap
             // c = 4: the rows of odd g, whose chunks hold words 2, 3 first, accumulate with the B words swapped
-            float ds[KC == 4 ? 2 : 1][4] = {};
+            float ds[2][4] = {};
             // chunk pairs (a, a + 2), a = 0, 1: gather, rotate, multiply; one pair's keys live at a time
 #pragma unroll
             for (int a = 0; a < 2; ++a) {
@@ -867,8 +868,8 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
               }
             }
             if (KC == 4 && (g & 1)) {
-              sx = ds[0][0] + ds[KC == 4 ? 1 : 0][0];
-              sy = ds[0][3] + ds[KC == 4 ? 1 : 0][3];
+              sx = ds[0][0] + ds[1][0];
+              sy = ds[0][3] + ds[1][3];
             } else {
               sx = d[0][0] + d[1][0];
               sy = d[0][3] + d[1][3];
