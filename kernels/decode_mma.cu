@@ -30,7 +30,7 @@
 // point into a histogram hist[code][slots] per query head in shared memory with integer atomics (slot = value group +
 // 16 * replica; with two replicas (R <= 2) a warp's 32 atomics hit 32 banks; with one (R = 3, 4) the heads' histograms
 // lie 16 banks apart and a warp's atomics pair two heads of one token; MHA and c = 4 read the value codes of 8 or 4
-// tokens per 4-byte load, see scatter8w / scatter4), during the next tile's score math (software pipelined). Each
+// tokens per 4-byte load, see scatter_words), during the next tile's score math (software pipelined). Each
 // thread flushes its bins into fp32 accumulators (registers for R = 1, a global scratch for R > 1) when the mass added
 // since the last flush could overflow 32 bits, and whenever the max grows (rescaling them). At the
 // end the histogram is multiplied by the value centroids: one c-wide gather and FMA per token and group become one
@@ -165,13 +165,14 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
 }
 __device__ __forceinline__ uint32_t word(const uint2& v, int i) { return i == 0 ? v.x : v.y; }
 
-// RoPE constants of angle * f for the 8 frequencies of chunk a (channels 8(4a + r) + 2e + {0, 1}).
+// RoPE constants of angle * f for the 8 frequencies of chunk a (channels 8(4a + r) + 2e + {0, 1}), word e at
+// position e ^ eswap: eswap = 2 for the c = 4 rows that hold a chunk's words 2, 3 before 0, 1 (gather).
 template <typename T>
 __device__ __forceinline__ void rope_consts_a(const float* inv_freq, int r, int a, float angle, uint32_t (&c)[4],
-                                              uint32_t (&s)[4], uint32_t (&ns)[4]) {
+                                              uint32_t (&s)[4], uint32_t (&ns)[4], int eswap = 0) {
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
-    const int i0 = 8 * (4 * a + r) + 2 * e;
+    const int i0 = 8 * (4 * a + r) + 2 * (e ^ eswap);
     float s0, c0, s1, c1;
     sincosf(angle * __ldg(inv_freq + i0), &s0, &c0);
     sincosf(angle * __ldg(inv_freq + i0 + 1), &s1, &c1);
@@ -182,9 +183,9 @@ __device__ __forceinline__ void rope_consts_a(const float* inv_freq, int r, int 
 }
 
 template <typename T>
-__device__ __forceinline__ void rope_consts(const float* inv_freq, int r, float angle, RopeK& k) {
+__device__ __forceinline__ void rope_consts(const float* inv_freq, int r, float angle, RopeK& k, int eswap = 0) {
 #pragma unroll
-  for (int a = 0; a < 2; ++a) rope_consts_a<T>(inv_freq, r, a, angle, k.c[a], k.s[a], k.ns[a]);
+  for (int a = 0; a < 2; ++a) rope_consts_a<T>(inv_freq, r, a, angle, k.c[a], k.s[a], k.ns[a], eswap);
 }
 
 // Rotate chunk pair (a, a + 2) of one of the m-tile's two keys (Y = 0: key x, row lane/4; Y = 1: key y, row
@@ -254,8 +255,10 @@ __device__ __forceinline__ uint32_t gather_off(int g, int r, int a, int copies =
 // c = 4: a lane's code word a holds the codes of its chunk 4a + r (groups 2 (4a + r) + e, e = 0, 1) in bytes
 // 2 (r & 1) + e (see load_stage). The selector puts byte e of them into byte 1; the offset of group 2 gamma + e in a
 // code's 256-byte table row is 16 gamma + 8 e. Two 8-byte gathers make the chunk's 8 channels. The four keys (rows g)
-// of a half-warp read the same group of one table: rows of odd g fetch group e = 1 first (swap), so that each 8-byte
-// gather instruction meets a 2-way bank conflict instead of a 4-way one, for 4 selects per chunk.
+// of a half-warp read the same group of one table: rows of odd g fetch group e = 1 first, so that each 8-byte gather
+// instruction meets a 2-way bank conflict instead of a 4-way one. Their chunks then hold words 2, 3 before 0, 1: their
+// RoPE constants come in the same order (rope_consts_a, eswap = 2) and their scores from an MMA chain that takes the
+// query's B words in that order too (pair_mma_swapped), so no register is moved.
 __device__ __forceinline__ uint32_t gather_sel4(int r, int e) {
   return 0x7604u | (static_cast<uint32_t>(2 * (r & 1) + e) << 4);
 }
@@ -269,10 +272,10 @@ __device__ __forceinline__ void gather4_consts(int g, int r, int a, uint32_t& of
   sel_b = gather_sel4(r, static_cast<int>(odd ^ 1u));
 }
 __device__ __forceinline__ uint4 gather4(const uint8_t* tab, uint32_t kw, uint32_t off_a, uint32_t off_b,
-                                         uint32_t sel_a, uint32_t sel_b, bool swap) {
+                                         uint32_t sel_a, uint32_t sel_b) {
   const uint2 u = *reinterpret_cast<const uint2*>(tab + __byte_perm(kw, off_a, sel_a));
   const uint2 v = *reinterpret_cast<const uint2*>(tab + __byte_perm(kw, off_b, sel_b));
-  return swap ? make_uint4(v.x, v.y, u.x, u.y) : make_uint4(u.x, u.y, v.x, v.y);
+  return make_uint4(u.x, u.y, v.x, v.y);
 }
 
 // Shared-memory accesses at whole 32-bit shared addresses (no window base to add).
@@ -297,7 +300,8 @@ __device__ __noinline__ float2 irregular_mtile(const uint8_t* tab, const uint8_t
                                                float px, float py, const float* inv_freq, int copies) {
   const int g = lane >> 2, r = lane & 3;
   const uint32_t sel = gather_sel(r);
-  float d0[4] = {0.f, 0.f, 0.f, 0.f}, d1[4] = {0.f, 0.f, 0.f, 0.f};
+  const int eswap = KC == 4 && (g & 1) ? 2 : 0;  // c = 4, odd g: chunk words 2, 3 first (see gather4_consts)
+  float d0[4] = {0.f, 0.f, 0.f, 0.f}, d1[4] = {0.f, 0.f, 0.f, 0.f}, ds0[4] = {}, ds1[4] = {};
 #pragma unroll
   for (int a = 0; a < 2; ++a) {
     uint4 xlo, xhi, ylo, yhi;
@@ -311,20 +315,22 @@ __device__ __noinline__ float2 irregular_mtile(const uint8_t* tab, const uint8_t
       uint32_t la, lb, lsa, lsb, ha, hb, hsa, hsb;
       gather4_consts(g, r, a, la, lb, lsa, lsb);
       gather4_consts(g, r, a + 2, ha, hb, hsa, hsb);
-      const bool odd = g & 1;
-      xlo = gather4(tab, word(cx, a), la, lb, lsa, lsb, odd);
-      xhi = gather4(tab, word(cx, a + 2), ha, hb, hsa, hsb, odd);
-      ylo = gather4(tab, word(cy, a), la, lb, lsa, lsb, odd);
-      yhi = gather4(tab, word(cy, a + 2), ha, hb, hsa, hsb, odd);
+      xlo = gather4(tab, word(cx, a), la, lb, lsa, lsb);
+      xhi = gather4(tab, word(cx, a + 2), ha, hb, hsa, hsb);
+      ylo = gather4(tab, word(cy, a), la, lb, lsa, lsb);
+      yhi = gather4(tab, word(cy, a + 2), ha, hb, hsa, hsb);
     }
     uint32_t fr[2][2][4], c[4], sn[4], ns[4];
-    rope_consts_a<T>(inv_freq, r, a, px, c, sn, ns);
+    rope_consts_a<T>(inv_freq, r, a, px, c, sn, ns, eswap);
     rotate_key<T, 0>(xlo, xhi, c, sn, ns, fr);
-    rope_consts_a<T>(inv_freq, r, a, py, c, sn, ns);
+    rope_consts_a<T>(inv_freq, r, a, py, c, sn, ns, eswap);
     rotate_key<T, 1>(ylo, yhi, c, sn, ns, fr);
-    pair_mma<T>(d0, d1, fr, *reinterpret_cast<const uint4*>(bcol + a * 64),
-                *reinterpret_cast<const uint4*>(bcol + (a + 2) * 64));
+    const uint4 blo = *reinterpret_cast<const uint4*>(bcol + a * 64);
+    const uint4 bhi = *reinterpret_cast<const uint4*>(bcol + (a + 2) * 64);
+    pair_mma<T>(d0, d1, fr, blo, bhi);
+    if constexpr (KC == 4) pair_mma_swapped<T>(ds0, ds1, fr, blo, bhi);
   }
+  if (eswap) return make_float2(ds0[0] + ds1[0], ds0[3] + ds1[3]);
   return make_float2(d0[0] + d1[0], d0[3] + d1[3]);
 }
 
@@ -475,14 +481,8 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     if constexpr (KC == 4) {
       // rows of odd g: group 2 gamma + 1 (words 2, 3 of the chunk) in u, words 0, 1 in v; their MMA takes the B words
       // in the same order (pair_mma_swapped), so no register moves
-      uint2 u, v;
-      if constexpr (kWhole) {
-        u = lds64(__byte_perm(code_word, loff[a], sel));
-        v = lds64(__byte_perm(code_word, loff[4 + a], sel1));
-      } else {
-        u = *reinterpret_cast<const uint2*>(smem + kOffTab + __byte_perm(code_word, loff[a], sel));
-        v = *reinterpret_cast<const uint2*>(smem + kOffTab + __byte_perm(code_word, loff[4 + a], sel1));
-      }
+      if constexpr (!kWhole) return gather4(smem + kOffTab, code_word, loff[a], loff[4 + a], sel, sel1);
+      const uint2 u = lds64(__byte_perm(code_word, loff[a], sel)), v = lds64(__byte_perm(code_word, loff[4 + a], sel1));
       return make_uint4(u.x, u.y, v.x, v.y);
     } else {
       const uint32_t at = __byte_perm(code_word, loff[a], sel);
@@ -490,21 +490,8 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       else return *reinterpret_cast<const uint4*>(smem + kOffTab + at);
     }
   };
-  RopeK rk;  // R(tau), tau = 8 wt + g: fixed for all of this thread's keys
-  rope_consts<T>(p.inv_freq, r, static_cast<float>(8 * wt + g), rk);
-  if constexpr (KC == 4) {  // rows of odd g hold each chunk's words 2, 3 before 0, 1 (see gather): their constants too
-    if (g & 1) {
-#pragma unroll
-      for (int a = 0; a < 2; ++a) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          uint32_t t = rk.c[a][e]; rk.c[a][e] = rk.c[a][e + 2]; rk.c[a][e + 2] = t;
-          t = rk.s[a][e]; rk.s[a][e] = rk.s[a][e + 2]; rk.s[a][e + 2] = t;
-          t = rk.ns[a][e]; rk.ns[a][e] = rk.ns[a][e + 2]; rk.ns[a][e + 2] = t;
-        }
-      }
-    }
-  }
+  RopeK rk;  // R(tau), tau = 8 wt + g: fixed for all of this thread's keys (c = 4, odd g: words 2, 3 first, see gather)
+  rope_consts<T>(p.inv_freq, r, static_cast<float>(8 * wt + g), rk, KC == 4 && (g & 1) ? 2 : 0);
 
   // ---- query columns [buf][8 j + n]: this thread writes frequency fi of columns col0 + k kColStep (n, head j)
   const int fi = tid & 63, col0 = tid >> 6;
@@ -622,26 +609,32 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       }
     }
   };
-  // c = 4: one 4-byte load gives the warp the value code rows of 4 tokens (lane l: word l % 8 of token q = l / 8, the
-  // 4 rows on distinct banks); its atomic j then adds token q's p to the bin of group 4 (l % 8) + (j + q) % 4 (the
-  // byte (j + q) % 4 of its word, byte j after rotating the word by q bytes): a warp's atomics hit 32 banks.
-  const int q4 = lane >> 3;
-  const uint8_t* const vgrp = smem + kVRows + 8 * wt * kRB + 2 * q4 * (kDelta * kRB + 16) + (lane & 7) * 4;
+  // Value scatter from whole code words (c = 4, and c = 8 MHA): one 4-byte load gives the warp the value code rows of
+  // kTPL tokens, lane l word w = l % kW of token q = l / kW (the rows on distinct banks); its atomic j then adds token
+  // q's p to the bin of group 4 w + (j + q) % 4 (byte (j + q) % 4 of the word: byte j after rotating it by q bytes)
+  // in histogram replica q / 4 (c = 8: two replicas), so a warp's atomics hit 32 banks. Token q is m-tile mt's token
+  // 2 mt * 64 + 8 wt + k4 + 64 th: c = 8 (8 tokens per load) mt = q / 2, th = q % 2; c = 4 (4 tokens per load, two
+  // loads per k4) mt = q, th = 0, 1.
+  constexpr bool kWords = KC == 4 || (R == 1 && NW == 8);
+  constexpr int kW = kRB / 4, kTPL = 32 / kW, kLoads = kTPL == 8 ? 1 : 2;
+  const int qw = lane / kW, mtw = kTPL == 8 ? qw >> 1 : qw, thw = kTPL == 8 ? qw & 1 : 0;
+  const uint8_t* const vwrd = smem + kVRows + 8 * wt * kRB + mtw * 2 * (kDelta * kRB + 16) +
+                             thw * (kDelta * kRB + 16) + (lane % kW) * 4;
   uint32_t hsl[4];  // whole shared address of this lane's slot in code 0's histogram row, per atomic j
 #pragma unroll
-  for (int j = 0; j < 4; ++j) hsl[j] = sbase + C::kOffHist + (4 * (lane & 7) + ((j + q4) & 3)) * 4;
-  auto scatter4 = [&](const uint8_t* sv, int part) {
-    const uint8_t* vb = sv + (vgrp - smem);
+  for (int j = 0; j < 4; ++j)
+    hsl[j] = sbase + C::kOffHist + (4 * (lane % kW) + ((j + qw) & 3) + (C::kRep == 2 ? 16 * (qw >> 2) : 0)) * 4;
+  auto scatter_words = [&](const uint8_t* sv, int part) {
+    const uint8_t* vb = sv + (vwrd - smem);
 #pragma unroll
     for (int k4 = 2 * part; k4 < 2 * part + 2; ++k4) {
 #pragma unroll
-      for (int th = 0; th < 2; ++th) {
-        // token q: 2 q * 64 + 8 wt + k4 + 64 th, lane 4 k4 + q's p of its token th; value rows skewed 16 B / 64 tokens
+      for (int th = 0; th < kLoads; ++th) {
         const uint32_t raw = *reinterpret_cast<const uint32_t*>(vb + k4 * kRB + th * (kDelta * kRB + 16));
-        const uint32_t wv = __funnelshift_r(raw, raw, 8 * q4);  // byte j: the code of group 4 (l % 8) + (j + q) % 4
+        const uint32_t wv = __funnelshift_r(raw, raw, 8 * (qw & 3));
         uint32_t pv[R];  // head jj's p (R > 1: lane r held head r's scores, written in the same layout)
 #pragma unroll
-        for (int jj = 0; jj < R; ++jj) pv[jj] = pbw[jj * kNW * kPBufStride + 36 * th + 4 * k4 + q4];
+        for (int jj = 0; jj < R; ++jj) pv[jj] = pbw[jj * kNW * kPBufStride + 36 * (thw + th) + 4 * k4 + mtw];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const uint32_t code = __byte_perm(wv, 0u, 0x4440u | j) * (kSlots * 4) + hsl[j];
@@ -651,35 +644,9 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       }
     }
   };
-  // c = 8, MHA (8 warps, two replicas): one 4-byte load gives the warp the value code rows of 8 tokens (lane l: word
-  // l % 4 of token q = l / 4, i.e. token 2 (q / 2) * 64 + 8 wt + k4 + 64 (q % 2); the 8 rows on distinct banks); its
-  // atomic j adds token q's p to group 4 (l % 4) + (j + q) % 4 of replica q / 4: a warp's atomics hit 32 banks.
-  constexpr bool kWords8 = KC == 8 && R == 1 && NW == 8;
-  const int q8 = lane >> 2;
-  const uint8_t* const vwrd = smem + kVRows + 8 * wt * kRB + (q8 >> 1) * 2 * (kDelta * kRB + 16) +
-                             (q8 & 1) * (kDelta * kRB + 16) + (lane & 3) * 4;
-  uint32_t hsl8[kWords8 ? 4 : 1];  // whole shared address of this lane's slot in code 0's histogram row, per atomic j
-#pragma unroll
-  for (int j = 0; j < (kWords8 ? 4 : 1); ++j)
-    hsl8[j] = sbase + C::kOffHist + (4 * (lane & 3) + ((j + q8) & 3) + 16 * (q8 >> 2)) * 4;
-  auto scatter8w = [&](const uint8_t* sv, int part) {
-    const uint8_t* vb = sv + (vwrd - smem);
-#pragma unroll
-    for (int k4 = 2 * part; k4 < 2 * part + 2; ++k4) {
-      const uint32_t raw = *reinterpret_cast<const uint32_t*>(vb + k4 * kRB);
-      const uint32_t wv = __funnelshift_r(raw, raw, 8 * (q8 & 3));  // byte j: group 4 (l % 4) + (j + q) % 4
-      const uint32_t pv = pbw[36 * (q8 & 1) + 4 * k4 + (q8 >> 1)];   // lane 4 k4 + q / 2's p of its token q % 2
-#pragma unroll
-      for (int j = 0; j < 4; ++j) red_add(__byte_perm(wv, 0u, 0x4440u | j) * (kSlots * 4) + hsl8[j], pv);
-    }
-  };
   auto scatter = [&](const uint8_t* sv, int part) {
-    if constexpr (KC == 4) {
-      scatter4(sv, part);
-      return;
-    }
-    if constexpr (kWords8) {
-      scatter8w(sv, part);
+    if constexpr (kWords) {
+      scatter_words(sv, part);
       return;
     }
     if constexpr (C::kPair) {
