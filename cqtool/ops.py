@@ -44,12 +44,16 @@ DECODE_MAX_ROWS = 16
 # 128 registers per thread). "auto" (default): _decode_variant.
 DECODE_KERNELS = ("auto", "cuda-core", "tensor-core", "tensor-core-16w")
 DECODE_KERNEL = os.environ.get("CQTOOL_DECODE_KERNEL", "auto")
+# MHA: the tensor-core kernel wherever it applies; its GPU time was at most the CUDA-core kernel's at every shape
+# measured (H100, Llama-2-7b shapes, 1 x 64 to 512 x 128 and 8 x 32K; e.g. 1 x 4K 22 vs 24 us, 128 x 64 215 vs 411 us,
+# docs/raw/decode-tiny-gpu-time-h100-2026-11-27k.txt). GQA blocks of 2-4 query heads: from AUTO_MMA_TOKENS cached
+# tokens per batch and AUTO_MMA_MIN_SEQ per sequence; below, the CUDA-core kernel, which shares each kv head's work
+# among the whole group, was faster (Llama-3-8b shapes: 1 x 4K 27 vs 33 us; 512 x 256: 0.53 vs 0.62 ms; at 512 x 512
+# the tensor-core kernel 0.63 vs 0.71). With a full-precision window or sinks (one more kernel, and the combine), MHA
+# too only from AUTO_MMA_FP_TOKENS cached tokens per batch (window 128: 1 x 512 23 vs 17 us, 1 x 4K 29 vs 31 us, 8 x 512
+# 37 vs 46 us; docs/raw/decode-tiny-window-gpu-time-h100-2026-11-27l.txt).
 AUTO_MMA_TOKENS = 16384
-# GQA blocks of 2-4 query heads: below this many cached tokens per sequence the CUDA-core kernel, which shares each
-# kv head's work among the whole group, was faster (H100, Llama-3-8b shapes, 512 x 256: 0.53 vs 0.62 ms; at 512 x 512
-# the tensor-core kernel 0.63 vs 0.71, re-measured after the packed-head MMA). MHA has no such limit since the
-# tensor-core blocks loop over their items with the key tables loaded (512 x 128: 0.95 vs 1.63 ms on CUDA cores;
-# docs/RESULTS_kernels.md).
+AUTO_MMA_FP_TOKENS = 4096
 AUTO_MMA_MIN_SEQ = 512
 # CQ-4c8b (c = 4) GQA blocks take 2 query heads, the CUDA-core kernel the whole group: the tensor-core kernel was faster
 # only at long contexts (H100, Llama-3-8b shapes: 8 x 32K 0.341 vs 0.393 ms, 1 x 32K 0.071 vs 0.073; 32 x 8K 0.401 vs
@@ -281,14 +285,19 @@ def _with_full_precision(view, k: torch.Tensor, v: torch.Tensor, allowed: torch.
     return torch.cat(keys, 2), torch.cat(values, 2), torch.cat(masks, 2)
 
 
-def _decode_variant(B: int, S: int, group: int = 1, c: int = 8) -> int:
+def _decode_variant(B: int, S: int, group: int = 1, c: int = 8, fp: bool = False) -> int:
     """The decode kernel request passed to the extension (0: CUDA cores, 1/2: tensor cores with 8/16 warps).
-    auto: the tensor-core kernel from AUTO_MMA_TOKENS cached tokens per batch, and for GQA (whose query heads it takes
-    2-4 per block, 2 with c = 4 codes) also from AUTO_MMA_MIN_SEQ (c = 4: AUTO_MMA_MIN_SEQ_C4_GQA) per sequence
-    (H100, docs/RESULTS_kernels.md)."""
+    auto: the tensor-core kernel for MHA (with a full-precision window or sinks, `fp`, from AUTO_MMA_FP_TOKENS cached
+    tokens per batch); for GQA (whose query heads it takes 2-4 per block, 2 with c = 4 codes) from
+    AUTO_MMA_TOKENS cached tokens per batch and AUTO_MMA_MIN_SEQ (c = 4: AUTO_MMA_MIN_SEQ_C4_GQA) per sequence
+    (H100, docs/RESULTS_kernels.md). The extension runs the CUDA-core kernel wherever the tensor-core one does not
+    apply, and says which ran."""
     if DECODE_KERNEL == "auto":
         min_seq = AUTO_MMA_MIN_SEQ_C4_GQA if c == 4 else AUTO_MMA_MIN_SEQ
-        ok = B * S >= AUTO_MMA_TOKENS and (group < 2 or S >= min_seq)
+        if group < 2:
+            ok = not fp or B * S >= AUTO_MMA_FP_TOKENS
+        else:
+            ok = B * S >= AUTO_MMA_TOKENS and S >= min_seq
         return _VARIANTS[AUTO_MMA_KERNEL] if ok else 0
     return _VARIANTS[DECODE_KERNEL]
 
@@ -331,6 +340,7 @@ def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> t
         view.win_k if cfg.window else None, view.win_v if cfg.window else None, view.new_k, view.new_v,
         layer.sink_k if sinks else None, layer.sink_v if sinks else None,
         int(cfg.window), int(view.start), int(S), float(scaling), bool(prefill),
-        _decode_variant(B, S, Hq // layer.k_centroids.shape[0], layer.k_centroids.shape[-1]), int(MMA_MAX_BLOCKS))
+        _decode_variant(B, S, Hq // layer.k_centroids.shape[0], layer.k_centroids.shape[-1], bool(cfg.window or sinks)),
+        int(MMA_MAX_BLOCKS))
     _ran(_KERNEL_NAMES[used], f"{_KERNEL_NAMES[used]} kernel")
     return out

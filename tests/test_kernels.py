@@ -679,9 +679,11 @@ def test_bench_generate_cli_repeats(tmp_path):
 def test_decode_kernel_request(monkeypatch):
     """What each DECODE_KERNEL choice asks the extension for (0: CUDA cores, 1/2: tensor cores, 8/16 warps)."""
     monkeypatch.setattr(ops, "DECODE_KERNEL", "auto")
-    assert ops._decode_variant(8, 32768) == 1 and ops._decode_variant(1, 4096) == 0
-    assert ops._decode_variant(4, 4096) == 1  # MHA: tokens per batch
-    assert ops._decode_variant(512, 128) == 1 and ops._decode_variant(128, 64) == 0  # MHA: any sequence length
+    assert ops._decode_variant(8, 32768) == 1 and ops._decode_variant(1, 4096) == 1  # MHA: every shape
+    assert ops._decode_variant(1, 1) == 1 and ops._decode_variant(128, 64) == 1 and ops._decode_variant(1, 64, c=4) == 1
+    # MHA with a full-precision window or sinks (one more kernel): from AUTO_MMA_FP_TOKENS cached tokens per batch
+    assert ops._decode_variant(1, 512, fp=True) == 0 and ops._decode_variant(1, 4096, fp=True) == 1
+    assert ops._decode_variant(8, 512, fp=True) == 1 and ops._decode_variant(1, 4096, group=4, fp=True) == 0
     assert ops._decode_variant(512, 256, group=4) == 0 and ops._decode_variant(512, 512, group=4) == 1  # GQA blocks:
     assert ops._decode_variant(64, 256, group=2) == 0 and ops._decode_variant(32, 512, group=3) == 1  # per sequence too
     assert ops._decode_variant(32, 8192, group=4) == 1 and ops._decode_variant(1, 4096, group=4) == 0  # a group per block
