@@ -456,6 +456,11 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     }
   };
 
+  // Work saved on short items (a partial tile's empty m-tiles, the first flush, the last flush's clearing): 14% at
+  // 128 x 64 and 512 x 128, but the CQ-8c8b MHA block then ran 3% slower at 8 x 32K (another schedule of its full tiles),
+  // so the CQ-8c8b MHA blocks (8 and 16 warps) are built without it (docs/RESULTS_kernels.md).
+  constexpr bool kShort = !(KC == 8 && R == 1);
+
   // ---- per-thread constants of the key gathers and rotations
   uint32_t sel = gather_sel(r), sel1 = 0u;
   // shared address of the key tables: its low 16 bits are zero (kOffTab), so PRMT can put a code into bits 8-15
@@ -536,12 +541,14 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
   float l_r = 0.f, ptile_r = 0.f;
   uint32_t* hist = reinterpret_cast<uint32_t*>(smem + C::kOffHist);
   float* red = reinterpret_cast<float*>(smem + C::kOffRed);
-  auto flush = [&](int j, float scale) {
+  // bins -> fp32 accumulators (times scale); zero: clear the bins for more atomics (not after the last scatter: the
+  // epilogue overwrites them and the next item clears them)
+  auto flush = [&](int j, float scale, bool zero = true) {
 #pragma unroll
     for (int k = 0; k < kBinsPerThread; ++k) {
       const int hidx = j * C::kHeadStride + tid + kNT * k, idx = j * C::kBinsHead + tid + kNT * k;
       const uint32_t v = hist[hidx];
-      hist[hidx] = 0u;
+      if (zero) hist[hidx] = 0u;
       if constexpr (R == 1) acc[k] = fmaf(static_cast<float>(v), kInvFix, acc[k]) * scale;
       else gacc[idx] = fmaf(static_cast<float>(v), kInvFix, gacc[idx]) * scale;
     }
@@ -787,13 +794,17 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       // R > 1: this lane's B column row (head min(g / 2, R - 1), column g % 2 of the m-tile's pair; + 2v kBRow)
       const uint8_t* bpk =
           smem + C::kOffB + (it & 1) * 8 * R * kBRow + (8 * min(g >> 1, R - 1) + (g & 1)) * kBRow + r * 16;
-      auto mtiles = [&](auto irregular) {
-        constexpr bool kIrr = decltype(irregular)::value;
+      // kPart: a tile that ends before kTile tokens (an item's last or only one) skips the m-tiles with no key in it;
+      // full tiles are compiled without that test (it cost 10% at 8 x 32K: docs/RESULTS_kernels.md)
+      auto mtiles = [&](auto irregular, auto partial) {
+        constexpr bool kIrr = decltype(irregular)::value, kPart = decltype(partial)::value;
 #pragma unroll
         for (int vv = 0; vv < kMT; ++vv) {
           const int v = kMT * wh + vv;
 #pragma unroll
           for (int pp = 0; pp < C::kParts; ++pp) scatter(sv_prev, vv * C::kParts + pp);
+          // no key of this warp's rows in the tile (its end, t_end): no scores to compute (masked below)
+          if (kPart && 2 * v * kDelta + 8 * wt >= n) continue;
           const int offx = 2 * v * kDelta + 8 * wt + g, offy = offx + kDelta;
           // the key code words of this lane (c = 4: its half of the permuted row)
           const int cofs = KC == 8 ? 0 : (r >> 1) * 16;
@@ -850,8 +861,14 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
           }
         }
       };
-      if (irr) mtiles(std::true_type{});
-      else mtiles(std::false_type{});
+      if constexpr (kShort) {
+        if (irr) mtiles(std::true_type{}, std::true_type{});
+        else if (n < kTile) mtiles(std::false_type{}, std::true_type{});
+        else mtiles(std::false_type{}, std::false_type{});
+      } else {
+        if (irr) mtiles(std::true_type{}, std::false_type{});
+        else mtiles(std::false_type{}, std::false_type{});
+      }
       if constexpr (R == 1) {
         if (o0 >= n) s0 = kNegInf;
         if (o0 + kDelta >= n) s1 = kNegInf;
@@ -902,12 +919,17 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
         }
         mass_acc[j] += mass;
         if (tmax > m_ref[j]) {
-          const float scale = m_ref[j] == kNegInf ? 0.f : exp2f(m_ref[j] - tmax);
-          flush(j, scale);
-          if (R == 1 || r == j) l_r *= scale;
-          m_ref[j] = tmax;
-          mass_acc[j] = 0.f;
-          flushed = true;
+          if (kShort && m_ref[j] == kNegInf) {  // every p so far was 0: the bins, accumulators and l are still 0
+            m_ref[j] = tmax;
+            mass_acc[j] = 0.f;
+          } else {
+            const float scale = m_ref[j] == kNegInf ? 0.f : exp2f(m_ref[j] - tmax);
+            flush(j, scale);
+            if (R == 1 || r == j) l_r *= scale;
+            m_ref[j] = tmax;
+            mass_acc[j] = 0.f;
+            flushed = true;
+          }
         } else if (mass_acc[j] > kFlushMass) {
           flush(j, 1.f);
           mass_acc[j] = 0.f;
@@ -962,7 +984,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     __syncthreads();  // every bin complete before the flush reads it; the stages are free
     if (item + 1 < i_end) prologue(item_at(item + 1));
 #pragma unroll
-    for (int j = 0; j < R; ++j) flush(j, 1.f);
+    for (int j = 0; j < R; ++j) flush(j, 1.f, !kShort);
     if constexpr (R == 1) {
       float lw = l_r;
 #pragma unroll
