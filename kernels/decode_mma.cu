@@ -795,7 +795,8 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       const uint8_t* bpk =
           smem + C::kOffB + (it & 1) * 8 * R * kBRow + (8 * min(g >> 1, R - 1) + (g & 1)) * kBRow + r * 16;
       // kPart: a tile that ends before kTile tokens (an item's last or only one) skips the m-tiles with no key in it;
-      // full tiles are compiled without that test (it cost 10% at 8 x 32K: docs/RESULTS_kernels.md)
+      // full tiles are compiled without that test (in every tile it cost the CQ-8c8b MHA block 10% at 8 x 32K), and
+      // only kShort blocks have the partial-tile path (see kShort)
       auto mtiles = [&](auto irregular, auto partial) {
         constexpr bool kIrr = decltype(irregular)::value, kPart = decltype(partial)::value;
 #pragma unroll
