@@ -31,8 +31,10 @@ def kernel(scores, vals):  # scores [N] log2 units, vals [N] (one value group, o
         tmax, mass = s.max(), ptile
         mass_acc += mass
         if tmax > m_ref:
-            scale = 0.0 if m_ref == -np.inf else 2.0 ** (m_ref - tmax)
-            flush(scale); l *= scale; m_ref = tmax; mass_acc = 0.0; rescales += 1
+            if m_ref > -np.inf:  # before the first finite max every p was 0: nothing to flush (kShort blocks)
+                scale = 2.0 ** (m_ref - tmax)
+                flush(scale); l *= scale; rescales += 1
+            m_ref = tmax; mass_acc = 0.0
         elif mass_acc > FLUSH:
             flush(1.0); mass_acc = 0.0; flushes += 1
         p = np.float32(2.0) ** (s - m_ref).astype(np.float32)
