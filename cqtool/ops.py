@@ -46,9 +46,9 @@ DECODE_KERNELS = ("auto", "cuda-core", "tensor-core", "tensor-core-16w")
 DECODE_KERNEL = os.environ.get("CQTOOL_DECODE_KERNEL", "auto")
 # MHA: the tensor-core kernel wherever it applies; its GPU time was lower than the CUDA-core kernel's at every shape
 # measured but a tie at 1 x 64 (H100, Llama-2-7b shapes, 1 x 64 to 512 x 128 and 8 x 32K; e.g. 1 x 4K 22 vs 24 us,
-# 128 x 64 215 vs 411 us, docs/raw/decode-tiny-gpu-time-h100-2026-11-27k.txt). GQA blocks of 2-4 query heads: from AUTO_MMA_TOKENS cached
-# tokens per batch and AUTO_MMA_MIN_SEQ per sequence; below, the CUDA-core kernel, which shares each kv head's work
-# among the whole group, was faster (Llama-3-8b shapes: 1 x 4K 27 vs 33 us; 512 x 256: 0.53 vs 0.62 ms; at 512 x 512
+# 128 x 64 215 vs 411 us, docs/raw/decode-tiny-gpu-time-h100-2026-11-27k.txt). GQA blocks of 2-4 query heads: from
+# AUTO_MMA_TOKENS cached tokens per batch and AUTO_MMA_MIN_SEQ per sequence; below, the CUDA-core kernel, which shares
+# each kv head's work among the whole group, was faster (Llama-3-8b shapes: 1 x 4K 27 vs 33 us; 512 x 256: 0.53 vs 0.62 ms; at 512 x 512
 # the tensor-core kernel 0.63 vs 0.71). With a full-precision window or sinks (one more kernel, and the combine), MHA
 # too only from AUTO_MMA_FP_TOKENS cached tokens per batch (window 128: 1 x 512 23 vs 17 us, 1 x 4K 29 vs 31 us, 8 x 512
 # 37 vs 46 us; docs/raw/decode-tiny-window-gpu-time-h100-2026-11-27l.txt).
@@ -293,10 +293,10 @@ def _decode_variant(B: int, S: int, group: int = 1, c: int = 8, fp: bool = False
     (H100, docs/RESULTS_kernels.md). The extension runs the CUDA-core kernel wherever the tensor-core one does not
     apply, and says which ran."""
     if DECODE_KERNEL == "auto":
-        min_seq = AUTO_MMA_MIN_SEQ_C4_GQA if c == 4 else AUTO_MMA_MIN_SEQ
         if group < 2:
             ok = not fp or B * S >= AUTO_MMA_FP_TOKENS
         else:
+            min_seq = AUTO_MMA_MIN_SEQ_C4_GQA if c == 4 else AUTO_MMA_MIN_SEQ
             ok = B * S >= AUTO_MMA_TOKENS and S >= min_seq
         return _VARIANTS[AUTO_MMA_KERNEL] if ok else 0
     return _VARIANTS[DECODE_KERNEL]

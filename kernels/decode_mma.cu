@@ -457,8 +457,8 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
   };
 
   // Work saved on short items (a partial tile's empty m-tiles, the first flush, the last flush's clearing): 14% at
-  // 128 x 64 and 512 x 128, but the CQ-8c8b MHA block then ran 3% slower at 8 x 32K (another schedule of its full tiles),
-  // so the CQ-8c8b MHA blocks (8 and 16 warps) are built without it (docs/RESULTS_kernels.md).
+  // 128 x 64 and 512 x 128, but the CQ-8c8b MHA block then ran 3% slower at 8 x 32K (another schedule of its full
+  // tiles), so the CQ-8c8b MHA blocks (8 and 16 warps) are built without it (docs/RESULTS_kernels.md).
   constexpr bool kShort = !(KC == 8 && R == 1);
 
   // ---- per-thread constants of the key gathers and rotations
