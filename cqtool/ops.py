@@ -49,10 +49,14 @@ DECODE_KERNEL = os.environ.get("CQTOOL_DECODE_KERNEL", "auto")
 # 128 x 64 215 vs 411 us, docs/raw/decode-tiny-gpu-time-h100-2026-11-27k.txt). GQA blocks of 2-4 query heads: from
 # AUTO_MMA_TOKENS cached tokens per batch and AUTO_MMA_MIN_SEQ per sequence; below, the CUDA-core kernel, which shares
 # each kv head's work among the whole group, was faster (Llama-3-8b shapes: 1 x 4K 27 vs 33 us; 512 x 256: 0.53 vs 0.62 ms; at 512 x 512
-# the tensor-core kernel 0.63 vs 0.71). With a full-precision window or sinks (one more kernel, and the combine), MHA
+# the tensor-core kernel 0.63 vs 0.71). Sequences of one tile (at most MMA_DIRECT_MAX tokens) take the tensor-core
+# kernel at any batch: its direct P.V made it faster there (Llama-3-8b shapes: 128 x 64 65 vs 140 us, 512 x 128 265 vs
+# 519, 8 x 512 20.5 vs 23.5; 1 x 512 19.7 vs 19.6; docs/raw/probe-direct-gqa8-h100-2026-11-27q.txt). With a
+# full-precision window or sinks (one more kernel, and the combine), MHA
 # too only from AUTO_MMA_FP_TOKENS cached tokens per batch (window 128: 1 x 512 23 vs 17 us, 1 x 4K 29 vs 31 us, 8 x 512
 # 37 vs 46 us; docs/raw/decode-tiny-window-gpu-time-h100-2026-11-27l.txt).
 AUTO_MMA_TOKENS = 16384
+MMA_TILE = 512  # tokens per tile of the tensor-core decode kernel (kTile in kernels/decode_mma.cu)
 AUTO_MMA_FP_TOKENS = 4096
 AUTO_MMA_MIN_SEQ = 512
 # CQ-4c8b (c = 4) GQA blocks take 2 query heads, the CUDA-core kernel the whole group: the tensor-core kernel was faster
@@ -64,6 +68,12 @@ AUTO_MMA_KERNEL = "tensor-core"
 # contiguous run of the (kv-head-major) items (query heads, batch row, split) so that its key tables stay loaded;
 # tests set a few to make each block run many items.
 MMA_MAX_BLOCKS = 0
+# Tensor-core decode, c = 8 GQA blocks: items (a sequence's code split, for 2-4 query heads) of one tile with at most
+# this many tokens take P.V straight from their value codes (a centroid load per token and group, shared by the heads)
+# instead of through a code histogram, whose fixed cost per item (clearing, flushing to global memory, multiplying 256
+# codes x 16 groups bins) short items pay whatever their length. Read at every call; 0 turns it off. (MHA and c = 4
+# blocks always use the histogram: the direct product was slower there; docs/RESULTS_kernels.md.)
+MMA_DIRECT_MAX = 512
 _VARIANTS = {"cuda-core": 0, "tensor-core": 1, "tensor-core-16w": 2}
 _KERNEL_NAMES = {0: "decode", 1: "decode-mma", 2: "prefill", 3: "decode-mma16", 4: "decode-mma-gqa"}
 # Prefill (many queries), read at every call: "sdpa" (default) dequantizes the layer once (kernels/dequant.cu:
@@ -289,8 +299,9 @@ def _decode_variant(B: int, S: int, group: int = 1, c: int = 8, fp: bool = False
     """The decode kernel request passed to the extension (0: CUDA cores, 1/2: tensor cores with 8/16 warps).
     auto: the tensor-core kernel for MHA (with a full-precision window or sinks, `fp`, from AUTO_MMA_FP_TOKENS cached
     tokens per batch); for GQA (whose query heads it takes 2-4 per block, 2 with c = 4 codes) from
-    AUTO_MMA_TOKENS cached tokens per batch and AUTO_MMA_MIN_SEQ (c = 4: AUTO_MMA_MIN_SEQ_C4_GQA) per sequence
-    (H100, docs/RESULTS_kernels.md). The extension runs the CUDA-core kernel wherever the tensor-core one does not
+    AUTO_MMA_TOKENS cached tokens per batch and AUTO_MMA_MIN_SEQ (c = 4: AUTO_MMA_MIN_SEQ_C4_GQA) per sequence,
+    and with c = 8 (no window or sinks) also for sequences of at most MMA_DIRECT_MAX tokens, whose P.V comes straight
+    from the codes (H100, docs/RESULTS_kernels.md). The extension runs the CUDA-core kernel wherever the tensor-core one does not
     apply, and says which ran."""
     if DECODE_KERNEL == "auto":
         if group < 2:
@@ -298,6 +309,9 @@ def _decode_variant(B: int, S: int, group: int = 1, c: int = 8, fp: bool = False
         else:
             min_seq = AUTO_MMA_MIN_SEQ_C4_GQA if c == 4 else AUTO_MMA_MIN_SEQ
             ok = B * S >= AUTO_MMA_TOKENS and S >= min_seq
+            # c = 8 without a window or sinks: sequences short enough for P.V straight from the codes (one item of
+            # one tile per sequence) at every batch size
+            ok = ok or (c == 8 and not fp and 0 < S <= min(MMA_DIRECT_MAX, MMA_TILE))
         return _VARIANTS[AUTO_MMA_KERNEL] if ok else 0
     return _VARIANTS[DECODE_KERNEL]
 
@@ -341,6 +355,6 @@ def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> t
         layer.sink_k if sinks else None, layer.sink_v if sinks else None,
         int(cfg.window), int(view.start), int(S), float(scaling), bool(prefill),
         _decode_variant(B, S, Hq // layer.k_centroids.shape[0], layer.k_centroids.shape[-1], bool(cfg.window or sinks)),
-        int(MMA_MAX_BLOCKS))
+        int(MMA_MAX_BLOCKS), int(MMA_DIRECT_MAX))
     _ran(_KERNEL_NAMES[used], f"{_KERNEL_NAMES[used]} kernel")
     return out

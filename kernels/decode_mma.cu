@@ -35,7 +35,10 @@
 // since the last flush could overflow 32 bits, and whenever the max grows (rescaling them). At the
 // end the histogram is multiplied by the value centroids: one c-wide gather and FMA per token and group become one
 // integer add. That product reads the value centroids from global memory (L2) against the bins, transposed in place as
-// fp32 (see the epilogue), so the key tables stay loaded for the next item. With R = 1 the shared addresses of the key
+// fp32 (see the epilogue), so the key tables stay loaded for the next item. Short items of the c = 8 GQA blocks (one
+// tile of at most p.direct_max tokens) skip the histogram: each warp multiplies its tokens' p by their value centroids
+// straight from the codes (direct_pv), since the histogram's fixed cost per item (clearing, flushing to the global
+// scratch, the 256 x 16-bin product) dominated there. With R = 1 the shared addresses of the key
 // gathers and the histogram atomics are built whole (table base in the PRMT constant, bin base in the lane's slot
 // address), saving the window-base add of each access (H100: 3% at 8 x 32K); with R > 1 that made ptxas spill, and was
 // slower, so those blocks add the base.
@@ -334,6 +337,74 @@ __device__ __noinline__ float2 irregular_mtile(const uint8_t* tab, const uint8_t
   return make_float2(d0[0] + d1[0], d0[3] + d1[3]);
 }
 
+// P.V of a short item straight from its value codes (the direct path of the GQA blocks; see the kernel's end of an
+// item): warp `warp` takes the tokens whose p it holds, written in the scatter's layout (head j's p of token
+// (2 v + th) 64 + 8 wt + g at pbw[j NW kPBufStride + 36 th + 4 g + v], v = kMT wh + vv), from the value code rows sv of
+// the item's only tile, a lane per value group, the two half-warps a token each: one 16-byte centroid load (L2) per
+// token and group, then 8 FMAs per token, group and head. Its sums go to part[warp][j][channel]. Lane and warp are read again here (volatile), so that the
+// per-lane constants are not hoisted out of the item loop into the main loop's registers (they made it spill; out
+// of line, the call did).
+__device__ __forceinline__ int volatile_tid() {
+  int t;
+  asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(t));
+  return t;
+}
+template <typename T, int NW, int R>
+__device__ __forceinline__ void direct_pv(const uint8_t* sv, const void* v_cent, int hk, const uint32_t* pbw, int n,
+                                          float* part) {
+  const int tid = volatile_tid(), lane = tid & 31, warp = tid >> 5;
+  using C = Cfg<NW, R, 8>;
+  constexpr int kMT = C::kMT, kRB = C::kRB, kGroups = C::kGroups;
+  static_assert(kGroups == 16, "c = 8: a half-warp per token");
+  const uint4* vrow = reinterpret_cast<const uint4*>(v_cent) + static_cast<int64_t>(hk) * kGroups * kCodes;
+  const int wt = warp & 7, wh = warp >> 3, gam = lane & 15, half = lane >> 4;
+  float od[R][8] = {};
+  // slot q = 16 vv + 8 th + g of this warp holds token (2 v + th) 64 + 8 wt + g (v = kMT wh + vv); lane half h takes
+  // q = k0 + 2 u + h. Rounds of 4 loads per lane: all of a lane's 32 at once ran slower (more bytes in flight than
+  // the L1 left beside the shared memory holds)
+#pragma unroll
+  for (int k0 = 0; k0 < kMT * 16; k0 += 8) {
+    const int v = kMT * wh + (k0 >> 4), th = (k0 >> 3) & 1, t0 = (2 * v + th) * kDelta + 8 * wt;
+    if (t0 >= n) continue;  // no token of the round in the item (warp-uniform)
+    uint4 cv[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {  // the round's loads issued before the first use
+      const int t = t0 + 2 * u + half;
+      cv[u] = make_uint4(0u, 0u, 0u, 0u);
+      if (t < n) cv[u] = __ldg(vrow + gam * kCodes + sv[t * kRB + (t / kDelta) * 16 + gam]);
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int g = 2 * u + half;
+      float pu[R];
+#pragma unroll
+      for (int j = 0; j < R; ++j)
+        pu[j] = t0 + g < n ? static_cast<float>(pbw[j * NW * kPBufStride + 36 * th + 4 * g + v]) * kInvFix : 0.f;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 f = unpack2<T>(word(cv[u], e));
+#pragma unroll
+        for (int j = 0; j < R; ++j) {
+          od[j][2 * e] = fmaf(pu[j], f.x, od[j][2 * e]);
+          od[j][2 * e + 1] = fmaf(pu[j], f.y, od[j][2 * e + 1]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < R; ++j)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) od[j][e] += __shfl_xor_sync(0xffffffffu, od[j][e], 16);
+  if (lane < 16) {
+#pragma unroll
+    for (int j = 0; j < R; ++j)
+#pragma unroll
+      for (int e = 0; e < 8; e += 4)
+        *reinterpret_cast<float4*>(part + (warp * R + j) * kD + 8 * gam + e) =
+            make_float4(od[j][e], od[j][e + 1], od[j][e + 2], od[j][e + 3]);
+  }
+}
+
 // k-slot mapping (the same for A and B): mma chunk 2a + hh, slots 2r, 2r+1 hold word 2hh and slots 2r+8, 2r+9 word
 // 2hh + 1 of the thread's chunk a (channels 8(4a + r) ..). The scores of the m-tile's keys x (row lane/4) and y
 // (row lane/4 + 8) against the query columns are d0[0] + d1[0] (column 2r) and d0[3] + d1[3] (column 2r + 1).
@@ -460,6 +531,11 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
   // 128 x 64 and 512 x 128, but the CQ-8c8b MHA block then ran 3% slower at 8 x 32K (another schedule of its full
   // tiles), so the CQ-8c8b MHA blocks (8 and 16 warps) are built without it (docs/RESULTS_kernels.md).
   constexpr bool kShort = !(KC == 8 && R == 1);
+  // P.V of short items straight from the codes (direct_pv), in the c = 8 GQA blocks only: in the others it was slower
+  // than the histogram beyond 64 tokens (H100: CQ-8c8b MHA 128 x 256 0.224 -> 0.282 ms, CQ-4c8b 64 x 128 0.125 ->
+  // 0.155; docs/RESULTS_kernels.md), and the MHA block's main loop then spilled (an inline version) or was scheduled
+  // otherwise (8 x 32K 0.289 -> 0.295 ms), so they are built without it
+  constexpr bool kDirect = KC == 8 && R > 1;
 
   // ---- per-thread constants of the key gathers and rotations
   uint32_t sel = gather_sel(r), sel1 = 0u;
@@ -720,13 +796,19 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     const int64_t* pos_g = p.positions + b * p.pos_sb;
     const uint8_t* kcodes = p.k_codes + head_row(cur);
     const uint8_t* vcodes = p.v_codes + head_row(cur);
+    // a short item (one tile of at most p.direct_max tokens) of a c = 8 GQA block takes P.V straight from its value
+    // codes (see the end of the item): no histogram to clear, flush (to global memory) or multiply (block-uniform)
+    const bool direct = kDirect && ntile == 1 && t_end - t_begin <= p.direct_max;
 
     // ---- per-item state (the previous item's last reads of the histograms, red and the columns are behind the
-    // barrier that ends it)
-    for (int i = tid; i < R * C::kHeadStride / 4; i += kNT)
-      reinterpret_cast<uint4*>(smem + C::kOffHist)[i] = make_uint4(0u, 0u, 0u, 0u);
-    if constexpr (R > 1)
-      for (int i = tid; i < R * C::kBinsHead; i += kNT) gacc[i] = 0.f;
+    // barrier that ends it). A direct item leaves the bins as they are: its first tile's scatter adds only zeros (no
+    // p yet), and the next item that uses them clears them.
+    if (!direct) {
+      for (int i = tid; i < R * C::kHeadStride / 4; i += kNT)
+        reinterpret_cast<uint4*>(smem + C::kOffHist)[i] = make_uint4(0u, 0u, 0u, 0u);
+      if constexpr (R > 1)
+        for (int i = tid; i < R * C::kBinsHead; i += kNT) gacc[i] = 0.f;
+    }
 #pragma unroll
     for (int j = 0; j < R; ++j) {
       const T* qp = reinterpret_cast<const T*>(p.q) + b * p.q_sb + (qh0 + j) * p.q_sh;
@@ -920,7 +1002,8 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
         }
         mass_acc[j] += mass;
         if (tmax > m_ref[j]) {
-          if (kShort && m_ref[j] == kNegInf) {  // every p so far was 0: the bins, accumulators and l are still 0
+          // every p so far was 0: the bins, accumulators and l are still 0
+          if (kShort && m_ref[j] == kNegInf) {
             m_ref[j] = tmax;
             mass_acc[j] = 0.f;
           } else {
@@ -973,6 +1056,47 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       }
       irr = irr_next;
       P_tile = Pn;
+    }
+
+    if (kDirect && direct) {
+      // ---- P.V of a short item straight from the codes (direct_pv: a centroid load and c FMAs per token, group and
+      // head, where the histogram path pays its 256 codes x groups product whatever the item's length); the warps'
+      // sums meet in the histogram space, which a direct item does not use; its share of l goes to red[2 R kNW + j kNW
+      // + warp] (the half of red that the tile loop does not use, so no barrier is needed before these writes)
+      float* part = reinterpret_cast<float*>(smem + C::kOffHist);
+      direct_pv<T, NW, R>(vstage(0) + kVRows, p.v_cent, cur.hk, pbw, t_end - t_begin, part);
+      float* lred = red + 2 * R * kNW;
+      if constexpr (R == 1) {
+        float lw = l_r;
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) lw += __shfl_xor_sync(0xffffffffu, lw, off);
+        if (lane == 0) lred[warp] = lw;
+      } else {
+        float lw = l_r;
+#pragma unroll
+        for (int off = 16; off >= 4; off >>= 1) lw += __shfl_xor_sync(0xffffffffu, lw, off);
+        if (lane < R) lred[lane * kNW + warp] = lw;
+      }
+      __syncthreads();  // every warp's key gathers and stage reads are done; part and lred complete
+      if (item + 1 < i_end) prologue(item_at(item + 1));
+      for (int i = tid; i < R * kD; i += kNT) {
+        const int j = i / kD, d = i % kD;
+        if (j < cur.skip) continue;
+        float s = 0.f, L = 0.f;
+#pragma unroll
+        for (int wi = 0; wi < kNW; ++wi) {
+          s += part[(wi * R + j) * kD + d];
+          L += lred[j * kNW + wi];
+        }
+        if (nsplit == 1) {
+          out_ptr(j)[d] = from_f<T>(L > 0.f ? s / L : 0.f);
+        } else {
+          p.ws_o[row_out(j) * kD + d] = s;
+          if (d == 0) { p.ws_ml[row_out(j) * 2] = m_ref[j]; p.ws_ml[row_out(j) * 2 + 1] = L; }
+        }
+      }
+      __syncthreads();  // part and lred are read before the next item reuses them
+      continue;
     }
 
     // ---- the last tile's scatter; then the next item's loads (key tables, first stages) overlap this epilogue

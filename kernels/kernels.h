@@ -74,6 +74,8 @@ struct AttnParams {
   int mma_blocks;  // plan: tensor-core decode blocks; each takes a contiguous run of the H_kv * mma_nhb * B * (code
                    // splits) items
   int mma_nhb;     // plan: head blocks per kv head (mma_head_blocks)
+  int direct_max;  // request: tensor-core decode items of one tile with at most this many tokens take P.V straight
+                   // from the codes instead of through a histogram (0: never)
 };
 
 // Shared memory the decode kernel needs for a given configuration (0 when it cannot run).

@@ -334,6 +334,31 @@ def test_decode_mma_kernel(case, kernel, monkeypatch):
     assert_within_2x(out, query, view, mask, scaling)
 
 
+# Short items (one tile) of the c = 8 GQA blocks: P.V straight from the value codes (ops.MMA_DIRECT_MAX tokens or
+# fewer) or through the histogram (0)
+MMA_SHORT_CASES = [
+    dict(S=200, B=3, Hq=8, Hkv=2, dtype=torch.bfloat16, pads=[0, 150, 7]),  # group 4; rows of 200, 50, 193 keys
+    dict(S=256, B=2, Hq=6, Hkv=2, gaps=True),  # group 3, irregular positions
+    dict(S=300, B=2, Hq=10, Hkv=2, pads=[0, 45]),  # group 5: heads 0-2 and 2-4
+    dict(S=512, B=2, Hq=4, Hkv=2, qscale=8.0, dtype=torch.bfloat16, pads=[0, 1]),  # group 2: a whole tile, peaky
+    dict(S=64, B=5, Hq=16, Hkv=2, pads=[0, 1, 30, 63, 10]),  # group 8: two blocks of 4; 64, 63, 34, 1, 54 keys
+    dict(S=1200, B=2, Hq=8, Hkv=2, pads=[0, 1000]),  # 2 splits: row 0's items of 2 tiles, row 1's of 100 keys
+    dict(S=300, B=2, Hq=28, Hkv=4, window=128, sinks=2, dtype=torch.bfloat16, pads=[0, 100]),  # group 7; window
+]
+
+
+@cuda_test
+@pytest.mark.parametrize("direct", [0, 512])
+@pytest.mark.parametrize("case", MMA_SHORT_CASES, ids=[f"short{i}" for i in range(len(MMA_SHORT_CASES))])
+def test_decode_mma_short_items(case, direct, monkeypatch):
+    monkeypatch.setattr(ops, "DECODE_KERNEL", "tensor-core")
+    monkeypatch.setattr(ops, "MMA_DIRECT_MAX", direct)
+    query, view, mask, scaling = make_case(Q=1, **case)
+    out = run_attention(query, view, mask, scaling)
+    assert ops.KERNEL_USED["attention"] == "decode-mma-gqa"
+    assert_within_2x(out, query, view, mask, scaling)
+
+
 # Few blocks, many items each (ops.MMA_MAX_BLOCKS): the kv head changes inside a block (key tables reloaded), the
 # next item's loads overlap the current epilogue, GQA blocks reuse their fp32 scratch, splits of one row land in
 # different blocks.
@@ -349,6 +374,9 @@ MMA_MULTI_ITEM_CASES = [
     (3, dict(S=1100, B=5, Hq=4, Hkv=4, pads=[0, 5, 600, 1098, 300], **C4)),  # c = 4: tables reloaded per kv head
     (4, dict(S=900, B=3, Hq=3, Hkv=3, gaps=True, dtype=torch.bfloat16, pads=[0, 899, 0], **C4)),  # irregular
     (3, dict(S=1300, B=3, Hq=6, Hkv=2, pads=[0, 1290, 40], **C4)),  # c = 4, group 3: overlapping blocks of 2
+    # GQA: short items (P.V straight from the codes, ops.MMA_DIRECT_MAX) and histogram items in the same blocks
+    (3, dict(S=700, B=5, Hq=8, Hkv=2, pads=[0, 600, 650, 699, 300])),  # group 4: 700, 100, 50, 1 and 400 keys
+    (3, dict(S=900, B=4, Hq=6, Hkv=2, dtype=torch.bfloat16, pads=[0, 800, 899, 500], gaps=True)),  # group 3
 ]
 
 
@@ -684,15 +712,23 @@ def test_decode_kernel_request(monkeypatch):
     # MHA with a full-precision window or sinks (one more kernel): from AUTO_MMA_FP_TOKENS cached tokens per batch
     assert ops._decode_variant(1, 512, fp=True) == 0 and ops._decode_variant(1, 4096, fp=True) == 1
     assert ops._decode_variant(8, 512, fp=True) == 1 and ops._decode_variant(1, 4096, group=4, fp=True) == 0
-    assert ops._decode_variant(512, 256, group=4) == 0 and ops._decode_variant(512, 512, group=4) == 1  # GQA blocks:
-    assert ops._decode_variant(64, 256, group=2) == 0 and ops._decode_variant(32, 512, group=3) == 1  # per sequence too
+    assert ops._decode_variant(512, 1000, group=4) == 1 and ops._decode_variant(16, 1000, group=4) == 0  # GQA blocks:
+    assert ops._decode_variant(64, 600, group=2) == 1 and ops._decode_variant(32, 600, group=3) == 1  # B * S tokens
+    # c = 8 GQA, sequences of one tile (P.V straight from the codes): at any batch; not with a window, not c = 4
+    assert ops._decode_variant(1, 512, group=4) == 1 and ops._decode_variant(128, 64, group=7) == 1
+    assert ops._decode_variant(1, 513, group=4) == 0 and ops._decode_variant(8, 256, group=4, fp=True) == 0
+    assert ops._decode_variant(8, 256, group=4, c=4) == 0
+    monkeypatch.setattr(ops, "MMA_DIRECT_MAX", 0)  # without it: AUTO_MMA_MIN_SEQ tokens per sequence too
+    assert ops._decode_variant(1, 512, group=4) == 0 and ops._decode_variant(512, 512, group=4) == 1
+    assert ops._decode_variant(512, 256, group=4) == 0 and ops._decode_variant(64, 256, group=7) == 0
+    monkeypatch.setattr(ops, "MMA_DIRECT_MAX", 512)
     assert ops._decode_variant(32, 8192, group=4) == 1 and ops._decode_variant(1, 4096, group=4) == 0  # a group per block
     assert ops._decode_variant(32, 8192, group=8) == 1  # two blocks of 4 per kv head
     # CQ-4c8b GQA (blocks of 2 heads): long contexts only; MHA as with c = 8
     assert ops._decode_variant(32, 8192, group=4, c=4) == 0 and ops._decode_variant(8, 32768, group=4, c=4) == 1
     assert ops._decode_variant(1, 16384, group=7, c=4) == 1 and ops._decode_variant(32, 8192, group=1, c=4) == 1
     # groups that 2-4 do not divide: overlapping blocks of R heads, the same rule
-    assert ops._decode_variant(32, 8192, group=5) == 1 and ops._decode_variant(64, 256, group=7) == 0
+    assert ops._decode_variant(32, 8192, group=5) == 1 and ops._decode_variant(16, 600, group=7) == 0
     for choice, v in (("cuda-core", 0), ("tensor-core", 1), ("tensor-core-16w", 2)):
         monkeypatch.setattr(ops, "DECODE_KERNEL", choice)
         assert ops._decode_variant(1, 10) == v and ops._decode_variant(8, 32768, group=4) == v
