@@ -51,11 +51,14 @@ DECODE_KERNEL = os.environ.get("CQTOOL_DECODE_KERNEL", "auto")
 # each kv head's work among the whole group, was faster (Llama-3-8b shapes: 1 x 4K 27 vs 33 us; 512 x 256: 0.53 vs 0.62 ms; at 512 x 512
 # the tensor-core kernel 0.63 vs 0.71). Sequences of one tile (at most MMA_DIRECT_MAX tokens) take the tensor-core
 # kernel at any batch: its direct P.V made it faster there (Llama-3-8b shapes: 128 x 64 65 vs 140 us, 512 x 128 265 vs
-# 519, 8 x 512 20.5 vs 23.5; 1 x 512 19.7 vs 19.6; docs/raw/probe-direct-gqa8-h100-2026-11-27q.txt). With a
+# 519, 8 x 512 20.5 vs 23.5; 1 x 512 19.7 vs 19.6; docs/raw/probe-direct-gqa8-h100-2026-11-27q.txt), and, splitting
+# sequences into items of 512 tokens for it, from AUTO_MMA_DIRECT_TOKENS cached tokens per batch (1 x 4K 25.4 vs 27.7 us,
+# 1 x 8K 29.7 vs 33.1; 1 x 2K 24.2 vs 21.6; docs/raw/probe-split-gqa8-h100-2026-11-27s.txt). With a
 # full-precision window or sinks (one more kernel, and the combine), MHA
 # too only from AUTO_MMA_FP_TOKENS cached tokens per batch (window 128: 1 x 512 23 vs 17 us, 1 x 4K 29 vs 31 us, 8 x 512
 # 37 vs 46 us; docs/raw/decode-tiny-window-gpu-time-h100-2026-11-27l.txt).
 AUTO_MMA_TOKENS = 16384
+AUTO_MMA_DIRECT_TOKENS = 4096
 MMA_TILE = 512  # tokens per tile of the tensor-core decode kernel (kTile in kernels/decode_mma.cu)
 AUTO_MMA_FP_TOKENS = 4096
 AUTO_MMA_MIN_SEQ = 512
@@ -301,7 +304,8 @@ def _decode_variant(B: int, S: int, group: int = 1, c: int = 8, fp: bool = False
     tokens per batch); for GQA (whose query heads it takes 2-4 per block, 2 with c = 4 codes) from
     AUTO_MMA_TOKENS cached tokens per batch and AUTO_MMA_MIN_SEQ (c = 4: AUTO_MMA_MIN_SEQ_C4_GQA) per sequence,
     and with c = 8 (no window or sinks) also for sequences of at most MMA_DIRECT_MAX tokens, whose P.V comes straight
-    from the codes (H100, docs/RESULTS_kernels.md). The extension runs the CUDA-core kernel wherever the tensor-core one does not
+    from the codes, and from AUTO_MMA_DIRECT_TOKENS tokens per batch (items of 512 tokens) (H100,
+    docs/RESULTS_kernels.md). The extension runs the CUDA-core kernel wherever the tensor-core one does not
     apply, and says which ran."""
     if DECODE_KERNEL == "auto":
         if group < 2:
@@ -309,9 +313,11 @@ def _decode_variant(B: int, S: int, group: int = 1, c: int = 8, fp: bool = False
         else:
             min_seq = AUTO_MMA_MIN_SEQ_C4_GQA if c == 4 else AUTO_MMA_MIN_SEQ
             ok = B * S >= AUTO_MMA_TOKENS and S >= min_seq
-            # c = 8 without a window or sinks: sequences short enough for P.V straight from the codes (one item of
-            # one tile per sequence) at every batch size
-            ok = ok or (c == 8 and not fp and 0 < S <= min(MMA_DIRECT_MAX, MMA_TILE))
+            if c == 8 and not fp and MMA_DIRECT_MAX > 0:
+                # sequences short enough for P.V straight from the codes (one item of one tile) at every batch
+                # size; with items of 512 tokens (splits of 512) from AUTO_MMA_DIRECT_TOKENS tokens per batch
+                ok = ok or S <= min(MMA_DIRECT_MAX, MMA_TILE)
+                ok = ok or (MMA_DIRECT_MAX >= MMA_TILE and B * S >= AUTO_MMA_DIRECT_TOKENS)
         return _VARIANTS[AUTO_MMA_KERNEL] if ok else 0
     return _VARIANTS[DECODE_KERNEL]
 

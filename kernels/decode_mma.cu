@@ -1272,6 +1272,8 @@ size_t mma_hist_floats(const AttnParams& p) {
   return static_cast<size_t>(p.mma_blocks) * R * kCodes * slots;
 }
 
+bool mma_direct_split(const AttnParams& p) { return p.k_c == 8 && mma_group(p) > 1 && p.direct_max >= kTile; }
+
 // The kernel's key-gather addresses assume that dynamic shared memory starts at shared address kSharedWindow (the
 // 1 KiB the driver reserves per block on sm_80/sm_90). Elsewhere the CUDA-core kernel runs instead.
 bool smem_window_ok() {

@@ -712,7 +712,7 @@ def test_decode_kernel_request(monkeypatch):
     # MHA with a full-precision window or sinks (one more kernel): from AUTO_MMA_FP_TOKENS cached tokens per batch
     assert ops._decode_variant(1, 512, fp=True) == 0 and ops._decode_variant(1, 4096, fp=True) == 1
     assert ops._decode_variant(8, 512, fp=True) == 1 and ops._decode_variant(1, 4096, group=4, fp=True) == 0
-    assert ops._decode_variant(512, 1000, group=4) == 1 and ops._decode_variant(16, 1000, group=4) == 0  # GQA blocks:
+    assert ops._decode_variant(512, 1000, group=4) == 1 and ops._decode_variant(2, 1000, group=4) == 0  # GQA blocks:
     assert ops._decode_variant(64, 600, group=2) == 1 and ops._decode_variant(32, 600, group=3) == 1  # B * S tokens
     # c = 8 GQA, sequences of one tile (P.V straight from the codes): at any batch; not with a window, not c = 4
     assert ops._decode_variant(1, 512, group=4) == 1 and ops._decode_variant(128, 64, group=7) == 1
@@ -721,14 +721,16 @@ def test_decode_kernel_request(monkeypatch):
     monkeypatch.setattr(ops, "MMA_DIRECT_MAX", 0)  # without it: AUTO_MMA_MIN_SEQ tokens per sequence too
     assert ops._decode_variant(1, 512, group=4) == 0 and ops._decode_variant(512, 512, group=4) == 1
     assert ops._decode_variant(512, 256, group=4) == 0 and ops._decode_variant(64, 256, group=7) == 0
+    assert ops._decode_variant(1, 4096, group=4) == 0 and ops._decode_variant(5, 1000, group=4) == 0
     monkeypatch.setattr(ops, "MMA_DIRECT_MAX", 512)
-    assert ops._decode_variant(32, 8192, group=4) == 1 and ops._decode_variant(1, 4096, group=4) == 0  # a group per block
+    assert ops._decode_variant(32, 8192, group=4) == 1 and ops._decode_variant(1, 2048, group=4) == 0  # a group per block
+    assert ops._decode_variant(1, 4096, group=4) == 1 and ops._decode_variant(5, 1000, group=4) == 1  # splits of 512
     assert ops._decode_variant(32, 8192, group=8) == 1  # two blocks of 4 per kv head
     # CQ-4c8b GQA (blocks of 2 heads): long contexts only; MHA as with c = 8
     assert ops._decode_variant(32, 8192, group=4, c=4) == 0 and ops._decode_variant(8, 32768, group=4, c=4) == 1
     assert ops._decode_variant(1, 16384, group=7, c=4) == 1 and ops._decode_variant(32, 8192, group=1, c=4) == 1
     # groups that 2-4 do not divide: overlapping blocks of R heads, the same rule
-    assert ops._decode_variant(32, 8192, group=5) == 1 and ops._decode_variant(16, 600, group=7) == 0
+    assert ops._decode_variant(32, 8192, group=5) == 1 and ops._decode_variant(3, 600, group=7) == 0
     for choice, v in (("cuda-core", 0), ("tensor-core", 1), ("tensor-core-16w", 2)):
         monkeypatch.setattr(ops, "DECODE_KERNEL", choice)
         assert ops._decode_variant(1, 10) == v and ops._decode_variant(8, 32768, group=4) == v
