@@ -63,9 +63,10 @@ MMA_TILE = 512  # tokens per tile of the tensor-core decode kernel (kTile in ker
 AUTO_MMA_FP_TOKENS = 4096
 AUTO_MMA_MIN_SEQ = 512
 # CQ-4c8b (c = 4) GQA blocks take 2 query heads, the CUDA-core kernel the whole group: the tensor-core kernel was faster
-# only at long contexts (H100, Llama-3-8b shapes: 8 x 32K 0.341 vs 0.393 ms, 1 x 32K 0.071 vs 0.073; 32 x 8K 0.401 vs
-# 0.404; 128 x 512 0.303 vs 0.224; docs/RESULTS_kernels.md)
-AUTO_MMA_MIN_SEQ_C4_GQA = 16384
+# only at long contexts (H100, Llama-3-8b shapes: 8 x 32K 0.331 vs 0.394 ms, 1 x 32K 0.067 vs 0.072, 32 x 8K 0.384 vs
+# 0.406 (2026-11-27, docs/raw/attention-gqa-c4-h100-2026-11-27u.json; 0.387 vs 0.404 in an earlier run); 128 x 512
+# 0.303 vs 0.224; docs/RESULTS_kernels.md)
+AUTO_MMA_MIN_SEQ_C4_GQA = 8192
 AUTO_MMA_KERNEL = "tensor-core"
 # Tensor-core decode blocks per launch, read at every call: 0 (default) = one per SM, each block looping over a
 # contiguous run of the (kv-head-major) items (query heads, batch row, split) so that its key tables stay loaded;

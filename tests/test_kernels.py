@@ -727,7 +727,8 @@ def test_decode_kernel_request(monkeypatch):
     assert ops._decode_variant(1, 4096, group=4) == 1 and ops._decode_variant(5, 1000, group=4) == 1  # splits of 512
     assert ops._decode_variant(32, 8192, group=8) == 1  # two blocks of 4 per kv head
     # CQ-4c8b GQA (blocks of 2 heads): long contexts only; MHA as with c = 8
-    assert ops._decode_variant(32, 8192, group=4, c=4) == 0 and ops._decode_variant(8, 32768, group=4, c=4) == 1
+    assert ops._decode_variant(32, 4096, group=4, c=4) == 0 and ops._decode_variant(8, 32768, group=4, c=4) == 1
+    assert ops._decode_variant(32, 8192, group=4, c=4) == 1 and ops._decode_variant(1, 8192, group=4, c=4) == 0
     assert ops._decode_variant(1, 16384, group=7, c=4) == 1 and ops._decode_variant(32, 8192, group=1, c=4) == 1
     # groups that 2-4 do not divide: overlapping blocks of R heads, the same rule
     assert ops._decode_variant(32, 8192, group=5) == 1 and ops._decode_variant(3, 600, group=7) == 0
