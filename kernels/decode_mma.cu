@@ -274,13 +274,6 @@ __device__ __forceinline__ void gather4_consts(int g, int r, int a, uint32_t& of
   sel_a = gather_sel4(r, static_cast<int>(odd));
   sel_b = gather_sel4(r, static_cast<int>(odd ^ 1u));
 }
-__device__ __forceinline__ uint4 gather4(const uint8_t* tab, uint32_t kw, uint32_t off_a, uint32_t off_b,
-                                         uint32_t sel_a, uint32_t sel_b) {
-  const uint2 u = *reinterpret_cast<const uint2*>(tab + __byte_perm(kw, off_a, sel_a));
-  const uint2 v = *reinterpret_cast<const uint2*>(tab + __byte_perm(kw, off_b, sel_b));
-  return make_uint4(u.x, u.y, v.x, v.y);
-}
-
 // Shared-memory accesses at whole 32-bit shared addresses (no window base to add).
 __device__ __forceinline__ uint4 lds128(uint32_t addr) {
   uint4 v;
@@ -291,6 +284,21 @@ __device__ __forceinline__ uint2 lds64(uint32_t addr) {
   uint2 v;
   asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr));
   return v;
+}
+// The chunk's two 8-byte gathers. kWhole: off_a, off_b hold whole shared addresses (the table base included; tab is
+// not read); else offsets from tab.
+template <bool kWhole = false>
+__device__ __forceinline__ uint4 gather4(const uint8_t* tab, uint32_t kw, uint32_t off_a, uint32_t off_b,
+                                         uint32_t sel_a, uint32_t sel_b) {
+  uint2 u, v;
+  if constexpr (kWhole) {
+    u = lds64(__byte_perm(kw, off_a, sel_a));
+    v = lds64(__byte_perm(kw, off_b, sel_b));
+  } else {
+    u = *reinterpret_cast<const uint2*>(tab + __byte_perm(kw, off_a, sel_a));
+    v = *reinterpret_cast<const uint2*>(tab + __byte_perm(kw, off_b, sel_b));
+  }
+  return make_uint4(u.x, u.y, v.x, v.y);
 }
 __device__ __forceinline__ void red_add(uint32_t addr, uint32_t v) {
   asm volatile("red.shared.add.u32 [%0], %1;\n" ::"r"(addr), "r"(v));
@@ -562,9 +570,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     if constexpr (KC == 4) {
       // rows of odd g: group 2 gamma + 1 (words 2, 3 of the chunk) in u, words 0, 1 in v; their MMA takes the B words
       // in the same order (pair_mma_swapped), so no register moves
-      if constexpr (!kWhole) return gather4(smem + kOffTab, code_word, loff[a], loff[4 + a], sel, sel1);
-      const uint2 u = lds64(__byte_perm(code_word, loff[a], sel)), v = lds64(__byte_perm(code_word, loff[4 + a], sel1));
-      return make_uint4(u.x, u.y, v.x, v.y);
+      return gather4<kWhole>(smem + kOffTab, code_word, loff[a], loff[4 + a], sel, sel1);
     } else {
       const uint32_t at = __byte_perm(code_word, loff[a], sel);
       if constexpr (kWhole) return lds128(at);
