@@ -139,3 +139,45 @@ for d in range(D):
 val = lambda t: np.concatenate([vcent[gr, vcodes[t, gr]] for gr in range(16)])
 out_ref = sum(p[t] * val(t) for t in range(TILE))
 print("P.V via histogram max abs err", np.abs(out_h - out_ref).max())
+
+# direct P.V of a short item (direct_pv, the c = 8 GQA blocks: R heads, 8 warps, 4 m-tiles each): the p buffer as the
+# kernel writes it for R > 1 (head r's p of m-tile v at pbw[r NW 68 + 4 g + v], token + 64 at + 36), read back in
+# direct_pv's rounds (v, th; a half-warp per token g = 2 u + half, a lane per value group), for items of n tokens
+R, STRIDE = 3, 68
+for n in (1, 63, 64, 65, 300, 511, TILE):
+    ph = rng.random((R, TILE)) * (np.arange(TILE) < n)  # p of tokens past the item's end is 0 (masked scores)
+    out_d = np.zeros((R, D))
+    seen = np.zeros(TILE, int)
+    for w in range(NW):
+        pbw = np.full(R * NW * STRIDE, np.nan)
+        for lane in range(32):
+            g, r = lane >> 2, lane & 3
+            if r >= R:
+                continue
+            for vv in range(4):
+                ox = 2 * vv * DELTA + 8 * w + g
+                pbw[r * NW * STRIDE + 4 * g + vv] = ph[r, ox]
+                pbw[r * NW * STRIDE + 36 + 4 * g + vv] = ph[r, ox + DELTA]
+        for k0 in range(0, 64, 8):
+            v, th = k0 >> 4, (k0 >> 3) & 1
+            t0 = (2 * v + th) * DELTA + 8 * w
+            if t0 >= n:
+                continue
+            for lane in range(32):
+                gam, half = lane & 15, lane >> 4
+                for u in range(4):
+                    t, g = t0 + 2 * u + half, 2 * u + half
+                    if t >= n:
+                        continue
+                    addr = t * 16 + (t // DELTA) * 16 + gam  # value code row in the stage (16 B skew per 64 tokens)
+                    assert addr - (t // DELTA) * 16 == t * 16 + gam
+                    code = vcodes[t, gam]
+                    if gam == 0:
+                        seen[t] += 1
+                    for j in range(R):
+                        pj = pbw[j * NW * STRIDE + 36 * th + 4 * g + v]
+                        assert pj == ph[j, t], (n, w, t, j)
+                        out_d[j, 8 * gam: 8 * gam + 8] += pj * vcent[gam, code]
+    assert (seen[:n] == 1).all() and (seen[n:] == 0).all(), n
+    ref_d = np.stack([sum(ph[j, t] * val(t) for t in range(n)) for j in range(R)])
+    print(f"direct P.V, item of {n} tokens, {R} heads: max abs err", np.abs(out_d - ref_d).max())
