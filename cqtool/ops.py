@@ -7,7 +7,8 @@ and CUDA is not touched, at import.
 
     encode_into   x [B, H_kv, Q, D] -> codes[:, :, start:start+Q] ([B, H_kv, cap, R] uint8), in place
     cq_attention  query [B, H_q, Q, D] + CQView -> [B, Q, H_q, D]; decode (few queries):
-                  tensor-core scores and a code histogram for the values where that kernel applies (DECODE_KERNEL),
+                  tensor-core scores and a code histogram for the values (short GQA items: P.V straight from the
+                  codes, MMA_DIRECT_MAX) where that kernel applies (DECODE_KERNEL),
                   the split-K CUDA-core kernel elsewhere; prefill (many queries): the layer dequantized once by a
                   kernel, then torch SDPA (PREFILL_KERNEL = "sdpa"), or the fused tensor-core prefill kernel
 """
