@@ -635,6 +635,19 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       else gacc[idx] = fmaf(static_cast<float>(v), kInvFix, gacc[idx]) * scale;
     }
   };
+  // this warp's share of each head's sum of p (l_r summed over the lanes of one head) -> dst[j kNW + warp]
+  auto l_share = [&](float* dst) {
+    float lw = l_r;
+    if constexpr (R == 1) {
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) lw += __shfl_xor_sync(0xffffffffu, lw, off);
+      if (lane == 0) dst[warp] = lw;
+    } else {  // lane r holds head r's
+#pragma unroll
+      for (int off = 16; off >= 4; off >>= 1) lw += __shfl_xor_sync(0xffffffffu, lw, off);
+      if (lane < R) dst[lane * kNW + warp] = lw;
+    }
+  };
   // value scatter: lanes 0-15 take token 0 of lane k, lanes 16-31 token 1 (64 tokens further); slot = group (+ 16
   // replica with two replicas)
   const int half = lane >> 4;
@@ -783,6 +796,15 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     const int ntile = cur.ntile;
     auto row_out = [&](int j) { return (static_cast<int64_t>(b) * p.Hq + qh0 + j) * nsplit + split; };
     auto out_ptr = [&](int j) { return reinterpret_cast<T*>(p.out) + b * p.o_sb + (qh0 + j) * p.o_sh; };
+    // channel d of head j: the output o / L, or this split's partial (o; m and L once per row) for the combine
+    auto store = [&](int j, int d, float o, float L) {
+      if (nsplit == 1) {
+        out_ptr(j)[d] = from_f<T>(L > 0.f ? o / L : 0.f);
+      } else {
+        p.ws_o[row_out(j) * kD + d] = o;
+        if (d == 0) { p.ws_ml[row_out(j) * 2] = m_ref[j]; p.ws_ml[row_out(j) * 2 + 1] = L; }
+      }
+    };
     if (ntile == 0) {  // no keys: a zero output, or an empty partial for the combine (block-uniform)
       if (item + 1 < i_end) prologue(item_at(item + 1));
       if (tid < kD) {
@@ -1064,7 +1086,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       P_tile = Pn;
     }
 
-    if (kDirect && direct) {
+    if (direct) {
       // ---- P.V of a short item straight from the codes (direct_pv: a centroid load and c FMAs per token, group and
       // head, where the histogram path pays its 256 codes x groups product whatever the item's length); the warps'
       // sums meet in the histogram space, which a direct item does not use; its share of l goes to red[2 R kNW + j kNW
@@ -1072,17 +1094,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       float* part = reinterpret_cast<float*>(smem + C::kOffHist);
       direct_pv<T, NW, R>(vstage(0) + kVRows, p.v_cent, cur.hk, pbw, t_end - t_begin, part);
       float* lred = red + 2 * R * kNW;
-      if constexpr (R == 1) {
-        float lw = l_r;
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) lw += __shfl_xor_sync(0xffffffffu, lw, off);
-        if (lane == 0) lred[warp] = lw;
-      } else {
-        float lw = l_r;
-#pragma unroll
-        for (int off = 16; off >= 4; off >>= 1) lw += __shfl_xor_sync(0xffffffffu, lw, off);
-        if (lane < R) lred[lane * kNW + warp] = lw;
-      }
+      l_share(lred);
       __syncthreads();  // every warp's key gathers and stage reads are done; part and lred complete
       if (item + 1 < i_end) prologue(item_at(item + 1));
       for (int i = tid; i < R * kD; i += kNT) {
@@ -1094,12 +1106,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
           s += part[(wi * R + j) * kD + d];
           L += lred[j * kNW + wi];
         }
-        if (nsplit == 1) {
-          out_ptr(j)[d] = from_f<T>(L > 0.f ? s / L : 0.f);
-        } else {
-          p.ws_o[row_out(j) * kD + d] = s;
-          if (d == 0) { p.ws_ml[row_out(j) * 2] = m_ref[j]; p.ws_ml[row_out(j) * 2 + 1] = L; }
-        }
+        store(j, d, s, L);
       }
       __syncthreads();  // part and lred are read before the next item reuses them
       continue;
@@ -1116,17 +1123,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     if (item + 1 < i_end) prologue(item_at(item + 1));
 #pragma unroll
     for (int j = 0; j < R; ++j) flush(j, 1.f, !kShort);
-    if constexpr (R == 1) {
-      float lw = l_r;
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) lw += __shfl_xor_sync(0xffffffffu, lw, off);
-      if (lane == 0) red[warp] = lw;
-    } else {
-      float lw = l_r;
-#pragma unroll
-      for (int off = 16; off >= 4; off >>= 1) lw += __shfl_xor_sync(0xffffffffu, lw, off);
-      if (lane < R) red[lane * kNW + warp] = lw;
-    }
+    l_share(red);
     __syncthreads();  // every u32 bin read before the fp32 sums overwrite them
 
     // ---- histogram x value centroids. The fp32 bins, replicas summed, go to ht[j][gamma][code ^ sw(gamma)] (in
@@ -1199,14 +1196,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
 #pragma unroll
         for (int e = 0; e < KC; ++e) mine = lane == e ? o[j][gi][e] : mine;
         const int d = KC * (kGPW * warp + gi) + lane;
-        if (lane < KC && j >= cur.skip) {
-          if (nsplit == 1) {
-            out_ptr(j)[d] = from_f<T>(L > 0.f ? mine / L : 0.f);
-          } else {
-            p.ws_o[row_out(j) * kD + d] = mine;
-            if (d == 0) { p.ws_ml[row_out(j) * 2] = m_ref[j]; p.ws_ml[row_out(j) * 2 + 1] = L; }
-          }
-        }
+        if (lane < KC && j >= cur.skip) store(j, d, mine, L);
       }
     }
     __syncthreads();  // the bins and red are read before the next item reuses them
