@@ -51,6 +51,20 @@ def cuda_times(fn, warmup: int = 5, reps: int = 30) -> list[float]:
     return [a.elapsed_time(b) for a, b in ev]
 
 
+def gpu_time_us(fn, warmup: int = 5, reps: int = 20) -> float:
+    """Microseconds of GPU time per call: the device time of every kernel that `reps` calls launch (torch.profiler,
+    after `warmup` calls), without the host time that event timings of small calls measure."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.device_time_total for e in prof.key_averages()
+               if e.device_type == torch.autograd.DeviceType.CUDA) / reps
+
+
 def copy_bandwidth(nbytes: int = 1 << 31) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()

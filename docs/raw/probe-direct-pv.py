@@ -5,19 +5,8 @@
 import os, sys
 import torch
 from cqtool import ops
-from cqtool.bench_kernels import synthetic_layer
+from cqtool.bench_kernels import synthetic_layer, gpu_time_us as gpu_us
 from cqtool.config import QuantSpec
-
-def gpu_us(fn, n=20):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-    return sum(e.device_time_total for e in prof.key_averages()
-               if e.device_type == torch.autograd.DeviceType.CUDA) / n
 
 heads, kv = int(sys.argv[1]), int(sys.argv[2])
 directs = [int(x) for x in os.environ.get("DIRECT", "0,256").split(",")]
