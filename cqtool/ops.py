@@ -230,6 +230,21 @@ def _device_inv_freq(cache, device) -> torch.Tensor:
     return t[1]
 
 
+_positions_memo: list = [None, None, None]  # [positions tensor (kept alive), device, its copy there]
+
+
+def _device_positions(cache, device) -> torch.Tensor:
+    """The cache's token positions [B, S] on `device`. They live where the model's first layer runs; with a model
+    spread over GPUs (device_map) the later layers' kernels read a copy on their own GPU, made once per step (each
+    step appends to the positions, which gives a new tensor)."""
+    pos = cache.positions
+    if pos.device == torch.device(device):
+        return pos
+    if _positions_memo[0] is not pos or _positions_memo[1] != str(device):
+        _positions_memo[:] = [pos, str(device), pos.to(device)]
+    return _positions_memo[2]
+
+
 def _attention_reason(query: torch.Tensor, layer) -> str:
     if not query.is_cuda:
         return "tensors on CPU"
@@ -357,7 +372,7 @@ def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> t
     sinks = cfg.sinks and layer.sink_k is not None
     out, used = mod.attention(
         q, layer.k_codes, layer.v_codes, layer.k_centroids, layer.v_centroids, int(layer.k_bits), int(layer.v_bits),
-        cache.positions, _device_inv_freq(cache, query.device), float(cache.rope_scale), cos, sin,
+        _device_positions(cache, query.device), _device_inv_freq(cache, query.device), float(cache.rope_scale), cos, sin,
         key_ranges(attention_mask, B, Q, S, view.start, query.device),
         view.win_k if cfg.window else None, view.win_v if cfg.window else None, view.new_k, view.new_v,
         layer.sink_k if sinks else None, layer.sink_v if sinks else None,

@@ -3,7 +3,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <initializer_list>
 #include <tuple>
+#include <utility>
 
 #include "kernels.h"
 
@@ -18,6 +20,18 @@ int dtype_tag(const at::Tensor& t) {
   if (t.scalar_type() == at::kBFloat16) return cq::kBF16;
   TORCH_CHECK(false, "cqtool kernels take float16 or bfloat16 tensors, got ", t.scalar_type());
   return -1;
+}
+
+// Every tensor a kernel reads must be on the device it runs on (a model spread over GPUs keeps each layer's cache on
+// that layer's device); a pointer from another GPU would be an illegal address there.
+void check_device(const char* what, const at::Device& dev, std::initializer_list<std::pair<const char*, const at::Tensor*>> ts) {
+  for (const auto& [name, t] : ts)
+    TORCH_CHECK(!t->defined() || t->device() == dev, what, ": ", name, " is on ", t->device(), ", the kernel runs on ", dev);
+}
+
+const at::Tensor& opt(const c10::optional<at::Tensor>& t) {
+  static const at::Tensor none;
+  return t.has_value() ? *t : none;
 }
 
 cq::FpBuf fp_buf(const c10::optional<at::Tensor>& t, int64_t D, at::ScalarType dt) {
@@ -80,6 +94,7 @@ void encode(const at::Tensor& x, const at::Tensor& centroids, int64_t bits, at::
   TORCH_CHECK(centroids.size(0) == H && G * c == D && centroids.size(2) == (int64_t(1) << bits), "encode: shapes");
   TORCH_CHECK(codes.size(0) == B && codes.size(1) == H && start + Q <= codes.size(2) && codes.size(3) == (G * bits + 7) / 8,
               "encode: code buffer shape");
+  check_device("encode", x.device(), {{"centroids", &centroids}, {"codes", &codes}});
   const at::cuda::OptionalCUDAGuard guard(x.device());
   cq::EncodeParams p{};
   p.x = x.data_ptr();
@@ -117,6 +132,11 @@ std::tuple<at::Tensor, int64_t> attention(
   TORCH_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.is_contiguous() && inv_freq.numel() == D / 2 && inv_freq.is_cuda(),
               "attention: inv_freq must be [D/2] fp32 on the GPU");
   TORCH_CHECK(range.scalar_type() == at::kInt && range.is_contiguous() && range.numel() == B * Q * 2, "attention: range");
+  check_device("attention", q.device(),
+               {{"k_codes", &k_codes}, {"v_codes", &v_codes}, {"k_centroids", &k_cent}, {"v_centroids", &v_cent},
+                {"positions", &positions}, {"inv_freq", &inv_freq}, {"cos", &opt(cos)}, {"sin", &opt(sin)},
+                {"key ranges", &range}, {"win_k", &opt(win_k)}, {"win_v", &opt(win_v)}, {"new_k", &new_k},
+                {"new_v", &new_v}, {"sink_k", &opt(sink_k)}, {"sink_v", &opt(sink_v)}});
   const at::cuda::OptionalCUDAGuard guard(q.device());
   const auto dt = q.scalar_type();
   at::Tensor out = at::empty({B, Q, Hq, D}, q.options());
@@ -179,6 +199,8 @@ std::tuple<at::Tensor, at::Tensor> dequant(const at::Tensor& k_codes, const at::
   cq::AttnParams p{};
   set_codes(p, k_codes, v_codes, k_cent, v_cent, k_bits, v_bits, S, "dequant");
   set_cos_sin(p, cos, sin, S, D, "dequant");
+  check_device("dequant", k_codes.device(), {{"v_codes", &v_codes}, {"k_centroids", &k_cent}, {"v_centroids", &v_cent},
+                                              {"cos", &cos}, {"sin", &sin}});
   const at::cuda::OptionalCUDAGuard guard(k_codes.device());
   at::Tensor kout = at::empty({B, Hkv, S, D}, k_cent.options());
   at::Tensor vout = at::empty({B, Hkv, S, D}, k_cent.options());

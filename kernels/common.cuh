@@ -11,6 +11,31 @@
 
 namespace cq {
 
+// Dynamic shared memory above 48 KiB must be opted into per kernel with cudaFuncSetAttribute, which applies to the
+// current device only: a process that runs a kernel on several GPUs (a model spread over them by device_map) opts in
+// on each. One of these per kernel instantiation (a function-local static) remembers the size set on each device.
+class SmemOptIn {
+ public:
+  static constexpr int kMaxDevices = 64;
+  SmemOptIn() {
+    for (size_t& b : bytes_) b = 48 << 10;
+  }
+  template <typename Kernel>
+  cudaError_t ensure(Kernel* kernel, size_t smem) {
+    int dev = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e != cudaSuccess) return e;
+    if (dev < 0 || dev >= kMaxDevices) return cudaErrorInvalidDevice;
+    if (smem <= bytes_[dev]) return cudaSuccess;
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e == cudaSuccess) bytes_[dev] = smem;
+    return e;
+  }
+
+ private:
+  size_t bytes_[kMaxDevices];
+};
+
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -__builtin_huge_valf();
 

@@ -637,13 +637,8 @@ __global__ void combine_kernel(const AttnParams p) {
 template <typename T, int D, int NQ, bool TSMEM, int CH>
 cudaError_t launch_t(const AttnParams& p, cudaStream_t stream) {
   const size_t smem = dec_layout(p, NQ).total;
-  static size_t configured = 48 << 10;  // raise the dynamic shared-memory limit only when a launch needs more
-  if (smem > configured) {
-    cudaError_t e = cudaFuncSetAttribute(decode_kernel<T, D, NQ, TSMEM, CH>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
-    if (e != cudaSuccess) return e;
-    configured = smem;
-  }
+  static SmemOptIn opt_in;  // raise the dynamic shared-memory limit (per device) only when a launch needs more
+  if (cudaError_t e = opt_in.ensure(decode_kernel<T, D, NQ, TSMEM, CH>, smem); e != cudaSuccess) return e;
   dim3 grid(p.nsplit, p.Hkv * p.nchunk, p.B);
   decode_kernel<T, D, NQ, TSMEM, CH><<<grid, dec_warps<NQ>() * 32, smem, stream>>>(p);
   cudaError_t e = cudaGetLastError();

@@ -1205,13 +1205,8 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
 template <typename T, int NW, int R, int KC = 8>
 cudaError_t launch_t(const AttnParams& p, cudaStream_t stream) {
   using C = Cfg<NW, R, KC>;
-  static bool configured = false;
-  if (!configured) {
-    cudaError_t e = cudaFuncSetAttribute(decode_mma_kernel<T, NW, R, KC>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
-    if (e != cudaSuccess) return e;
-    configured = true;
-  }
+  static SmemOptIn opt_in;
+  if (cudaError_t e = opt_in.ensure(decode_mma_kernel<T, NW, R, KC>, C::kSmem); e != cudaSuccess) return e;
   decode_mma_kernel<T, NW, R, KC><<<p.mma_blocks, C::kNT, C::kSmem, stream>>>(p);
   return cudaGetLastError();
 }

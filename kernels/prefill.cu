@@ -235,12 +235,8 @@ __global__ void __launch_bounds__(kPfWarps * 32) prefill_kernel(const AttnParams
 template <typename T, int D>
 cudaError_t launch_pf(const AttnParams& p, cudaStream_t stream) {
   const size_t smem = pf_layout<D>(p).total;
-  static size_t configured = 48 << 10;
-  if (smem > configured) {
-    cudaError_t e = cudaFuncSetAttribute(prefill_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (e != cudaSuccess) return e;
-    configured = smem;
-  }
+  static SmemOptIn opt_in;
+  if (cudaError_t e = opt_in.ensure(prefill_kernel<T, D>, smem); e != cudaSuccess) return e;
   const int rep = p.Hq / p.Hkv;
   dim3 grid((rep * p.Q + kBM - 1) / kBM, p.Hkv, p.B);
   prefill_kernel<T, D><<<grid, kPfWarps * 32, smem, stream>>>(p);

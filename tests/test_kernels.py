@@ -630,6 +630,19 @@ def test_key_ranges_from_padded_mask():
     assert ops.key_ranges(empty, 1, 1, S, 7, torch.device("cpu")).tolist() == [[[0, 0]]]
 
 
+def test_positions_follow_the_layer_device():
+    """A model spread over devices: layers away from the first read a copy of the cache's positions on their own
+    device, made once per step (a step appends, which gives a new tensor), never the first device's."""
+    cache = SimpleNamespace(positions=torch.arange(6).view(1, 6))
+    assert ops._device_positions(cache, torch.device("cpu")) is cache.positions
+    there = ops._device_positions(cache, torch.device("meta"))
+    assert there.device.type == "meta" and there.shape == (1, 6)
+    assert ops._device_positions(cache, torch.device("meta")) is there
+    cache.positions = torch.cat([cache.positions, torch.tensor([[6]])], 1)
+    again = ops._device_positions(cache, torch.device("meta"))
+    assert again is not there and again.shape == (1, 7)
+
+
 def test_nothing_heavy_at_import():
     import subprocess
     import sys

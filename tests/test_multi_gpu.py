@@ -1,0 +1,127 @@
+"""Several GPUs in one process: what a model spread over GPUs with `device_map` (`--device-map balanced` or `auto`)
+asks of the kernels and of the CQ cache. Each layer's cache lives on that layer's GPU and its kernels run there while
+another GPU is the current device.
+
+Marked `cuda`; skipped unless two or more GPUs are visible.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cqtool import ops
+from cqtool.models import cache_kwarg
+from test_kernels import C4, assert_within_2x, make_case, rel_err
+
+N_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(N_GPUS < 2, reason=f"needs two CUDA GPUs ({N_GPUS} visible)")]
+
+
+def _run_on(dev: str, case: dict, decode: str, prefill: str, monkeypatch):
+    monkeypatch.setattr(ops, "DECODE_KERNEL", decode)
+    monkeypatch.setattr(ops, "PREFILL_KERNEL", prefill)
+    query, view, mask, scaling = make_case(dev=dev, **case)
+    with torch.cuda.device(dev):  # NaN in the free memory of that GPU's allocator: unwritten outputs show
+        torch.empty(1 << 27, dtype=torch.float16, device=dev).fill_(float("nan"))
+    out = ops.cq_attention(query, view, mask, scaling)  # the current device stays cuda:0
+    torch.cuda.synchronize(dev)
+    assert out.device == torch.device(dev)
+    assert ops.BACKEND_USED["attention"] == "cuda", ops.kernel_status()
+    assert_within_2x(out, query, view, mask, scaling)
+    return ops.KERNEL_USED["attention"]
+
+
+# Kernels that opt into more than 48 KiB of dynamic shared memory (set per device by cudaFuncSetAttribute), each run
+# on every GPU in turn in the same process: the second GPU's launch needs its own opt-in.
+CASES = [  # (decode kernel, prefill kernel, case, the kernel that must run)
+    ("tensor-core", "sdpa", dict(S=3000, Q=1, B=2, Hq=4, Hkv=4, pads=[0, 1234]), "decode-mma"),
+    ("tensor-core", "sdpa", dict(S=1500, Q=1, B=2, Hq=8, Hkv=2, dtype=torch.bfloat16), "decode-mma-gqa"),
+    ("tensor-core", "sdpa", dict(S=300, Q=1, B=2, Hq=8, Hkv=2, window=128, sinks=2, pads=[0, 100]), "decode-mma-gqa"),
+    ("tensor-core", "sdpa", dict(S=2500, Q=1, B=1, Hq=4, Hkv=2, dtype=torch.bfloat16, **C4), "decode-mma-gqa"),
+    ("tensor-core-16w", "sdpa", dict(S=2000, Q=1, B=1, Hq=2, Hkv=2), "decode-mma16"),
+    ("cuda-core", "sdpa", dict(S=3000, Q=1, B=1, Hq=8, Hkv=8, kspec=(4, 8), vspec=(4, 8)), "decode"),
+    ("cuda-core", "sdpa", dict(S=17, Q=1, B=3, Hq=3, Hkv=1, D=64, kspec=(16, 12), vspec=(1, 4)), "decode"),
+    ("auto", "tensor-core", dict(S=300, Q=83, B=1, Hq=8, Hkv=2, dtype=torch.bfloat16, mask_none=True), "prefill"),
+    ("auto", "sdpa", dict(S=257, Q=257, B=2, Hq=6, Hkv=2, D=64, kspec=(4, 8), vspec=(2, 6), pads=[11, 0]),
+     "dequant+sdpa"),
+]
+
+
+@pytest.mark.parametrize("decode,prefill,case,kernel", CASES, ids=[f"{c[3]}-{i}" for i, c in enumerate(CASES)])
+def test_each_kernel_on_every_gpu(decode, prefill, case, kernel, monkeypatch):
+    for i in range(N_GPUS):
+        assert _run_on(f"cuda:{i}", case, decode, prefill, monkeypatch) == kernel, f"cuda:{i}"
+
+
+def test_encode_on_second_gpu():
+    from cqtool import quant
+
+    dev = "cuda:1"
+    x = torch.randn(2, 5, 3, 128, device=dev).to(torch.bfloat16).transpose(1, 2)
+    cent = torch.randn(3, 16, 256, 8, device=dev).to(torch.bfloat16)
+    codes = torch.zeros(2, 3, 9, 16, dtype=torch.uint8, device=dev)
+    ops.encode_into(x, cent, 8, codes, 2)
+    torch.cuda.synchronize(dev)
+    assert ops.BACKEND_USED["encode"] == "cuda"
+    got = quant.unpack(codes[:, :, 2:7], 8, 16)
+    assert (got == quant.encode(x, cent)).float().mean() > 0.99
+
+
+def test_tensors_on_two_gpus_are_a_clear_error(monkeypatch):
+    """A cache buffer on another GPU than the query is refused with the names of both devices (a pointer from
+    another GPU would be an illegal address inside the kernel)."""
+    monkeypatch.setattr(ops, "DECODE_KERNEL", "tensor-core")
+    query, view, mask, scaling = make_case(dev="cuda:1", S=300, Q=1, B=1, Hq=4, Hkv=4)
+    view.layer.k_codes = view.layer.k_codes.to("cuda:0")
+    with pytest.raises(RuntimeError, match=r"k_codes is on cuda:0, the kernel runs on cuda:1"):
+        ops.cq_attention(query, view, mask, scaling)
+
+
+@pytest.mark.parametrize("family,heads,kv_heads,c,window", [("llama", 8, 2, 8, 0), ("llama", 4, 4, 8, 32),
+                                                             ("qwen2", 8, 2, 4, 0)])
+def test_model_spread_over_gpus(monkeypatch, family, heads, kv_heads, c, window):
+    """A tiny model (head_dim 128, 4 layers) dispatched over the GPUs by accelerate (layers 0-1 on cuda:0, 2-3 on the
+    last GPU, as `device_map` does for a big model): prefill and 10 decode steps through the CQ cache and the
+    kernels give the logits of the same model on one GPU (same kernels, so the same numbers up to the float rounding
+    of moved activations), and of the reference path."""
+    from accelerate import dispatch_model
+    from conftest import tiny_model
+    from test_codebook import make_codebook
+
+    from cqtool.cache import CQCache
+    from cqtool.config import QuantSpec
+    from cqtool.models import ModelInfo
+
+    last = N_GPUS - 1
+    model = tiny_model(family, layers=4, heads=heads, kv_heads=kv_heads, head_dim=128).to(torch.bfloat16)
+    cb = make_codebook(ModelInfo.from_config(model.config, "tiny"), QuantSpec(c, 8))
+    ids = torch.randint(0, 512, (2, 600), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(ops, "DECODE_KERNEL", "tensor-core")  # the context is short: force the tensor-core kernel
+
+    def run(m):
+        cache = CQCache(m, cb, window=window)
+        x = ids.to("cuda:0")
+        kernels = set()
+        with torch.no_grad():
+            out = [m(x[:, :590], **{cache_kwarg(m): cache}, use_cache=True).logits[:, -1:].float().cpu()]
+            for t in range(590, 600):
+                ops.KERNELS_RUN.clear()
+                out.append(m(x[:, t : t + 1], **{cache_kwarg(m): cache}, use_cache=True).logits.float().cpu())
+                kernels |= ops.KERNELS_RUN
+        devices = {str(layer.k_codes.device) for layer in cache.layers}
+        return torch.cat(out, 1), kernels, devices
+
+    device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 0, "model.layers.2": last,
+                  "model.layers.3": last, "model.norm": last, "model.rotary_emb": 0, "lm_head": last}
+    spread, k_spread, devs = run(dispatch_model(model, device_map=device_map))
+    assert devs == {"cuda:0", f"cuda:{last}"}
+    assert k_spread == {"decode-mma" if heads == kv_heads else "decode-mma-gqa"}
+    assert ops.BACKEND_USED["encode"] == "cuda"
+    single = tiny_model(family, layers=4, heads=heads, kv_heads=kv_heads, head_dim=128).to("cuda:0", torch.bfloat16)
+    one, k_one, devs = run(single)
+    assert devs == {"cuda:0"} and k_one == k_spread
+    assert rel_err(spread, one) < 1e-2
+    monkeypatch.setattr(ops, "get_module", lambda: None)
+    ref, _, _ = run(single)
+    assert ops.BACKEND_USED["attention"] == "reference"
+    assert rel_err(spread, ref) < 0.1
