@@ -57,7 +57,9 @@ DECODE_KERNEL = os.environ.get("CQTOOL_DECODE_KERNEL", "auto")
 # 1 x 8K 29.7 vs 33.1; 1 x 2K 24.2 vs 21.6; docs/raw/probe-split-gqa8-h100-2026-11-27s.txt). With a
 # full-precision window or sinks (one more kernel, and the combine), MHA
 # too only from AUTO_MMA_FP_TOKENS cached tokens per batch (window 128: 1 x 512 23 vs 17 us, 1 x 4K 29 vs 31 us, 8 x 512
-# 37 vs 46 us; docs/raw/decode-tiny-window-gpu-time-h100-2026-11-27l.txt).
+# 37 vs 46 us; docs/raw/decode-tiny-window-gpu-time-h100-2026-11-27l.txt). c = 8 GQA with a window of 128 follows the
+# direct rule from AUTO_MMA_DIRECT_TOKENS tokens per batch (8 x 512 28.8 vs 36.8 us, 1 x 4K 32.2 vs 35.4, 128 x 512 205
+# vs 267; docs/raw/probe-window-gqa8-h100-2026-11-27v.txt); below that (1 x 512 ...) it was not measured.
 AUTO_MMA_TOKENS = 16384
 AUTO_MMA_DIRECT_TOKENS = 4096
 MMA_TILE = 512  # tokens per tile of the tensor-core decode kernel (kTile in kernels/decode_mma.cu)
@@ -320,8 +322,9 @@ def _decode_variant(B: int, S: int, group: int = 1, c: int = 8, fp: bool = False
     auto: the tensor-core kernel for MHA (with a full-precision window or sinks, `fp`, from AUTO_MMA_FP_TOKENS cached
     tokens per batch); for GQA (whose query heads it takes 2-4 per block, 2 with c = 4 codes) from
     AUTO_MMA_TOKENS cached tokens per batch and AUTO_MMA_MIN_SEQ (c = 4: AUTO_MMA_MIN_SEQ_C4_GQA) per sequence,
-    and with c = 8 (no window or sinks) also for sequences of at most MMA_DIRECT_MAX tokens, whose P.V comes straight
-    from the codes, and from AUTO_MMA_DIRECT_TOKENS tokens per batch (items of 512 tokens) (H100,
+    and with c = 8 also for sequences of at most MMA_DIRECT_MAX tokens, whose P.V comes straight from the codes (with
+    `fp` from AUTO_MMA_DIRECT_TOKENS tokens per batch), and from AUTO_MMA_DIRECT_TOKENS tokens per batch (items of 512
+    tokens) (H100,
     docs/RESULTS_kernels.md). The extension runs the CUDA-core kernel wherever the tensor-core one does not
     apply, and says which ran."""
     if DECODE_KERNEL == "auto":
@@ -330,10 +333,12 @@ def _decode_variant(B: int, S: int, group: int = 1, c: int = 8, fp: bool = False
         else:
             min_seq = AUTO_MMA_MIN_SEQ_C4_GQA if c == 4 else AUTO_MMA_MIN_SEQ
             ok = B * S >= AUTO_MMA_TOKENS and S >= min_seq
-            if c == 8 and not fp and MMA_DIRECT_MAX > 0:
+            if c == 8 and MMA_DIRECT_MAX > 0:
                 # sequences short enough for P.V straight from the codes (one item of one tile) at every batch
-                # size; with items of 512 tokens (splits of 512) from AUTO_MMA_DIRECT_TOKENS tokens per batch
-                ok = ok or S <= min(MMA_DIRECT_MAX, MMA_TILE)
+                # size (with a window or sinks from AUTO_MMA_DIRECT_TOKENS tokens per batch); with items of 512
+                # tokens (splits of 512) from AUTO_MMA_DIRECT_TOKENS tokens per batch
+                short = S <= min(MMA_DIRECT_MAX, MMA_TILE)
+                ok = ok or (short and (not fp or B * S >= AUTO_MMA_DIRECT_TOKENS))
                 ok = ok or (MMA_DIRECT_MAX >= MMA_TILE and B * S >= AUTO_MMA_DIRECT_TOKENS)
         return _VARIANTS[AUTO_MMA_KERNEL] if ok else 0
     return _VARIANTS[DECODE_KERNEL]

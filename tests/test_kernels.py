@@ -724,12 +724,14 @@ def test_decode_kernel_request(monkeypatch):
     assert ops._decode_variant(1, 1) == 1 and ops._decode_variant(128, 64) == 1 and ops._decode_variant(1, 64, c=4) == 1
     # MHA with a full-precision window or sinks (one more kernel): from AUTO_MMA_FP_TOKENS cached tokens per batch
     assert ops._decode_variant(1, 512, fp=True) == 0 and ops._decode_variant(1, 4096, fp=True) == 1
-    assert ops._decode_variant(8, 512, fp=True) == 1 and ops._decode_variant(1, 4096, group=4, fp=True) == 0
+    assert ops._decode_variant(8, 512, fp=True) == 1 and ops._decode_variant(1, 4096, group=4, fp=True) == 1
     assert ops._decode_variant(512, 1000, group=4) == 1 and ops._decode_variant(2, 1000, group=4) == 0  # GQA blocks:
     assert ops._decode_variant(64, 600, group=2) == 1 and ops._decode_variant(32, 600, group=3) == 1  # B * S tokens
-    # c = 8 GQA, sequences of one tile (P.V straight from the codes): at any batch; not with a window, not c = 4
+    # c = 8 GQA, sequences of one tile (P.V straight from the codes): at any batch; with a window from 4096 tokens
+    # per batch; not c = 4
     assert ops._decode_variant(1, 512, group=4) == 1 and ops._decode_variant(128, 64, group=7) == 1
     assert ops._decode_variant(1, 513, group=4) == 0 and ops._decode_variant(8, 256, group=4, fp=True) == 0
+    assert ops._decode_variant(8, 512, group=4, fp=True) == 1 and ops._decode_variant(1, 512, group=4, fp=True) == 0
     assert ops._decode_variant(8, 256, group=4, c=4) == 0
     monkeypatch.setattr(ops, "MMA_DIRECT_MAX", 0)  # without it: AUTO_MMA_MIN_SEQ tokens per sequence too
     assert ops._decode_variant(1, 512, group=4) == 0 and ops._decode_variant(512, 512, group=4) == 1

@@ -1,7 +1,8 @@
 # GPU kernel time per call (torch.profiler, 20 calls) of the tensor-core decode kernel at short contexts for several
 # values of ops.MMA_DIRECT_MAX (env DIRECT, comma-separated; items of one tile with at most that many tokens take P.V
 # straight from the codes), next to SDPA's and to the CUDA-core kernel's.
-# usage: DIRECT=0,256,512 python3 probe-direct-pv.py HEADS KV_HEADS BxS ...
+# WINDOW (default 0): a full-precision window of that many recent tokens, as `--window` keeps (the codes cover the rest).
+# usage: DIRECT=0,256,512 [SPECS=8c8b,4c8b] [WINDOW=128] python3 probe-direct-pv.py HEADS KV_HEADS BxS ...
 import os, sys
 import torch
 from cqtool import ops
@@ -11,13 +12,15 @@ from cqtool.config import QuantSpec
 heads, kv = int(sys.argv[1]), int(sys.argv[2])
 directs = [int(x) for x in os.environ.get("DIRECT", "0,256").split(",")]
 specs = os.environ.get("SPECS", "8c8b,4c8b").split(",")
+window = int(os.environ.get("WINDOW", "0"))
 for spec in specs:
     for shape in sys.argv[3:]:
         B, S = map(int, shape.split("x"))
-        q, view, kd, vd = synthetic_layer(B, S, kv, 128, QuantSpec.parse(spec), q_heads=heads)
+        q, view, kd, vd = synthetic_layer(B, S, kv, 128, QuantSpec.parse(spec), q_heads=heads,
+                                       window=window)
         sc = 128 ** -0.5
         sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, kd, vd, scale=sc, enable_gqa=heads != kv)
-        line = f"{spec} {heads}/{kv} {shape}: SDPA {gpu_us(sdpa):.1f} us"
+        line = f"{spec} {heads}/{kv} {shape}{f' window {window}' if window else ''}: SDPA {gpu_us(sdpa):.1f} us"
         fn = lambda: ops.cq_attention(q, view, None, sc)
         ops.DECODE_KERNEL = "cuda-core"
         line += f" | cuda-core {gpu_us(fn):.1f}"
