@@ -9,7 +9,7 @@ import torch
 
 from .data import eval_windows, load_text, tokenize
 from .methods import KVMethod
-from .models import cache_kwarg, model_device
+from .models import cache_kwarg, model_device, model_devices
 
 
 @torch.no_grad()
@@ -167,4 +167,5 @@ def run_eval(cfg, calib: dict[str, Any] | None = None, progress=None) -> dict[st
         row["backends"] = dict(ops.BACKEND_USED)
         row["attention_kernels"] = sorted(ops.KERNELS_RUN)  # CUDA attention kernels that ran (empty: none)
         results.append(row)
-    return {"model": info.__dict__, "config": to_dict(cfg), "calibration": calib, "results": results}
+    return {"model": info.__dict__, "config": to_dict(cfg), "calibration": calib, "devices": model_devices(model),
+            "results": results}

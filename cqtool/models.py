@@ -203,6 +203,13 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def model_devices(model) -> list[str]:
+    """Every device holding some of the model's weights, in order ("cuda:0", "cuda:1" for a model spread over two
+    GPUs by device_map)."""
+    devs = {p.device for p in model.parameters()}
+    return [str(d) for d in sorted(devs, key=lambda d: (d.type, -1 if d.index is None else d.index))]
+
+
 def cache_kwarg(model) -> str:
     """The keyword under which `model.forward` / `model.generate` take a KV cache: `cache` from transformers 5.24
     on (`past_key_values` is deprecated there), `past_key_values` before. "" when forward takes neither."""

@@ -174,7 +174,9 @@ def test_smollm2_end_to_end(tmp_path):
     res = run("eval", "--model", "smollm2", "--methods", "fp16", "--codebook", cb, "--tasks", "wikitext", "--seqlen", 256,
               "--limit", 2, "--data-dir", valid.parents[1], "--device", "cpu", "--json", js)
     assert res.exit_code == 0, res.output
-    rows = {r["method"]: r for r in json.loads(js.read_text())["results"]}
+    out = json.loads(js.read_text())
+    assert out["devices"] == ["cpu"]
+    rows = {r["method"]: r for r in out["results"]}
     fp, cq = rows["fp16"]["perplexity"], rows["cq-8c8b"]["perplexity"]
     # a real model: fp16 is a sane perplexity, 1-bit CQ is worse but not broken
     assert 5 < fp < 100 and fp < cq < 10 * fp, (fp, cq)

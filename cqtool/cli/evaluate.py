@@ -72,6 +72,8 @@ def eval_cmd(
     with progress_bar() as track:
         out = run_eval(cfg, calib, progress=track)
     _print(out)
+    if len(out["devices"]) > 1:
+        console.print(f"model spread over {', '.join(out['devices'])} (--device-map {cfg.device_map})")
     json_out = pick(json_out, r, "json", None)
     if json_out:
         write_json(json_out, out)
