@@ -37,6 +37,19 @@ def test_byte_tokenizer_roundtrip():
     assert tok.decode(ids) == "héllo wörld"
 
 
+def test_byte_tokenizer_ids_do_not_depend_on_the_process():
+    """The same text gives the same ids in every process, whatever Python's string-hash salt (the random-weight
+    models' calibration data, and so their codebooks, follow from these ids)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from cqtool.models import byte_tokenizer; print(byte_tokenizer()('The river, 1895.').input_ids)"
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2, 3)}
+    assert len(outs) == 1, outs
+
+
 def test_dtype_and_device_errors():
     with pytest.raises(ConfigError, match="--dtype 'int3' is not allowed"):
         pick_dtype("int3", pick_device("cpu"))
