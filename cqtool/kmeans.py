@@ -319,6 +319,10 @@ def _dist2(x: torch.Tensor, C: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 def _fit_torch(x, k, weights, iters, tol, seed, dev, progress) -> KMeansResult:
     G, N, c = x.shape
     gen = torch.Generator().manual_seed(seed)
+    # the seeding's random draws for every group, made before the groups are split into chunks: the chunk size
+    # follows the free GPU memory, and a group's result must not (same seed, same codebook, run after run)
+    sub = torch.randperm(N, generator=gen)[: min(N, INIT_POINTS_PER_CENTROID * k)]
+    uni = torch.rand(G, k, generator=gen)
     step = min(G, _group_chunk(dev, N, c))
     cents = torch.empty(G, k, c, device=dev)
     obj = torch.empty(G, dtype=torch.float64, device=dev)
@@ -332,7 +336,7 @@ def _fit_torch(x, k, weights, iters, tol, seed, dev, progress) -> KMeansResult:
         report = None
         if progress is not None:
             report = lambda done, base=g0 * iters: progress(base + done, G * iters)  # noqa: E731
-        lloyd = _Lloyd(xa, w, k, gen, half=dev.type == "cuda")
+        lloyd = _Lloyd(xa, w, k, gen, half=dev.type == "cuda", draws=(sub, uni[g0:g1]))
         lloyd.run(iters, tol, report)
         cents[g0:g1] = lloyd.out_C + mean
         obj[g0:g1] = lloyd.out_obj
@@ -352,7 +356,7 @@ class _Lloyd:
     """
 
     def __init__(self, xa: torch.Tensor, w: torch.Tensor | None, k: int, gen: torch.Generator, half: bool,
-                 fused: bool | None = None):
+                 fused: bool | None = None, draws: tuple[torch.Tensor, torch.Tensor] | None = None):
         g, N, c2 = xa.shape
         self.c, self.k, self.half = c2 - 2, k, half
         dev = xa.device
@@ -367,9 +371,9 @@ class _Lloyd:
             self.lhs = self.kt.point_operand(xa[..., :-2])
         else:
             self._operands()
-        m = min(N, INIT_POINTS_PER_CENTROID * k)
-        sub = torch.randperm(N, generator=gen)[:m].to(dev)
-        uni = torch.rand(g, k, generator=gen).to(dev)
+        if draws is None:  # draws: (the seeding's points [m], uniforms [g, k]) drawn by the caller, else from gen
+            draws = torch.randperm(N, generator=gen)[: min(N, INIT_POINTS_PER_CENTROID * k)], torch.rand(g, k, generator=gen)
+        sub, uni = draws[0].to(dev), draws[1].to(dev)
         self.C = _kmeanspp(xa[:, sub], None if w is None else w[:, sub], k, uni)
         self.a = self._nearest()
         self.S = self._sums()

@@ -133,9 +133,13 @@ def test_chunked_over_groups_and_points_matches(monkeypatch):
     x = heavy(G=5, N=1024)
     whole = kmeans.fit(x, 32, iters=15, tol=0, backend="torch")
     monkeypatch.setattr(kmeans, "CPU_STATE_BYTES", kmeans._bytes_per_group(1024, 8, torch.device("cpu")) * 2)
+    groups_chunked = kmeans.fit(x, 32, iters=15, tol=0, backend="torch")
+    # the seeding draws are made for all groups before the chunking (which follows the free GPU memory on CUDA):
+    # two groups per chunk give the same bits as all five at once
+    assert torch.equal(groups_chunked.centroids, whole.centroids)
     monkeypatch.setattr(kmeans, "CPU_SCAN_ELEMS", 3000)  # distance blocks of a few points
     chunked = kmeans.fit(x, 32, iters=15, tol=0, backend="torch")
-    # the seeding draws per chunk differ, so compare quality rather than bits
+    # other matmul blocks may round a near tie the other way: compare quality rather than bits
     assert abs(float(chunked.objective.mean()) / float(whole.objective.mean()) - 1) < 0.03
 
 
