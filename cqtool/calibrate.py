@@ -8,7 +8,9 @@ Calibration directory:
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -85,8 +87,30 @@ def _fit_kind(coll: KVCollector, kind: str, spec: QuantSpec, info: ModelInfo, cf
     return cents, stats
 
 
+@contextlib.contextmanager
+def deterministic_mode(on: bool):
+    """torch's deterministic algorithms while the block runs (cfg.deterministic), restored after. warn_only: an op
+    with no deterministic version warns instead of failing. cuBLAS needs CUBLAS_WORKSPACE_CONFIG for reproducible
+    results; it is set here unless the user set it (it takes effect for cuBLAS handles made after this)."""
+    if not on:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 def calibrate(cfg: CalibConfig, output: str | Path, progress=None) -> dict[str, Any]:
     """Run the whole calibration; returns the summary also written to calib.json."""
+    with deterministic_mode(cfg.deterministic):
+        return _calibrate(cfg, output, progress)
+
+
+def _calibrate(cfg: CalibConfig, output: str | Path, progress=None) -> dict[str, Any]:
     t0 = time.time()
     track = progress or (lambda it, **kw: it)
     _, _, _, info = load_config(cfg.model)  # every check that needs no weights comes first
@@ -99,6 +123,11 @@ def calibrate(cfg: CalibConfig, output: str | Path, progress=None) -> dict[str, 
     windows = calibration_windows(tokenize(tok, text), cfg.nsamples, cfg.seqlen, cfg.seed)
     model, tok, info = load_model(cfg.model, cfg.device, cfg.dtype, cfg.device_map, tokenizer=tok)
     t_load = time.time()
+    if cfg.deterministic and cfg.fisher:
+        # the fused SDPA backward (flash / memory-efficient) accumulates dQ with atomics: the Fisher weights of every
+        # layer but the last then differ from run to run, and so do the centroids. Eager attention's backward is
+        # matmuls and a softmax (deterministic), at the cost of heads x seqlen^2 activations per layer.
+        model.set_attn_implementation("eager")
     dev = model_device(model)
     fisher_group = math.gcd(*[s.channels for pair in cfg.specs for s in pair])
     for p in model.parameters():

@@ -143,6 +143,9 @@ class CalibConfig:
     device: str = "auto"
     dtype: str = "auto"
     device_map: str | None = None  # "auto": accelerate spreads the model over GPUs / CPU
+    # reproducible on GPU: eager attention in the Fisher pass (SDPA's fused backward adds dQ with atomics, so every
+    # layer below the last got different Fisher weights run to run) and torch's deterministic algorithms
+    deterministic: bool = False
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:

@@ -202,6 +202,29 @@ def test_same_seed_same_codebook(tmp_path, tiny_model_dir, text_file, backend):
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch_cuda(), reason="needs a CUDA GPU")])])
+def test_deterministic_calibration(tmp_path, tiny_model_dir, text_file, device):
+    """--deterministic: the same codebook every run, on the GPU too (eager attention in the Fisher pass, torch's
+    deterministic algorithms), and torch's global setting is as it was afterwards."""
+    import torch
+
+    from cqtool.codebook import Codebook
+
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"d{i}"
+        res = run("calibrate", "--model", tiny_model_dir, "--bits", 1, "--data", text_file, "--nsamples", 4, "--seqlen", 256,
+                  "--iters", 20, "--kmeans-backend", "torch", "--device", device, "--deterministic", "--output", out)
+        assert res.exit_code == 0, res.output
+        assert json.loads((out / "calib.json").read_text())["config"]["deterministic"] is True
+        outs.append(Codebook.load(out / "cq-8c8b.safetensors"))
+    assert not torch.are_deterministic_algorithms_enabled()
+    a, b = outs
+    for x, y in zip(a.key_centroids + a.value_centroids, b.key_centroids + b.value_centroids):
+        assert torch.equal(x, y)
+
+
 def test_device_map_auto_loads_and_calibrates(tmp_path, tiny_model_dir, text_file):
     """accelerate's device_map="auto" path (here everything lands on the CPU; on a GPU box it spreads)."""
     out = tmp_path / "o"

@@ -8,7 +8,7 @@ import typer
 from ..config import CalibConfig, ConfigError, QuantSpec
 from ._app import app, console, user_errors
 
-CALIB_KEYS = {"device_map", "model", "bits", "key_spec", "value_spec", "channels", "code_bits", "data", "nsamples", "seqlen", "seed",
+CALIB_KEYS = {"deterministic", "device_map", "model", "bits", "key_spec", "value_spec", "channels", "code_bits", "data", "nsamples", "seqlen", "seed",
               "fisher", "kmeans_backend", "iters", "tol", "max_tokens", "device", "dtype", "output"}
 
 
@@ -54,6 +54,7 @@ def calibrate(
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda[:N]")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto | float32 | float16 | bfloat16")] = None,
     device_map: Annotated[Optional[str], typer.Option(help="'auto': spread a model too big for one GPU over GPUs/CPU")] = None,
+    deterministic: Annotated[Optional[bool], typer.Option("--deterministic/--no-deterministic", help="Same codebook every run on GPU (eager attention in the Fisher pass: more memory) [off]")] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Calibration directory to write")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="YAML recipe with defaults for these options")] = None,
 ):
@@ -75,6 +76,7 @@ def calibrate(
         kmeans_backend=pick(kmeans_backend, r, "kmeans_backend", "auto"), kmeans_iters=pick(iters, r, "iters", 100),
         kmeans_tol=pick(tol, r, "tol", 1e-4), max_tokens=pick(max_tokens, r, "max_tokens", None),
         device=pick(device, r, "device", "auto"), dtype=pick(dtype, r, "dtype", "auto"), device_map=pick(device_map, r, "device_map", None),
+        deterministic=pick(deterministic, r, "deterministic", False),
     )
     with progress_bar() as track:
         summary = run(cfg, output, progress=track)
