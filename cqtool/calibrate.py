@@ -91,17 +91,22 @@ def _fit_kind(coll: KVCollector, kind: str, spec: QuantSpec, info: ModelInfo, cf
 def deterministic_mode(on: bool):
     """torch's deterministic algorithms while the block runs (cfg.deterministic), restored after. warn_only: an op
     with no deterministic version warns instead of failing. cuBLAS needs CUBLAS_WORKSPACE_CONFIG for reproducible
-    results; it is set here unless the user set it (it takes effect for cuBLAS handles made after this)."""
+    results; it is set here unless the user set it (it takes effect for cuBLAS handles made after this), and removed
+    again after the block."""
     if not on:
         yield
         return
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    set_env = "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    if set_env:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
     before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        if set_env:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def calibrate(cfg: CalibConfig, output: str | Path, progress=None) -> dict[str, Any]:

@@ -219,7 +219,7 @@ def test_deterministic_calibration(tmp_path, tiny_model_dir, text_file, device):
         assert res.exit_code == 0, res.output
         assert json.loads((out / "calib.json").read_text())["config"]["deterministic"] is True
         outs.append(Codebook.load(out / "cq-8c8b.safetensors"))
-    assert not torch.are_deterministic_algorithms_enabled()
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     a, b = outs
     for x, y in zip(a.key_centroids + a.value_centroids, b.key_centroids + b.value_centroids):
         assert torch.equal(x, y)
