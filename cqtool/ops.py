@@ -194,7 +194,9 @@ def encode_into(x: torch.Tensor, centroids: torch.Tensor, bits: int, codes: torc
 # ---- attention
 
 _range_memo: list = [None, None, None]  # [mask object (kept alive so its id cannot be reused), key, ranges]
-_inv_freq_memo: dict = {}
+# [source tensor (kept alive so its id cannot be reused), device, its copy there] (_device_copy)
+_inv_freq_memo: list = [None, None, None]
+_positions_memo: list = [None, None, None]
 
 
 def key_ranges(attention_mask, B: int, Q: int, S: int, start: int, device) -> torch.Tensor:
@@ -222,17 +224,17 @@ def key_ranges(attention_mask, B: int, Q: int, S: int, start: int, device) -> to
     return r
 
 
+def _device_copy(memo: list, t: torch.Tensor, device, make) -> torch.Tensor:
+    """make(t) for `device`, remembered for the last (tensor object, device) asked: the layers of a step that run
+    on one GPU share one copy."""
+    if memo[0] is not t or memo[1] != str(device):
+        memo[:] = [t, str(device), make(t)]
+    return memo[2]
+
+
 def _device_inv_freq(cache, device) -> torch.Tensor:
-    k = (id(cache.inv_freq), str(device))
-    t = _inv_freq_memo.get(k)
-    if t is None or t[0] is not cache.inv_freq:
-        t = (cache.inv_freq, cache.inv_freq.to(device=device, dtype=torch.float32).contiguous())
-        _inv_freq_memo.clear()
-        _inv_freq_memo[k] = t
-    return t[1]
-
-
-_positions_memo: list = [None, None, None]  # [positions tensor (kept alive), device, its copy there]
+    return _device_copy(_inv_freq_memo, cache.inv_freq, device,
+                        lambda t: t.to(device=device, dtype=torch.float32).contiguous())
 
 
 def _device_positions(cache, device) -> torch.Tensor:
@@ -242,9 +244,7 @@ def _device_positions(cache, device) -> torch.Tensor:
     pos = cache.positions
     if pos.device == torch.device(device):
         return pos
-    if _positions_memo[0] is not pos or _positions_memo[1] != str(device):
-        _positions_memo[:] = [pos, str(device), pos.to(device)]
-    return _positions_memo[2]
+    return _device_copy(_positions_memo, pos, device, lambda t: t.to(device))
 
 
 def _attention_reason(query: torch.Tensor, layer) -> str:
