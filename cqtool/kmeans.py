@@ -321,8 +321,7 @@ def _fit_torch(x, k, weights, iters, tol, seed, dev, progress) -> KMeansResult:
     gen = torch.Generator().manual_seed(seed)
     # the seeding's random draws for every group, made before the groups are split into chunks: the chunk size
     # follows the free GPU memory, and a group's result must not (same seed, same codebook, run after run)
-    sub = torch.randperm(N, generator=gen)[: min(N, INIT_POINTS_PER_CENTROID * k)]
-    uni = torch.rand(G, k, generator=gen)
+    sub, uni = _seeding_draws(gen, N, k, G)
     step = min(G, _group_chunk(dev, N, c))
     cents = torch.empty(G, k, c, device=dev)
     obj = torch.empty(G, dtype=torch.float64, device=dev)
@@ -348,6 +347,12 @@ def _fit_torch(x, k, weights, iters, tol, seed, dev, progress) -> KMeansResult:
     return KMeansResult(cents, obj.float(), T, hist[:T].mean(1).tolist(), refilled, 0.0, "torch")
 
 
+def _seeding_draws(gen: torch.Generator, N: int, k: int, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k-means++ seeding's random numbers for g groups of N points: the points it seeds from (the same
+    min(N, INIT_POINTS_PER_CENTROID k) for every group) and one uniform per (group, centroid)."""
+    return torch.randperm(N, generator=gen)[: min(N, INIT_POINTS_PER_CENTROID * k)], torch.rand(g, k, generator=gen)
+
+
 class _Lloyd:
     """Lloyd iterations for one chunk of g groups, all tensors on one device.
 
@@ -371,8 +376,8 @@ class _Lloyd:
             self.lhs = self.kt.point_operand(xa[..., :-2])
         else:
             self._operands()
-        if draws is None:  # draws: (the seeding's points [m], uniforms [g, k]) drawn by the caller, else from gen
-            draws = torch.randperm(N, generator=gen)[: min(N, INIT_POINTS_PER_CENTROID * k)], torch.rand(g, k, generator=gen)
+        if draws is None:  # draws: _seeding_draws made by the caller, else from gen
+            draws = _seeding_draws(gen, N, k, g)
         sub, uni = draws[0].to(dev), draws[1].to(dev)
         self.C = _kmeanspp(xa[:, sub], None if w is None else w[:, sub], k, uni)
         self.a = self._nearest()
