@@ -90,9 +90,9 @@ def cuda_test(fn):
     return fn
 
 
-def poison_allocator(nbytes: int = 1 << 28) -> None:
+def poison_allocator(nbytes: int = 1 << 28, device: str = "cuda") -> None:
     """Fill the caching allocator's free blocks with NaN so that an output element the kernel never writes shows."""
-    t = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda")
+    t = torch.empty(nbytes // 2, dtype=torch.float16, device=device)
     t.fill_(float("nan"))
     del t
 

@@ -11,7 +11,7 @@ import torch
 
 from cqtool import ops
 from cqtool.models import cache_kwarg
-from test_kernels import C4, assert_within_2x, make_case, rel_err
+from test_kernels import C4, assert_within_2x, make_case, poison_allocator, rel_err
 
 N_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(N_GPUS < 2, reason=f"needs two CUDA GPUs ({N_GPUS} visible)")]
@@ -21,8 +21,7 @@ def _run_on(dev: str, case: dict, decode: str, prefill: str, monkeypatch):
     monkeypatch.setattr(ops, "DECODE_KERNEL", decode)
     monkeypatch.setattr(ops, "PREFILL_KERNEL", prefill)
     query, view, mask, scaling = make_case(dev=dev, **case)
-    with torch.cuda.device(dev):  # NaN in the free memory of that GPU's allocator: unwritten outputs show
-        torch.empty(1 << 27, dtype=torch.float16, device=dev).fill_(float("nan"))
+    poison_allocator(device=dev)  # that GPU's allocator: unwritten outputs show
     out = ops.cq_attention(query, view, mask, scaling)  # the current device stays cuda:0
     torch.cuda.synchronize(dev)
     assert out.device == torch.device(dev)
