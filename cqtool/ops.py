@@ -81,8 +81,17 @@ MMA_MAX_BLOCKS = 0
 # codes x 16 groups bins) short items pay whatever their length. Read at every call; 0 turns it off. (MHA and c = 4
 # blocks always use the histogram: the direct product was slower there; docs/RESULTS_kernels.md.)
 MMA_DIRECT_MAX = 512
+# Tensor-core decode, CQ-8c8b MHA blocks (8 warps): items (a sequence's code split for one head) of at least this many
+# tokens run the block's LONG build ("decode-mma-long"), others its short-item build ("decode-mma"). They differ only
+# in schedule: the short-item build skips per-item work (the first flush, the empty m-tiles of a partial tile, the
+# last flush's clearing, integer divisions), which moves ptxas's schedule of the tile loop; LONG keeps the loop
+# measured fastest at 8 x 32K. Kernel GPU time on the H100, short / LONG: 128 x 64 0.77, 512 x 512 0.84, 512 x 2304
+# 0.92, 256 x 4096 0.97, 32 x 8192 0.99, 32 x 16384 0.995, 8 x 32768 1.008 (docs/RESULTS_kernels.md). Read at every
+# call; 0 always takes LONG.
+MMA_LONG_MIN = 32768
 _VARIANTS = {"cuda-core": 0, "tensor-core": 1, "tensor-core-16w": 2}
-_KERNEL_NAMES = {0: "decode", 1: "decode-mma", 2: "prefill", 3: "decode-mma16", 4: "decode-mma-gqa"}
+_KERNEL_NAMES = {0: "decode", 1: "decode-mma", 2: "prefill", 3: "decode-mma16", 4: "decode-mma-gqa",
+                 5: "decode-mma-long"}
 # Prefill (many queries), read at every call: "sdpa" (default) dequantizes the layer once (kernels/dequant.cu:
 # centroid lookup + RoPE) and runs torch SDPA, FlashAttention where it applies (with a window or sinks: the
 # full-precision keys appended, one mask choosing each key's source); "tensor-core" is the fused kernel
@@ -383,6 +392,6 @@ def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> t
         layer.sink_k if sinks else None, layer.sink_v if sinks else None,
         int(cfg.window), int(view.start), int(S), float(scaling), bool(prefill),
         _decode_variant(B, S, Hq // layer.k_centroids.shape[0], layer.k_centroids.shape[-1], bool(cfg.window or sinks)),
-        int(MMA_MAX_BLOCKS), int(MMA_DIRECT_MAX))
+        int(MMA_MAX_BLOCKS), int(MMA_DIRECT_MAX), int(MMA_LONG_MIN))
     _ran(_KERNEL_NAMES[used], f"{_KERNEL_NAMES[used]} kernel")
     return out

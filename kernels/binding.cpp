@@ -119,7 +119,7 @@ std::tuple<at::Tensor, int64_t> attention(
                      const c10::optional<at::Tensor>& win_v, const at::Tensor& new_k, const at::Tensor& new_v,
                      const c10::optional<at::Tensor>& sink_k, const c10::optional<at::Tensor>& sink_v, int64_t window,
                      int64_t start, int64_t S, double scaling, bool prefill, int64_t variant,
-                     int64_t max_blocks, int64_t direct_max) {
+                     int64_t max_blocks, int64_t direct_max, int64_t long_min) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 4 && q.stride(3) == 1, "attention: query must be [B, H_q, Q, D] on the GPU");
   const int64_t B = q.size(0), Hq = q.size(1), Q = q.size(2), D = q.size(3);
   const int64_t Hkv = k_cent.size(0);
@@ -170,6 +170,7 @@ std::tuple<at::Tensor, int64_t> attention(
   p.variant = static_cast<int>(variant);
   p.max_blocks = static_cast<int>(max_blocks);
   p.direct_max = static_cast<int>(direct_max);
+  p.long_min = static_cast<int>(std::min<int64_t>(long_min, INT32_MAX));
   const auto* prop = at::cuda::getCurrentDeviceProperties();
   check_cuda(cq::plan_decode(p, prop->multiProcessorCount, prop->sharedMemPerBlockOptin), "decode plan");
   if (p.nsplit > 1) {
@@ -181,7 +182,7 @@ std::tuple<at::Tensor, int64_t> attention(
   if (p.mma && cq::mma_hist_floats(p) > 0)  // each block zeroes its own part
     p.ws_hist = workspace(static_cast<int64_t>(cq::mma_hist_floats(p)), q.device(), 1).data_ptr<float>();
   check_cuda(cq::launch_decode(p, stream), "decode attention");
-  const int64_t used = !p.mma ? 0 : p.variant == 2 ? 3 : cq::mma_group(p) > 1 ? 4 : 1;
+  const int64_t used = !p.mma ? 0 : p.variant == 2 ? 3 : cq::mma_group(p) > 1 ? 4 : p.mma_long ? 5 : 1;
   return std::make_tuple(out, used);
 }
 

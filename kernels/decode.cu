@@ -41,6 +41,11 @@ cudaError_t plan_decode(AttnParams& p, int num_sms, size_t max_smem) {
     const int ncode =
         base < num_sms ? std::max(1, std::min(num_sms / base, (p.S + min_split - 1) / min_split)) : 1;
     p.nsplit = ncode + p.has_fp;
+    p.div_ncode = fast_div(ncode);
+    p.div_b = fast_div(p.B);
+    p.div_nhb = fast_div(p.mma_nhb);
+    const int per_item = (p.S + ncode - 1) / ncode;  // tokens per item, at most (sinks and window included)
+    p.mma_long = p.k_c == 8 && p.variant == 1 && mma_group(p) == 1 && per_item >= p.long_min ? 1 : 0;
     // at most one resident block per SM, each looping over its items: a block's key tables stay loaded while its
     // items share the kv head, and the next item's loads overlap the current one's epilogue
     const int64_t items = static_cast<int64_t>(base) * ncode;

@@ -42,6 +42,12 @@
 // gathers and the histogram atomics are built whole (table base in the PRMT constant, bin base in the lane's slot
 // address), saving the window-base add of each access (H100: 3% at 8 x 32K); with R > 1 that made ptxas spill, and was
 // slower, so those blocks add the base.
+//
+// Per-item work (what short items pay whatever their length): items are placed without integer divisions (FastDiv),
+// the product's per-warp channel sums meet by a reduce-scatter (reduce_scatter), and the first flush and the empty
+// m-tiles of a partial tile are skipped (kShort). The CQ-8c8b MHA block (8 warps) also has a LONG build without these,
+// for items of at least p.long_min tokens: they move ptxas's schedule of its tile loop, and the LONG build keeps the
+// schedule measured fastest at 8 x 32K (short-item build 0.8% slower there, 23% faster at 128 x 64; see launch_dt).
 #include <type_traits>
 
 #include "common.cuh"
@@ -345,6 +351,32 @@ __device__ __noinline__ float2 irregular_mtile(const uint8_t* tab, const uint8_t
   return make_float2(d0[0] + d1[0], d0[3] + d1[3]);
 }
 
+// Sums of N values (a power of two up to 32) over the 32 lanes of a warp, scattered: at each step a lane keeps half
+// of the values it still holds (the upper half where its lane bit `off` is set) and adds its partner's copy of that
+// half, so 16 values take 8 + 4 + 2 + 1 exchanges and a last add instead of 16 x 5 butterflies. Returns the sum of
+// value lane / (32 / N) (every lane of that run of 32 / N lanes holds it).
+template <int N>
+__device__ __forceinline__ float reduce_scatter(float (&v)[N], int lane) {
+  static_assert(N >= 1 && N <= 32 && (N & (N - 1)) == 0, "a power of two up to 32");
+#pragma unroll
+  for (int off = 16, h = N; off >= 1; off >>= 1) {
+    if (h > 1) {
+      h >>= 1;
+      const bool up = (lane & off) != 0;
+#pragma unroll
+      for (int i = 0; i < N / 2; ++i) {
+        if (i < h) {
+          const float send = up ? v[i] : v[i + h], keep = up ? v[i + h] : v[i];
+          v[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
+        }
+      }
+    } else {
+      v[0] += __shfl_xor_sync(0xffffffffu, v[0], off);
+    }
+  }
+  return v[0];
+}
+
 // P.V of a short item straight from its value codes (the direct path of the GQA blocks; see the kernel's end of an
 // item): warp `warp` takes the tokens whose p it holds, written in the scatter's layout (head j's p of token
 // (2 v + th) 64 + 8 wt + g at pbw[j NW kPBufStride + 36 th + 4 g + v], v = kMT wh + vv), from the value code rows sv of
@@ -417,7 +449,7 @@ __device__ __forceinline__ void direct_pv(const uint8_t* sv, const void* v_cent,
 // 2hh + 1 of the thread's chunk a (channels 8(4a + r) ..). The scores of the m-tile's keys x (row lane/4) and y
 // (row lane/4 + 8) against the query columns are d0[0] + d1[0] (column 2r) and d0[3] + d1[3] (column 2r + 1).
 
-template <typename T, int NW, int R, int KC>
+template <typename T, int NW, int R, int KC, bool LONG>
 __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams p) {
   using C = Cfg<NW, R, KC>;
   constexpr int kNW = C::kNW, kNT = C::kNT, kMT = C::kMT, kRR = C::kRR, kBinsPerThread = C::kBinsPerThread;
@@ -446,12 +478,25 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
   struct Item {
     int b, qh0, hk, split, t_begin, t_end, ntile, skip;
   };
+  // Divisions by the launch's ncode, B and nhb go through FastDiv: the hardware has no integer divide, and its
+  // sequence for a runtime divisor, twice per item, was ~19% of the warp instructions at 128 x 64 (MHA, Nsight
+  // Compute). LONG (the CQ-8c8b MHA block for long items, see launch_dt) keeps the plain divisions, and so the schedule
+  // of its tile loop that was measured fastest there.
   auto item_at = [&](int i) {
     Item it;
-    it.split = i % ncode;
-    it.b = (i / ncode) % p.B;
-    const int hb = i / (ncode * p.B);  // head block: kv head hb / nhb, block x = hb % nhb of its group
-    it.hk = hb / p.mma_nhb;
+    int hb;  // head block: kv head hb / nhb, block x = hb % nhb of its group
+    if constexpr (LONG) {
+      it.split = i % ncode;
+      it.b = (i / ncode) % p.B;
+      hb = i / (ncode * p.B);
+      it.hk = hb / p.mma_nhb;
+    } else {
+      const int rowi = fdiv(i, p.div_ncode);  // (head block, batch row)
+      it.split = i - rowi * ncode;
+      hb = fdiv(rowi, p.div_b);
+      it.b = rowi - hb * p.B;
+      it.hk = fdiv(hb, p.div_nhb);
+    }
     const int first = R * (hb - it.hk * p.mma_nhb), h0 = min(first, rep - R);
     it.qh0 = it.hk * rep + h0;
     it.skip = first - h0;  // leading heads that the previous block of the group writes
@@ -461,7 +506,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     const int cmin = max(p.range[it.b * 2], p.n_sink), cmax = min(min(p.range[it.b * 2 + 1], p.S), code_hi);
     it.t_begin = it.t_end = 0;
     if (cmin < cmax) {
-      const int per = (cmax - cmin + ncode - 1) / ncode;
+      const int per = LONG ? (cmax - cmin + ncode - 1) / ncode : fdiv(cmax - cmin + ncode - 1, p.div_ncode);
       it.t_begin = cmin + it.split * per;
       it.t_end = min(cmax, it.t_begin + per);
     }
@@ -537,8 +582,9 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
 
   // Work saved on short items (a partial tile's empty m-tiles, the first flush, the last flush's clearing): 14% at
   // 128 x 64 and 512 x 128, but the CQ-8c8b MHA block then ran 3% slower at 8 x 32K (another schedule of its full
-  // tiles), so the CQ-8c8b MHA blocks (8 and 16 warps) are built without it (docs/RESULTS_kernels.md).
-  constexpr bool kShort = !(KC == 8 && R == 1);
+  // tiles), so that block has a LONG build without it for long items, and the 16-warp one has none
+  // (docs/RESULTS_kernels.md).
+  constexpr bool kShort = !(KC == 8 && R == 1 && (LONG || NW == 16));
   // P.V of short items straight from the codes (direct_pv), in the c = 8 GQA blocks only: in the others it was slower
   // than the histogram beyond 64 tokens (H100: CQ-8c8b MHA 128 x 256 0.224 -> 0.282 ms, CQ-4c8b 64 x 128 0.125 ->
   // 0.155; docs/RESULTS_kernels.md), and the MHA block's main loop then spilled (an inline version) or was scheduled
@@ -1182,45 +1228,59 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       float L = 0.f;
 #pragma unroll
       for (int wi = 0; wi < kNW; ++wi) L += red[j * kNW + wi];
+      if constexpr (LONG) {  // butterflies: each lane ends with every sum (the LONG block's measured schedule)
 #pragma unroll
-      for (int gi = 0; gi < kGPW; ++gi) {
+        for (int gi = 0; gi < kGPW; ++gi) {
 #pragma unroll
-        for (int e = 0; e < KC; ++e) {
-          float oj = o[j][gi][e];
+          for (int e = 0; e < KC; ++e) {
+            float oj = o[j][gi][e];
 #pragma unroll
-          for (int off = 16; off > 0; off >>= 1) oj += __shfl_xor_sync(0xffffffffu, oj, off);
-          o[j][gi][e] = oj;
+            for (int off = 16; off > 0; off >>= 1) oj += __shfl_xor_sync(0xffffffffu, oj, off);
+            o[j][gi][e] = oj;
+          }
+          // lane e of the warp writes channel c gamma + e
+          float mine = 0.f;
+#pragma unroll
+          for (int e = 0; e < KC; ++e) mine = lane == e ? o[j][gi][e] : mine;
+          const int d = KC * (kGPW * warp + gi) + lane;
+          if (lane < KC && j >= cur.skip) store(j, d, mine, L);
         }
-        // lane e of the warp writes channel c gamma + e
-        float mine = 0.f;
+      } else {
+        // the warp's kGPW x KC channel sums over its 32 lanes (reduce_scatter): value gi KC + e = channel
+        // KC (kGPW warp + gi) + e ends in lanes (gi KC + e) (32 / kGPW KC) .., the first of which writes it
+        constexpr int kVals = kGPW * KC, kLanesPer = 32 / kVals;
+        float vals[kVals];
 #pragma unroll
-        for (int e = 0; e < KC; ++e) mine = lane == e ? o[j][gi][e] : mine;
-        const int d = KC * (kGPW * warp + gi) + lane;
-        if (lane < KC && j >= cur.skip) store(j, d, mine, L);
+        for (int gi = 0; gi < kGPW; ++gi)
+#pragma unroll
+          for (int e = 0; e < KC; ++e) vals[gi * KC + e] = o[j][gi][e];
+        const float mine = reduce_scatter<kVals>(vals, lane);
+        const int d = KC * kGPW * warp + lane / kLanesPer;
+        if (lane % kLanesPer == 0 && j >= cur.skip) store(j, d, mine, L);
       }
     }
     __syncthreads();  // the bins and red are read before the next item reuses them
   }
 }
-template <typename T, int NW, int R, int KC = 8>
-cudaError_t launch_t(const AttnParams& p, cudaStream_t stream) {
+template <typename T, int NW, int R, int KC = 8, bool LONG = false>
+cudaError_t launch_mma_t(const AttnParams& p, cudaStream_t stream) {
   using C = Cfg<NW, R, KC>;
   static SmemOptIn opt_in;
-  if (cudaError_t e = opt_in.ensure(decode_mma_kernel<T, NW, R, KC>, C::kSmem); e != cudaSuccess) return e;
-  decode_mma_kernel<T, NW, R, KC><<<p.mma_blocks, C::kNT, C::kSmem, stream>>>(p);
+  if (cudaError_t e = opt_in.ensure(decode_mma_kernel<T, NW, R, KC, LONG>, C::kSmem); e != cudaSuccess) return e;
+  decode_mma_kernel<T, NW, R, KC, LONG><<<p.mma_blocks, C::kNT, C::kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_dt(const AttnParams& p, cudaStream_t stream) {
   if (p.k_c == 4)  // mma_decode_applies: 8 warps
-    return mma_group(p) == 2 ? launch_t<T, 8, 2, 4>(p, stream) : launch_t<T, 8, 1, 4>(p, stream);
-  if (p.variant == 2) return launch_t<T, 16, 1>(p, stream);
+    return mma_group(p) == 2 ? launch_mma_t<T, 8, 2, 4>(p, stream) : launch_mma_t<T, 8, 1, 4>(p, stream);
+  if (p.variant == 2) return launch_mma_t<T, 16, 1>(p, stream);
   switch (mma_group(p)) {
-    case 2: return launch_t<T, 8, 2>(p, stream);
-    case 3: return launch_t<T, 8, 3>(p, stream);
-    case 4: return launch_t<T, 8, 4>(p, stream);
-    default: return launch_t<T, 8, 1>(p, stream);
+    case 2: return launch_mma_t<T, 8, 2>(p, stream);
+    case 3: return launch_mma_t<T, 8, 3>(p, stream);
+    case 4: return launch_mma_t<T, 8, 4>(p, stream);
+    default: return p.mma_long ? launch_mma_t<T, 8, 1, 8, true>(p, stream) : launch_mma_t<T, 8, 1>(p, stream);
   }
 }
 

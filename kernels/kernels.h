@@ -26,6 +26,20 @@ struct FpBuf {
   int64_t sb, sh, st;
 };
 
+// n / d for 0 <= n < 2^31 and 1 <= d < 2^31 without a division instruction sequence: q = (umulhi(n, m) + n) >> s
+// with s = ceil(log2 d) and m = floor(2^32 (2^s - d) / d) + 1 (division by invariant integers, Granlund and
+// Montgomery 1994). Built on the host once per launch (fast_div), used on the device by fdiv (common.cuh).
+struct FastDiv {
+  uint32_t m;
+  int s;
+};
+inline FastDiv fast_div(int d) {
+  int s = 0;
+  while ((int64_t{1} << s) < d) ++s;
+  const uint64_t m = ((uint64_t{1} << 32) * ((uint64_t{1} << s) - static_cast<uint64_t>(d))) / static_cast<uint64_t>(d) + 1;
+  return FastDiv{static_cast<uint32_t>(m), s};
+}
+
 struct AttnParams {
   // queries [B, H_q, Q, D] (post-RoPE), last dim contiguous
   const void* q;
@@ -76,6 +90,10 @@ struct AttnParams {
   int mma_nhb;     // plan: head blocks per kv head (mma_head_blocks)
   int direct_max;  // request: tensor-core decode items of one tile with at most this many tokens take P.V straight
                    // from the codes instead of through a histogram (0: never)
+  FastDiv div_ncode, div_b, div_nhb;  // plan: tensor-core decode, divisions by its code splits, B and mma_nhb
+  int long_min;  // request: CQ-8c8b MHA tensor-core decode (8 warps) items of at least this many tokens run its LONG
+                 // build, the schedule measured fastest on long items (decode_mma.cu)
+  int mma_long;  // plan: 1 when that LONG build runs
 };
 
 // Shared memory the decode kernel needs for a given configuration (0 when it cannot run).

@@ -328,10 +328,40 @@ def mma_name(kernel: str, case: dict) -> str:
 @pytest.mark.parametrize("case", MMA_CASES, ids=[f"mma{i}" for i in range(len(MMA_CASES))])
 def test_decode_mma_kernel(case, kernel, monkeypatch):
     monkeypatch.setattr(ops, "DECODE_KERNEL", kernel)
+    monkeypatch.setattr(ops, "MMA_LONG_MIN", 1 << 30)  # the CQ-8c8b MHA block's short-item build (LONG: below)
     query, view, mask, scaling = make_case(Q=1, **case)
     out = run_attention(query, view, mask, scaling)
     assert ops.KERNEL_USED["attention"] == mma_name(kernel, case)
     assert_within_2x(out, query, view, mask, scaling)
+
+
+MHA_C8_CASES = [c for c in MMA_CASES if c["Hq"] == c["Hkv"] and "kspec" not in c]
+
+
+@cuda_test
+@pytest.mark.parametrize("case", MHA_C8_CASES, ids=[f"long{i}" for i in range(len(MHA_C8_CASES))])
+def test_decode_mma_long_build(case, monkeypatch):
+    """The CQ-8c8b MHA block's LONG build (ops.MMA_LONG_MIN = 0: every item) on the same cases."""
+    monkeypatch.setattr(ops, "DECODE_KERNEL", "tensor-core")
+    monkeypatch.setattr(ops, "MMA_LONG_MIN", 0)
+    query, view, mask, scaling = make_case(Q=1, **case)
+    out = run_attention(query, view, mask, scaling)
+    assert ops.KERNEL_USED["attention"] == "decode-mma-long"
+    assert_within_2x(out, query, view, mask, scaling)
+
+
+@cuda_test
+def test_decode_mma_long_threshold(monkeypatch):
+    """Items of at least ops.MMA_LONG_MIN tokens take the LONG build: 144 rows of 1100 tokens (no split-K)."""
+    monkeypatch.setattr(ops, "DECODE_KERNEL", "tensor-core")
+    query, view, mask, scaling = make_case(S=1100, Q=1, B=3, Hq=48, Hkv=48, dtype=torch.bfloat16, pads=[0, 5, 600])
+    outs = {}
+    for long_min, name in ((1100, "decode-mma-long"), (1101, "decode-mma")):
+        monkeypatch.setattr(ops, "MMA_LONG_MIN", long_min)
+        outs[name] = run_attention(query, view, mask, scaling)
+        assert ops.KERNEL_USED["attention"] == name
+        assert_within_2x(outs[name], query, view, mask, scaling)
+    assert rel_err(outs["decode-mma"], outs["decode-mma-long"]) < 1e-2
 
 
 # Short items (one tile) of the c = 8 GQA blocks: P.V straight from the value codes (ops.MMA_DIRECT_MAX tokens or
@@ -380,20 +410,35 @@ MMA_MULTI_ITEM_CASES = [
 ]
 
 
-@cuda_test
-@pytest.mark.parametrize("kernel", ["tensor-core", "tensor-core-16w"])
-@pytest.mark.parametrize("blocks,case", MMA_MULTI_ITEM_CASES, ids=[f"multi{i}" for i in range(len(MMA_MULTI_ITEM_CASES))])
-def test_decode_mma_multi_item_blocks(blocks, case, kernel, monkeypatch):
+def check_multi_item(blocks, case, kernel, name, monkeypatch):
     monkeypatch.setattr(ops, "DECODE_KERNEL", kernel)
     query, view, mask, scaling = make_case(Q=1, **case)
     monkeypatch.setattr(ops, "MMA_MAX_BLOCKS", 0)
     out_one = run_attention(query, view, mask, scaling)
     monkeypatch.setattr(ops, "MMA_MAX_BLOCKS", blocks)
     out = run_attention(query, view, mask, scaling)
-    assert ops.KERNEL_USED["attention"] == mma_name(kernel, case)
+    assert ops.KERNEL_USED["attention"] == name
     assert_within_2x(out, query, view, mask, scaling)
     # the same items in fewer blocks: the same sums in the same order
     assert torch.equal(out, out_one)
+
+
+@cuda_test
+@pytest.mark.parametrize("kernel", ["tensor-core", "tensor-core-16w"])
+@pytest.mark.parametrize("blocks,case", MMA_MULTI_ITEM_CASES, ids=[f"multi{i}" for i in range(len(MMA_MULTI_ITEM_CASES))])
+def test_decode_mma_multi_item_blocks(blocks, case, kernel, monkeypatch):
+    monkeypatch.setattr(ops, "MMA_LONG_MIN", 1 << 30)
+    check_multi_item(blocks, case, kernel, mma_name(kernel, case), monkeypatch)
+
+
+MHA_C8_MULTI = [bc for bc in MMA_MULTI_ITEM_CASES if bc[1]["Hq"] == bc[1]["Hkv"] and "kspec" not in bc[1]]
+
+
+@cuda_test
+@pytest.mark.parametrize("blocks,case", MHA_C8_MULTI, ids=[f"long-multi{i}" for i in range(len(MHA_C8_MULTI))])
+def test_decode_mma_long_multi_item_blocks(blocks, case, monkeypatch):
+    monkeypatch.setattr(ops, "MMA_LONG_MIN", 0)  # the CQ-8c8b MHA block's LONG build
+    check_multi_item(blocks, case, "tensor-core", "decode-mma-long", monkeypatch)
 
 
 @cuda_test
