@@ -557,8 +557,9 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
   // blocks of 2 or 3 query heads (kPre) also the next item's query elements (qn, into registers: the loop top
   // otherwise waits on them; 6% of the samples at MHA 128 x 64), and the item itself is kept (nxt) rather than placed
   // again at the loop top (whose loads of its key range also stalled). H100, kernel GPU time, GQA group 2: 128 x 64 -6%,
-  // 64 x 2304 -3%, 8 x 32K -1%. Not elsewhere: R = 4 spilled, and in the MHA blocks (c = 8 short-item build and c = 4)
-  // the loop's schedule moved (-5% at 128 x 64 and 512 x 512 but +1-2% at 4K-8K tokens per item and at c = 4 8 x 32K).
+  // 64 x 2304 -3%, 8 x 32K -1%. Not elsewhere: R = 4 spilled (the query alone there: -1.8% to +1.3%), and in the MHA
+  // blocks (c = 8 short-item build and c = 4) the loop's schedule moved (-5% at 128 x 64 and 512 x 512 but +1-2% at
+  // 4K-8K tokens per item and at c = 4 8 x 32K).
   constexpr bool kPre = !LONG && KC == 8 && (R == 2 || R == 3);
   int cur_hk = -1;
   T qn[kPre ? 2 * R : 1];
