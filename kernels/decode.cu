@@ -42,7 +42,7 @@ cudaError_t plan_decode(AttnParams& p, int num_sms, size_t max_smem) {
         base < num_sms ? std::max(1, std::min(num_sms / base, (p.S + min_split - 1) / min_split)) : 1;
     p.nsplit = ncode + p.has_fp;
     p.div_ncode = fast_div(ncode);
-    p.div_b = fast_div(p.B);
+    p.div_b = fast_div(std::max(1, p.B));  // an empty batch launches nothing, but fast_div needs d >= 1
     p.div_nhb = fast_div(p.mma_nhb);
     const int per_item = (p.S + ncode - 1) / ncode;  // tokens per item, at most (sinks and window included)
     p.mma_long = p.k_c == 8 && p.variant == 1 && mma_group(p) == 1 && per_item >= p.long_min ? 1 : 0;

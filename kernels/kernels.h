@@ -33,7 +33,7 @@ struct FastDiv {
   uint32_t m;
   int s;
 };
-inline FastDiv fast_div(int d) {
+inline FastDiv fast_div(int d) {  // d >= 1
   int s = 0;
   while ((int64_t{1} << s) < d) ++s;
   const uint64_t m = ((uint64_t{1} << 32) * ((uint64_t{1} << s) - static_cast<uint64_t>(d))) / static_cast<uint64_t>(d) + 1;
