@@ -32,7 +32,7 @@ KERNELS_RUN: set[str] = set()  # every attention kernel run since the caller las
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
 SOURCES = ("binding.cpp", "encode.cu", "decode.cu", "decode_f16_d64.cu", "decode_f16_d128.cu", "decode_bf16_d64.cu",
            "decode_bf16_d128.cu", "decode_mma.cu", "prefill.cu", "dequant.cu")
-HEADERS = ("kernels.h", "fastdiv.h", "common.cuh", "decode.cuh")
+HEADERS = ("kernels.h", "common.cuh", "decode.cuh")
 KERNEL_CHANNELS = (1, 2, 4, 8, 16)
 KERNEL_HEAD_DIMS = (64, 128)
 MAX_KERNEL_BITS = 12

@@ -5,8 +5,6 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "fastdiv.h"
-
 namespace cq {
 
 // Element type tag passed from the host.
@@ -27,6 +25,20 @@ struct FpBuf {
   const void* data;
   int64_t sb, sh, st;
 };
+
+// n / d for 0 <= n < 2^31 and 1 <= d < 2^31 without a division instruction sequence: q = (umulhi(n, m) + n) >> s
+// with s = ceil(log2 d) and m = floor(2^32 (2^s - d) / d) + 1 (division by invariant integers, Granlund and
+// Montgomery 1994). Built on the host once per launch (fast_div), used on the device by fdiv (common.cuh).
+struct FastDiv {
+  uint32_t m;
+  int s;
+};
+inline FastDiv fast_div(int d) {
+  int s = 0;
+  while ((int64_t{1} << s) < d) ++s;
+  const uint64_t m = ((uint64_t{1} << 32) * ((uint64_t{1} << s) - static_cast<uint64_t>(d))) / static_cast<uint64_t>(d) + 1;
+  return FastDiv{static_cast<uint32_t>(m), s};
+}
 
 struct AttnParams {
   // queries [B, H_q, Q, D] (post-RoPE), last dim contiguous
