@@ -108,12 +108,12 @@ __device__ __forceinline__ void load_vec_g(const T* p, float* out) {
   }
 }
 
-// 2^x on the SFU (flushes denormal results to zero: fine for softmax weights).
 // n / d for 0 <= n < 2^31 (FastDiv, kernels.h): a multiply-high, an add and a shift
 __device__ __forceinline__ int fdiv(int n, FastDiv f) {
   return static_cast<int>((__umulhi(static_cast<uint32_t>(n), f.m) + static_cast<uint32_t>(n)) >> f.s);
 }
 
+// 2^x on the SFU (flushes denormal results to zero: fine for softmax weights).
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
