@@ -8,7 +8,9 @@ prefill_bench: causal attention over a whole sequence from codes (prefill / eval
     choice, vs torch SDPA in bf16 with is_causal=True over the same dequantized, rotated keys and values (and the
     dequantization kernel alone); CUDA-event medians.
 generate_bench: greedy generation with a Llama-2-7b-shaped model with random weights, CQ cache vs DynamicCache
-    (bf16): the same batch with a real 2K prefill, and each cache at the largest batch that fits the memory cap.
+    (bf16): the same batch with a real 2K prefill, and each cache at the largest batch that fits the memory cap; with
+    gpus > 1 the model's layers are spread over that many GPUs (accelerate's dispatch, as `device_map` does) and each
+    layer's cache lives on its layer's GPU.
 """
 from __future__ import annotations
 
@@ -313,6 +315,33 @@ def random_llama(layers: int = 32, dtype=torch.bfloat16, kv_heads: int = 32):
     return model.eval()
 
 
+def layer_device_map(layers: int, gpus: int) -> dict:
+    """An accelerate device_map that spreads the decoder layers over `gpus` GPUs in contiguous runs of near-equal
+    length (layer i on GPU i * gpus // layers); embeddings and rotary tables on the first GPU, the final norm and the
+    LM head on the last."""
+    if gpus < 1 or gpus > layers:
+        raise ConfigError(f"--gpus {gpus}: must be between 1 and the model's {layers} layers")
+    dm = {"model.embed_tokens": 0, "model.rotary_emb": 0}
+    dm.update({f"model.layers.{i}": i * gpus // layers for i in range(layers)})
+    dm.update({"model.norm": gpus - 1, "lm_head": gpus - 1})
+    return dm
+
+
+def spread_model(model, gpus: int):
+    """The model dispatched over `gpus` GPUs by layer_device_map (unchanged for one GPU)."""
+    if gpus == 1:
+        return model
+    from accelerate import dispatch_model
+
+    dm = layer_device_map(model.config.num_hidden_layers, gpus)
+    return dispatch_model(model, device_map=dm, skip_keys=getattr(model, "_skip_keys_device_placement", None))
+
+
+def layer_devices(model) -> list[torch.device]:
+    """The device of each decoder layer (where its cache lives)."""
+    return [layer.self_attn.k_proj.weight.device for layer in model.model.layers]
+
+
 def random_codebook(model, spec: QuantSpec, seed: int = 0):
     from .codebook import Codebook
     from .config import CQConfig
@@ -335,6 +364,19 @@ class GenSetup:
     chunk: int = 256  # prefill chunk (tokens): keeps activations small at large batch
     window: int = 0  # CQ: most recent tokens also kept in full precision
     records: list = field(default_factory=list)
+    gpus: int = 1  # the model's layers spread over cuda:0 .. cuda:gpus-1
+
+    def sync(self) -> None:
+        for d in range(self.gpus):
+            torch.cuda.synchronize(d)
+
+    def reset_peak(self) -> None:
+        for d in range(self.gpus):
+            torch.cuda.reset_peak_memory_stats(d)
+
+    def peaks(self) -> list[int]:
+        """Peak allocated bytes of each GPU since reset_peak."""
+        return [torch.cuda.max_memory_allocated(d) for d in range(self.gpus)]
 
 
 def _make_cache(kind: str, setup: GenSetup):
@@ -367,12 +409,14 @@ def _synthetic_fill(kind: str, cache, setup: GenSetup, B: int, n: int) -> None:
     step = setup.chunk
     kblock = torch.randn(B, H, step, D, generator=g, device="cuda", dtype=torch.bfloat16)
     vblock = torch.randn(B, H, step, D, generator=g, device="cuda", dtype=torch.bfloat16)
+    devs = layer_devices(setup.model)
+    blocks = {d: (kblock.to(d), vblock.to(d)) for d in set(devs)}  # each layer's K/V on its layer's GPU
     for s in range(0, n, step):
         q = min(step, n - s)
-        k, v = kblock[:, :, :q], vblock[:, :, :q]
         if kind != "dynamic":
             cache.tap.positions = torch.arange(s, s + q, device="cuda").unsqueeze(0)
         for i in range(L):
+            k, v = (t[:, :, :q] for t in blocks[devs[i]])
             if kind != "dynamic":
                 cache.tap.keys[i] = k
             cache.update(k, v, i)
@@ -381,15 +425,15 @@ def _synthetic_fill(kind: str, cache, setup: GenSetup, B: int, n: int) -> None:
 
 
 @torch.no_grad()
-def _decode(model, cache, tok: torch.Tensor, steps: int) -> tuple[float, torch.Tensor]:
-    """`steps` greedy decode steps; returns (seconds, last tokens)."""
+def _decode(model, cache, tok: torch.Tensor, steps: int, sync=torch.cuda.synchronize) -> tuple[float, torch.Tensor]:
+    """`steps` greedy decode steps; returns (seconds, last tokens). `sync` waits for every GPU the model uses."""
     kw = {cache_kwarg(model): cache, "use_cache": True}  # inspected once, outside the timed loop
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         logits = model(input_ids=tok, **kw).logits
         tok = logits[:, -1:].argmax(-1)
-    torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - t0, tok
 
 
@@ -398,10 +442,10 @@ def run_generation(kind: str, setup: GenSetup, B: int, real_prefill: bool = True
     """Prefill `prompt` tokens (real forward in chunks, or synthetic random K/V) then greedy decode."""
     model = setup.model
     steps = setup.new_tokens if steps is None else steps
-    torch.cuda.reset_peak_memory_stats()
+    setup.reset_peak()
     cache = _make_cache(kind, setup)
     try:
-        torch.cuda.synchronize()
+        setup.sync()
         t0 = time.perf_counter()
         if real_prefill:
             g = torch.Generator(device="cuda").manual_seed(2)
@@ -416,13 +460,15 @@ def run_generation(kind: str, setup: GenSetup, B: int, real_prefill: bool = True
             tok = torch.zeros(B, 1, dtype=torch.long, device="cuda")
         if kind != "dynamic":
             _pregrow(cache, setup.prompt + steps + 1)
-        torch.cuda.synchronize()
+        setup.sync()
         t_prefill = time.perf_counter() - t0
-        t_dec, _ = _decode(model, cache, tok, steps)
+        t_dec, _ = _decode(model, cache, tok, steps, setup.sync)
+        peaks = setup.peaks()
         rec = {"cache": kind, "batch": B, "prompt": setup.prompt, "new_tokens": steps, "real_prefill": real_prefill,
                "prefill_s": t_prefill, "decode_s": t_dec, "decode_tok_s": B * steps / t_dec,
                "end_to_end_tok_s": B * steps / (t_prefill + t_dec) if real_prefill else None,
-               "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+               "peak_gib": max(peaks) / 2**30,  # of the fullest GPU
+               **({"peak_gib_per_gpu": [b / 2**30 for b in peaks]} if setup.gpus > 1 else {}),
                "cache_gib": (cache.memory_bytes() if hasattr(cache, "memory_bytes") else
                              sum(l.keys.numel() * 2 * 2 for l in cache.layers)) / 2**30}
         setup.records.append(rec)
@@ -436,13 +482,14 @@ def run_generation(kind: str, setup: GenSetup, B: int, real_prefill: bool = True
 
 
 def peak_bytes(kind: str, setup: GenSetup, B: int, probe_steps: int = 2) -> int:
-    """Peak memory of batch B with the cache at its final length (synthetic prefill, then decode steps)."""
+    """Peak memory of batch B with the cache at its final length (synthetic prefill, then decode steps); with several
+    GPUs, that of the fullest one."""
     keep = setup.prompt
     try:
         setup.prompt = setup.prompt + setup.new_tokens - probe_steps
         run_generation(kind, setup, B, real_prefill=False, steps=probe_steps)
         setup.records.pop()
-        return torch.cuda.max_memory_allocated()
+        return max(setup.peaks())
     finally:
         setup.prompt = keep
         _release()
@@ -473,32 +520,41 @@ def run_at_max_batch(kind: str, setup: GenSetup, cap_bytes: float, limit: int, s
 
 def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, spec: str = "8c8b", layers: int = 32,
                    memory_gb: float = 80.0, search: bool = True, max_search: int = 2048, progress=None,
-                   kv_heads: int = 32, repeats: int = 3, window: int = 0) -> dict:
+                   kv_heads: int = 32, repeats: int = 3, window: int = 0, gpus: int = 1) -> dict:
     """Every timed run is preceded by an untimed run of the same cache at the same batch and length: the first run at
     a new size is slow (DynamicCache, whose tensors grow by torch.cat at every step, ran 3x slower in its first run on
     the H100, cause not found; not the allocator). Same batch: `repeats` paired timed runs (DynamicCache then
     CQ), the speedup is the median of the paired ratios (at a small batch decode is bound by the host's Python and
-    launch overhead, which varies from run to run). Largest batch (search): one timed run per cache."""
+    launch overhead, which varies from run to run). Largest batch (search): one timed run per cache. gpus > 1: the
+    layers spread over cuda:0 .. cuda:gpus-1 (spread_model), memory_gb is the cap of each GPU and a batch fits when
+    the fullest GPU stays under it."""
     if kv_heads < 1 or 32 % kv_heads:
         raise ConfigError(f"--kv-heads {kv_heads}: must divide the 32 query heads")
     if repeats < 1:
         raise ConfigError(f"--repeats {repeats}: must be at least 1")
     _check_window(window)
+    layer_device_map(layers, gpus)  # checks gpus against the layers
     if not torch.cuda.is_available():
         raise ConfigError("bench generate needs a CUDA GPU")
+    if gpus > torch.cuda.device_count():
+        raise ConfigError(f"--gpus {gpus}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
     say = progress or (lambda *_: None)
     # DynamicCache regrows every layer's tensors by one token per step (torch.cat); without expandable segments
     # the caching allocator fragments and, near the memory cap, frees and re-maps memory every step. Both caches
     # run with the same allocator setting (it must be set before CUDA allocates anything).
     if not torch.cuda.is_initialized():
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    total = torch.cuda.get_device_properties(0).total_memory
+    total = min(torch.cuda.get_device_properties(d).total_memory for d in range(gpus))
     frac = min(1.0, memory_gb * 1e9 / total)
-    torch.cuda.set_per_process_memory_fraction(frac)
+    for d in range(gpus):
+        torch.cuda.set_per_process_memory_fraction(frac, d)
     info = device_info()
-    say("building the model")
-    model = random_llama(layers, kv_heads=kv_heads)
-    setup = GenSetup(model, random_codebook(model, QuantSpec.parse(spec)), prompt, new_tokens, window=window)
+    if gpus > 1:
+        info["gpus"] = gpus
+        info["devices"] = [torch.cuda.get_device_name(d) for d in range(gpus)]
+    say("building the model" + (f" (layers spread over {gpus} GPUs)" if gpus > 1 else ""))
+    model = spread_model(random_llama(layers, kv_heads=kv_heads), gpus)
+    setup = GenSetup(model, random_codebook(model, QuantSpec.parse(spec)), prompt, new_tokens, window=window, gpus=gpus)
     from .cache import prepare_model
 
     prepare_model(model)  # both caches run under the "cq" attention (SDPA for dense K/V)
@@ -506,7 +562,8 @@ def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, sp
                  "prompt": prompt,
                  "new_tokens": new_tokens, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
     say("warm-up (kernel build, cuBLAS handles, allocator)")
-    warm = GenSetup(model, setup.codebook, prompt=min(prompt, 256), new_tokens=4, chunk=setup.chunk, window=window)
+    warm = GenSetup(model, setup.codebook, prompt=min(prompt, 256), new_tokens=4, chunk=setup.chunk, window=window,
+                    gpus=gpus)
     for kind in ("dynamic", "cq"):
         run_generation(kind, warm, 2)
         run_generation(kind, warm, 2, real_prefill=False)

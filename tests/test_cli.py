@@ -263,3 +263,21 @@ def test_generate_bench_bad_window():
 
 def test_generate_bench_bad_repeats():
     assert_user_error(run("bench", "generate", "--repeats", "0"), "--repeats 0", "at least 1")
+
+
+def test_generate_bench_bad_gpus():
+    assert_user_error(run("bench", "generate", "--gpus", "0"), "--gpus 0", "between 1 and")
+    assert_user_error(run("bench", "generate", "--gpus", "3", "--layers", "2"), "--gpus 3", "2 layers")
+
+
+def test_layer_device_map_spreads_layers_in_runs():
+    """Layers in contiguous runs of near-equal length, embeddings on the first GPU, norm and head on the last."""
+    from cqtool.bench_kernels import layer_device_map
+
+    dm = layer_device_map(32, 2)
+    layers = [dm[f"model.layers.{i}"] for i in range(32)]
+    assert layers == [0] * 16 + [1] * 16
+    assert dm["model.embed_tokens"] == dm["model.rotary_emb"] == 0 and dm["model.norm"] == dm["lm_head"] == 1
+    layers = [layer_device_map(30, 4)[f"model.layers.{i}"] for i in range(30)]
+    assert layers == sorted(layers) and [layers.count(g) for g in range(4)] in ([8, 7, 8, 7], [7, 8, 7, 8])
+    assert set(layer_device_map(3, 1).values()) == {0}

@@ -124,3 +124,39 @@ def test_model_spread_over_gpus(monkeypatch, family, heads, kv_heads, c, window)
     ref, _, _ = run(single)
     assert ops.BACKEND_USED["attention"] == "reference"
     assert rel_err(spread, ref) < 0.1
+
+
+@pytest.mark.parametrize("kind", ["cq", "dynamic"])
+def test_generate_bench_spread_over_gpus(kind):
+    """`bench generate --gpus N`: the model's layers run on their GPUs, each layer's cache lives on its layer's GPU
+    (so every GPU holds a share of the cache), and decoding gives the tokens of the same model on one GPU."""
+    from cqtool.bench_kernels import (GenSetup, _decode, _make_cache, _synthetic_fill, layer_devices, random_codebook,
+                                      random_llama, run_generation, spread_model)
+    from cqtool.cache import prepare_model
+    from cqtool.config import QuantSpec
+
+    gpus = N_GPUS
+    model = random_llama(layers=2 * gpus)  # Llama-2-7b's width, a few layers
+    cb = random_codebook(model, QuantSpec.parse("8c8b"))
+    prepare_model(model)
+    one = GenSetup(model, cb, prompt=300, new_tokens=6)
+    cache = _make_cache(kind, one)
+    _synthetic_fill(kind, cache, one, 2, one.prompt)
+    tok0 = torch.zeros(2, 1, dtype=torch.long, device="cuda")
+    _, ref = _decode(model, cache, tok0, one.new_tokens)
+    del cache
+
+    model = spread_model(model, gpus)
+    devs = layer_devices(model)
+    assert [d.index for d in devs] == [i // 2 for i in range(2 * gpus)]
+    spread = GenSetup(model, cb, prompt=300, new_tokens=6, gpus=gpus)
+    cache = _make_cache(kind, spread)
+    _synthetic_fill(kind, cache, spread, 2, spread.prompt)
+    held = [(layer.k_codes if kind == "cq" else layer.keys).device for layer in cache.layers]
+    assert held == devs
+    _, toks = _decode(model, cache, tok0, spread.new_tokens, spread.sync)
+    assert torch.equal(toks.cpu(), ref.cpu())
+    del cache
+    rec = run_generation(kind, spread, 2, real_prefill=False)
+    assert len(rec["peak_gib_per_gpu"]) == gpus and min(rec["peak_gib_per_gpu"]) > 0.1  # weights and cache on each
+    assert rec["peak_gib"] == max(rec["peak_gib_per_gpu"])

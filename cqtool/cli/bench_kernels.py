@@ -108,6 +108,8 @@ def generate_cmd(
     max_batch: Annotated[int, typer.Option(help="Upper bound of the largest-batch search")] = 1024,
     repeats: Annotated[int, typer.Option(help="Paired runs at the same batch (the speedup is their median)")] = 3,
     window: Annotated[int, typer.Option(help="CQ: recent tokens also kept in full precision (paper: 128)")] = 0,
+    gpus: Annotated[int, typer.Option(help="Spread the model's layers over this many GPUs (each layer's cache on its "
+                                           "GPU); --memory-gb is then the cap of each GPU")] = 1,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Save results as JSON")] = None,
 ):
     """Generation with a random Llama-2-7b-shaped model: CQ cache vs DynamicCache bf16 (tokens/s, peak memory)."""
@@ -118,12 +120,13 @@ def generate_cmd(
 
     res = generate_bench(batch, prompt, new_tokens, spec, layers, memory_gb, search, max_batch,
                          progress=lambda m: console.print(f"[dim]{m}[/]"), kv_heads=kv_heads, repeats=repeats,
-                         window=window)
+                         window=window, gpus=gpus)
     kv = f", {kv_heads} kv heads" if kv_heads != 32 else ""
     kv += f", CQ window {window}" if window else ""
     t = Table(title=f"generation, Llama-2-7b shape ({layers} layers{kv}, random weights), {prompt}+{new_tokens} tokens, "
-                    f"CQ-{spec}, {res['device']}")
-    for col in ("run", "cache", "batch", "prefill s", "decode tok/s", "end-to-end tok/s", "peak GiB", "cache GiB"):
+                    f"CQ-{spec}, {res['device']}" + (f" x {gpus}" if gpus > 1 else ""))
+    peak_col = "peak GiB" if gpus == 1 else "peak GiB (fullest GPU)"
+    for col in ("run", "cache", "batch", "prefill s", "decode tok/s", "end-to-end tok/s", peak_col, "cache GiB"):
         t.add_column(col, justify="right")
     sb = res["same_batch"]
     rows = []
@@ -144,7 +147,8 @@ def generate_cmd(
     console.print(f"same batch {batch}: CQ decode {sb['decode_speedup']:.2f}x DynamicCache{spread}")
     if "max_batch" in res and res["max_batch"]["throughput_ratio"]:
         mb = res["max_batch"]
-        console.print(f"largest batch within {memory_gb:g} GB: DynamicCache {mb['dynamic_batch']}, CQ {mb['cq_batch']}"
+        cap = f"{memory_gb:g} GB" if gpus == 1 else f"{gpus} x {memory_gb:g} GB"
+        console.print(f"largest batch within {cap}: DynamicCache {mb['dynamic_batch']}, CQ {mb['cq_batch']}"
                       f" (search limit {mb['search_limit']}); decode throughput {mb['throughput_ratio']:.2f}x")
     if json_out:
         write_json(json_out, round_floats(res))
