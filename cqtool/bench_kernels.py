@@ -518,14 +518,35 @@ def run_at_max_batch(kind: str, setup: GenSetup, cap_bytes: float, limit: int, s
     return 0, None
 
 
+def _same_batch(setup: GenSetup, batch: int, repeats: int, say) -> dict:
+    """`repeats` paired timed runs (DynamicCache then CQ) at one batch with a real prefill, after an untimed run of
+    each; the speedup is the median of the paired ratios."""
+    for kind in ("dynamic", "cq"):
+        say(f"same batch {batch}: untimed run of {kind}")
+        run_generation(kind, setup, batch)
+    setup.records.clear()
+    runs = []
+    for i in range(repeats):
+        say(f"same batch {batch}, run {i + 1}/{repeats}: dynamic")
+        dyn = run_generation("dynamic", setup, batch)
+        say(f"same batch {batch}, run {i + 1}/{repeats}: cq")
+        runs.append((dyn, run_generation("cq", setup, batch)))
+    ratios = [cq["decode_tok_s"] / dyn["decode_tok_s"] for dyn, cq in runs]
+    mid = sorted(range(repeats), key=ratios.__getitem__)[(repeats - 1) // 2]  # the run of the (lower) median ratio
+    return {"dynamic": runs[mid][0], "cq": runs[mid][1], "decode_speedup": statistics.median(ratios),
+            "decode_speedup_runs": ratios, "repeats": repeats, "runs": [{"dynamic": d, "cq": c} for d, c in runs]}
+
+
 def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, spec: str = "8c8b", layers: int = 32,
                    memory_gb: float = 80.0, search: bool = True, max_search: int = 2048, progress=None,
-                   kv_heads: int = 32, repeats: int = 3, window: int = 0, gpus: int = 1) -> dict:
+                   kv_heads: int = 32, repeats: int = 3, window: int = 0, gpus: int = 1,
+                   same_batch: bool = True) -> dict:
     """Every timed run is preceded by an untimed run of the same cache at the same batch and length: the first run at
     a new size is slow (DynamicCache, whose tensors grow by torch.cat at every step, ran 3x slower in its first run on
     the H100, cause not found; not the allocator). Same batch: `repeats` paired timed runs (DynamicCache then
     CQ), the speedup is the median of the paired ratios (at a small batch decode is bound by the host's Python and
-    launch overhead, which varies from run to run). Largest batch (search): one timed run per cache. gpus > 1: the
+    launch overhead, which varies from run to run); same_batch=False skips that part. Largest batch (search): one
+    timed run per cache, after an untimed one. gpus > 1: the
     layers spread over cuda:0 .. cuda:gpus-1 (spread_model), memory_gb is the cap of each GPU and a batch fits when
     the fullest GPU stays under it."""
     if kv_heads < 1 or 32 % kv_heads:
@@ -534,6 +555,8 @@ def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, sp
         raise ConfigError(f"--repeats {repeats}: must be at least 1")
     _check_window(window)
     layer_device_map(layers, gpus)  # checks gpus against the layers
+    if not (same_batch or search):
+        raise ConfigError("--no-same-batch with --no-search: nothing to measure (allowed: either one, or neither)")
     if not torch.cuda.is_available():
         raise ConfigError("bench generate needs a CUDA GPU")
     if gpus > torch.cuda.device_count():
@@ -567,21 +590,8 @@ def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, sp
     for kind in ("dynamic", "cq"):
         run_generation(kind, warm, 2)
         run_generation(kind, warm, 2, real_prefill=False)
-    for kind in ("dynamic", "cq"):
-        say(f"same batch {batch}: untimed run of {kind}")
-        run_generation(kind, setup, batch)
-    setup.records.clear()
-    runs = []
-    for i in range(repeats):
-        say(f"same batch {batch}, run {i + 1}/{repeats}: dynamic")
-        dyn = run_generation("dynamic", setup, batch)
-        say(f"same batch {batch}, run {i + 1}/{repeats}: cq")
-        runs.append((dyn, run_generation("cq", setup, batch)))
-    ratios = [cq["decode_tok_s"] / dyn["decode_tok_s"] for dyn, cq in runs]
-    mid = sorted(range(repeats), key=ratios.__getitem__)[(repeats - 1) // 2]  # the run of the (lower) median ratio
-    out["same_batch"] = {"dynamic": runs[mid][0], "cq": runs[mid][1], "decode_speedup": statistics.median(ratios),
-                         "decode_speedup_runs": ratios, "repeats": repeats,
-                         "runs": [{"dynamic": d, "cq": c} for d, c in runs]}
+    if same_batch:
+        out["same_batch"] = _same_batch(setup, batch, repeats, say)
     if search:
         cap = frac * total
         bd, mdyn = run_at_max_batch("dynamic", setup, cap, max_search, say)

@@ -281,3 +281,7 @@ def test_layer_device_map_spreads_layers_in_runs():
     layers = [layer_device_map(30, 4)[f"model.layers.{i}"] for i in range(30)]
     assert layers == sorted(layers) and [layers.count(g) for g in range(4)] in ([8, 7, 8, 7], [7, 8, 7, 8])
     assert set(layer_device_map(3, 1).values()) == {0}
+
+
+def test_generate_bench_nothing_to_measure():
+    assert_user_error(run("bench", "generate", "--no-same-batch", "--no-search"), "--no-same-batch", "nothing to measure")

@@ -105,6 +105,7 @@ def generate_cmd(
     kv_heads: Annotated[int, typer.Option(help="KV heads (32: Llama-2-7b; 8: grouped-query, Llama-3-8b's attention)")] = 32,
     memory_gb: Annotated[float, typer.Option(help="GPU memory cap for the largest-batch search (GB)")] = 80.0,
     search: Annotated[bool, typer.Option(help="Also run each cache at its largest batch")] = True,
+    same_batch: Annotated[bool, typer.Option(help="Run both caches at --batch (with a real prefill)")] = True,
     max_batch: Annotated[int, typer.Option(help="Upper bound of the largest-batch search")] = 1024,
     repeats: Annotated[int, typer.Option(help="Paired runs at the same batch (the speedup is their median)")] = 3,
     window: Annotated[int, typer.Option(help="CQ: recent tokens also kept in full precision (paper: 128)")] = 0,
@@ -120,7 +121,7 @@ def generate_cmd(
 
     res = generate_bench(batch, prompt, new_tokens, spec, layers, memory_gb, search, max_batch,
                          progress=lambda m: console.print(f"[dim]{m}[/]"), kv_heads=kv_heads, repeats=repeats,
-                         window=window, gpus=gpus)
+                         window=window, gpus=gpus, same_batch=same_batch)
     kv = f", {kv_heads} kv heads" if kv_heads != 32 else ""
     kv += f", CQ window {window}" if window else ""
     t = Table(title=f"generation, Llama-2-7b shape ({layers} layers{kv}, random weights), {prompt}+{new_tokens} tokens, "
@@ -128,9 +129,9 @@ def generate_cmd(
     peak_col = "peak GiB" if gpus == 1 else "peak GiB (fullest GPU)"
     for col in ("run", "cache", "batch", "prefill s", "decode tok/s", "end-to-end tok/s", peak_col, "cache GiB"):
         t.add_column(col, justify="right")
-    sb = res["same_batch"]
+    sb = res.get("same_batch")
     rows = []
-    for i, r in enumerate(sb["runs"]):
+    for i, r in enumerate(sb["runs"] if sb else []):
         run = "same batch" if sb["repeats"] == 1 else f"same batch, run {i + 1}"
         rows += [(run, r["dynamic"]), (run, r["cq"])]
     if "max_batch" in res:
@@ -142,9 +143,10 @@ def generate_cmd(
         t.add_row(run, r["cache"], str(r["batch"]), f"{r['prefill_s']:.2f}" + ("" if r["real_prefill"] else " (synthetic)"),
                   f"{r['decode_tok_s']:.0f}", "-" if e2e is None else f"{e2e:.0f}", f"{r['peak_gib']:.1f}", f"{r['cache_gib']:.2f}")
     console.print(t)
-    spread = "" if sb["repeats"] == 1 else (f" (median of {sb['repeats']} paired runs: "
-                                            f"{min(sb['decode_speedup_runs']):.2f}-{max(sb['decode_speedup_runs']):.2f}x)")
-    console.print(f"same batch {batch}: CQ decode {sb['decode_speedup']:.2f}x DynamicCache{spread}")
+    if sb:
+        spread = "" if sb["repeats"] == 1 else (f" (median of {sb['repeats']} paired runs: "
+                                                f"{min(sb['decode_speedup_runs']):.2f}-{max(sb['decode_speedup_runs']):.2f}x)")
+        console.print(f"same batch {batch}: CQ decode {sb['decode_speedup']:.2f}x DynamicCache{spread}")
     if "max_batch" in res and res["max_batch"]["throughput_ratio"]:
         mb = res["max_batch"]
         cap = f"{memory_gb:g} GB" if gpus == 1 else f"{gpus} x {memory_gb:g} GB"
