@@ -42,8 +42,11 @@ DECODE_MAX_ROWS = 16
 # decode_mma.cu where it applies: one query per query head, head_dim 128, 8-bit codes with c=8 or c=4 (CQ-4c8b) for K
 # and V, any GQA ratio; a window/sinks run as one more split on CUDA cores; the CUDA-core kernel elsewhere) with 8 warps
 # per block, or "tensor-core-16w", the same kernel with 16 warps per block for c=8 (twice the warps to hide latencies,
-# 128 registers per thread). "auto" (default): _decode_variant.
-DECODE_KERNELS = ("auto", "cuda-core", "tensor-core", "tensor-core-16w")
+# 128 registers per thread), or "dequant-sdpa": the layer's codes dequantized by the prefill's dequant kernel (keys
+# rotated), then torch SDPA, as prefill does (reads the codes once but writes and reads dense K/V: for very short
+# contexts, where the decode kernels' fixed cost per sequence and head dominates). "auto" (default): _decode_variant,
+# and dequant-sdpa for contexts of at most AUTO_DEQUANT_MAX_SEQ tokens.
+DECODE_KERNELS = ("auto", "cuda-core", "tensor-core", "tensor-core-16w", "dequant-sdpa")
 DECODE_KERNEL = os.environ.get("CQTOOL_DECODE_KERNEL", "auto")
 # MHA: the tensor-core kernel wherever it applies; its GPU time was lower than the CUDA-core kernel's at every shape
 # measured but a tie at 1 x 64 (H100, Llama-2-7b shapes, 1 x 64 to 512 x 128 and 8 x 32K; e.g. 1 x 4K 22 vs 24 us,
@@ -61,6 +64,8 @@ DECODE_KERNEL = os.environ.get("CQTOOL_DECODE_KERNEL", "auto")
 # direct rule from AUTO_MMA_DIRECT_TOKENS tokens per batch (8 x 512 28.8 vs 36.8 us, 1 x 4K 32.2 vs 35.4, 128 x 512 205
 # vs 267; docs/raw/probe-window-gqa8-h100-2026-11-27v.txt); below that (1 x 512 ...) it was not measured.
 AUTO_MMA_TOKENS = 16384
+# auto: decode through dequant-sdpa for contexts of at most this many tokens (0: never).
+AUTO_DEQUANT_MAX_SEQ = 0
 AUTO_MMA_DIRECT_TOKENS = 4096
 MMA_TILE = 512  # tokens per tile of the tensor-core decode kernel (kTile in kernels/decode_mma.cu)
 AUTO_MMA_FP_TOKENS = 4096
@@ -292,6 +297,8 @@ def _prefill_sdpa(mod, query, view, attention_mask, scaling: float, cos, sin) ->
     if attention_mask is None and view.start == 0 and Q == S and not (cfg.window or cfg.sinks):
         out = sdpa(query, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
         return out.transpose(1, 2)
+    if attention_mask is None and Q == 1 and view.start == S - 1 and not (cfg.window or cfg.sinks):
+        return sdpa(query, k, v, scale=scaling, enable_gqa=gqa).transpose(1, 2)  # one query sees every key
     r = key_ranges(attention_mask, B, Q, S, view.start, query.device)  # [B, Q, 2]
     j = torch.arange(S, device=query.device)
     allowed = (j >= r[..., :1]) & (j < r[..., 1:])  # [B, Q, S]
@@ -326,6 +333,11 @@ def _with_full_precision(view, k: torch.Tensor, v: torch.Tensor, allowed: torch.
     return torch.cat(keys, 2), torch.cat(values, 2), torch.cat(masks, 2)
 
 
+def decode_by_dequant(S: int) -> bool:
+    """Whether decode queries over S cached tokens go through dequant-sdpa (DECODE_KERNELS)."""
+    return DECODE_KERNEL == "dequant-sdpa" or (DECODE_KERNEL == "auto" and S <= AUTO_DEQUANT_MAX_SEQ)
+
+
 def _decode_variant(B: int, S: int, group: int = 1, c: int = 8, fp: bool = False) -> int:
     """The decode kernel request passed to the extension (0: CUDA cores, 1/2: tensor cores with 8/16 warps).
     auto: the tensor-core kernel for MHA (with a full-precision window or sinks, `fp`, from AUTO_MMA_FP_TOKENS cached
@@ -350,7 +362,7 @@ def _decode_variant(B: int, S: int, group: int = 1, c: int = 8, fp: bool = False
                 ok = ok or (short and (not fp or B * S >= AUTO_MMA_DIRECT_TOKENS))
                 ok = ok or (MMA_DIRECT_MAX >= MMA_TILE and B * S >= AUTO_MMA_DIRECT_TOKENS)
         return _VARIANTS[AUTO_MMA_KERNEL] if ok else 0
-    return _VARIANTS[DECODE_KERNEL]
+    return _VARIANTS.get(DECODE_KERNEL, 0)  # dequant-sdpa: decode never reaches the kernels; prefill ignores this
 
 
 def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> torch.Tensor:
@@ -381,6 +393,11 @@ def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> t
     if prefill and PREFILL_KERNEL == "sdpa":
         out = _prefill_sdpa(mod, query, view, attention_mask, scaling, cos, sin)
         _ran("dequant+sdpa", "dequant kernel + torch SDPA for prefill")
+        return out
+    if not prefill and decode_by_dequant(S):
+        cos, sin = cache.cos_sin(S, query.device)
+        out = _prefill_sdpa(mod, query, view, attention_mask, scaling, cos, sin)
+        _ran("dequant+sdpa", "dequant kernel + torch SDPA for decode (DECODE_KERNEL / AUTO_DEQUANT_MAX_SEQ)")
         return out
     q = query if query.stride(-1) == 1 else query.contiguous()
     sinks = cfg.sinks and layer.sink_k is not None

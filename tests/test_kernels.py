@@ -265,6 +265,18 @@ def test_decode_gqa_and_lengths(ratio, S):
     assert_within_2x(run_attention(query, view, mask, scaling), query, view, mask, scaling)
 
 
+@cuda_test
+@pytest.mark.parametrize("case", DECODE_CASES, ids=[f"case{i}" for i in range(len(DECODE_CASES))])
+def test_decode_by_dequant_sdpa(case, monkeypatch):
+    """DECODE_KERNEL = "dequant-sdpa": decode queries through the dequant kernel and torch SDPA (with padding, gaps,
+    windows and sinks, every codebook of DECODE_CASES), within the bound."""
+    monkeypatch.setattr(ops, "DECODE_KERNEL", "dequant-sdpa")
+    query, view, mask, scaling = make_case(**case)
+    out = run_attention(query, view, mask, scaling)
+    assert ops.KERNEL_USED["attention"] == "dequant+sdpa", ops.kernel_status()
+    assert_within_2x(out, query, view, mask, scaling)
+
+
 # ---------------------------------------------------------------- tensor-core decode kernel (kernels/decode_mma.cu)
 
 C4 = dict(kspec=(4, 8), vspec=(4, 8))
@@ -714,7 +726,7 @@ def test_bench_attention_and_prefill_cli(tmp_path):
     row = json.loads((tmp_path / "a.json").read_text())["rows"][0]
     assert set(row["kernels"]) == set(ops.DECODE_KERNELS)
     assert row["kernels"]["tensor-core-16w"]["ran"] == "decode-mma16"
-    assert row["kernels"]["cuda-core"]["ran"] == "decode"
+    assert row["kernels"]["cuda-core"]["ran"] == "decode" and row["kernels"]["dequant-sdpa"]["ran"] == "dequant+sdpa"
     assert all(k["rel_err_vs_sdpa"] < 2e-2 for k in row["kernels"].values())
     # a 128-token window: the last keys come from the dense tensors SDPA reads, so the error stays as small
     r = CliRunner().invoke(app, ["bench", "attention", "--shape", "2x3000", "--spec", "8c8b", "--window", "128",
@@ -795,3 +807,14 @@ def test_decode_kernel_request(monkeypatch):
     for choice, v in (("cuda-core", 0), ("tensor-core", 1), ("tensor-core-16w", 2)):
         monkeypatch.setattr(ops, "DECODE_KERNEL", choice)
         assert ops._decode_variant(1, 10) == v and ops._decode_variant(8, 32768, group=4) == v
+
+    # dequant-sdpa: by choice at any length; under auto up to AUTO_DEQUANT_MAX_SEQ tokens per sequence
+    monkeypatch.setattr(ops, "DECODE_KERNEL", "dequant-sdpa")
+    assert ops.decode_by_dequant(1) and ops.decode_by_dequant(32768)
+    monkeypatch.setattr(ops, "DECODE_KERNEL", "auto")
+    monkeypatch.setattr(ops, "AUTO_DEQUANT_MAX_SEQ", 128)
+    assert ops.decode_by_dequant(128) and not ops.decode_by_dequant(129)
+    monkeypatch.setattr(ops, "AUTO_DEQUANT_MAX_SEQ", 0)
+    assert not ops.decode_by_dequant(1)
+    monkeypatch.setattr(ops, "DECODE_KERNEL", "tensor-core")
+    assert not ops.decode_by_dequant(1)
