@@ -44,8 +44,8 @@ DECODE_MAX_ROWS = 16
 # per block, or "tensor-core-16w", the same kernel with 16 warps per block for c=8 (twice the warps to hide latencies,
 # 128 registers per thread), or "dequant-sdpa": the layer's codes dequantized by the prefill's dequant kernel (keys
 # rotated), then torch SDPA, as prefill does (reads the codes once but writes and reads dense K/V: for very short
-# contexts, where the decode kernels' fixed cost per sequence and head dominates). "auto" (default): _decode_variant,
-# and dequant-sdpa for contexts of at most AUTO_DEQUANT_MAX_SEQ tokens.
+# contexts at large batch, where the decode kernels' fixed cost per sequence and head dominates). "auto" (default):
+# _decode_variant, and dequant-sdpa where decode_by_dequant says so.
 DECODE_KERNELS = ("auto", "cuda-core", "tensor-core", "tensor-core-16w", "dequant-sdpa")
 DECODE_KERNEL = os.environ.get("CQTOOL_DECODE_KERNEL", "auto")
 # MHA: the tensor-core kernel wherever it applies; its GPU time was lower than the CUDA-core kernel's at every shape
@@ -64,8 +64,15 @@ DECODE_KERNEL = os.environ.get("CQTOOL_DECODE_KERNEL", "auto")
 # direct rule from AUTO_MMA_DIRECT_TOKENS tokens per batch (8 x 512 28.8 vs 36.8 us, 1 x 4K 32.2 vs 35.4, 128 x 512 205
 # vs 267; docs/raw/probe-window-gqa8-h100-2026-11-27v.txt); below that (1 x 512 ...) it was not measured.
 AUTO_MMA_TOKENS = 16384
-# auto: decode through dequant-sdpa for contexts of at most this many tokens (0: never).
-AUTO_DEQUANT_MAX_SEQ = 0
+# auto: GQA decode through dequant-sdpa for sequences of at most AUTO_DEQUANT_MAX_SEQ tokens (c = 4 codes:
+# AUTO_DEQUANT_MAX_SEQ_C4) in batches of at least AUTO_DEQUANT_MIN_TOKENS cached tokens, without a window or sinks
+# (H100, Llama-3-8b shapes, us per layer, dequant-sdpa vs auto before: CQ-8c8b 128 x 64 54 vs 66, 128 x 128 93 vs 71;
+# CQ-4c8b 128 x 64 61 vs 171, 128 x 128 111 vs 172, 64 x 256 110 vs 89; slower at 1 x 64 and 8 x 128 (fixed cost)
+# and for MHA (128 x 64: 164 vs 173 and 204 vs 208, within run-to-run spread, so not taken);
+# docs/raw/attention-short-{mha,gqa}-dequant-h100-2026-11-27x.json). 0 turns it off.
+AUTO_DEQUANT_MAX_SEQ = 64
+AUTO_DEQUANT_MAX_SEQ_C4 = 128
+AUTO_DEQUANT_MIN_TOKENS = 8192
 AUTO_MMA_DIRECT_TOKENS = 4096
 MMA_TILE = 512  # tokens per tile of the tensor-core decode kernel (kTile in kernels/decode_mma.cu)
 AUTO_MMA_FP_TOKENS = 4096
@@ -333,9 +340,13 @@ def _with_full_precision(view, k: torch.Tensor, v: torch.Tensor, allowed: torch.
     return torch.cat(keys, 2), torch.cat(values, 2), torch.cat(masks, 2)
 
 
-def decode_by_dequant(S: int) -> bool:
-    """Whether decode queries over S cached tokens go through dequant-sdpa (DECODE_KERNELS)."""
-    return DECODE_KERNEL == "dequant-sdpa" or (DECODE_KERNEL == "auto" and S <= AUTO_DEQUANT_MAX_SEQ)
+def decode_by_dequant(B: int, S: int, group: int = 1, c: int = 8, fp: bool = False) -> bool:
+    """Whether decode queries over S cached tokens (batch B, `group` query heads per kv head, c channels per key code,
+    `fp`: a full-precision window or sinks) go through dequant-sdpa (DECODE_KERNELS; auto: AUTO_DEQUANT_*)."""
+    if DECODE_KERNEL != "auto":
+        return DECODE_KERNEL == "dequant-sdpa"
+    max_seq = AUTO_DEQUANT_MAX_SEQ_C4 if c == 4 else AUTO_DEQUANT_MAX_SEQ
+    return group >= 2 and not fp and AUTO_DEQUANT_MAX_SEQ > 0 and S <= max_seq and B * S >= AUTO_DEQUANT_MIN_TOKENS
 
 
 def _decode_variant(B: int, S: int, group: int = 1, c: int = 8, fp: bool = False) -> int:
@@ -394,13 +405,14 @@ def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> t
         out = _prefill_sdpa(mod, query, view, attention_mask, scaling, cos, sin)
         _ran("dequant+sdpa", "dequant kernel + torch SDPA for prefill")
         return out
-    if not prefill and decode_by_dequant(S):
+    sinks = cfg.sinks and layer.sink_k is not None
+    group, c = Hq // layer.k_centroids.shape[0], layer.k_centroids.shape[-1]
+    if not prefill and decode_by_dequant(B, S, group, c, bool(cfg.window or sinks)):
         cos, sin = cache.cos_sin(S, query.device)
         out = _prefill_sdpa(mod, query, view, attention_mask, scaling, cos, sin)
         _ran("dequant+sdpa", "dequant kernel + torch SDPA for decode (DECODE_KERNEL / AUTO_DEQUANT_MAX_SEQ)")
         return out
     q = query if query.stride(-1) == 1 else query.contiguous()
-    sinks = cfg.sinks and layer.sink_k is not None
     out, used = mod.attention(
         q, layer.k_codes, layer.v_codes, layer.k_centroids, layer.v_centroids, int(layer.k_bits), int(layer.v_bits),
         _device_positions(cache, query.device), _device_inv_freq(cache, query.device), float(cache.rope_scale), cos, sin,
@@ -408,7 +420,7 @@ def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> t
         view.win_k if cfg.window else None, view.win_v if cfg.window else None, view.new_k, view.new_v,
         layer.sink_k if sinks else None, layer.sink_v if sinks else None,
         int(cfg.window), int(view.start), int(S), float(scaling), bool(prefill),
-        _decode_variant(B, S, Hq // layer.k_centroids.shape[0], layer.k_centroids.shape[-1], bool(cfg.window or sinks)),
+        _decode_variant(B, S, group, c, bool(cfg.window or sinks)),
         int(MMA_MAX_BLOCKS), int(MMA_DIRECT_MAX), int(MMA_LONG_MIN))
     _ran(_KERNEL_NAMES[used], f"{_KERNEL_NAMES[used]} kernel")
     return out

@@ -808,13 +808,16 @@ def test_decode_kernel_request(monkeypatch):
         monkeypatch.setattr(ops, "DECODE_KERNEL", choice)
         assert ops._decode_variant(1, 10) == v and ops._decode_variant(8, 32768, group=4) == v
 
-    # dequant-sdpa: by choice at any length; under auto up to AUTO_DEQUANT_MAX_SEQ tokens per sequence
+    # dequant-sdpa: by choice at any shape; under auto for GQA at large batches of very short sequences, no window
     monkeypatch.setattr(ops, "DECODE_KERNEL", "dequant-sdpa")
-    assert ops.decode_by_dequant(1) and ops.decode_by_dequant(32768)
+    assert ops.decode_by_dequant(1, 1) and ops.decode_by_dequant(8, 32768, fp=True)
     monkeypatch.setattr(ops, "DECODE_KERNEL", "auto")
-    monkeypatch.setattr(ops, "AUTO_DEQUANT_MAX_SEQ", 128)
-    assert ops.decode_by_dequant(128) and not ops.decode_by_dequant(129)
+    assert ops.decode_by_dequant(128, 64, group=4) and ops.decode_by_dequant(512, 16, group=7)
+    assert not ops.decode_by_dequant(128, 64) and not ops.decode_by_dequant(128, 64, group=4, fp=True)  # MHA, window
+    assert not ops.decode_by_dequant(8, 64, group=4) and not ops.decode_by_dequant(128, 65, group=4)
+    assert ops.decode_by_dequant(128, 128, group=4, c=4) and not ops.decode_by_dequant(64, 256, group=4, c=4)
     monkeypatch.setattr(ops, "AUTO_DEQUANT_MAX_SEQ", 0)
-    assert not ops.decode_by_dequant(1)
+    assert not ops.decode_by_dequant(128, 64, group=4) and not ops.decode_by_dequant(128, 64, group=4, c=4)
+    monkeypatch.setattr(ops, "AUTO_DEQUANT_MAX_SEQ", 64)
     monkeypatch.setattr(ops, "DECODE_KERNEL", "tensor-core")
-    assert not ops.decode_by_dequant(1)
+    assert not ops.decode_by_dequant(128, 64, group=4)
