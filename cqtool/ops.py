@@ -64,13 +64,14 @@ DECODE_KERNEL = os.environ.get("CQTOOL_DECODE_KERNEL", "auto")
 # direct rule from AUTO_MMA_DIRECT_TOKENS tokens per batch (8 x 512 28.8 vs 36.8 us, 1 x 4K 32.2 vs 35.4, 128 x 512 205
 # vs 267; docs/raw/probe-window-gqa8-h100-2026-11-27v.txt); below that (1 x 512 ...) it was not measured.
 AUTO_MMA_TOKENS = 16384
-# auto: GQA decode through dequant-sdpa for sequences of at most AUTO_DEQUANT_MAX_SEQ tokens (c = 4 codes:
-# AUTO_DEQUANT_MAX_SEQ_C4) in batches of at least AUTO_DEQUANT_MIN_TOKENS cached tokens, without a window or sinks
-# (H100, Llama-3-8b shapes, us per layer, dequant-sdpa vs auto before: CQ-8c8b 128 x 64 54 vs 66, 128 x 128 93 vs 71;
-# CQ-4c8b 128 x 64 61 vs 171, 128 x 128 111 vs 172, 64 x 256 110 vs 89; slower at 1 x 64 and 8 x 128 (fixed cost)
-# and for MHA (128 x 64: 164 vs 173 and 204 vs 208, within run-to-run spread, so not taken);
-# docs/raw/attention-short-{mha,gqa}-dequant-h100-2026-11-27x.json). 0 turns it off.
-AUTO_DEQUANT_MAX_SEQ = 64
+# auto: GQA decode through dequant-sdpa for sequences of at most AUTO_DEQUANT_MAX_SEQ_C4 tokens with c = 4 key codes
+# (CQ-4c8b; AUTO_DEQUANT_MAX_SEQ for other codes, 0: not taken) in batches of at least AUTO_DEQUANT_MIN_TOKENS cached
+# tokens, without a window or sinks. H100, Llama-3-8b shapes, us per layer, dequant-sdpa vs the kernel auto took
+# before, two runs (docs/raw/attention-short-gqa-dequant-h100-2026-11-27x.json, attention-gqa-auto-dequant-...json):
+# CQ-4c8b 128 x 64 61 / 60 vs 171 / 172, 128 x 128 111 / 109 vs 172 / 172, slower at 64 x 256 (110 vs 89), 8 x 128
+# and 8 x 64 (fixed cost); CQ-8c8b 128 x 64 54 / 64 vs 66 / 67 (a tie in the second run: not taken), slower from 128
+# tokens; MHA 128 x 64 164 vs 173 (CQ-8c8b), 204 vs 208 (CQ-4c8b): within run-to-run spread, not taken.
+AUTO_DEQUANT_MAX_SEQ = 0
 AUTO_DEQUANT_MAX_SEQ_C4 = 128
 AUTO_DEQUANT_MIN_TOKENS = 8192
 AUTO_MMA_DIRECT_TOKENS = 4096
@@ -346,7 +347,7 @@ def decode_by_dequant(B: int, S: int, group: int = 1, c: int = 8, fp: bool = Fal
     if DECODE_KERNEL != "auto":
         return DECODE_KERNEL == "dequant-sdpa"
     max_seq = AUTO_DEQUANT_MAX_SEQ_C4 if c == 4 else AUTO_DEQUANT_MAX_SEQ
-    return group >= 2 and not fp and AUTO_DEQUANT_MAX_SEQ > 0 and S <= max_seq and B * S >= AUTO_DEQUANT_MIN_TOKENS
+    return group >= 2 and not fp and S <= max_seq and B * S >= AUTO_DEQUANT_MIN_TOKENS
 
 
 def _decode_variant(B: int, S: int, group: int = 1, c: int = 8, fp: bool = False) -> int:
