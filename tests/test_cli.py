@@ -285,3 +285,25 @@ def test_layer_device_map_spreads_layers_in_runs():
 
 def test_generate_bench_nothing_to_measure():
     assert_user_error(run("bench", "generate", "--no-same-batch", "--no-search"), "--no-same-batch", "nothing to measure")
+
+
+def test_same_batch_pairs_and_median(monkeypatch):
+    """The same-batch part of bench generate (CPU, run_generation stood in): an untimed run of each cache, then
+    `repeats` paired runs; the speedup is the median of the paired ratios and the reported pair is the median one."""
+    from cqtool import bench_kernels as bk
+
+    calls, speeds = [], iter([1.0, 1.0, 100.0, 150.0, 100.0, 300.0, 100.0, 200.0])
+
+    def fake(kind, setup, B):
+        calls.append((kind, B))
+        rec = {"cache": kind, "batch": B, "decode_tok_s": next(speeds)}
+        setup.records.append(rec)
+        return rec
+
+    monkeypatch.setattr(bk, "run_generation", fake)
+    setup = bk.GenSetup(model=None, codebook=None)
+    sb = bk._same_batch(setup, 8, 3, lambda *_: None)
+    assert calls == [("dynamic", 8), ("cq", 8)] + [("dynamic", 8), ("cq", 8)] * 3
+    assert sb["decode_speedup_runs"] == [1.5, 3.0, 2.0] and sb["decode_speedup"] == 2.0
+    assert sb["cq"]["decode_tok_s"] == 200.0 and sb["repeats"] == 3 and len(sb["runs"]) == 3
+    assert len(setup.records) == 6  # the untimed runs' records are dropped
