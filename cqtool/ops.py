@@ -392,26 +392,21 @@ def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> t
     cache, cfg = layer.parent, layer.config
     B, Hq, Q, D = query.shape
     S = view.length
-    rows = Hq // layer.k_centroids.shape[0] * Q
-    # many queries: prefill (with a window or sinks only through SDPA; the fused prefill kernel takes neither)
-    prefill = rows > DECODE_MAX_ROWS and (PREFILL_KERNEL == "sdpa" or not (cfg.window or cfg.sinks))
-    cos = sin = None
-    if prefill:
-        cos, sin = cache.cos_sin(S, query.device)
+    group, c = Hq // layer.k_centroids.shape[0], layer.k_centroids.shape[-1]
+    sinks = cfg.sinks and layer.sink_k is not None
+    fp = bool(cfg.window or sinks)
     if DECODE_KERNEL not in DECODE_KERNELS:
         raise ValueError(f"ops.DECODE_KERNEL must be one of {list(DECODE_KERNELS)}, got {DECODE_KERNEL!r}")
     if PREFILL_KERNEL not in PREFILL_KERNELS:
         raise ValueError(f"ops.PREFILL_KERNEL must be one of {list(PREFILL_KERNELS)}, got {PREFILL_KERNEL!r}")
-    if prefill and PREFILL_KERNEL == "sdpa":
+    # many queries: prefill (with a window or sinks only through SDPA; the fused prefill kernel takes neither)
+    prefill = group * Q > DECODE_MAX_ROWS and (PREFILL_KERNEL == "sdpa" or not (cfg.window or cfg.sinks))
+    # the layer dequantized by a kernel, then torch SDPA: prefill by default, decode where decode_by_dequant says so
+    dequant = PREFILL_KERNEL == "sdpa" if prefill else decode_by_dequant(B, S, group, c, fp)
+    cos, sin = cache.cos_sin(S, query.device) if prefill or dequant else (None, None)
+    if dequant:
         out = _prefill_sdpa(mod, query, view, attention_mask, scaling, cos, sin)
-        _ran("dequant+sdpa", "dequant kernel + torch SDPA for prefill")
-        return out
-    sinks = cfg.sinks and layer.sink_k is not None
-    group, c = Hq // layer.k_centroids.shape[0], layer.k_centroids.shape[-1]
-    if not prefill and decode_by_dequant(B, S, group, c, bool(cfg.window or sinks)):
-        cos, sin = cache.cos_sin(S, query.device)
-        out = _prefill_sdpa(mod, query, view, attention_mask, scaling, cos, sin)
-        _ran("dequant+sdpa", "dequant kernel + torch SDPA for decode (DECODE_KERNEL / AUTO_DEQUANT_MAX_SEQ)")
+        _ran("dequant+sdpa", f"dequant kernel + torch SDPA for {'prefill' if prefill else 'decode'}")
         return out
     q = query if query.stride(-1) == 1 else query.contiguous()
     out, used = mod.attention(
@@ -421,7 +416,7 @@ def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> t
         view.win_k if cfg.window else None, view.win_v if cfg.window else None, view.new_k, view.new_v,
         layer.sink_k if sinks else None, layer.sink_v if sinks else None,
         int(cfg.window), int(view.start), int(S), float(scaling), bool(prefill),
-        _decode_variant(B, S, group, c, bool(cfg.window or sinks)),
+        _decode_variant(B, S, group, c, fp),
         int(MMA_MAX_BLOCKS), int(MMA_DIRECT_MAX), int(MMA_LONG_MIN))
     _ran(_KERNEL_NAMES[used], f"{_KERNEL_NAMES[used]} kernel")
     return out
