@@ -518,9 +518,36 @@ def run_at_max_batch(kind: str, setup: GenSetup, cap_bytes: float, limit: int, s
     return 0, None
 
 
+@torch.no_grad()
+def gpu_ms_per_step(kind: str, setup: GenSetup, B: int, steps: int = 8) -> float:
+    """GPU time of one decode step (ms): the device time of every kernel and copy that `steps` greedy decode steps
+    launch, summed (torch.profiler; over all GPUs with gpus > 1, whose layers run one after the other), at batch B
+    over a synthetic cache of prompt + new_tokens / 2 tokens (the mean length of the timed decode), after two
+    untimed steps. Where the wall time of a step is bound by the host (Python and launches, at small batches), this
+    is what the GPU itself spends on it."""
+    cache = _make_cache(kind, setup)
+    try:
+        _synthetic_fill(kind, cache, setup, B, setup.prompt + setup.new_tokens // 2)
+        if kind != "dynamic":
+            _pregrow(cache, setup.prompt + setup.new_tokens // 2 + steps + 3)
+        tok = torch.zeros(B, 1, dtype=torch.long, device="cuda")
+        _decode(setup.model, cache, tok, 2, setup.sync)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            _decode(setup.model, cache, tok, steps, setup.sync)
+        return sum(e.device_time_total for e in prof.key_averages()
+                   if e.device_type == torch.autograd.DeviceType.CUDA) / steps / 1e3
+    finally:
+        del cache
+        tap = getattr(setup.model, "_cq_tap", None)
+        if tap is not None:
+            tap.keys.clear()
+        _release()
+
+
 def _same_batch(setup: GenSetup, batch: int, repeats: int, say) -> dict:
     """`repeats` paired timed runs (DynamicCache then CQ) at one batch with a real prefill, after an untimed run of
-    each; the speedup is the median of the paired ratios."""
+    each; the speedup is the median of the paired ratios. Then each cache's GPU time per decode step
+    (gpu_ms_per_step), which tells whether the wall time of that batch is the GPU's or the host's."""
     for kind in ("dynamic", "cq"):
         say(f"same batch {batch}: untimed run of {kind}")
         run_generation(kind, setup, batch)
@@ -533,8 +560,13 @@ def _same_batch(setup: GenSetup, batch: int, repeats: int, say) -> dict:
         runs.append((dyn, run_generation("cq", setup, batch)))
     ratios = [cq["decode_tok_s"] / dyn["decode_tok_s"] for dyn, cq in runs]
     mid = sorted(range(repeats), key=ratios.__getitem__)[(repeats - 1) // 2]  # the run of the (lower) median ratio
+    gpu = {}
+    for kind in ("dynamic", "cq"):
+        say(f"same batch {batch}: GPU time per decode step of {kind} (torch.profiler)")
+        gpu[kind] = gpu_ms_per_step(kind, setup, batch)
     return {"dynamic": runs[mid][0], "cq": runs[mid][1], "decode_speedup": statistics.median(ratios),
-            "decode_speedup_runs": ratios, "repeats": repeats, "runs": [{"dynamic": d, "cq": c} for d, c in runs]}
+            "decode_speedup_runs": ratios, "repeats": repeats, "runs": [{"dynamic": d, "cq": c} for d, c in runs],
+            "gpu_ms_per_step": gpu, "gpu_time_ratio": gpu["dynamic"] / gpu["cq"]}
 
 
 def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, spec: str = "8c8b", layers: int = 32,

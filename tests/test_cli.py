@@ -301,8 +301,10 @@ def test_same_batch_pairs_and_median(monkeypatch):
         return rec
 
     monkeypatch.setattr(bk, "run_generation", fake)
+    monkeypatch.setattr(bk, "gpu_ms_per_step", lambda kind, setup, B: {"dynamic": 4.5, "cq": 1.5}[kind])
     setup = bk.GenSetup(model=None, codebook=None)
     sb = bk._same_batch(setup, 8, 3, lambda *_: None)
+    assert sb["gpu_ms_per_step"] == {"dynamic": 4.5, "cq": 1.5} and sb["gpu_time_ratio"] == 3.0
     assert calls == [("dynamic", 8), ("cq", 8)] + [("dynamic", 8), ("cq", 8)] * 3
     assert sb["decode_speedup_runs"] == [1.5, 3.0, 2.0] and sb["decode_speedup"] == 2.0
     assert sb["cq"]["decode_tok_s"] == 200.0 and sb["repeats"] == 3 and len(sb["runs"]) == 3

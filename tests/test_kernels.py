@@ -765,6 +765,11 @@ def test_bench_generate_cli_repeats(tmp_path):
     ratios = [x["cq"]["decode_tok_s"] / x["dynamic"]["decode_tok_s"] for x in sb["runs"]]
     assert sb["decode_speedup"] == pytest.approx(statistics.median(ratios), rel=1e-3)
     assert "median of 2 paired runs" in r.output
+    # each cache's GPU time per decode step (profiled kernels), beside the wall time
+    g = sb["gpu_ms_per_step"]
+    assert g["dynamic"] > 0 and g["cq"] > 0 and sb["gpu_time_ratio"] == pytest.approx(g["dynamic"] / g["cq"], rel=1e-3)
+    wall_cq = 1e3 * sb["cq"]["batch"] / sb["cq"]["decode_tok_s"]
+    assert g["cq"] < wall_cq and "GPU time" in r.output
     # a full-precision window: the CQ cache holds it, so its per-run cache size grows by the window's bytes
     r = CliRunner().invoke(app, ["bench", "generate", "--layers", "2", "--batch", "2", "--prompt", "64", "--new-tokens",
                                  "4", "--no-search", "--repeats", "1", "--window", "16", "--json", str(tmp_path / "w.json")])

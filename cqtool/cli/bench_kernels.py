@@ -147,6 +147,13 @@ def generate_cmd(
         spread = "" if sb["repeats"] == 1 else (f" (median of {sb['repeats']} paired runs: "
                                                 f"{min(sb['decode_speedup_runs']):.2f}-{max(sb['decode_speedup_runs']):.2f}x)")
         console.print(f"same batch {batch}: CQ decode {sb['decode_speedup']:.2f}x DynamicCache{spread}")
+        g = sb["gpu_ms_per_step"]
+        wall = {k: 1e3 * sb[k]["batch"] / sb[k]["decode_tok_s"] for k in ("dynamic", "cq")}
+        over = " summed over the GPUs" if gpus > 1 else ""
+        console.print(f"same batch {batch}, per decode step: wall {wall['dynamic']:.2f} ms (DynamicCache) vs "
+                      f"{wall['cq']:.2f} ms (CQ); GPU time{over} {g['dynamic']:.2f} vs {g['cq']:.2f} ms = "
+                      f"{sb['gpu_time_ratio']:.2f}x less for CQ (where the wall time is well above the GPU time, the "
+                      f"step is bound by the host's Python and launches)")
     if "max_batch" in res and res["max_batch"]["throughput_ratio"]:
         mb = res["max_batch"]
         cap = f"{memory_gb:g} GB" if gpus == 1 else f"{gpus} x {memory_gb:g} GB"
