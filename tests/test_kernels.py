@@ -828,3 +828,30 @@ def test_decode_kernel_request(monkeypatch):
     assert not ops.decode_by_dequant(128, 64, group=4, c=4)
     monkeypatch.setattr(ops, "DECODE_KERNEL", "tensor-core")
     assert not ops.decode_by_dequant(128, 64, group=4)
+
+
+@cuda_test
+def test_generate_runs_on_the_kernels(tmp_path, tokenizer):
+    """cqtool generate on a GPU: the CQ cache's encode and attention run on the CUDA kernels, and the output says
+    which; the full-precision run beside it decodes too."""
+    import json
+
+    from conftest import tiny_model
+    from test_codebook import make_codebook
+    from typer.testing import CliRunner
+
+    from cqtool.cli import app
+    from cqtool.config import QuantSpec
+    from cqtool.models import ModelInfo
+
+    model = tiny_model("llama", heads=4, kv_heads=2, head_dim=64, vocab=len(tokenizer))
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    make_codebook(ModelInfo.from_config(model.config, "tiny"), QuantSpec(8, 8)).save(tmp_path / "cb.safetensors")
+    r = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "m"), "--codebook", str(tmp_path / "cb.safetensors"),
+                                 "--prompt", "w1 w2 the cat of w7", "--max-new-tokens", "6", "--device", "cuda",
+                                 "--dtype", "bfloat16", "--json", str(tmp_path / "g.json")])
+    assert r.exit_code == 0, r.output
+    cq, fp = json.loads((tmp_path / "g.json").read_text())["runs"]
+    assert cq["backends"] == {"encode": "cuda", "attention": "cuda"} and cq["attention_kernels"]
+    assert "attention ran on CUDA kernels (" in r.output and cq["new_tokens"] >= 1 and fp["new_tokens"] >= 1

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ._app import app, bench_app  # noqa: F401
-from . import calibrate, quantize, evaluate, bench  # noqa: F401,E402  (each registers its commands)
+from . import calibrate, quantize, evaluate, generate, bench  # noqa: F401,E402  (each registers its commands)
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from rich.console import Console
 
 app = typer.Typer(
     name="cqtool",
-    help="Coupled Quantization of the KV cache: calibrate, quantize, eval, bench.",
+    help="Coupled Quantization of the KV cache: calibrate, quantize, eval, generate, bench.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

@@ -1,0 +1,62 @@
+"""cqtool generate"""
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ._app import app, console, user_errors
+
+
+@app.command("generate")
+@user_errors
+def generate_cmd(
+    model: Annotated[str, typer.Option(help="Hub id, alias (smollm2, llama-2-7b), local dir or .gguf file")],
+    codebook: Annotated[str, typer.Option(help="CQ codebook file (from cqtool quantize or calibrate)")],
+    prompt: Annotated[Optional[str], typer.Option(help="Prompt text")] = None,
+    prompt_file: Annotated[Optional[str], typer.Option(help="Read the prompt from this file")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (greedy; stops at end of sequence)")] = 64,
+    window: Annotated[Optional[int], typer.Option(help="Full-precision window of recent tokens (paper: 128)")] = None,
+    sinks: Annotated[Optional[int], typer.Option(help="Full-precision first tokens")] = None,
+    compare: Annotated[bool, typer.Option(help="Also generate with the full-precision DynamicCache")] = True,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto | float32 | float16 | bfloat16")] = "auto",
+    device_map: Annotated[Optional[str], typer.Option(help="'auto': spread a model too big for one GPU over GPUs/CPU")] = None,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Save the texts and numbers as JSON")] = None,
+):
+    """Greedy generation through a CQ cache, beside the full-precision cache: the texts, where they first differ,
+    tokens/s, cache memory and the attention backend."""
+    from rich.panel import Panel
+    from rich.table import Table
+
+    from ..generate import check_args, run_generate
+    from ..io import write_json
+
+    text = check_args(prompt, prompt_file, max_new_tokens)
+    with console.status("loading the model and generating"):
+        res = run_generate(model, codebook, text, max_new_tokens, window, sinks, compare, device, dtype, device_map)
+    t = Table(title=f"{res['model']['model_id']}, {res['prompt_tokens']} prompt tokens, greedy, {res['device']} {res['dtype']}")
+    for col in ("cache", "bits/channel", "new tokens", "tokens/s", "cache MiB", "agrees with full precision", "attention"):
+        t.add_column(col, justify="right")
+    for r in res["runs"]:
+        agree = "-" if "tokens_agreeing" not in r else f"first {r['tokens_agreeing']} of {r['new_tokens']} tokens"
+        backend = "torch SDPA" if "backends" not in r else (
+            ", ".join(r["attention_kernels"]) + " (CUDA)" if r["attention_kernels"] else "PyTorch reference")
+        t.add_row(r["cache"], f"{r['bits_per_channel']:g}", str(r["new_tokens"]), f"{r['tokens_per_s']:.1f}",
+                  f"{r['cache_bytes'] / 2**20:.3f}", agree, backend)
+    console.print(Panel(res["prompt"].strip(), title="prompt", expand=False))
+    for r in res["runs"]:
+        console.print(Panel(r["text"], title=r["cache"], expand=False))
+    console.print(t)
+    cq = res["runs"][0]
+    ran = (f"CUDA kernels ({', '.join(cq['attention_kernels'])})" if cq["attention_kernels"] else
+           f"the PyTorch reference (backends: {', '.join(f'{k} {v}' for k, v in cq['backends'].items())})")
+    line = f"{cq['cache']}: attention ran on {ran}"
+    if "tokens_agreeing" in cq:
+        fp = res["runs"][1]
+        line += (f"; first {cq['tokens_agreeing']} of {cq['new_tokens']} new tokens equal to the full-precision ones; "
+                 f"cache {cq['cache_bytes'] / 2**20:.3f} MiB vs {fp['cache_bytes'] / 2**20:.3f} MiB")
+    console.print(line, soft_wrap=True)
+    if json_out:
+        write_json(json_out, res)
+        console.print(f"wrote {json_out}")

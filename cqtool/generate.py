@@ -1,0 +1,114 @@
+"""`cqtool generate`: greedy generation from a prompt through a CQ cache, beside the full-precision cache.
+
+Shows what a codebook does to a model's text (the same greedy decode with DynamicCache, and how many new tokens agree
+before the first difference), how much memory each cache holds, and which backend (CUDA kernels or the PyTorch
+reference) computed the attention.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from .config import ConfigError
+from .models import cache_kwarg, model_device
+
+
+def check_args(prompt: str | None, prompt_file: str | None, max_new_tokens: int) -> str:
+    """The prompt text (from --prompt or --prompt-file, exactly one), or a ConfigError naming what is wrong."""
+    from pathlib import Path
+
+    if (prompt is None) == (prompt_file is None):
+        raise ConfigError("give exactly one of --prompt TEXT or --prompt-file FILE"
+                          f" (got {'both' if prompt is not None else 'neither'})")
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    if prompt_file is not None:
+        p = Path(prompt_file)
+        if not p.is_file():
+            raise ConfigError(f"--prompt-file {prompt_file!r} does not exist")
+        prompt = p.read_text(encoding="utf-8", errors="replace")
+    if not prompt.strip():
+        raise ConfigError("the prompt is empty")
+    return prompt
+
+
+def load_codebook(path: str):
+    """A codebook file; a calibration directory is refused with the files it holds."""
+    from pathlib import Path
+
+    from .codebook import Codebook
+
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f.name for f in p.glob("*.safetensors"))
+        have = ", ".join(files) if files else "no .safetensors files"
+        raise ConfigError(f"--codebook {path!r} is a directory ({have}); give one codebook file, e.g. {p / 'cq-8c8b.safetensors'}")
+    return Codebook.load(p)
+
+
+@torch.no_grad()
+def greedy(model, ids: torch.Tensor, cache, max_new_tokens: int, eos: int | None) -> tuple[list[int], float]:
+    """Greedy decode of `max_new_tokens` tokens (stops early at `eos`) with `cache` (None: a fresh DynamicCache).
+    Returns (new token ids, seconds). One forward per token through the model's own cache argument."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache() if cache is None else cache
+    kw = {cache_kwarg(model): cache, "use_cache": True}
+    dev = model_device(model)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    logits = model(input_ids=ids, **kw, logits_to_keep=1).logits
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        nxt = int(logits[0, -1].argmax())
+        out.append(nxt)
+        if eos is not None and nxt == eos:
+            break
+        logits = model(input_ids=torch.tensor([[nxt]], device=dev), **kw).logits
+    sync()
+    return out, time.perf_counter() - t0
+
+
+def run_generate(model_name: str, codebook_path: str, prompt: str, max_new_tokens: int = 64, window: int | None = None,
+                 sinks: int | None = None, compare: bool = True, device: str = "auto", dtype: str = "auto",
+                 device_map: str | None = None) -> dict[str, Any]:
+    """Load model and codebook, decode greedily with the CQ cache (and with DynamicCache when `compare`)."""
+    from . import ops
+    from .cache import CQCache
+    from .models import load_config, load_model
+
+    cb = load_codebook(codebook_path)
+    _, _, _, info = load_config(model_name)
+    cb.validate_model(info)  # before the weights are loaded
+    model, tok, info = load_model(model_name, device, dtype, device_map)
+    ids = torch.tensor([tok(prompt)["input_ids"]], device=model_device(model))
+    eos = tok.eos_token_id
+    runs = []
+    kinds = ["cq"] + (["full precision"] if compare else [])
+    for kind in kinds:
+        ops.BACKEND_USED.clear()
+        ops.KERNELS_RUN.clear()
+        cache = CQCache(model, cb, window=window, sinks=sinks, max_length=ids.shape[1] + max_new_tokens) \
+            if kind == "cq" else None
+        new, secs = greedy(model, ids, cache, max_new_tokens, eos)
+        row = {"cache": cache.config.name if kind == "cq" else "DynamicCache (full precision)",
+               "bits_per_channel": cb.config.bits_per_channel if kind == "cq" else torch.finfo(model.dtype).bits,
+               "new_tokens": len(new), "seconds": secs, "tokens_per_s": len(new) / secs, "token_ids": new,
+               "text": tok.decode(new, skip_special_tokens=True)}
+        if kind == "cq":
+            row.update(cache_bytes=cache.memory_bytes(), window=cache.config.window, sinks=cache.config.sinks,
+                       backends=dict(ops.BACKEND_USED), attention_kernels=sorted(ops.KERNELS_RUN))
+        runs.append(row)
+        del cache
+    if compare:
+        a, b = runs[0]["token_ids"], runs[1]["token_ids"]
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        runs[0]["tokens_agreeing"] = same  # new tokens equal to the full-precision ones before the first difference
+        n_tok = ids.shape[1] + len(b)
+        kv_bytes = 2 * info.num_layers * info.kv_dim * n_tok * torch.finfo(model.dtype).bits // 8
+        runs[1]["cache_bytes"] = kv_bytes  # what DynamicCache holds for the prompt and its new tokens
+    return {"model": info.__dict__, "codebook": str(codebook_path), "prompt": prompt, "prompt_tokens": int(ids.shape[1]),
+            "max_new_tokens": max_new_tokens, "device": str(model_device(model)), "dtype": str(model.dtype), "runs": runs}
