@@ -35,15 +35,14 @@ def generate_cmd(
     text = check_args(prompt, prompt_file, max_new_tokens)
     with console.status("loading the model and generating"):
         res = run_generate(model, codebook, text, max_new_tokens, window, sinks, compare, device, dtype, device_map)
-    t = Table(title=f"{res['model']['model_id']}, {res['prompt_tokens']} prompt tokens, greedy, {res['device']} {res['dtype']}")
-    for col in ("cache", "bits/channel", "new tokens", "tokens/s", "cache MiB", "agrees with full precision", "attention"):
+    t = Table(title=f"{res['model']['model_id']}: {res['prompt_tokens']} prompt tokens, greedy, {res['device']}, "
+                    f"{res['dtype'].removeprefix('torch.')}")
+    for col in ("cache", "bits/channel", "new tokens", "tokens/s", "cache MiB", "same as full precision"):
         t.add_column(col, justify="right")
     for r in res["runs"]:
-        agree = "-" if "tokens_agreeing" not in r else f"first {r['tokens_agreeing']} of {r['new_tokens']} tokens"
-        backend = "torch SDPA" if "backends" not in r else (
-            ", ".join(r["attention_kernels"]) + " (CUDA)" if r["attention_kernels"] else "PyTorch reference")
-        t.add_row(r["cache"], f"{r['bits_per_channel']:g}", str(r["new_tokens"]), f"{r['tokens_per_s']:.1f}",
-                  f"{r['cache_bytes'] / 2**20:.3f}", agree, backend)
+        agree = "-" if "tokens_agreeing" not in r else f"first {r['tokens_agreeing']}"
+        t.add_row(r["cache"].replace(" (full precision)", ""), f"{r['bits_per_channel']:g}", str(r["new_tokens"]),
+                  f"{r['tokens_per_s']:.1f}", f"{r['cache_bytes'] / 2**20:.3f}", agree)
     console.print(Panel(res["prompt"].strip(), title="prompt", expand=False))
     for r in res["runs"]:
         console.print(Panel(r["text"], title=r["cache"], expand=False))
