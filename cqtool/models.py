@@ -161,7 +161,7 @@ def load_config(name: str):
     kw = {"gguf_file": gguf} if gguf else {}
     try:
         config = AutoConfig.from_pretrained(path, **kw)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:  # ImportError: a package the format needs (gguf for .gguf files)
         raise ConfigError(f"cannot load model {name!r}: {str(e).strip().splitlines()[0]}") from None
     if config.model_type not in SUPPORTED_TYPES:
         raise ConfigError(f"model {name!r} is a {config.model_type!r} model; supported: {', '.join(SUPPORTED_TYPES)}")

@@ -182,6 +182,19 @@ def test_generate_bad_input(tiny_calib, tiny_model_dir, tmp_path, tokenizer):
     assert not js.exists()
 
 
+def test_missing_package_for_the_model_format(tmp_path, monkeypatch):
+    """A .gguf file without the gguf package: one line naming the model and what to install."""
+    import transformers
+
+    def no_gguf(*a, **k):
+        raise ImportError("Please install torch and gguf>=0.10.0 to load a GGUF checkpoint in PyTorch.")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_gguf)
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF")
+    assert_user_error(run("eval", "--model", f, "--device", "cpu"), "cannot load model", "install torch and gguf")
+
+
 def test_corrupted_codebook(tmp_path, tiny_model_dir):
     cb = tmp_path / "bad.safetensors"
     cb.write_bytes(b"\x00" * 100)
