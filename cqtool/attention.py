@@ -7,13 +7,30 @@ perplexity measure the same thing generation does.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import quant
 
 _REGISTERED: set[str] = set()
-# `cqtool eval --backend reference`: run the PyTorch reference even where the CUDA kernels would run
+# `cqtool eval / generate --backend reference`: run the PyTorch reference even where the CUDA kernels would run
 FORCE_REFERENCE = False
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """`--backend auto|reference` for the duration of a command (FORCE_REFERENCE set, then restored)."""
+    global FORCE_REFERENCE
+    from .config import ConfigError
+
+    if name not in ("auto", "reference"):
+        raise ConfigError(f"--backend {name!r} is not allowed; use auto or reference")
+    prev, FORCE_REFERENCE = FORCE_REFERENCE, name == "reference"
+    try:
+        yield
+    finally:
+        FORCE_REFERENCE = prev
 
 
 def register_view_attention(name: str, view_type: type, attend) -> None:

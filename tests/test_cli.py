@@ -172,6 +172,7 @@ def test_generate_bad_input(tiny_calib, tiny_model_dir, tmp_path, tokenizer):
     assert_user_error(run(*base, "--codebook", cb, "--prompt-file", tmp_path / "none.txt"), "none.txt", "does not exist")
     assert_user_error(run(*base, "--codebook", cb, "--prompt", "a", "--max-new-tokens", 0), "--max-new-tokens 0")
     assert_user_error(run(*base, "--codebook", cb, "--prompt", "  "), "prompt is empty")
+    assert_user_error(run(*base, "--codebook", cb, "--prompt", "a", "--backend", "cuda"), "--backend 'cuda'", "auto or reference")
     assert_user_error(run(*base, "--codebook", tiny_calib, "--prompt", "a"), "is a directory", "cq-4c8b.safetensors")
     other = tmp_path / "other"
     tiny_model("llama", layers=3, vocab=len(tokenizer)).save_pretrained(other)
@@ -203,6 +204,14 @@ def test_corrupted_codebook(tmp_path, tiny_model_dir):
 
 def test_unknown_method(tiny_model_dir):
     assert_user_error(run("eval", "--model", tiny_model_dir, "--methods", "fp61", "--device", "cpu"), "unknown method 'fp61'")
+
+
+def test_eval_bad_backend(tiny_model_dir):
+    from cqtool import attention
+
+    assert_user_error(run("eval", "--model", tiny_model_dir, "--backend", "triton", "--device", "cpu"),
+                      "--backend 'triton'", "auto or reference")
+    assert attention.FORCE_REFERENCE is False
 
 
 def test_interrupted_calibration_leaves_no_output(tmp_path, tiny_model_dir, text_file, monkeypatch):

@@ -855,3 +855,12 @@ def test_generate_runs_on_the_kernels(tmp_path, tokenizer):
     cq, fp = json.loads((tmp_path / "g.json").read_text())["runs"]
     assert cq["backends"] == {"encode": "cuda", "attention": "cuda"} and cq["attention_kernels"]
     assert "attention ran on CUDA kernels (" in r.output and cq["new_tokens"] >= 1 and fp["new_tokens"] >= 1
+    # --backend reference: the same command without the kernels, and says so
+    r = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "m"), "--codebook", str(tmp_path / "cb.safetensors"),
+                                 "--prompt", "w1 w2 the cat of w7", "--max-new-tokens", "6", "--device", "cuda",
+                                 "--dtype", "bfloat16", "--backend", "reference", "--no-compare", "--json",
+                                 str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    (ref,) = json.loads((tmp_path / "r.json").read_text())["runs"]
+    assert ref["attention_kernels"] == [] and ref["backends"]["attention"] == "reference"
+    assert "attention ran on the PyTorch reference" in r.output

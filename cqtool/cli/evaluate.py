@@ -50,11 +50,8 @@ def eval_cmd(
     from ..progress import progress_bar
     from ..recipes import load_recipe, pick
 
-    if backend not in ("auto", "reference"):
-        raise ConfigError(f"--backend {backend!r} is not allowed; use auto or reference")
     from .. import attention
 
-    attention.FORCE_REFERENCE = backend == "reference"
     r = load_recipe(recipe, EVAL_KEYS)
     model = pick(model, r, "model", None)
     if not model:
@@ -69,7 +66,7 @@ def eval_cmd(
     calib = {k: v for k, v in {"dir": pick(calib_dir, r, "calib_dir", None), "data": pick(calib_data, r, "calib_data", None),
                                "nsamples": pick(calib_nsamples, r, "calib_nsamples", None),
                                "seqlen": pick(calib_seqlen, r, "calib_seqlen", None)}.items() if v is not None}
-    with progress_bar() as track:
+    with attention.backend(backend), progress_bar() as track:
         out = run_eval(cfg, calib, progress=track)
     _print(out)
     if len(out["devices"]) > 1:

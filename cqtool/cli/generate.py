@@ -22,18 +22,22 @@ def generate_cmd(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | float32 | float16 | bfloat16")] = "auto",
     device_map: Annotated[Optional[str], typer.Option(help="'auto': spread a model too big for one GPU over GPUs/CPU")] = None,
+    backend: Annotated[str, typer.Option(help="auto: CUDA kernels where they apply | reference: PyTorch reference only")] = "auto",
     json_out: Annotated[Optional[str], typer.Option("--json", help="Save the texts and numbers as JSON")] = None,
 ):
     """Greedy generation through a CQ cache, beside the full-precision cache: the texts, where they first differ,
-    tokens/s, cache memory and the attention backend."""
+    tokens/s (new tokens over the wall time of prefill and decode, no warm-up: `cqtool bench generate` times
+    generation), cache memory and the attention backend."""
     from rich.panel import Panel
     from rich.table import Table
 
     from ..generate import check_args, run_generate
     from ..io import write_json
 
+    from .. import attention
+
     text = check_args(prompt, prompt_file, max_new_tokens)
-    with console.status("loading the model and generating"):
+    with attention.backend(backend), console.status("loading the model and generating"):
         res = run_generate(model, codebook, text, max_new_tokens, window, sinks, compare, device, dtype, device_map)
     t = Table(title=f"{res['model']['model_id']}: {res['prompt_tokens']} prompt tokens, greedy, {res['device']}, "
                     f"{res['dtype'].removeprefix('torch.')}")
