@@ -65,7 +65,7 @@ def greedy(model, ids: torch.Tensor, cache, max_new_tokens: int, eos: int | None
     for _ in range(max_new_tokens):
         nxt = int(logits[0, -1].argmax())
         out.append(nxt)
-        if eos is not None and nxt == eos:
+        if (eos is not None and nxt == eos) or len(out) == max_new_tokens:
             break
         logits = model(input_ids=torch.tensor([[nxt]], device=dev), **kw).logits
     sync()
