@@ -72,9 +72,20 @@ def greedy(model, ids: torch.Tensor, cache, max_new_tokens: int, eos: int | None
     return out, time.perf_counter() - t0
 
 
+def prompt_ids(tok, prompt: str, chat: bool) -> list[int]:
+    """Token ids of the prompt; `chat`: as the user's turn of the tokenizer's chat template, the assistant's turn
+    opened (a ConfigError when the tokenizer has no template)."""
+    if not chat:
+        return tok(prompt)["input_ids"]
+    if not getattr(tok, "chat_template", None):
+        raise ConfigError("--chat: this model's tokenizer has no chat template; drop --chat to use the prompt as it is")
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
 def run_generate(model_name: str, codebook_path: str, prompt: str, max_new_tokens: int = 64, window: int | None = None,
                  sinks: int | None = None, compare: bool = True, device: str = "auto", dtype: str = "auto",
-                 device_map: str | None = None) -> dict[str, Any]:
+                 device_map: str | None = None, chat: bool = False) -> dict[str, Any]:
     """Load model and codebook, decode greedily with the CQ cache (and with DynamicCache when `compare`)."""
     from . import ops
     from .cache import CQCache
@@ -84,7 +95,7 @@ def run_generate(model_name: str, codebook_path: str, prompt: str, max_new_token
     _, _, _, info = load_config(model_name)
     cb.validate_model(info)  # before the weights are loaded
     model, tok, info = load_model(model_name, device, dtype, device_map)
-    ids = torch.tensor([tok(prompt)["input_ids"]], device=model_device(model))
+    ids = torch.tensor([prompt_ids(tok, prompt, chat)], device=model_device(model))
     eos = tok.eos_token_id
     runs = []
     kinds = ["cq"] + (["full precision"] if compare else [])
@@ -110,5 +121,6 @@ def run_generate(model_name: str, codebook_path: str, prompt: str, max_new_token
         n_tok = ids.shape[1] + len(b)
         kv_bytes = 2 * info.num_layers * info.kv_dim * n_tok * torch.finfo(model.dtype).bits // 8
         runs[1]["cache_bytes"] = kv_bytes  # what DynamicCache holds for the prompt and its new tokens
-    return {"model": info.__dict__, "codebook": str(codebook_path), "prompt": prompt, "prompt_tokens": int(ids.shape[1]),
+    return {"model": info.__dict__, "codebook": str(codebook_path), "prompt": prompt, "chat": chat,
+            "prompt_tokens": int(ids.shape[1]),
             "max_new_tokens": max_new_tokens, "device": str(model_device(model)), "dtype": str(model.dtype), "runs": runs}

@@ -160,6 +160,27 @@ def test_generate_cq_beside_full_precision(tiny_calib, tiny_model_dir, tmp_path)
     assert cq["cache"] == "cq-8c8b-w4096" and cq["token_ids"] == fp["token_ids"] and cq["tokens_agreeing"] == fp["new_tokens"]
 
 
+def test_generate_chat_template(tiny_calib, tiny_model_dir, tmp_path):
+    """--chat: the prompt goes in as the user's turn of the tokenizer's chat template."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    d = tmp_path / "chat-model"
+    shutil.copytree(tiny_model_dir, d)
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.chat_template = "{% for m in messages %}<s>user: {{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}<s>{% endif %}"
+    tok.save_pretrained(d)
+    js = tmp_path / "g.json"
+    res = run("generate", "--model", d, "--codebook", tiny_calib / "cq-8c8b.safetensors", "--prompt", "w1 w2 the cat",
+              "--chat", "--max-new-tokens", 3, "--no-compare", "--device", "cpu", "--json", js)
+    assert res.exit_code == 0, res.output
+    out = json.loads(js.read_text())
+    want = tok("<s>user: w1 w2 the cat</s><s>")["input_ids"]
+    assert out["chat"] is True and out["prompt_tokens"] == len(want) > len(tok("w1 w2 the cat")["input_ids"])
+    assert len(out["runs"]) == 1 and "tokens_agreeing" not in out["runs"][0]
+
+
 def test_generate_bad_input(tiny_calib, tiny_model_dir, tmp_path, tokenizer):
     from conftest import tiny_model
 
@@ -173,6 +194,7 @@ def test_generate_bad_input(tiny_calib, tiny_model_dir, tmp_path, tokenizer):
     assert_user_error(run(*base, "--codebook", cb, "--prompt", "a", "--max-new-tokens", 0), "--max-new-tokens 0")
     assert_user_error(run(*base, "--codebook", cb, "--prompt", "  "), "prompt is empty")
     assert_user_error(run(*base, "--codebook", cb, "--prompt", "a", "--backend", "cuda"), "--backend 'cuda'", "auto or reference")
+    assert_user_error(run(*base, "--codebook", cb, "--prompt", "a", "--chat"), "--chat", "no chat template")
     assert_user_error(run(*base, "--codebook", tiny_calib, "--prompt", "a"), "is a directory", "cq-4c8b.safetensors")
     other = tmp_path / "other"
     tiny_model("llama", layers=3, vocab=len(tokenizer)).save_pretrained(other)

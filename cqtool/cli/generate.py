@@ -19,6 +19,7 @@ def generate_cmd(
     window: Annotated[Optional[int], typer.Option(help="Full-precision window of recent tokens (paper: 128)")] = None,
     sinks: Annotated[Optional[int], typer.Option(help="Full-precision first tokens")] = None,
     compare: Annotated[bool, typer.Option(help="Also generate with the full-precision DynamicCache")] = True,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt in the tokenizer's chat template (instruct models)")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | float32 | float16 | bfloat16")] = "auto",
     device_map: Annotated[Optional[str], typer.Option(help="'auto': spread a model too big for one GPU over GPUs/CPU")] = None,
@@ -38,7 +39,8 @@ def generate_cmd(
 
     text = check_args(prompt, prompt_file, max_new_tokens)
     with attention.backend(backend), console.status("loading the model and generating"):
-        res = run_generate(model, codebook, text, max_new_tokens, window, sinks, compare, device, dtype, device_map)
+        res = run_generate(model, codebook, text, max_new_tokens, window, sinks, compare, device, dtype, device_map,
+                           chat)
     t = Table(title=f"{res['model']['model_id']}: {res['prompt_tokens']} prompt tokens, greedy, {res['device']}, "
                     f"{res['dtype'].removeprefix('torch.')}")
     for col in ("cache", "bits/channel", "new tokens", "tokens/s", "cache MiB", "same as full precision"):
