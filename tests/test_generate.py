@@ -1,0 +1,80 @@
+"""cqtool generate (cqtool/generate.py) through its command: a tiny model on the CPU in seconds, and its errors."""
+import json
+
+from test_cli import assert_user_error, run, tiny_calib  # noqa: F401  (tiny_calib: a module fixture)
+
+
+def test_generate_cq_beside_full_precision(tiny_calib, tiny_model_dir, tmp_path):
+    """cqtool generate: both caches' greedy texts, where they agree, cache sizes, the backend that ran."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cb, js, prompt = tiny_calib / "cq-8c8b.safetensors", tmp_path / "g.json", "w1 w2 the cat of w7 and a dog"
+    res = run("generate", "--model", tiny_model_dir, "--codebook", cb, "--prompt", prompt, "--max-new-tokens", 12,
+              "--device", "cpu", "--json", js)
+    assert res.exit_code == 0, res.output
+    out = json.loads(js.read_text())
+    cq, fp = out["runs"]
+    assert cq["cache"] == "cq-8c8b" and cq["bits_per_channel"] == 1.0 and fp["bits_per_channel"] == 32
+    assert 1 <= cq["new_tokens"] <= 12 and 0 <= cq["tokens_agreeing"] <= min(cq["new_tokens"], fp["new_tokens"])
+    assert cq["cache_bytes"] < fp["cache_bytes"] and cq["backends"] == {"encode": "reference", "attention": "reference"}
+    assert "attention ran on the PyTorch reference (backends: encode reference, attention reference)" in res.output
+    assert f"first {cq['tokens_agreeing']} of {cq['new_tokens']} new tokens equal" in res.output
+    # the full-precision run is transformers' own greedy decode
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.tensor([tok(prompt)["input_ids"]])
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
+                         pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+    assert fp["token_ids"] == ref[: len(fp["token_ids"])] and fp["text"] == tok.decode(fp["token_ids"], skip_special_tokens=True)
+    # every token inside the full-precision window: the CQ cache gives the full-precision tokens
+    res = run("generate", "--model", tiny_model_dir, "--codebook", cb, "--prompt", prompt, "--max-new-tokens", 12,
+              "--window", 4096, "--device", "cpu", "--json", js)
+    assert res.exit_code == 0, res.output
+    cq, fp = json.loads(js.read_text())["runs"]
+    assert cq["cache"] == "cq-8c8b-w4096" and cq["token_ids"] == fp["token_ids"] and cq["tokens_agreeing"] == fp["new_tokens"]
+
+
+def test_generate_chat_template(tiny_calib, tiny_model_dir, tmp_path):
+    """--chat: the prompt goes in as the user's turn of the tokenizer's chat template."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    d = tmp_path / "chat-model"
+    shutil.copytree(tiny_model_dir, d)
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.chat_template = "{% for m in messages %}<s>user: {{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}<s>{% endif %}"
+    tok.save_pretrained(d)
+    js = tmp_path / "g.json"
+    res = run("generate", "--model", d, "--codebook", tiny_calib / "cq-8c8b.safetensors", "--prompt", "w1 w2 the cat",
+              "--chat", "--max-new-tokens", 3, "--no-compare", "--device", "cpu", "--json", js)
+    assert res.exit_code == 0, res.output
+    out = json.loads(js.read_text())
+    want = tok("<s>user: w1 w2 the cat</s><s>")["input_ids"]
+    assert out["chat"] is True and out["prompt_tokens"] == len(want) > len(tok("w1 w2 the cat")["input_ids"])
+    assert len(out["runs"]) == 1 and "tokens_agreeing" not in out["runs"][0]
+
+
+def test_generate_bad_input(tiny_calib, tiny_model_dir, tmp_path, tokenizer):
+    from conftest import tiny_model
+
+    cb = tiny_calib / "cq-8c8b.safetensors"
+    base = ("generate", "--model", tiny_model_dir, "--device", "cpu")
+    assert_user_error(run(*base, "--codebook", cb), "exactly one of --prompt", "neither")
+    f = tmp_path / "p.txt"
+    f.write_text("w1 w2")
+    assert_user_error(run(*base, "--codebook", cb, "--prompt", "a", "--prompt-file", f), "exactly one of", "both")
+    assert_user_error(run(*base, "--codebook", cb, "--prompt-file", tmp_path / "none.txt"), "none.txt", "does not exist")
+    assert_user_error(run(*base, "--codebook", cb, "--prompt", "a", "--max-new-tokens", 0), "--max-new-tokens 0")
+    assert_user_error(run(*base, "--codebook", cb, "--prompt", "  "), "prompt is empty")
+    assert_user_error(run(*base, "--codebook", cb, "--prompt", "a", "--backend", "cuda"), "--backend 'cuda'", "auto or reference")
+    assert_user_error(run(*base, "--codebook", cb, "--prompt", "a", "--chat"), "--chat", "no chat template")
+    assert_user_error(run(*base, "--codebook", tiny_calib, "--prompt", "a"), "is a directory", "cq-4c8b.safetensors")
+    other = tmp_path / "other"
+    tiny_model("llama", layers=3, vocab=len(tokenizer)).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    js = tmp_path / "g.json"
+    assert_user_error(run("generate", "--model", other, "--codebook", cb, "--prompt", "a", "--device", "cpu", "--json", js),
+                      "num_layers is 2 in the codebook")
+    assert not js.exists()
