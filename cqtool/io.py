@@ -24,9 +24,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # after the writer: some (safetensors) replace the file they are given
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

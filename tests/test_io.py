@@ -26,6 +26,17 @@ def test_atomic_file_gets_umask_permissions(tmp_path, umask_022):
     assert mode(tmp_path / "b.json") == 0o600
 
 
+def test_codebook_file_gets_umask_permissions(tmp_path, umask_022):
+    """safetensors replaces the file it writes to (its own temporary file, owner-only): the codebook still ends 0o644."""
+    from test_codebook import make_codebook
+
+    from cqtool.models import ModelInfo
+    from conftest import tiny_model
+
+    make_codebook(ModelInfo.from_config(tiny_model().config, "tiny")).save(tmp_path / "cb.safetensors")
+    assert mode(tmp_path / "cb.safetensors") == 0o644
+
+
 def test_atomic_file_failure_keeps_the_old_file(tmp_path):
     p = tmp_path / "a.txt"
     p.write_text("old")
