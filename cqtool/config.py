@@ -176,6 +176,14 @@ class EvalConfig:
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
+    def __post_init__(self) -> None:  # before any model or data loads
+        if self.seqlen < 2:
+            raise ConfigError(f"--seqlen {self.seqlen}: a perplexity window needs at least 2 tokens")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be >= 1, got {self.limit}")
+
 
 def to_dict(obj: Any) -> Any:
     """JSON-ready view of a config (dataclasses and tuples become dicts and lists)."""

@@ -152,6 +152,12 @@ def test_unknown_method(tiny_model_dir):
     assert_user_error(run("eval", "--model", tiny_model_dir, "--methods", "fp61", "--device", "cpu"), "unknown method 'fp61'")
 
 
+@pytest.mark.parametrize("flag,value,words", [("--seqlen", 0, "at least 2 tokens"), ("--batch-size", 0, "at least 1"),
+                                              ("--limit", -2, "must be >= 1")])
+def test_eval_bad_numbers(tiny_model_dir, flag, value, words):
+    assert_user_error(run("eval", "--model", tiny_model_dir, flag, value, "--device", "cpu"), f"{flag}", words)
+
+
 def test_eval_bad_backend(tiny_model_dir):
     from cqtool import attention
 
