@@ -111,6 +111,13 @@ def _check_window(window: int) -> None:
         raise ConfigError(f"--window {window}: must be >= 0 (0: every cached token held as codes)")
 
 
+def _check_positive(**values) -> None:
+    """One error line for the first option below 1 (given as --option-name=value)."""
+    for name, v in values.items():
+        if v < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {v}: must be at least 1")
+
+
 def synthetic_layer(B: int, S: int, H: int, D: int, spec: QuantSpec, dtype=torch.bfloat16, seed: int = 0,
                     dense: bool = True, q_heads: int | None = None, window: int = 0):
     """A decode step's view of one CQ layer with S random tokens and H kv heads (Q = 1; q_heads query heads, default
@@ -173,6 +180,7 @@ def attention_bench(shapes=DEFAULT_SHAPES, specs=DEFAULT_SPECS, heads: int = 32,
     """Decode attention per layer: CQ kernel vs SDPA bf16 on the same data. Returns {"device", "rows", ...}.
     kv_heads < heads: grouped-query attention (SDPA with enable_gqa on the kv heads' dense K/V). window: the CQ layer
     also holds its last `window` tokens in full precision (the paper's 128), read from there instead of the codes."""
+    _check_positive(reps=reps)
     kv_heads = kv_heads or heads
     if kv_heads < 1 or heads % kv_heads:
         raise ConfigError(f"--kv-heads {kv_heads}: must divide --heads {heads}")
@@ -228,6 +236,7 @@ def prefill_bench(shapes=DEFAULT_PREFILL_SHAPES, specs=("8c8b",), heads: int = 3
                   reps: int = 10, progress=None) -> dict:
     """Causal attention of S queries over S cached tokens (one layer, Llama-2-7b shapes): the CQ prefill kernel vs
     SDPA bf16 (is_causal) on the same data. Returns {"device", "rows", ...}."""
+    _check_positive(reps=reps)
     _require_kernels("prefill")
     info = device_info()
     rows = []
@@ -583,8 +592,10 @@ def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, sp
     the fullest GPU stays under it."""
     if kv_heads < 1 or 32 % kv_heads:
         raise ConfigError(f"--kv-heads {kv_heads}: must divide the 32 query heads")
-    if repeats < 1:
-        raise ConfigError(f"--repeats {repeats}: must be at least 1")
+    _check_positive(batch=batch, prompt=prompt, new_tokens=new_tokens, layers=layers, repeats=repeats,
+                    max_batch=max_search)
+    if memory_gb <= 0:
+        raise ConfigError(f"--memory-gb {memory_gb}: must be above 0")
     _check_window(window)
     layer_device_map(layers, gpus)  # checks gpus against the layers
     if not (same_batch or search):

@@ -310,6 +310,16 @@ def test_layer_device_map_spreads_layers_in_runs():
     assert set(layer_device_map(3, 1).values()) == {0}
 
 
+@pytest.mark.parametrize("args,words", [
+    (("generate", "--batch", 0), "--batch 0"), (("generate", "--prompt", 0), "--prompt 0"),
+    (("generate", "--new-tokens", -1), "--new-tokens -1"), (("generate", "--layers", 0), "--layers 0"),
+    (("generate", "--max-batch", 0), "--max-batch 0"), (("generate", "--memory-gb", 0), "--memory-gb 0"),
+    (("attention", "--reps", 0), "--reps 0"), (("prefill", "--reps", 0), "--reps 0")])
+def test_kernel_bench_bad_numbers(args, words):
+    """Checked before the GPU is looked for: one error line on any machine."""
+    assert_user_error(run("bench", *args), words)
+
+
 def test_generate_bench_nothing_to_measure():
     assert_user_error(run("bench", "generate", "--no-same-batch", "--no-search"), "--no-same-batch", "nothing to measure")
 
