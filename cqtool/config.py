@@ -155,6 +155,10 @@ class CalibConfig:
             raise ConfigError(f"kmeans backend must be one of ['auto', 'torch', 'faiss'], got {self.kmeans_backend!r}")
         if self.kmeans_iters < 1:
             raise ConfigError(f"kmeans iterations must be >= 1, got {self.kmeans_iters}")
+        if not 0 <= self.kmeans_tol < float("inf"):  # before the gathering pass, not after it
+            raise ConfigError(f"--tol {self.kmeans_tol}: must be a number >= 0 (0: never stop early)")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError(f"--max-tokens {self.max_tokens}: must be at least 1 (omit it to use every token)")
 
 
 @dataclass(frozen=True)

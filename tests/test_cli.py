@@ -99,6 +99,15 @@ def test_channels_not_dividing_head_dim(tmp_path, tiny_model_dir, text_file):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flag,value,words", [("--tol", -1, "must be a number >= 0"), ("--max-tokens", 0, "at least 1")])
+def test_calibrate_bad_kmeans_options(tmp_path, tiny_model_dir, text_file, flag, value, words):
+    """Refused before the gathering pass (a bad k-means option used to fail after it, or was ignored)."""
+    out = tmp_path / "o"
+    assert_user_error(run("calibrate", "--model", tiny_model_dir, "--bits", 1, "--data", text_file, flag, value,
+                          "--device", "cpu", "--output", out), flag, words)
+    assert not out.exists()
+
+
 def test_empty_data_file(tmp_path, tiny_model_dir):
     empty = tmp_path / "empty.txt"
     empty.write_text("   \n")
