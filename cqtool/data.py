@@ -17,8 +17,9 @@ HUB_SOURCES = {
 }
 
 
-def load_text(source: str) -> str:
-    """A hub data set name (see HUB_SOURCES), a text file, or a folder of .txt files (sorted, concatenated)."""
+def load_text(source: str, local_hint: str = "pass a local text file with --data") -> str:
+    """A hub data set name (see HUB_SOURCES), a text file, or a folder of .txt files (sorted, concatenated).
+    local_hint: what the error says to do when the hub cannot be reached."""
     p = Path(source).expanduser()
     if p.is_file():
         text = p.read_text(encoding="utf-8", errors="replace")
@@ -34,7 +35,7 @@ def load_text(source: str) -> str:
 
             ds = load_dataset(path, name, split=split)
         except Exception as e:  # no network, no cache: say so in one line
-            raise ConfigError(f"cannot load hub data set {source!r} ({type(e).__name__}); pass a local text file with --data") from None
+            raise ConfigError(f"cannot load hub data set {source!r} ({type(e).__name__}); {local_hint}") from None
         text = "\n\n".join(ds[field])
     else:
         raise ConfigError(f"data {source!r} is not a file, a folder or a known data set ({', '.join(HUB_SOURCES)})")

@@ -52,7 +52,7 @@ def wikitext_text(data_dir: str | None) -> str:
         for cand in (d / "wikitext-2-raw" / "wiki.test.raw", d / "wiki.test.raw", d):
             if cand.is_file():
                 return load_text(str(cand))
-    return load_text("wikitext2-test")
+    return load_text("wikitext2-test", "give --data-dir DIR with DIR/wikitext-2-raw/wiki.test.raw")
 
 
 def parse_cq_name(name: str) -> dict[str, Any] | None:

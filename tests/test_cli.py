@@ -108,6 +108,20 @@ def test_calibrate_bad_kmeans_options(tmp_path, tiny_model_dir, text_file, flag,
     assert not out.exists()
 
 
+def test_hub_data_unreachable_says_which_flag(tmp_path, tiny_model_dir, monkeypatch):
+    """No network (or no datasets cache): calibrate points to --data, eval to --data-dir."""
+    import datasets
+
+    def offline(*a, **k):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    assert_user_error(run("calibrate", "--model", tiny_model_dir, "--bits", 1, "--data", "wikitext2", "--device", "cpu",
+                          "--output", tmp_path / "o"), "cannot load hub data set 'wikitext2'", "with --data")
+    assert_user_error(run("eval", "--model", tiny_model_dir, "--device", "cpu"), "cannot load hub data set 'wikitext2-test'",
+                      "--data-dir DIR")
+
+
 def test_empty_data_file(tmp_path, tiny_model_dir):
     empty = tmp_path / "empty.txt"
     empty.write_text("   \n")
