@@ -115,6 +115,20 @@ def calibrate(cfg: CalibConfig, output: str | Path, progress=None) -> dict[str, 
         return _calibrate(cfg, output, progress)
 
 
+def too_few_tokens(cfg: CalibConfig, tokens: int) -> list[str]:
+    """A warning per configuration whose k-means sees fewer tokens per channel group than it has centroids: every
+    token then becomes a centroid, the rest repeat tokens, and the calibration error reads 0 (an overfit codebook)."""
+    n = min(tokens, cfg.max_tokens) if cfg.max_tokens else tokens
+    out = []
+    for k, v in cfg.specs:
+        kmax = max(k.num_centroids, v.num_centroids)
+        if n < kmax:
+            out.append(f"{config_name(k, v)}: k-means sees {n} tokens per channel group for {kmax} centroids, so "
+                       f"centroids repeat tokens and the calibration error reads 0; give more tokens (--nsamples x "
+                       f"--seqlen; the paper: 16 x 2048)")
+    return out
+
+
 def _calibrate(cfg: CalibConfig, output: str | Path, progress=None) -> dict[str, Any]:
     t0 = time.time()
     track = progress or (lambda it, **kw: it)
@@ -126,6 +140,7 @@ def _calibrate(cfg: CalibConfig, output: str | Path, progress=None) -> dict[str,
     text = load_text(cfg.data)
     tok = load_tokenizer(cfg.model)
     windows = calibration_windows(tokenize(tok, text), cfg.nsamples, cfg.seqlen, cfg.seed)
+    warnings = too_few_tokens(cfg, windows.numel())
     model, tok, info = load_model(cfg.model, cfg.device, cfg.dtype, cfg.device_map, tokenizer=tok)
     t_load = time.time()
     if cfg.deterministic and cfg.fisher:
@@ -148,7 +163,8 @@ def _calibrate(cfg: CalibConfig, output: str | Path, progress=None) -> dict[str,
     t_gather = time.time()
     summary: dict[str, Any] = {"config": to_dict(cfg), "model": info.__dict__, "data_hash": text_hash(text),
                                "calib_loss": sum(losses) / len(losses), "tokens": int(windows.numel()),
-                               "model_params": sum(p.numel() for p in model.parameters()), "configs": {}}
+                               "model_params": sum(p.numel() for p in model.parameters()), "configs": {},
+                               "warnings": warnings}
     del model  # k-means needs the GPU memory more than the model now
     if dev.type == "cuda":
         torch.cuda.empty_cache()

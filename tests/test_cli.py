@@ -122,6 +122,20 @@ def test_hub_data_unreachable_says_which_flag(tmp_path, tiny_model_dir, monkeypa
                       "--data-dir DIR")
 
 
+def test_calibrate_warns_when_tokens_are_fewer_than_centroids(tmp_path, tiny_model_dir, text_file):
+    out = tmp_path / "o"
+    res = run("calibrate", "--model", tiny_model_dir, "--bits", "1,2", "--data", text_file, "--nsamples", 1,
+              "--seqlen", 100, "--iters", 2, "--device", "cpu", "--output", out)
+    assert res.exit_code == 0, res.output
+    warnings = json.loads((out / "calib.json").read_text())["warnings"]
+    assert len(warnings) == 2 and all("k-means sees 100 tokens per channel group for 256 centroids" in w for w in warnings)
+    assert "warning: cq-8c8b: k-means sees 100 tokens" in res.output
+    res = run("calibrate", "--model", tiny_model_dir, "--bits", 1, "--data", text_file, "--nsamples", 2, "--seqlen", 128,
+              "--iters", 2, "--device", "cpu", "--output", tmp_path / "p")
+    assert res.exit_code == 0 and "warning" not in res.output
+    assert json.loads((tmp_path / "p" / "calib.json").read_text())["warnings"] == []
+
+
 def test_empty_data_file(tmp_path, tiny_model_dir):
     empty = tmp_path / "empty.txt"
     empty.write_text("   \n")

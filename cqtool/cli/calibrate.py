@@ -90,3 +90,5 @@ def calibrate(
     console.print(t)
     sec = summary["seconds"]
     console.print(f"load {sec['load']:.1f}s, gather {sec['gather']:.1f}s, total {sec['total']:.1f}s")
+    for w in summary["warnings"]:
+        console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
