@@ -449,6 +449,8 @@ def _decode(model, cache, tok: torch.Tensor, steps: int, sync=torch.cuda.synchro
 @torch.no_grad()
 def run_generation(kind: str, setup: GenSetup, B: int, real_prefill: bool = True, steps: int | None = None) -> dict:
     """Prefill `prompt` tokens (real forward in chunks, or synthetic random K/V) then greedy decode."""
+    from .cache import held_bytes
+
     model = setup.model
     steps = setup.new_tokens if steps is None else steps
     setup.reset_peak()
@@ -478,8 +480,7 @@ def run_generation(kind: str, setup: GenSetup, B: int, real_prefill: bool = True
                "end_to_end_tok_s": B * steps / (t_prefill + t_dec) if real_prefill else None,
                "peak_gib": max(peaks) / 2**30,  # of the fullest GPU
                **({"peak_gib_per_gpu": [b / 2**30 for b in peaks]} if setup.gpus > 1 else {}),
-               "cache_gib": (cache.memory_bytes() if hasattr(cache, "memory_bytes") else
-                             sum(l.keys.numel() * 2 * 2 for l in cache.layers)) / 2**30}
+               "cache_gib": held_bytes(cache) / 2**30}
         setup.records.append(rec)
         return rec
     finally:
@@ -540,11 +541,7 @@ def gpu_ms_per_step(kind: str, setup: GenSetup, B: int, steps: int = 8) -> float
         if kind != "dynamic":
             _pregrow(cache, setup.prompt + setup.new_tokens // 2 + steps + 3)
         tok = torch.zeros(B, 1, dtype=torch.long, device="cuda")
-        _decode(setup.model, cache, tok, 2, setup.sync)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            _decode(setup.model, cache, tok, steps, setup.sync)
-        return sum(e.device_time_total for e in prof.key_averages()
-                   if e.device_type == torch.autograd.DeviceType.CUDA) / steps / 1e3
+        return gpu_time_us(lambda: _decode(setup.model, cache, tok, 1, setup.sync), warmup=2, reps=steps) / 1e3
     finally:
         del cache
         tap = getattr(setup.model, "_cq_tap", None)

@@ -229,6 +229,15 @@ class CQLayer(AppendOnlyLayer):
         return n
 
 
+def held_bytes(cache) -> int:
+    """Bytes a KV cache holds: CQCache.memory_bytes(), or the keys and values of a transformers cache's layers
+    (DynamicCache)."""
+    if hasattr(cache, "memory_bytes"):
+        return cache.memory_bytes()
+    return sum(t.numel() * t.element_size() for layer in cache.layers
+               for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
+
+
 class CQCache(Cache):
     """KV cache whose keys (pre-RoPE) and values live as coupled-quantization codes.
 

@@ -72,6 +72,10 @@ class Codebook:
         from safetensors import safe_open
 
         path = Path(path)
+        if path.is_dir():  # a calibration directory: name the codebooks it holds
+            files = ", ".join(sorted(f.name for f in path.glob("*.safetensors"))) or "no .safetensors files"
+            raise ConfigError(f"codebook {str(path)!r} is a directory ({files}); give one codebook file, e.g. "
+                              f"{path / 'cq-8c8b.safetensors'}")
         if not path.is_file():
             raise ConfigError(f"codebook file {str(path)!r} does not exist")
         try:

@@ -34,27 +34,10 @@ def check_args(prompt: str | None, prompt_file: str | None, max_new_tokens: int)
     return prompt
 
 
-def load_codebook(path: str):
-    """A codebook file; a calibration directory is refused with the files it holds."""
-    from pathlib import Path
-
-    from .codebook import Codebook
-
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(f.name for f in p.glob("*.safetensors"))
-        have = ", ".join(files) if files else "no .safetensors files"
-        raise ConfigError(f"--codebook {path!r} is a directory ({have}); give one codebook file, e.g. {p / 'cq-8c8b.safetensors'}")
-    return Codebook.load(p)
-
-
 @torch.no_grad()
 def greedy(model, ids: torch.Tensor, cache, max_new_tokens: int, eos: int | None) -> tuple[list[int], float]:
-    """Greedy decode of `max_new_tokens` tokens (stops early at `eos`) with `cache` (None: a fresh DynamicCache).
-    Returns (new token ids, seconds). One forward per token through the model's own cache argument."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache() if cache is None else cache
+    """Greedy decode of `max_new_tokens` tokens (stops early at `eos`) with `cache`. Returns (new token ids,
+    seconds). One forward per token through the model's own cache argument."""
     kw = {cache_kwarg(model): cache, "use_cache": True}
     dev = model_device(model)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -87,11 +70,14 @@ def run_generate(model_name: str, codebook_path: str, prompt: str, max_new_token
                  sinks: int | None = None, compare: bool = True, device: str = "auto", dtype: str = "auto",
                  device_map: str | None = None, chat: bool = False) -> dict[str, Any]:
     """Load model and codebook, decode greedily with the CQ cache (and with DynamicCache when `compare`)."""
+    from transformers import DynamicCache
+
     from . import ops
-    from .cache import CQCache
+    from .cache import CQCache, held_bytes
+    from .codebook import Codebook
     from .models import load_config, load_model
 
-    cb = load_codebook(codebook_path)
+    cb = Codebook.load(codebook_path)
     _, _, _, info = load_config(model_name)
     cb.validate_model(info)  # before the weights are loaded
     model, tok, info = load_model(model_name, device, dtype, device_map)
@@ -103,24 +89,21 @@ def run_generate(model_name: str, codebook_path: str, prompt: str, max_new_token
         ops.BACKEND_USED.clear()
         ops.KERNELS_RUN.clear()
         cache = CQCache(model, cb, window=window, sinks=sinks, max_length=ids.shape[1] + max_new_tokens) \
-            if kind == "cq" else None
+            if kind == "cq" else DynamicCache()
         new, secs = greedy(model, ids, cache, max_new_tokens, eos)
         row = {"cache": cache.config.name if kind == "cq" else "DynamicCache (full precision)",
                "bits_per_channel": cb.config.bits_per_channel if kind == "cq" else torch.finfo(model.dtype).bits,
                "new_tokens": len(new), "seconds": secs, "tokens_per_s": len(new) / secs, "token_ids": new,
-               "text": tok.decode(new, skip_special_tokens=True)}
+               "text": tok.decode(new, skip_special_tokens=True), "cache_bytes": held_bytes(cache)}
         if kind == "cq":
-            row.update(cache_bytes=cache.memory_bytes(), window=cache.config.window, sinks=cache.config.sinks,
-                       backends=dict(ops.BACKEND_USED), attention_kernels=sorted(ops.KERNELS_RUN))
+            row.update(window=cache.config.window, sinks=cache.config.sinks, backends=dict(ops.BACKEND_USED),
+                       attention_kernels=sorted(ops.KERNELS_RUN))
         runs.append(row)
         del cache
     if compare:
         a, b = runs[0]["token_ids"], runs[1]["token_ids"]
         same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         runs[0]["tokens_agreeing"] = same  # new tokens equal to the full-precision ones before the first difference
-        n_tok = ids.shape[1] + len(b)
-        kv_bytes = 2 * info.num_layers * info.kv_dim * n_tok * torch.finfo(model.dtype).bits // 8
-        runs[1]["cache_bytes"] = kv_bytes  # what DynamicCache holds for the prompt and its new tokens
     return {"model": info.__dict__, "codebook": str(codebook_path), "prompt": prompt, "chat": chat,
             "prompt_tokens": int(ids.shape[1]),
             "max_new_tokens": max_new_tokens, "device": str(model_device(model)), "dtype": str(model.dtype), "runs": runs}

@@ -67,3 +67,10 @@ def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
         make_codebook(cb.model, seed=1).save(p)
     assert p.read_bytes() == before
     assert [f for f in os.listdir(tmp_path) if f != "cb.safetensors"] == []
+
+
+def test_load_a_directory_names_its_codebooks(tmp_path):
+    info = ModelInfo.from_config(tiny_model().config, "tiny")
+    make_codebook(info).save(tmp_path / "cq-4c6b.safetensors")
+    with pytest.raises(ConfigError, match=r"is a directory \(cq-4c6b.safetensors\); give one codebook file"):
+        Codebook.load(tmp_path)

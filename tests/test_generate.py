@@ -18,6 +18,8 @@ def test_generate_cq_beside_full_precision(tiny_calib, tiny_model_dir, tmp_path)
     assert cq["cache"] == "cq-8c8b" and cq["bits_per_channel"] == 1.0 and fp["bits_per_channel"] == 32
     assert 1 <= cq["new_tokens"] <= 12 and 0 <= cq["tokens_agreeing"] <= min(cq["new_tokens"], fp["new_tokens"])
     assert cq["cache_bytes"] < fp["cache_bytes"] and cq["backends"] == {"encode": "reference", "attention": "reference"}
+    m = out["model"]  # DynamicCache holds K and V (fp32 here) of the prompt and every new token but the last
+    assert fp["cache_bytes"] == 2 * m["num_layers"] * m["num_kv_heads"] * m["head_dim"] * 4 * (out["prompt_tokens"] + fp["new_tokens"] - 1)
     assert "attention ran on the PyTorch reference (backends: encode reference, attention reference)" in res.output
     assert f"first {cq['tokens_agreeing']} of {cq['new_tokens']} new tokens equal" in res.output
     # the full-precision run is transformers' own greedy decode

@@ -32,10 +32,9 @@ def generate_cmd(
     from rich.panel import Panel
     from rich.table import Table
 
+    from .. import attention
     from ..generate import check_args, run_generate
     from ..io import write_json
-
-    from .. import attention
 
     text = check_args(prompt, prompt_file, max_new_tokens)
     with attention.backend(backend), console.status("loading the model and generating"):
