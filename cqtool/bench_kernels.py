@@ -575,15 +575,70 @@ def _same_batch(setup: GenSetup, batch: int, repeats: int, say) -> dict:
             "gpu_ms_per_step": gpu, "gpu_time_ratio": gpu["dynamic"] / gpu["cq"]}
 
 
+@torch.no_grad()
+def run_graph_generation(kind: str, setup: GenSetup, B: int) -> dict:
+    """Real prefill of `prompt` random tokens, then `new_tokens` greedy steps of which all but the first two (the
+    warm-up CUDA graphs ask for) are replays of one captured step (graphs.StaticDecoder); `kind`: "static"
+    (transformers' StaticCache, bf16) or "cq" (CQCache in static mode). Timed: the replays."""
+    from .cache import held_bytes
+    from .graphs import StaticDecoder, static_cache
+
+    model, cap = setup.model, setup.prompt + setup.new_tokens
+    setup.reset_peak()
+    cache = static_cache(model, kind, cap, setup.codebook)
+    try:
+        g = torch.Generator(device="cuda").manual_seed(2)
+        ids = torch.randint(0, model.config.vocab_size, (B, setup.prompt), generator=g, device="cuda")
+        dec = StaticDecoder(model, cache, cap, graph=True, chunk=setup.chunk)
+        setup.sync()
+        t0 = time.perf_counter()
+        first = dec.prefill(ids)
+        setup.sync()
+        t_prefill = time.perf_counter() - t0
+        dec.decode(first, setup.new_tokens)
+        tm = dec.timings
+        rec = {"cache": kind, "batch": B, "prompt": setup.prompt, "new_tokens": setup.new_tokens, "graph": tm["graph"],
+               "timed_steps": tm["steps"], "prefill_s": t_prefill, "decode_s": tm["seconds"],
+               "decode_tok_s": B * tm["steps"] / tm["seconds"], "ms_per_step": 1e3 * tm["seconds"] / tm["steps"],
+               "peak_gib": max(setup.peaks()) / 2**30, "cache_gib": held_bytes(cache) / 2**30}
+        setup.records.append(rec)
+        return rec
+    finally:
+        del cache
+        tap = getattr(model, "_cq_tap", None)
+        if tap is not None:
+            tap.keys.clear()
+        _release()
+
+
+def _graph_same_batch(setup: GenSetup, batch: int, repeats: int, say) -> dict:
+    """CUDA graphs at one batch: `repeats` paired timed runs (StaticCache then CQ) after an untimed run of each; the
+    speedup is the median of the paired ratios of decode tokens/s."""
+    for kind in ("static", "cq"):
+        say(f"CUDA graphs, batch {batch}: untimed run of {kind}")
+        run_graph_generation(kind, setup, batch)
+    setup.records.clear()
+    runs = []
+    for i in range(repeats):
+        say(f"CUDA graphs, batch {batch}, run {i + 1}/{repeats}: static, cq")
+        runs.append((run_graph_generation("static", setup, batch), run_graph_generation("cq", setup, batch)))
+    ratios = [cq["decode_tok_s"] / st["decode_tok_s"] for st, cq in runs]
+    mid = sorted(range(repeats), key=ratios.__getitem__)[(repeats - 1) // 2]
+    return {"static": runs[mid][0], "cq": runs[mid][1], "decode_speedup": statistics.median(ratios),
+            "decode_speedup_runs": ratios, "repeats": repeats, "runs": [{"static": a, "cq": b} for a, b in runs]}
+
+
 def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, spec: str = "8c8b", layers: int = 32,
                    memory_gb: float = 80.0, search: bool = True, max_search: int = 2048, progress=None,
                    kv_heads: int = 32, repeats: int = 3, window: int = 0, gpus: int = 1,
-                   same_batch: bool = True) -> dict:
+                   same_batch: bool = True, graphs: bool = False) -> dict:
     """Every timed run is preceded by an untimed run of the same cache at the same batch and length: the first run at
     a new size is slow (DynamicCache, whose tensors grow by torch.cat at every step, ran 3x slower in its first run on
     the H100, cause not found; not the allocator). Same batch: `repeats` paired timed runs (DynamicCache then
     CQ), the speedup is the median of the paired ratios (at a small batch decode is bound by the host's Python and
-    launch overhead, which varies from run to run); same_batch=False skips that part. Largest batch (search): one
+    launch overhead, which varies from run to run); same_batch=False skips that part. graphs: also the same batch
+    with every decode step but two replayed as a CUDA graph, transformers' StaticCache against the CQ cache in static
+    mode (_graph_same_batch). Largest batch (search): one
     timed run per cache, after an untimed one. gpus > 1: the
     layers spread over cuda:0 .. cuda:gpus-1 (spread_model), memory_gb is the cap of each GPU and a batch fits when
     the fullest GPU stays under it."""
@@ -595,8 +650,10 @@ def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, sp
         raise ConfigError(f"--memory-gb {memory_gb}: must be above 0")
     _check_window(window)
     layer_device_map(layers, gpus)  # checks gpus against the layers
-    if not (same_batch or search):
-        raise ConfigError("--no-same-batch with --no-search: nothing to measure (allowed: either one, or neither)")
+    if not (same_batch or search or graphs):
+        raise ConfigError("--no-same-batch with --no-search and no --graphs: nothing to measure")
+    if graphs and (gpus > 1 or window):
+        raise ConfigError(f"--graphs takes one GPU and no CQ window (got --gpus {gpus}, --window {window})")
     if not torch.cuda.is_available():
         raise ConfigError("bench generate needs a CUDA GPU")
     if gpus > torch.cuda.device_count():
@@ -632,6 +689,8 @@ def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, sp
         run_generation(kind, warm, 2, real_prefill=False)
     if same_batch:
         out["same_batch"] = _same_batch(setup, batch, repeats, say)
+    if graphs:
+        out["graphs"] = _graph_same_batch(setup, batch, repeats, say)
     if search:
         cap = frac * total
         bd, mdyn = run_at_max_batch("dynamic", setup, cap, max_search, say)

@@ -152,6 +152,7 @@ class CQLayer(AppendOnlyLayer):
         self.v_codes = torch.empty(B, H, 0, self.v_rb, dtype=torch.uint8, device=self.device)
         self.win_k = self.win_v = None
         self.sink_k = self.sink_v = None
+        self.static_length: torch.Tensor | None = None  # static mode (CQCache.make_static): the length on the device
         self.is_initialized = True
 
     def _grow(self, need: int) -> None:
@@ -178,6 +179,8 @@ class CQLayer(AppendOnlyLayer):
         self._grow(start + Q)
         from . import attention, ops  # the encode kernel on GPU, the reference elsewhere
 
+        if self.static_length is not None:
+            return self._update_static(pre, key_states, value_states)
         if attention.FORCE_REFERENCE:
             ops._note("encode", "reference", "forced by --backend reference")
             self.k_codes[:, :, start : start + Q] = quant.pack(quant.encode(pre, self.k_centroids), self.k_bits)
@@ -199,11 +202,37 @@ class CQLayer(AppendOnlyLayer):
             self.sink_v = v if self.sink_v is None else torch.cat([self.sink_v, v], dim=2)
         return view, view
 
+    def _update_static(self, pre: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Static mode: the new tokens' codes go to the rows the device-side length names (index_copy_), and the
+        view spans the whole capacity; the caller's attention mask (4D, True = attend) tells which rows hold tokens.
+        No shape and no kernel argument depends on the length, so a decode step can be captured as a CUDA graph and
+        replayed (cqtool/graphs.py)."""
+        from . import attention, ops
+
+        Q, cap = key_states.shape[2], self.k_codes.shape[2]
+        rows = self.static_length + torch.arange(Q, device=self.device)
+        for x, cent, bits, codes in ((pre, self.k_centroids, self.k_bits, self.k_codes),
+                                     (value_states, self.v_centroids, self.v_bits, self.v_codes)):
+            new = torch.empty(*codes.shape[:2], Q, codes.shape[3], dtype=codes.dtype, device=codes.device)
+            if attention.FORCE_REFERENCE:
+                ops._note("encode", "reference", "forced by --backend reference")
+                new.copy_(quant.pack(quant.encode(x, cent), bits))
+            else:
+                ops.encode_into(x, cent, bits, new, 0)
+            codes.index_copy_(2, rows, new)
+        self.static_length.add_(Q)
+        self.length += Q  # host bookkeeping; a replayed graph does not run it (CQCache.sync_static_length)
+        view = CQView(self, key_states, value_states, cap - Q, None, None)
+        return view, view
+
     def valid_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.static_length is not None:  # static mode: every row; the mask picks the held ones
+            return self.k_codes, self.v_codes
         return self.k_codes[:, :, : self.length], self.v_codes[:, :, : self.length]
 
     def reset(self) -> None:
         self.length = 0
+        self.static_length = None
         self.win_k = self.win_v = self.sink_k = self.sink_v = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -261,7 +290,7 @@ class CQCache(Cache):
         self.positions: torch.Tensor | None = None  # [B, S] int64, every cached token's RoPE position
         layers = [CQLayer(self, i, codebook.key_centroids[i], codebook.value_centroids[i]) for i in range(codebook.num_layers)]
         super().__init__(layers=layers)
-        self._cos_sin_cache: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._cos_sin_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def __del__(self):
         tap = getattr(self, "tap", None)
@@ -280,19 +309,65 @@ class CQCache(Cache):
 
     def _append_positions(self, key_states: torch.Tensor) -> None:
         B, _, Q, _ = key_states.shape
-        start = 0 if self.positions is None else self.positions.shape[1]
+        static = self.layers[0].static_length
         pos = self.tap.positions
         if pos is None or pos.shape[-1] != Q:
+            if static is not None:
+                raise RuntimeError("CQCache in static mode needs the model's position ids (pass position_ids)")
+            start = 0 if self.positions is None else self.positions.shape[1]
             pos = torch.arange(start, start + Q, device=key_states.device).unsqueeze(0)
         pos = pos.to(key_states.device).long().expand(B, Q)
+        if static is not None:  # in place, at the rows the device-side length names (layer 0's, before its update)
+            self.positions.index_copy_(1, static + torch.arange(Q, device=static.device), pos.contiguous())
+            return
         self.positions = pos if self.positions is None else torch.cat([self.positions, pos], dim=1)
+
+    def make_static(self, capacity: int) -> None:
+        """Static mode from here on: code buffers and positions of `capacity` tokens, the length of every layer also
+        held on the device and advanced in place, and each step's view spanning the whole capacity, masked by the 4D
+        attention mask the caller passes (True = attend). This is what lets a decode step run as a CUDA graph
+        (graphs.StaticDecoder); the attention computed is the same (tests/test_graphs.py). Takes no full-precision
+        window or sinks (their buffers change shape as tokens arrive)."""
+        if self.config.window or self.config.sinks:
+            raise ConfigError(f"static decoding (CUDA graphs) takes no full-precision window or sinks "
+                              f"(window={self.config.window}, sinks={self.config.sinks}); use 0 for both")
+        first = self.layers[0]
+        if not first.is_initialized or self.positions is None:
+            raise ConfigError("make_static: run the prompt through the model first (the cache is empty)")
+        if capacity < first.length + 1:
+            raise ConfigError(f"capacity {capacity}: must exceed the {first.length} tokens already cached")
+        self.max_length = capacity
+        for layer in self.layers:
+            if layer.length != first.length:
+                raise ConfigError("make_static: the layers hold different numbers of tokens")
+            if layer.k_codes.shape[2] != capacity:  # exactly `capacity` rows: every step's view spans all of them
+                for name in ("k_codes", "v_codes"):
+                    old = getattr(layer, name)
+                    buf = torch.zeros(*old.shape[:2], capacity, old.shape[3], dtype=old.dtype, device=old.device)
+                    buf[:, :, : layer.length] = old[:, :, : layer.length]
+                    setattr(layer, name, buf)
+            layer.static_length = torch.tensor(layer.length, dtype=torch.long, device=layer.device)
+        B, n = self.positions.shape
+        pos = torch.arange(capacity, device=self.positions.device).expand(B, capacity).clone()
+        pos[:, :n] = self.positions
+        self.positions = pos
+        self._cos_sin_cache = None
+
+    def sync_static_length(self) -> int:
+        """Static mode: copy the device-side length to the host's `length` (a replayed graph advances only the
+        former); returns it."""
+        for layer in self.layers:
+            if layer.static_length is not None:
+                layer.length = int(layer.static_length)
+        return self.layers[0].length
 
     def cos_sin(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE cos/sin [B, length, D] fp32 for the first `length` cached tokens (memoised per step)."""
         cached = self._cos_sin_cache
-        if cached is None or cached[0] != length or cached[1].device != device:
+        key = (length, self.positions._version)  # static mode writes the positions in place
+        if cached is None or cached[0] != key or cached[1].device != device:
             cos, sin = quant.rope_cos_sin(self.positions[:, :length].to(device), self.inv_freq.to(device), self.rope_scale)
-            self._cos_sin_cache = (length, cos, sin)
+            self._cos_sin_cache = (key, cos, sin)
             cached = self._cos_sin_cache
         return cached[1], cached[2]
 

@@ -227,7 +227,8 @@ def key_ranges(attention_mask, B: int, Q: int, S: int, start: int, device) -> to
     transformers' masks for causal LMs (left padding, causal) allow a contiguous range of keys per query; None
     means causal without padding. Memoised on the mask object: all layers of a forward share one mask.
     """
-    key = (B, Q, S, start, str(device))
+    # the mask's version too: a static decode (graphs.StaticDecoder) passes one mask, written in place every step
+    key = (B, Q, S, start, str(device), getattr(attention_mask, "_version", None))
     if _range_memo[2] is not None and _range_memo[0] is attention_mask and _range_memo[1] == key:
         return _range_memo[2]
     if attention_mask is None:
@@ -247,10 +248,11 @@ def key_ranges(attention_mask, B: int, Q: int, S: int, start: int, device) -> to
 
 
 def _device_copy(memo: list, t: torch.Tensor, device, make) -> torch.Tensor:
-    """make(t) for `device`, remembered for the last (tensor object, device) asked: the layers of a step that run
-    on one GPU share one copy."""
-    if memo[0] is not t or memo[1] != str(device):
-        memo[:] = [t, str(device), make(t)]
+    """make(t) for `device`, remembered for the last (tensor object, its version, device) asked: the layers of a step
+    that run on one GPU share one copy (the version: a static cache writes its positions in place)."""
+    key = (str(device), t._version)
+    if memo[0] is not t or memo[1] != key:
+        memo[:] = [t, key, make(t)]
     return memo[2]
 
 

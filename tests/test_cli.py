@@ -359,6 +359,29 @@ def test_kernel_bench_bad_numbers(args, words):
 
 def test_generate_bench_nothing_to_measure():
     assert_user_error(run("bench", "generate", "--no-same-batch", "--no-search"), "--no-same-batch", "nothing to measure")
+    assert_user_error(run("bench", "generate", "--graphs", "--window", 128), "--graphs", "--window 128")
+    assert_user_error(run("bench", "generate", "--graphs", "--gpus", 2), "--graphs", "--gpus 2")
+
+
+def test_graph_same_batch_pairs_and_median(monkeypatch):
+    """The CUDA-graph part of bench generate (CPU, run_graph_generation stood in): untimed runs, then paired runs of
+    StaticCache and CQ; the median paired ratio."""
+    from cqtool import bench_kernels as bk
+
+    calls, speeds = [], iter([1.0, 1.0, 100.0, 120.0, 100.0, 250.0, 100.0, 180.0])
+
+    def fake(kind, setup, B):
+        calls.append(kind)
+        rec = {"cache": kind, "batch": B, "decode_tok_s": next(speeds)}
+        setup.records.append(rec)
+        return rec
+
+    monkeypatch.setattr(bk, "run_graph_generation", fake)
+    setup = bk.GenSetup(model=None, codebook=None)
+    gr = bk._graph_same_batch(setup, 4, 3, lambda *_: None)
+    assert calls == ["static", "cq"] * 4 and len(setup.records) == 6
+    assert gr["decode_speedup_runs"] == [1.2, 2.5, 1.8] and gr["decode_speedup"] == 1.8
+    assert gr["cq"]["decode_tok_s"] == 180.0 and gr["static"]["cache"] == "static"
 
 
 def test_same_batch_pairs_and_median(monkeypatch):

@@ -111,6 +111,8 @@ def generate_cmd(
     window: Annotated[int, typer.Option(help="CQ: recent tokens also kept in full precision (paper: 128)")] = 0,
     gpus: Annotated[int, typer.Option(help="Spread the model's layers over this many GPUs (each layer's cache on its "
                                            "GPU); --memory-gb is then the cap of each GPU")] = 1,
+    graphs: Annotated[bool, typer.Option(help="Also at --batch with decode steps replayed as CUDA graphs: CQ vs "
+                                              "transformers' StaticCache (one GPU, no window)")] = False,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Save results as JSON")] = None,
 ):
     """Generation with a random Llama-2-7b-shaped model: CQ cache vs DynamicCache bf16 (tokens/s, peak memory)."""
@@ -121,7 +123,7 @@ def generate_cmd(
 
     res = generate_bench(batch, prompt, new_tokens, spec, layers, memory_gb, search, max_batch,
                          progress=lambda m: console.print(f"[dim]{m}[/]"), kv_heads=kv_heads, repeats=repeats,
-                         window=window, gpus=gpus, same_batch=same_batch)
+                         window=window, gpus=gpus, same_batch=same_batch, graphs=graphs)
     kv = f", {kv_heads} kv heads" if kv_heads != 32 else ""
     kv += f", CQ window {window}" if window else ""
     t = Table(title=f"generation, Llama-2-7b shape ({layers} layers{kv}, random weights), {prompt}+{new_tokens} tokens, "
@@ -134,13 +136,17 @@ def generate_cmd(
     for i, r in enumerate(sb["runs"] if sb else []):
         run = "same batch" if sb["repeats"] == 1 else f"same batch, run {i + 1}"
         rows += [(run, r["dynamic"]), (run, r["cq"])]
+    gr = res.get("graphs")
+    for i, r in enumerate(gr["runs"] if gr else []):
+        run = "CUDA graphs" if gr["repeats"] == 1 else f"CUDA graphs, run {i + 1}"
+        rows += [(run, r["static"]), (run, r["cq"])]
     if "max_batch" in res:
         rows += [("largest batch", res["max_batch"]["dynamic"]), ("largest batch", res["max_batch"]["cq"])]
     for run, r in rows:
         if r is None:
             continue
         e2e = r.get("end_to_end_tok_s")
-        t.add_row(run, r["cache"], str(r["batch"]), f"{r['prefill_s']:.2f}" + ("" if r["real_prefill"] else " (synthetic)"),
+        t.add_row(run, r["cache"], str(r["batch"]), f"{r['prefill_s']:.2f}" + ("" if r.get("real_prefill", True) else " (synthetic)"),
                   f"{r['decode_tok_s']:.0f}", "-" if e2e is None else f"{e2e:.0f}", f"{r['peak_gib']:.1f}", f"{r['cache_gib']:.2f}")
     console.print(t)
     if sb:
@@ -154,6 +160,12 @@ def generate_cmd(
                       f"{wall['cq']:.2f} ms (CQ); GPU time{over} {g['dynamic']:.2f} vs {g['cq']:.2f} ms = "
                       f"{sb['gpu_time_ratio']:.2f}x less for CQ (where the wall time is well above the GPU time, the "
                       f"step is bound by the host's Python and launches)")
+    if gr:
+        spread = "" if gr["repeats"] == 1 else (f" (median of {gr['repeats']} paired runs: "
+                                                f"{min(gr['decode_speedup_runs']):.2f}-{max(gr['decode_speedup_runs']):.2f}x)")
+        console.print(f"same batch {batch}, CUDA graphs ({gr['cq']['timed_steps']} replayed steps timed): "
+                      f"{gr['static']['ms_per_step']:.2f} ms per step (StaticCache) vs {gr['cq']['ms_per_step']:.2f} ms "
+                      f"(CQ): CQ decode {gr['decode_speedup']:.2f}x StaticCache{spread}")
     if "max_batch" in res and res["max_batch"]["throughput_ratio"]:
         mb = res["max_batch"]
         cap = f"{memory_gb:g} GB" if gpus == 1 else f"{gpus} x {memory_gb:g} GB"

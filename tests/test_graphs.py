@@ -1,0 +1,173 @@
+"""Static decoding (cqtool/graphs.py): the code path CUDA graphs replay, run eagerly on the CPU, against the dynamic
+caches' greedy tokens. The graph capture itself runs in tests/test_kernels.py (CUDA)."""
+import pytest
+import torch
+
+from cqtool.cache import CQCache
+from cqtool.config import ConfigError
+from cqtool.graphs import StaticDecoder, static_cache
+from cqtool.models import ModelInfo, cache_kwarg
+
+from conftest import tiny_model
+from test_codebook import make_codebook
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+@torch.no_grad()
+def greedy(model, cache, ids, steps):
+    """Greedy tokens [B, steps] with a growing cache (transformers' own decode loop, one token per forward)."""
+    kw = {cache_kwarg(model): cache, "use_cache": True}
+    tok = model(input_ids=ids, **kw).logits[:, -1:].argmax(-1)
+    out = [tok]
+    for _ in range(steps - 1):  # the last token is produced, not fed back
+        tok = model(input_ids=tok, **kw).logits[:, -1:].argmax(-1)
+        out.append(tok)
+    return torch.cat(out, 1)
+
+
+def static_greedy(model, cache, ids, steps, capacity, chunk=0):
+    dec = StaticDecoder(model, cache, capacity, graph=False, chunk=chunk)
+    first = dec.prefill(ids)
+    return torch.cat([first, dec.decode(first, steps - 1)], 1), dec
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_static_cq_decode_equals_the_growing_cache(family):
+    """A CQ cache in static mode (codes at device-side rows, attention over every row under the 4D mask) gives the
+    tokens and cached codes of the ordinary CQ cache; the spare capacity rows change nothing."""
+    model = tiny_model(family)
+    cb = make_codebook(ModelInfo.from_config(model.config, "tiny"))
+    ids = torch.randint(0, 512, (3, 21), generator=torch.Generator().manual_seed(1))
+    ref_cache = CQCache(model, cb)
+    ref = greedy(model, ref_cache, ids, 9)
+    cache = static_cache(model, "cq", 40, cb)
+    got, dec = static_greedy(model, cache, ids, 9, capacity=40, chunk=8)
+    assert torch.equal(got, ref)
+    n = 21 + 8  # the last token is produced, not yet fed back
+    assert dec.length == n and cache.get_seq_length() == n and cache.layers[0].k_codes.shape[2] == 40
+    for a, b in zip(cache.layers, ref_cache.layers):
+        assert torch.equal(a.k_codes[:, :, :n], b.k_codes[:, :, :n]) and torch.equal(a.v_codes[:, :, :n], b.v_codes[:, :, :n])
+        assert int(a.static_length) == n
+    assert torch.equal(cache.positions[:, :n], ref_cache.positions)
+    assert cache.memory_bytes() == ref_cache.memory_bytes()
+
+
+def test_static_cache_baseline_equals_dynamic_cache():
+    """The full-precision baseline of a graph run (transformers' StaticCache through the same decoder) gives
+    DynamicCache's greedy tokens."""
+    from transformers import DynamicCache
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(2))
+    ref = greedy(model, DynamicCache(), ids, 10)
+    got, _ = static_greedy(model, static_cache(model, "static", 32), ids, 10, capacity=32)
+    assert torch.equal(got, ref)
+
+
+def test_static_mode_mask_is_what_attention_reads():
+    """The static view spans every row: a mask that hides a held token changes the logits (the mask is honoured,
+    not replaced by the length)."""
+    model = tiny_model("llama")
+    cb = make_codebook(ModelInfo.from_config(model.config, "tiny"))
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(3))
+    kw = lambda c: {cache_kwarg(model): c, "use_cache": True}  # noqa: E731
+    outs = []
+    for hide in (None, 3):
+        cache = CQCache(model, cb)
+        with torch.no_grad():
+            model(input_ids=ids, **kw(cache))
+            cache.make_static(16)
+            mask = torch.zeros(1, 1, 1, 16, dtype=torch.bool)
+            mask[..., :13] = True
+            if hide is not None:
+                mask[..., hide] = False
+            outs.append(model(input_ids=ids[:, :1], position_ids=torch.tensor([[12]]), attention_mask=mask,
+                              **kw(cache)).logits)
+    assert not torch.allclose(outs[0], outs[1])
+
+
+def test_static_mode_errors():
+    from test_codebook import make_codebook as mk
+
+    model = tiny_model("llama")
+    cb = mk(ModelInfo.from_config(model.config, "tiny"))
+    with pytest.raises(ConfigError, match="run the prompt through the model first"):
+        CQCache(model, cb).make_static(8)
+    cache = CQCache(model, cb, window=4)
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 5, dtype=torch.long), **{cache_kwarg(model): cache}, use_cache=True)
+    with pytest.raises(ConfigError, match="window=4"):
+        cache.make_static(16)
+    dec = StaticDecoder(model, static_cache(model, "cq", 8, cb), 8, graph=False)
+    with pytest.raises(ConfigError, match="capacity 8: must exceed the prompt's 8 tokens"):
+        dec.prefill(torch.zeros(1, 8, dtype=torch.long))
+    first = dec.prefill(torch.zeros(1, 5, dtype=torch.long))
+    with pytest.raises(ConfigError, match="capacity 8: too small for 5 \\+ 4 tokens"):
+        dec.decode(first, 4)
+    with pytest.raises(ConfigError, match="CUDA graphs need the model on a CUDA GPU"):
+        StaticDecoder(model, static_cache(model, "static", 8), 8, graph=True)
+    with pytest.raises(ConfigError, match="cache kind 'dense' is not allowed"):
+        static_cache(model, "dense", 8)
+
+
+# ---------------------------------------------------------------- CUDA: the captured graph
+
+def _cuda_model(kv_heads: int, layers: int = 2):
+    model = tiny_model("llama", layers=layers, heads=4, kv_heads=kv_heads, head_dim=128)
+    return model.to("cuda", torch.bfloat16).eval()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kv_heads", [4, 1])  # MHA (tensor-core decode kernel) and a GQA group of 4
+def test_graph_replay_equals_eager_static_decode(kv_heads):
+    """A decode step captured as a CUDA graph and replayed gives, token for token, what the same static decode
+    gives eagerly; the attention and encode of both ran on the CUDA kernels; the step's logits equal the growing
+    cache's to bf16 rounding."""
+    from cqtool import ops
+    from cqtool.config import QuantSpec
+
+    model = _cuda_model(kv_heads)
+    cb = make_codebook(ModelInfo.from_config(model.config, "tiny"), QuantSpec(8, 8))
+    ids = torch.randint(0, 512, (3, 37), generator=torch.Generator().manual_seed(4)).cuda()
+    eager, _ = static_greedy(model, static_cache(model, "cq", 64, cb), ids, 14, capacity=64)
+    ops.BACKEND_USED.clear()
+    ops.KERNEL_USED.clear()
+    cache = static_cache(model, "cq", 64, cb)
+    dec = StaticDecoder(model, cache, 64, graph=True)
+    first = dec.prefill(ids)
+    got = torch.cat([first, dec.decode(first, 13)], 1)
+    assert dec.timings["graph"] and dec.timings["steps"] == 11
+    assert torch.equal(got, eager)
+    assert ops.BACKEND_USED == {"encode": "cuda", "attention": "cuda"}, ops.BACKEND_USED
+    assert ops.KERNEL_USED["attention"].startswith("decode"), ops.KERNEL_USED
+    assert cache.get_seq_length() == 37 + 13 and int(cache.layers[1].static_length) == 50
+    # one step of the static cache (all 64 rows, masked) against the growing cache, same tokens
+    grow = CQCache(model, cb)
+    kw = lambda c: {cache_kwarg(model): c, "use_cache": True}  # noqa: E731
+    with torch.no_grad():
+        model(input_ids=ids, **kw(grow))
+        a = model(input_ids=first, **kw(grow)).logits.float()
+        st = static_cache(model, "cq", 64, cb)
+        StaticDecoder(model, st, 64, graph=False).prefill(ids)
+        mask = torch.zeros(3, 1, 1, 64, dtype=torch.bool, device="cuda")
+        mask[..., :38] = True
+        b = model(input_ids=first, position_ids=torch.full((3, 1), 37, device="cuda"), attention_mask=mask,
+                  **kw(st)).logits.float()
+    assert float((a - b).norm() / a.norm()) < 2e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_replay_of_the_static_cache_baseline():
+    """The full-precision baseline (transformers' StaticCache) through a captured graph gives DynamicCache's greedy
+    tokens on the GPU."""
+    from transformers import DynamicCache
+
+    model = _cuda_model(4).float()
+    ids = torch.randint(0, 512, (2, 29), generator=torch.Generator().manual_seed(5)).cuda()
+    ref = greedy(model, DynamicCache(), ids, 12)
+    dec = StaticDecoder(model, static_cache(model, "static", 48), 48, graph=True)
+    first = dec.prefill(ids)
+    assert torch.equal(torch.cat([first, dec.decode(first, 11)], 1), ref)
