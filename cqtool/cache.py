@@ -152,7 +152,7 @@ class CQLayer(AppendOnlyLayer):
         self.v_codes = torch.empty(B, H, 0, self.v_rb, dtype=torch.uint8, device=self.device)
         self.win_k = self.win_v = None
         self.sink_k = self.sink_v = None
-        self.static_length: torch.Tensor | None = None  # static mode (CQCache.make_static): the length on the device
+        self.static = False  # static mode (CQCache.make_static)
         self.is_initialized = True
 
     def _grow(self, need: int) -> None:
@@ -179,7 +179,7 @@ class CQLayer(AppendOnlyLayer):
         self._grow(start + Q)
         from . import attention, ops  # the encode kernel on GPU, the reference elsewhere
 
-        if self.static_length is not None:
+        if self.static:
             return self._update_static(pre, key_states, value_states)
         if attention.FORCE_REFERENCE:
             ops._note("encode", "reference", "forced by --backend reference")
@@ -210,29 +210,28 @@ class CQLayer(AppendOnlyLayer):
         from . import attention, ops
 
         Q, cap = key_states.shape[2], self.k_codes.shape[2]
-        rows = self.static_length + torch.arange(Q, device=self.device)
+        rows = self.parent.static_rows  # this step's rows, set by layer 0 (CQCache._append_positions)
+        if rows.device != self.device:  # a model spread over GPUs
+            rows = rows.to(self.device)
         for x, cent, bits, codes in ((pre, self.k_centroids, self.k_bits, self.k_codes),
                                      (value_states, self.v_centroids, self.v_bits, self.v_codes)):
-            new = torch.empty(*codes.shape[:2], Q, codes.shape[3], dtype=codes.dtype, device=codes.device)
             if attention.FORCE_REFERENCE:
                 ops._note("encode", "reference", "forced by --backend reference")
-                new.copy_(quant.pack(quant.encode(x, cent), bits))
+                codes.index_copy_(2, rows, quant.pack(quant.encode(x, cent), bits))
             else:
-                ops.encode_into(x, cent, bits, new, 0)
-            codes.index_copy_(2, rows, new)
-        self.static_length.add_(Q)
+                ops.encode_into(x, cent, bits, codes, 0, rows=rows)
         self.length += Q  # host bookkeeping; a replayed graph does not run it (CQCache.sync_static_length)
         view = CQView(self, key_states, value_states, cap - Q, None, None)
         return view, view
 
     def valid_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.static_length is not None:  # static mode: every row; the mask picks the held ones
+        if self.static:  # static mode: every row; the mask picks the held ones
             return self.k_codes, self.v_codes
         return self.k_codes[:, :, : self.length], self.v_codes[:, :, : self.length]
 
     def reset(self) -> None:
         self.length = 0
-        self.static_length = None
+        self.static = False
         self.win_k = self.win_v = self.sink_k = self.sink_v = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -288,6 +287,9 @@ class CQCache(Cache):
         self.inv_freq = rot.inv_freq.detach().float()
         self.rope_scale = float(rot.attention_scaling)
         self.positions: torch.Tensor | None = None  # [B, S] int64, every cached token's RoPE position
+        # static mode (make_static): the number of cached tokens on the device, and the current step's rows
+        self.static_length: torch.Tensor | None = None
+        self.static_rows: torch.Tensor | None = None
         layers = [CQLayer(self, i, codebook.key_centroids[i], codebook.value_centroids[i]) for i in range(codebook.num_layers)]
         super().__init__(layers=layers)
         self._cos_sin_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
@@ -309,7 +311,7 @@ class CQCache(Cache):
 
     def _append_positions(self, key_states: torch.Tensor) -> None:
         B, _, Q, _ = key_states.shape
-        static = self.layers[0].static_length
+        static = self.static_length
         pos = self.tap.positions
         if pos is None or pos.shape[-1] != Q:
             if static is not None:
@@ -317,8 +319,10 @@ class CQCache(Cache):
             start = 0 if self.positions is None else self.positions.shape[1]
             pos = torch.arange(start, start + Q, device=key_states.device).unsqueeze(0)
         pos = pos.to(key_states.device).long().expand(B, Q)
-        if static is not None:  # in place, at the rows the device-side length names (layer 0's, before its update)
-            self.positions.index_copy_(1, static + torch.arange(Q, device=static.device), pos.contiguous())
+        if static is not None:  # the step's rows, from the device-side length, once for all layers; then advance it
+            self.static_rows = static + torch.arange(Q, device=static.device)
+            self.positions.index_copy_(1, self.static_rows, pos.contiguous())
+            static.add_(Q)
             return
         self.positions = pos if self.positions is None else torch.cat([self.positions, pos], dim=1)
 
@@ -346,7 +350,8 @@ class CQCache(Cache):
                     buf = torch.zeros(*old.shape[:2], capacity, old.shape[3], dtype=old.dtype, device=old.device)
                     buf[:, :, : layer.length] = old[:, :, : layer.length]
                     setattr(layer, name, buf)
-            layer.static_length = torch.tensor(layer.length, dtype=torch.long, device=layer.device)
+            layer.static = True
+        self.static_length = torch.tensor(first.length, dtype=torch.long, device=self.positions.device)
         B, n = self.positions.shape
         pos = torch.arange(capacity, device=self.positions.device).expand(B, capacity).clone()
         pos[:, :n] = self.positions
@@ -356,9 +361,10 @@ class CQCache(Cache):
     def sync_static_length(self) -> int:
         """Static mode: copy the device-side length to the host's `length` (a replayed graph advances only the
         former); returns it."""
-        for layer in self.layers:
-            if layer.static_length is not None:
-                layer.length = int(layer.static_length)
+        if self.static_length is not None:
+            n = int(self.static_length)
+            for layer in self.layers:
+                layer.length = n
         return self.layers[0].length
 
     def cos_sin(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,4 +383,5 @@ class CQCache(Cache):
     def reset(self):
         super().reset()
         self.positions = None
+        self.static_length = self.static_rows = None
         self._cos_sin_cache = None

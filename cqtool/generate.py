@@ -55,6 +55,24 @@ def greedy(model, ids: torch.Tensor, cache, max_new_tokens: int, eos: int | None
     return out, time.perf_counter() - t0
 
 
+def greedy_graph(model, ids: torch.Tensor, cache, max_new_tokens: int, eos: int | None) -> tuple[list[int], float]:
+    """greedy() with static shapes, every decode step after two warm-up steps replayed as a CUDA graph
+    (graphs.StaticDecoder; `cache` from graphs.static_cache). Always runs `max_new_tokens` steps (a graph cannot stop
+    early), then cuts the tokens after `eos`. Returns (new token ids, seconds: prefill, warm-up, capture, replays)."""
+    from .graphs import StaticDecoder
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    dec = StaticDecoder(model, cache, ids.shape[1] + max_new_tokens, graph=True)
+    first = dec.prefill(ids)
+    toks = first if max_new_tokens == 1 else torch.cat([first, dec.decode(first, max_new_tokens - 1)], 1)
+    out = toks[0].tolist()
+    secs = time.perf_counter() - t0
+    if eos is not None and eos in out:
+        out = out[: out.index(eos) + 1]
+    return out, secs
+
+
 def prompt_ids(tok, prompt: str, chat: bool) -> list[int]:
     """Token ids of the prompt; `chat`: as the user's turn of the tokenizer's chat template, the assistant's turn
     opened (a ConfigError when the tokenizer has no template)."""
@@ -68,30 +86,43 @@ def prompt_ids(tok, prompt: str, chat: bool) -> list[int]:
 
 def run_generate(model_name: str, codebook_path: str, prompt: str, max_new_tokens: int = 64, window: int | None = None,
                  sinks: int | None = None, compare: bool = True, device: str = "auto", dtype: str = "auto",
-                 device_map: str | None = None, chat: bool = False) -> dict[str, Any]:
-    """Load model and codebook, decode greedily with the CQ cache (and with DynamicCache when `compare`)."""
+                 device_map: str | None = None, chat: bool = False, graphs: bool = False) -> dict[str, Any]:
+    """Load model and codebook, decode greedily with the CQ cache (and with DynamicCache when `compare`). `graphs`:
+    decode steps replayed as CUDA graphs, the CQ cache in static mode and transformers' StaticCache beside it."""
     from transformers import DynamicCache
+
+    from .graphs import static_cache
 
     from . import ops
     from .cache import CQCache, held_bytes
     from .codebook import Codebook
     from .models import load_config, load_model
 
+    if graphs and (window or sinks or device_map):
+        raise ConfigError(f"--cuda-graphs takes one GPU and no full-precision window or sinks (got --window {window}, "
+                          f"--sinks {sinks}, --device-map {device_map})")
     cb = Codebook.load(codebook_path)
     _, _, _, info = load_config(model_name)
     cb.validate_model(info)  # before the weights are loaded
     model, tok, info = load_model(model_name, device, dtype, device_map)
     ids = torch.tensor([prompt_ids(tok, prompt, chat)], device=model_device(model))
+    if graphs and model_device(model).type != "cuda":
+        raise ConfigError(f"--cuda-graphs needs the model on a CUDA GPU (it is on {model_device(model)}; --device cuda)")
     eos = tok.eos_token_id
     runs = []
     kinds = ["cq"] + (["full precision"] if compare else [])
     for kind in kinds:
         ops.BACKEND_USED.clear()
         ops.KERNELS_RUN.clear()
-        cache = CQCache(model, cb, window=window, sinks=sinks, max_length=ids.shape[1] + max_new_tokens) \
-            if kind == "cq" else DynamicCache()
-        new, secs = greedy(model, ids, cache, max_new_tokens, eos)
-        row = {"cache": cache.config.name if kind == "cq" else "DynamicCache (full precision)",
+        cap = ids.shape[1] + max_new_tokens
+        if graphs:
+            cache = static_cache(model, "cq" if kind == "cq" else "static", cap, cb)
+            new, secs = greedy_graph(model, ids, cache, max_new_tokens, eos)
+        else:
+            cache = CQCache(model, cb, window=window, sinks=sinks, max_length=cap) if kind == "cq" else DynamicCache()
+            new, secs = greedy(model, ids, cache, max_new_tokens, eos)
+        base = "StaticCache" if graphs else "DynamicCache"
+        row = {"cache": cache.config.name if kind == "cq" else f"{base} (full precision)",
                "bits_per_channel": cb.config.bits_per_channel if kind == "cq" else torch.finfo(model.dtype).bits,
                "new_tokens": len(new), "seconds": secs, "tokens_per_s": len(new) / secs, "token_ids": new,
                "text": tok.decode(new, skip_special_tokens=True), "cache_bytes": held_bytes(cache)}
@@ -105,5 +136,5 @@ def run_generate(model_name: str, codebook_path: str, prompt: str, max_new_token
         same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         runs[0]["tokens_agreeing"] = same  # new tokens equal to the full-precision ones before the first difference
     return {"model": info.__dict__, "codebook": str(codebook_path), "prompt": prompt, "chat": chat,
-            "prompt_tokens": int(ids.shape[1]),
+            "prompt_tokens": int(ids.shape[1]), "cuda_graphs": graphs,
             "max_new_tokens": max_new_tokens, "device": str(model_device(model)), "dtype": str(model.dtype), "runs": runs}

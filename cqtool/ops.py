@@ -190,8 +190,10 @@ def _spec_reason(D: int, c: int, bits: int, what: str) -> str:
     return ""
 
 
-def encode_into(x: torch.Tensor, centroids: torch.Tensor, bits: int, codes: torch.Tensor, start: int) -> None:
-    """Encode x [B, H_kv, Q, D] and write packed codes into codes[:, :, start:start+Q] ([B, H_kv, cap, R] uint8)."""
+def encode_into(x: torch.Tensor, centroids: torch.Tensor, bits: int, codes: torch.Tensor, start: int,
+                rows: torch.Tensor | None = None) -> None:
+    """Encode x [B, H_kv, Q, D] and write packed codes into codes[:, :, start:start+Q] ([B, H_kv, cap, R] uint8), or,
+    with `rows` (int64 [Q] on x's device), token t into row rows[t] (static decoding: the rows live on the device)."""
     Q = x.shape[2]
     why = ""
     if not x.is_cuda:
@@ -206,11 +208,18 @@ def encode_into(x: torch.Tensor, centroids: torch.Tensor, bits: int, codes: torc
         mod, why = _module_or_reason()
         if mod is not None:
             xs = x if x.stride(-1) == 1 else x.contiguous()
-            mod.encode(xs, centroids.contiguous(), int(bits), codes, int(start))
+            if rows is None:
+                mod.encode(xs, centroids.contiguous(), int(bits), codes, int(start))
+            else:
+                mod.encode_rows(xs, centroids.contiguous(), int(bits), codes, rows)
             _note("encode", "cuda")
             return
     _note("encode", "reference", why)
-    codes[:, :, start : start + Q] = quant.pack(quant.encode(x, centroids), bits)
+    new = quant.pack(quant.encode(x, centroids), bits)
+    if rows is None:
+        codes[:, :, start : start + Q] = new
+    else:
+        codes.index_copy_(2, rows, new)
 
 
 # ---- attention

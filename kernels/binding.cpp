@@ -83,8 +83,10 @@ void set_cos_sin(cq::AttnParams& p, const at::Tensor& cos, const at::Tensor& sin
 
 }  // namespace
 
-// x [B, H, Q, D]; centroids [H, G, 2**bits, c]; codes [B, H, cap, R] uint8: codes[:, :, start:start+Q] = pack(encode(x)).
-void encode(const at::Tensor& x, const at::Tensor& centroids, int64_t bits, at::Tensor& codes, int64_t start) {
+// x [B, H, Q, D]; centroids [H, G, 2**bits, c]; codes [B, H, cap, R] uint8: codes[:, :, start:start+Q] = pack(encode(x)),
+// or codes[:, :, rows[t]] for token t when rows (int64 [Q] on the GPU, each in [0, cap)) is given.
+void encode_impl(const at::Tensor& x, const at::Tensor& centroids, int64_t bits, at::Tensor& codes, int64_t start,
+                 const at::Tensor* rows) {
   TORCH_CHECK(x.is_cuda() && centroids.is_cuda() && codes.is_cuda(), "encode: tensors must be on the GPU");
   TORCH_CHECK(x.dim() == 4 && centroids.dim() == 4 && codes.dim() == 4, "encode: expected 4-d x, centroids, codes");
   TORCH_CHECK(x.stride(3) == 1 && centroids.is_contiguous() && codes.is_contiguous(), "encode: layout");
@@ -103,8 +105,21 @@ void encode(const at::Tensor& x, const at::Tensor& centroids, int64_t bits, at::
   p.codes = codes.data_ptr<uint8_t>();
   p.B = B; p.H = H; p.Q = Q; p.D = D; p.G = G; p.c = c; p.bits = bits; p.R = codes.size(3);
   p.cap = codes.size(2); p.start = start;
+  if (rows != nullptr) {
+    TORCH_CHECK(rows->is_cuda() && rows->device() == x.device() && rows->scalar_type() == at::kLong &&
+                rows->dim() == 1 && rows->numel() == Q && rows->is_contiguous(), "encode: rows must be int64 [Q] on x's GPU");
+    p.rows = rows->data_ptr<int64_t>();
+  }
   p.dtype = dtype_tag(x);
   check_cuda(cq::launch_encode(p, at::cuda::getCurrentCUDAStream()), "encode");
+}
+
+void encode(const at::Tensor& x, const at::Tensor& centroids, int64_t bits, at::Tensor& codes, int64_t start) {
+  encode_impl(x, centroids, bits, codes, start, nullptr);
+}
+
+void encode_rows(const at::Tensor& x, const at::Tensor& centroids, int64_t bits, at::Tensor& codes, const at::Tensor& rows) {
+  encode_impl(x, centroids, bits, codes, 0, &rows);
 }
 
 // Attention of query [B, H_q, Q, D] over S cached tokens held as codes (+ full-precision window/sinks) -> [B, Q, H_q, D],
@@ -214,6 +229,7 @@ std::tuple<at::Tensor, at::Tensor> dequant(const at::Tensor& k_codes, const at::
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "cqtool CUDA kernels: CQ encode, decode attention (split-K) and prefill attention (tensor cores)";
   m.def("encode", &encode, "nearest-centroid encode + pack into the code buffer in place");
+  m.def("encode_rows", &encode_rows, "encode, each new token into the code buffer row a device array names");
   m.def("attention", &attention, "attention from CQ codes");
   m.def("dequant", &dequant, "dense RoPE'd keys and values from CQ codes (prefill through SDPA)");
 }

@@ -1,5 +1,6 @@
 // Encode: nearest centroid (squared L2, fp32, first index on ties, as quant.encode) for new K/V tokens, packed
-// into the preallocated code buffer in place: codes[b, h, start + t, :] for t < Q. Old tokens are untouched.
+// into the preallocated code buffer in place: codes[b, h, start + t, :] for t < Q (or at rows[t], a device array, when
+// given: static decoding, whose rows the host does not know when a CUDA graph replays). Old tokens are untouched.
 //
 //   x:         [B, H, Q, D] fp16/bf16, any strides with a contiguous last dim
 //   centroids: [H, G, K, c] same dtype, contiguous (K = 2**bits)
@@ -54,7 +55,9 @@ __global__ void __launch_bounds__(kEncWarps * 32) encode_kernel(EncodeParams p) 
     if (lane == 0) codes_s[g] = static_cast<uint16_t>(best_k);
   }
   __syncthreads();
-  uint8_t* out = p.codes + ((static_cast<int64_t>(b) * p.H + h) * p.cap + p.start + t) * p.R;
+  const int64_t r = p.rows ? p.rows[t] : p.start + t;
+  if (r < 0 || r >= p.cap) return;  // a device-side row outside the buffer: nothing written
+  uint8_t* out = p.codes + ((static_cast<int64_t>(b) * p.H + h) * p.cap + r) * p.R;
   for (int i = threadIdx.x; i < p.R; i += blockDim.x) {
     const int lo = 8 * i, hi = 8 * i + 7;
     uint32_t v = 0;

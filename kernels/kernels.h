@@ -17,6 +17,7 @@ struct EncodeParams {
   uint8_t* codes;  // [B, H, cap, R] contiguous
   int B, H, Q, D, G, c, bits, R;
   int64_t cap, start;
+  const int64_t* rows;  // [Q] on the device: token t goes to row rows[t] (static decoding); nullptr: row start + t
   int dtype;  // cq::DType
 };
 

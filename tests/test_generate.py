@@ -80,3 +80,7 @@ def test_generate_bad_input(tiny_calib, tiny_model_dir, tmp_path, tokenizer):
     assert_user_error(run("generate", "--model", other, "--codebook", cb, "--prompt", "a", "--device", "cpu", "--json", js),
                       "num_layers is 2 in the codebook")
     assert not js.exists()
+    assert_user_error(run(*base, "--codebook", cb, "--prompt", "a", "--cuda-graphs"), "--cuda-graphs needs the model on "
+                      "a CUDA GPU", "cpu")
+    assert_user_error(run(*base, "--codebook", cb, "--prompt", "a", "--cuda-graphs", "--window", 8), "--cuda-graphs",
+                      "--window 8")

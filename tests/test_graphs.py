@@ -48,7 +48,8 @@ def test_static_cq_decode_equals_the_growing_cache(family):
     assert dec.length == n and cache.get_seq_length() == n and cache.layers[0].k_codes.shape[2] == 40
     for a, b in zip(cache.layers, ref_cache.layers):
         assert torch.equal(a.k_codes[:, :, :n], b.k_codes[:, :, :n]) and torch.equal(a.v_codes[:, :, :n], b.v_codes[:, :, :n])
-        assert int(a.static_length) == n
+        assert a.static and a.length == n
+    assert int(cache.static_length) == n
     assert torch.equal(cache.positions[:, :n], ref_cache.positions)
     assert cache.memory_bytes() == ref_cache.memory_bytes()
 
@@ -142,7 +143,7 @@ def test_graph_replay_equals_eager_static_decode(kv_heads):
     assert torch.equal(got, eager)
     assert ops.BACKEND_USED == {"encode": "cuda", "attention": "cuda"}, ops.BACKEND_USED
     assert ops.KERNEL_USED["attention"].startswith("decode"), ops.KERNEL_USED
-    assert cache.get_seq_length() == 37 + 13 and int(cache.layers[1].static_length) == 50
+    assert cache.get_seq_length() == 37 + 13 and int(cache.static_length) == 50
     # one step of the static cache (all 64 rows, masked) against the growing cache, same tokens
     grow = CQCache(model, cb)
     kw = lambda c: {cache_kwarg(model): c, "use_cache": True}  # noqa: E731

@@ -664,6 +664,31 @@ def test_cpu_fallback_is_announced(monkeypatch, caplog):
     assert text.count("attention runs on the reference path") == 1
 
 
+@cuda_test
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("c,b", [(8, 8), (4, 8), (16, 12), (1, 4)])
+def test_encode_into_device_rows(c, b, dtype):
+    """Static decoding: each new token's codes go to the row a device array names (here out of order, the last row of
+    the buffer among them); every other row stays as it was, and the codes equal the contiguous kernel's."""
+    torch.manual_seed(1)
+    B, H, Q, D, cap = 3, 5, 4, 128, 37
+    x = torch.randn(B, Q, H, D, device="cuda").to(dtype).transpose(1, 2)
+    cent = torch.randn(H, D // c, 2**b, c, device="cuda").to(dtype)
+    R = quant.row_bytes(D // c, b)
+    codes = torch.randint(0, 256, (B, H, cap, R), device="cuda", dtype=torch.uint8)
+    before = codes.clone()
+    rows = torch.tensor([36, 3, 17, 4], device="cuda")
+    ops.encode_into(x, cent, b, codes, 0, rows=rows)
+    want = torch.zeros(B, H, Q, R, device="cuda", dtype=torch.uint8)
+    ops.encode_into(x, cent, b, want, 0)
+    torch.cuda.synchronize()
+    assert ops.BACKEND_USED["encode"] == "cuda"
+    assert torch.equal(codes[:, :, rows], want)
+    others = torch.ones(cap, dtype=torch.bool, device="cuda")
+    others[rows] = False
+    assert torch.equal(codes[:, :, others], before[:, :, others])
+
+
 def test_encode_into_cpu_equals_reference():
     x = torch.randn(2, 3, 5, 32)
     cent = torch.randn(3, 8, 2**5, 4)
@@ -671,6 +696,10 @@ def test_encode_into_cpu_equals_reference():
     ops.encode_into(x, cent, 5, codes, 2)
     assert torch.equal(codes[:, :, 2:7], quant.pack(quant.encode(x, cent), 5))
     assert not codes[:, :, :2].any() and not codes[:, :, 7:].any()
+    rows = torch.tensor([8, 0, 4, 1, 6])  # device rows (static decoding): token t into row rows[t]
+    codes2 = torch.zeros_like(codes)
+    ops.encode_into(x, cent, 5, codes2, 0, rows=rows)
+    assert torch.equal(codes2[:, :, rows], codes[:, :, 2:7]) and not codes2[:, :, [2, 3, 5, 7]].any()
 
 
 def test_key_ranges_from_padded_mask():
@@ -864,3 +893,12 @@ def test_generate_runs_on_the_kernels(tmp_path, tokenizer):
     (ref,) = json.loads((tmp_path / "r.json").read_text())["runs"]
     assert ref["attention_kernels"] == [] and ref["backends"]["attention"] == "reference"
     assert "attention ran on the PyTorch reference" in r.output
+    # --cuda-graphs: the CQ cache in static mode on the kernels, transformers' StaticCache beside it
+    r = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "m"), "--codebook", str(tmp_path / "cb.safetensors"),
+                                 "--prompt", "w1 w2 the cat of w7", "--max-new-tokens", "6", "--device", "cuda",
+                                 "--dtype", "bfloat16", "--cuda-graphs", "--json", str(tmp_path / "c.json")])
+    assert r.exit_code == 0, r.output
+    out = json.loads((tmp_path / "c.json").read_text())
+    gq, gfp = out["runs"]
+    assert out["cuda_graphs"] and gfp["cache"] == "StaticCache (full precision)" and gq["backends"]["attention"] == "cuda"
+    assert 1 <= gq["new_tokens"] <= 6 and "decode steps replayed as CUDA graphs" in r.output

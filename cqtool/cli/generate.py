@@ -24,6 +24,8 @@ def generate_cmd(
     dtype: Annotated[str, typer.Option(help="auto | float32 | float16 | bfloat16")] = "auto",
     device_map: Annotated[Optional[str], typer.Option(help="'auto': spread a model too big for one GPU over GPUs/CPU")] = None,
     backend: Annotated[str, typer.Option(help="auto: CUDA kernels where they apply | reference: PyTorch reference only")] = "auto",
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Replay each decode step as a CUDA graph (one GPU; "
+                                              "the full-precision run uses transformers' StaticCache)")] = False,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Save the texts and numbers as JSON")] = None,
 ):
     """Greedy generation through a CQ cache, beside the full-precision cache: the texts, where they first differ,
@@ -39,7 +41,7 @@ def generate_cmd(
     text = check_args(prompt, prompt_file, max_new_tokens)
     with attention.backend(backend), console.status("loading the model and generating"):
         res = run_generate(model, codebook, text, max_new_tokens, window, sinks, compare, device, dtype, device_map,
-                           chat)
+                           chat, cuda_graphs)
     t = Table(title=f"{res['model']['model_id']}: {res['prompt_tokens']} prompt tokens, greedy, {res['device']}, "
                     f"{res['dtype'].removeprefix('torch.')}")
     for col in ("cache", "bits/channel", "new tokens", "tokens/s", "cache MiB", "same as full precision"):
@@ -56,6 +58,8 @@ def generate_cmd(
     ran = (f"CUDA kernels ({', '.join(cq['attention_kernels'])})" if cq["attention_kernels"] else
            f"the PyTorch reference (backends: {', '.join(f'{k} {v}' for k, v in cq['backends'].items())})")
     line = f"{cq['cache']}: attention ran on {ran}"
+    if res["cuda_graphs"]:
+        line += "; decode steps replayed as CUDA graphs"
     if "tokens_agreeing" in cq:
         fp = res["runs"][1]
         line += (f"; first {cq['tokens_agreeing']} of {cq['new_tokens']} new tokens equal to the full-precision ones; "
