@@ -654,6 +654,8 @@ def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, sp
         raise ConfigError("--no-same-batch with --no-search and no --graphs: nothing to measure")
     if graphs and (gpus > 1 or window):
         raise ConfigError(f"--graphs takes one GPU and no CQ window (got --gpus {gpus}, --window {window})")
+    if graphs and new_tokens < 3:
+        raise ConfigError(f"--graphs with --new-tokens {new_tokens}: at least 3 (two warm-up steps, then replays)")
     if not torch.cuda.is_available():
         raise ConfigError("bench generate needs a CUDA GPU")
     if gpus > torch.cuda.device_count():

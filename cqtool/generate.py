@@ -55,10 +55,11 @@ def greedy(model, ids: torch.Tensor, cache, max_new_tokens: int, eos: int | None
     return out, time.perf_counter() - t0
 
 
-def greedy_graph(model, ids: torch.Tensor, cache, max_new_tokens: int, eos: int | None) -> tuple[list[int], float]:
+def greedy_graph(model, ids: torch.Tensor, cache, max_new_tokens: int, eos: int | None) -> tuple[list[int], float, int]:
     """greedy() with static shapes, every decode step after two warm-up steps replayed as a CUDA graph
     (graphs.StaticDecoder; `cache` from graphs.static_cache). Always runs `max_new_tokens` steps (a graph cannot stop
-    early), then cuts the tokens after `eos`. Returns (new token ids, seconds: prefill, warm-up, capture, replays)."""
+    early), then cuts the tokens after `eos`. Returns (new token ids, seconds: prefill, warm-up, capture, replays,
+    the number of steps that were graph replays: 0 for 3 tokens or fewer)."""
     from .graphs import StaticDecoder
 
     torch.cuda.synchronize()
@@ -70,7 +71,7 @@ def greedy_graph(model, ids: torch.Tensor, cache, max_new_tokens: int, eos: int 
     secs = time.perf_counter() - t0
     if eos is not None and eos in out:
         out = out[: out.index(eos) + 1]
-    return out, secs
+    return out, secs, dec.timings["steps"] if dec.timings.get("graph") else 0
 
 
 def prompt_ids(tok, prompt: str, chat: bool) -> list[int]:
@@ -117,7 +118,7 @@ def run_generate(model_name: str, codebook_path: str, prompt: str, max_new_token
         cap = ids.shape[1] + max_new_tokens
         if graphs:
             cache = static_cache(model, "cq" if kind == "cq" else "static", cap, cb)
-            new, secs = greedy_graph(model, ids, cache, max_new_tokens, eos)
+            new, secs, replays = greedy_graph(model, ids, cache, max_new_tokens, eos)
         else:
             cache = CQCache(model, cb, window=window, sinks=sinks, max_length=cap) if kind == "cq" else DynamicCache()
             new, secs = greedy(model, ids, cache, max_new_tokens, eos)
@@ -126,6 +127,8 @@ def run_generate(model_name: str, codebook_path: str, prompt: str, max_new_token
                "bits_per_channel": cb.config.bits_per_channel if kind == "cq" else torch.finfo(model.dtype).bits,
                "new_tokens": len(new), "seconds": secs, "tokens_per_s": len(new) / secs, "token_ids": new,
                "text": tok.decode(new, skip_special_tokens=True), "cache_bytes": held_bytes(cache)}
+        if graphs:
+            row["graph_replays"] = replays
         if kind == "cq":
             row.update(window=cache.config.window, sinks=cache.config.sinks, backends=dict(ops.BACKEND_USED),
                        attention_kernels=sorted(ops.KERNELS_RUN))

@@ -43,7 +43,8 @@ class StaticDecoder:
     """decoder = StaticDecoder(model, cache, capacity); first = decoder.prefill(ids); tokens = decoder.decode(n).
 
     `cache`: from static_cache(). `capacity`: prompt + new tokens at least (every row the cache will hold).
-    After decode(), `timings` holds the seconds of the steps that ran as graph replays (or eagerly) and how many.
+    After decode(), `timings` holds the seconds of the steps that ran as graph replays (or, where none did: all steps
+    ran eagerly, or only the warm-up ones, the eager steps) and how many, and whether they were replays.
     """
 
     def __init__(self, model, cache, capacity: int, graph: bool | None = None, chunk: int = 0):
@@ -104,7 +105,9 @@ class StaticDecoder:
 
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         eager = steps if not self.graph else min(warmup, steps)
-        if self.graph and eager:
+        sync()
+        t0 = time.perf_counter()
+        if self.graph:
             side = torch.cuda.Stream(dev)  # warm-up on a side stream, as torch.cuda.graphs asks
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
@@ -112,12 +115,10 @@ class StaticDecoder:
                     step()
             torch.cuda.current_stream(dev).wait_stream(side)
         else:
-            sync()
-            t0 = time.perf_counter()
             for _ in range(eager):
                 step()
-            sync()
-            self.timings = {"steps": eager, "seconds": time.perf_counter() - t0, "graph": False}
+        sync()
+        self.timings = {"steps": eager, "seconds": time.perf_counter() - t0, "graph": False}
         replays = steps - eager
         if replays:
             g = torch.cuda.CUDAGraph()

@@ -46,6 +46,7 @@ def test_static_cq_decode_equals_the_growing_cache(family):
     assert torch.equal(got, ref)
     n = 21 + 8  # the last token is produced, not yet fed back
     assert dec.length == n and cache.get_seq_length() == n and cache.layers[0].k_codes.shape[2] == 40
+    assert dec.timings["steps"] == 8 and dec.timings["graph"] is False and dec.timings["seconds"] > 0
     for a, b in zip(cache.layers, ref_cache.layers):
         assert torch.equal(a.k_codes[:, :, :n], b.k_codes[:, :, :n]) and torch.equal(a.v_codes[:, :, :n], b.v_codes[:, :, :n])
         assert a.static and a.length == n

@@ -901,4 +901,4 @@ def test_generate_runs_on_the_kernels(tmp_path, tokenizer):
     out = json.loads((tmp_path / "c.json").read_text())
     gq, gfp = out["runs"]
     assert out["cuda_graphs"] and gfp["cache"] == "StaticCache (full precision)" and gq["backends"]["attention"] == "cuda"
-    assert 1 <= gq["new_tokens"] <= 6 and "decode steps replayed as CUDA graphs" in r.output
+    assert 1 <= gq["new_tokens"] <= 6 and gq["graph_replays"] == 3 and "3 decode steps replayed as a CUDA graph" in r.output

@@ -59,7 +59,9 @@ def generate_cmd(
            f"the PyTorch reference (backends: {', '.join(f'{k} {v}' for k, v in cq['backends'].items())})")
     line = f"{cq['cache']}: attention ran on {ran}"
     if res["cuda_graphs"]:
-        line += "; decode steps replayed as CUDA graphs"
+        n = cq["graph_replays"]
+        line += (f"; {n} decode steps replayed as a CUDA graph" if n else
+                 "; no CUDA graph was captured (3 new tokens or fewer: all steps ran as warm-up)")
     if "tokens_agreeing" in cq:
         fp = res["runs"][1]
         line += (f"; first {cq['tokens_agreeing']} of {cq['new_tokens']} new tokens equal to the full-precision ones; "
