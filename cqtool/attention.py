@@ -70,6 +70,11 @@ def attend_codes(query: torch.Tensor, view, attention_mask, scaling: float) -> t
     """The CUDA kernels where they apply (ops), the reference otherwise or when FORCE_REFERENCE is set."""
     from . import ops
 
+    if attention_mask is None and getattr(view.layer, "static", False):
+        from .config import ConfigError
+
+        raise ConfigError("a CQ cache in static mode (make_static) needs the 4D attention mask [B, 1, Q, capacity] "
+                          "that marks the rows holding tokens (graphs.StaticDecoder passes it); got none")
     if FORCE_REFERENCE:
         ops._note("attention", "reference", "forced by --backend reference")
         return attend_codes_reference(query, view, attention_mask, scaling)

@@ -87,6 +87,9 @@ def test_static_mode_mask_is_what_attention_reads():
             outs.append(model(input_ids=ids[:, :1], position_ids=torch.tensor([[12]]), attention_mask=mask,
                               **kw(cache)).logits)
     assert not torch.allclose(outs[0], outs[1])
+    # without the mask a static cache cannot tell held rows from spare ones: an error, not attention over both
+    with torch.no_grad(), pytest.raises(ConfigError, match="needs the 4D attention mask"):
+        model(input_ids=ids[:, :1], position_ids=torch.tensor([[13]]), **kw(cache))
 
 
 def test_static_mode_errors():
