@@ -403,6 +403,14 @@ def _release() -> None:
     torch.cuda.empty_cache()
 
 
+def _drop_taps(model) -> None:
+    """After a run: the pre-RoPE keys a failed forward left in the model's tap, then the freed memory."""
+    tap = getattr(model, "_cq_tap", None)
+    if tap is not None:
+        tap.keys.clear()
+    _release()
+
+
 def _pregrow(cache, total: int) -> None:
     """CQ: size the code buffers for the whole generation once (as a static cache would), not by doubling."""
     for layer in getattr(cache, "layers", []):
@@ -485,10 +493,7 @@ def run_generation(kind: str, setup: GenSetup, B: int, real_prefill: bool = True
         return rec
     finally:
         del cache
-        tap = getattr(model, "_cq_tap", None)
-        if tap is not None:  # keys a failed forward left behind
-            tap.keys.clear()
-        _release()
+        _drop_taps(model)
 
 
 def peak_bytes(kind: str, setup: GenSetup, B: int, probe_steps: int = 2) -> int:
@@ -544,35 +549,36 @@ def gpu_ms_per_step(kind: str, setup: GenSetup, B: int, steps: int = 8) -> float
         return gpu_time_us(lambda: _decode(setup.model, cache, tok, 1, setup.sync), warmup=2, reps=steps) / 1e3
     finally:
         del cache
-        tap = getattr(setup.model, "_cq_tap", None)
-        if tap is not None:
-            tap.keys.clear()
-        _release()
+        _drop_taps(setup.model)
 
 
-def _same_batch(setup: GenSetup, batch: int, repeats: int, say) -> dict:
-    """`repeats` paired timed runs (DynamicCache then CQ) at one batch with a real prefill, after an untimed run of
-    each; the speedup is the median of the paired ratios. Then each cache's GPU time per decode step
-    (gpu_ms_per_step), which tells whether the wall time of that batch is the GPU's or the host's."""
-    for kind in ("dynamic", "cq"):
-        say(f"same batch {batch}: untimed run of {kind}")
-        run_generation(kind, setup, batch)
+def _paired(run, base: str, setup: GenSetup, batch: int, repeats: int, say, label: str) -> dict:
+    """An untimed run of each cache, then `repeats` paired timed runs (`base`, then "cq") at one batch through `run`
+    (kind, setup, batch) -> record; the speedup is the median of the paired ratios of decode tokens/s and the pair
+    reported is the median one."""
+    for kind in (base, "cq"):
+        say(f"{label}: untimed run of {kind}")
+        run(kind, setup, batch)
     setup.records.clear()
     runs = []
     for i in range(repeats):
-        say(f"same batch {batch}, run {i + 1}/{repeats}: dynamic")
-        dyn = run_generation("dynamic", setup, batch)
-        say(f"same batch {batch}, run {i + 1}/{repeats}: cq")
-        runs.append((dyn, run_generation("cq", setup, batch)))
-    ratios = [cq["decode_tok_s"] / dyn["decode_tok_s"] for dyn, cq in runs]
+        say(f"{label}, run {i + 1}/{repeats}: {base}, cq")
+        runs.append((run(base, setup, batch), run("cq", setup, batch)))
+    ratios = [cq["decode_tok_s"] / b["decode_tok_s"] for b, cq in runs]
     mid = sorted(range(repeats), key=ratios.__getitem__)[(repeats - 1) // 2]  # the run of the (lower) median ratio
+    return {base: runs[mid][0], "cq": runs[mid][1], "decode_speedup": statistics.median(ratios),
+            "decode_speedup_runs": ratios, "repeats": repeats, "runs": [{base: b, "cq": c} for b, c in runs]}
+
+
+def _same_batch(setup: GenSetup, batch: int, repeats: int, say) -> dict:
+    """Paired runs of DynamicCache and CQ at one batch with a real prefill (_paired), then each cache's GPU time per
+    decode step (gpu_ms_per_step), which tells whether the wall time of that batch is the GPU's or the host's."""
+    out = _paired(run_generation, "dynamic", setup, batch, repeats, say, f"same batch {batch}")
     gpu = {}
     for kind in ("dynamic", "cq"):
         say(f"same batch {batch}: GPU time per decode step of {kind} (torch.profiler)")
         gpu[kind] = gpu_ms_per_step(kind, setup, batch)
-    return {"dynamic": runs[mid][0], "cq": runs[mid][1], "decode_speedup": statistics.median(ratios),
-            "decode_speedup_runs": ratios, "repeats": repeats, "runs": [{"dynamic": d, "cq": c} for d, c in runs],
-            "gpu_ms_per_step": gpu, "gpu_time_ratio": gpu["dynamic"] / gpu["cq"]}
+    return {**out, "gpu_ms_per_step": gpu, "gpu_time_ratio": gpu["dynamic"] / gpu["cq"]}
 
 
 @torch.no_grad()
@@ -605,27 +611,12 @@ def run_graph_generation(kind: str, setup: GenSetup, B: int) -> dict:
         return rec
     finally:
         del cache
-        tap = getattr(model, "_cq_tap", None)
-        if tap is not None:
-            tap.keys.clear()
-        _release()
+        _drop_taps(model)
 
 
 def _graph_same_batch(setup: GenSetup, batch: int, repeats: int, say) -> dict:
-    """CUDA graphs at one batch: `repeats` paired timed runs (StaticCache then CQ) after an untimed run of each; the
-    speedup is the median of the paired ratios of decode tokens/s."""
-    for kind in ("static", "cq"):
-        say(f"CUDA graphs, batch {batch}: untimed run of {kind}")
-        run_graph_generation(kind, setup, batch)
-    setup.records.clear()
-    runs = []
-    for i in range(repeats):
-        say(f"CUDA graphs, batch {batch}, run {i + 1}/{repeats}: static, cq")
-        runs.append((run_graph_generation("static", setup, batch), run_graph_generation("cq", setup, batch)))
-    ratios = [cq["decode_tok_s"] / st["decode_tok_s"] for st, cq in runs]
-    mid = sorted(range(repeats), key=ratios.__getitem__)[(repeats - 1) // 2]
-    return {"static": runs[mid][0], "cq": runs[mid][1], "decode_speedup": statistics.median(ratios),
-            "decode_speedup_runs": ratios, "repeats": repeats, "runs": [{"static": a, "cq": b} for a, b in runs]}
+    """CUDA graphs at one batch: paired runs of StaticCache and CQ (_paired over run_graph_generation)."""
+    return _paired(run_graph_generation, "static", setup, batch, repeats, say, f"CUDA graphs, batch {batch}")
 
 
 def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, spec: str = "8c8b", layers: int = 32,
