@@ -55,19 +55,23 @@ def greedy(model, ids: torch.Tensor, cache, max_new_tokens: int, eos: int | None
     return out, time.perf_counter() - t0
 
 
-def greedy_graph(model, ids: torch.Tensor, cache, max_new_tokens: int, eos: int | None) -> tuple[list[int], float, int]:
+def greedy_graph(model, ids: torch.Tensor, cache, max_new_tokens: int, eos: int | None,
+                 graph: bool = True) -> tuple[list[int], float, int]:
     """greedy() with static shapes, every decode step after two warm-up steps replayed as a CUDA graph
-    (graphs.StaticDecoder; `cache` from graphs.static_cache). Always runs `max_new_tokens` steps (a graph cannot stop
-    early), then cuts the tokens after `eos`. Returns (new token ids, seconds: prefill, warm-up, capture, replays,
-    the number of steps that were graph replays: 0 for 3 tokens or fewer)."""
+    (graphs.StaticDecoder; `cache` from graphs.static_cache; graph=False: every step eagerly, the same path on the
+    CPU). Always runs `max_new_tokens` steps (a graph cannot stop early), then cuts the tokens after `eos`. Returns
+    (new token ids, seconds: prefill, warm-up, capture, replays, the number of steps that were graph replays: 0 for 3
+    tokens or fewer)."""
     from .graphs import StaticDecoder
 
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if graph else (lambda: None)
+    sync()
     t0 = time.perf_counter()
-    dec = StaticDecoder(model, cache, ids.shape[1] + max_new_tokens, graph=True)
+    dec = StaticDecoder(model, cache, ids.shape[1] + max_new_tokens, graph=graph)
     first = dec.prefill(ids)
     toks = first if max_new_tokens == 1 else torch.cat([first, dec.decode(first, max_new_tokens - 1)], 1)
     out = toks[0].tolist()
+    sync()
     secs = time.perf_counter() - t0
     if eos is not None and eos in out:
         out = out[: out.index(eos) + 1]
@@ -125,7 +129,9 @@ def run_generate(model_name: str, codebook_path: str, prompt: str, max_new_token
         base = "StaticCache" if graphs else "DynamicCache"
         row = {"cache": cache.config.name if kind == "cq" else f"{base} (full precision)",
                "bits_per_channel": cb.config.bits_per_channel if kind == "cq" else torch.finfo(model.dtype).bits,
-               "new_tokens": len(new), "seconds": secs, "tokens_per_s": len(new) / secs, "token_ids": new,
+               "new_tokens": len(new), "seconds": secs, "token_ids": new,
+               # a graph runs every step even past the end-of-sequence token: tokens/s counts the steps it ran
+               "tokens_per_s": (max_new_tokens if graphs else len(new)) / secs,
                "text": tok.decode(new, skip_special_tokens=True), "cache_bytes": held_bytes(cache)}
         if graphs:
             row["graph_replays"] = replays

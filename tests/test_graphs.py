@@ -176,3 +176,19 @@ def test_graph_replay_of_the_static_cache_baseline():
     dec = StaticDecoder(model, static_cache(model, "static", 48), 48, graph=True)
     first = dec.prefill(ids)
     assert torch.equal(torch.cat([first, dec.decode(first, 11)], 1), ref)
+
+
+def test_greedy_graph_path_on_the_cpu():
+    """cqtool generate --cuda-graphs' decode loop (graph=False: the same static path, eagerly): the tokens of the
+    growing cache's greedy decode, cut after the end-of-sequence token although every step ran."""
+    from cqtool.generate import greedy_graph
+
+    model = tiny_model("llama")
+    cb = make_codebook(ModelInfo.from_config(model.config, "tiny"))
+    ids = torch.randint(0, 512, (1, 15), generator=torch.Generator().manual_seed(6))
+    ref = greedy(model, CQCache(model, cb), ids, 10)[0].tolist()
+    out, secs, replays = greedy_graph(model, ids, static_cache(model, "cq", 25, cb), 10, None, graph=False)
+    assert out == ref and secs > 0 and replays == 0
+    eos = ref[4]
+    cut, _, _ = greedy_graph(model, ids, static_cache(model, "cq", 25, cb), 10, eos, graph=False)
+    assert cut == ref[: ref.index(eos) + 1]

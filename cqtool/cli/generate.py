@@ -30,7 +30,8 @@ def generate_cmd(
 ):
     """Greedy generation through a CQ cache, beside the full-precision cache: the texts, where they first differ,
     tokens/s (new tokens over the wall time of prefill and decode, no warm-up: `cqtool bench generate` times
-    generation), cache memory and the attention backend."""
+    generation; with --cuda-graphs the steps run over that time, since a graph runs all --max-new-tokens steps), cache
+    memory and the attention backend."""
     from rich.panel import Panel
     from rich.table import Table
 
