@@ -61,7 +61,7 @@ class StaticDecoder:
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         """Run the prompt ids [B, P] (eagerly, in chunks of `chunk` tokens if set); returns the first greedy token
-        [B, 1]."""
+        [B, 1]. Every row is a whole prompt of P tokens: no padding (the decode mask marks rows 0..P-1 held for all)."""
         B, P = ids.shape
         if P + 1 > self.capacity:
             raise ConfigError(f"capacity {self.capacity}: must exceed the prompt's {P} tokens")
