@@ -11,28 +11,31 @@
 namespace cq {
 namespace {
 
-constexpr int kEncWarps = 4;
+constexpr int kEncMaxWarps = 16;
 
-// One block per (token, head) row; warps take groups, lanes take centroids, then the row's bytes are assembled.
+// One block per (token, head) row; warps take groups (one warp per group up to 16 groups: at one token per sequence
+// only B x H blocks run, and each warp's walk over its centroids is a chain of L2 loads, so more warps per block
+// shorten the launch), lanes take centroids, then the row's bytes are assembled.
 template <typename T, int C>
-__global__ void __launch_bounds__(kEncWarps * 32) encode_kernel(EncodeParams p) {
+__global__ void __launch_bounds__(kEncMaxWarps * 32) encode_kernel(EncodeParams p) {
   const int row = blockIdx.x;  // b * Q + t
   const int h = blockIdx.y;
   const int b = row / p.Q, t = row % p.Q;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int K = 1 << p.bits;
   extern __shared__ uint16_t codes_s[];  // [G]
 
   const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_sb + h * p.x_sh + t * p.x_sq;
   const T* cent = reinterpret_cast<const T*>(p.centroids) + static_cast<int64_t>(h) * p.G * K * C;
   constexpr int V = C < 8 ? C : 8;
-  for (int g = warp; g < p.G; g += kEncWarps) {
+  for (int g = warp; g < p.G; g += nwarps) {
     float xv[C];
 #pragma unroll
     for (int j = 0; j < C; j += V) load_vec_g<T, V>(x + g * C + j, xv + j);
     float best = __int_as_float(0x7f800000);
     int best_k = 0;
     const T* cg = cent + static_cast<int64_t>(g) * K * C;
+#pragma unroll 4
     for (int k = lane; k < K; k += 32) {
       float cv[C];
 #pragma unroll
@@ -73,13 +76,14 @@ __global__ void __launch_bounds__(kEncWarps * 32) encode_kernel(EncodeParams p) 
 template <typename T>
 cudaError_t launch_encode_t(const EncodeParams& p, cudaStream_t stream) {
   dim3 grid(p.B * p.Q, p.H);
+  const int threads = 32 * (p.G < kEncMaxWarps ? p.G : kEncMaxWarps);
   size_t smem = static_cast<size_t>(p.G) * sizeof(uint16_t);
   switch (p.c) {
-    case 1: encode_kernel<T, 1><<<grid, kEncWarps * 32, smem, stream>>>(p); break;
-    case 2: encode_kernel<T, 2><<<grid, kEncWarps * 32, smem, stream>>>(p); break;
-    case 4: encode_kernel<T, 4><<<grid, kEncWarps * 32, smem, stream>>>(p); break;
-    case 8: encode_kernel<T, 8><<<grid, kEncWarps * 32, smem, stream>>>(p); break;
-    case 16: encode_kernel<T, 16><<<grid, kEncWarps * 32, smem, stream>>>(p); break;
+    case 1: encode_kernel<T, 1><<<grid, threads, smem, stream>>>(p); break;
+    case 2: encode_kernel<T, 2><<<grid, threads, smem, stream>>>(p); break;
+    case 4: encode_kernel<T, 4><<<grid, threads, smem, stream>>>(p); break;
+    case 8: encode_kernel<T, 8><<<grid, threads, smem, stream>>>(p); break;
+    case 16: encode_kernel<T, 16><<<grid, threads, smem, stream>>>(p); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
