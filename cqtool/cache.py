@@ -175,12 +175,12 @@ class CQLayer(AppendOnlyLayer):
         parent = self.parent
         Q = key_states.shape[2]
         pre = parent.pop_pre_rope_keys(self.layer_idx, key_states)
+        if self.static:  # before _grow: a static cache never reallocates (a captured graph holds its buffers)
+            return self._update_static(pre, key_states, value_states)
         start = self.length
         self._grow(start + Q)
         from . import attention, ops  # the encode kernel on GPU, the reference elsewhere
 
-        if self.static:
-            return self._update_static(pre, key_states, value_states)
         if attention.FORCE_REFERENCE:
             ops._note("encode", "reference", "forced by --backend reference")
             self.k_codes[:, :, start : start + Q] = quant.pack(quant.encode(pre, self.k_centroids), self.k_bits)
@@ -203,8 +203,8 @@ class CQLayer(AppendOnlyLayer):
         return view, view
 
     def _update_static(self, pre: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor):
-        """Static mode: the new tokens' codes go to the rows the device-side length names (index_copy_), and the
-        view spans the whole capacity; the caller's attention mask (4D, True = attend) tells which rows hold tokens.
+        """Static mode: the new tokens' codes go to the rows the device-side length names (the encode kernel's
+        `encode_rows`; `index_copy_` on the reference path), and the view spans the whole capacity; the caller's attention mask (4D, True = attend) tells which rows hold tokens.
         No shape and no kernel argument depends on the length, so a decode step can be captured as a CUDA graph and
         replayed (cqtool/graphs.py)."""
         from . import attention, ops
@@ -327,8 +327,9 @@ class CQCache(Cache):
         self.positions = pos if self.positions is None else torch.cat([self.positions, pos], dim=1)
 
     def make_static(self, capacity: int) -> None:
-        """Static mode from here on: code buffers and positions of `capacity` tokens, the length of every layer also
-        held on the device and advanced in place, and each step's view spanning the whole capacity, masked by the 4D
+        """Static mode from here on: code buffers and positions of `capacity` tokens, the number of cached tokens also
+        held on the device (one counter for all layers, advanced in place by layer 0), and each step's view spanning
+        the whole capacity, masked by the 4D
         attention mask the caller passes (True = attend). This is what lets a decode step run as a CUDA graph
         (graphs.StaticDecoder); the attention computed is the same (tests/test_graphs.py). Takes no full-precision
         window or sinks (their buffers change shape as tokens arrive)."""
