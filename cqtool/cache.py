@@ -179,15 +179,10 @@ class CQLayer(AppendOnlyLayer):
             return self._update_static(pre, key_states, value_states)
         start = self.length
         self._grow(start + Q)
-        from . import attention, ops  # the encode kernel on GPU, the reference elsewhere
+        from . import ops  # the encode kernel on GPU, the reference elsewhere (or with --backend reference)
 
-        if attention.FORCE_REFERENCE:
-            ops._note("encode", "reference", "forced by --backend reference")
-            self.k_codes[:, :, start : start + Q] = quant.pack(quant.encode(pre, self.k_centroids), self.k_bits)
-            self.v_codes[:, :, start : start + Q] = quant.pack(quant.encode(value_states, self.v_centroids), self.v_bits)
-        else:
-            ops.encode_into(pre, self.k_centroids, self.k_bits, self.k_codes, start)
-            ops.encode_into(value_states, self.v_centroids, self.v_bits, self.v_codes, start)
+        ops.encode_into(pre, self.k_centroids, self.k_bits, self.k_codes, start)
+        ops.encode_into(value_states, self.v_centroids, self.v_bits, self.v_codes, start)
         self.length = start + Q
         view = CQView(self, key_states, value_states, start, self.win_k, self.win_v)
         W, Sk = self.config.window, self.config.sinks
@@ -207,19 +202,14 @@ class CQLayer(AppendOnlyLayer):
         `encode_rows`; `index_copy_` on the reference path), and the view spans the whole capacity; the caller's attention mask (4D, True = attend) tells which rows hold tokens.
         No shape and no kernel argument depends on the length, so a decode step can be captured as a CUDA graph and
         replayed (cqtool/graphs.py)."""
-        from . import attention, ops
+        from . import ops
 
         Q, cap = key_states.shape[2], self.k_codes.shape[2]
         rows = self.parent.static_rows  # this step's rows, set by layer 0 (CQCache._append_positions)
         if rows.device != self.device:  # a model spread over GPUs
             rows = rows.to(self.device)
-        for x, cent, bits, codes in ((pre, self.k_centroids, self.k_bits, self.k_codes),
-                                     (value_states, self.v_centroids, self.v_bits, self.v_codes)):
-            if attention.FORCE_REFERENCE:
-                ops._note("encode", "reference", "forced by --backend reference")
-                codes.index_copy_(2, rows, quant.pack(quant.encode(x, cent), bits))
-            else:
-                ops.encode_into(x, cent, bits, codes, 0, rows=rows)
+        ops.encode_into(pre, self.k_centroids, self.k_bits, self.k_codes, 0, rows=rows)
+        ops.encode_into(value_states, self.v_centroids, self.v_bits, self.v_codes, 0, rows=rows)
         self.length += Q  # host bookkeeping; a replayed graph does not run it (CQCache.sync_static_length)
         view = CQView(self, key_states, value_states, cap - Q, None, None)
         return view, view

@@ -193,10 +193,15 @@ def _spec_reason(D: int, c: int, bits: int, what: str) -> str:
 def encode_into(x: torch.Tensor, centroids: torch.Tensor, bits: int, codes: torch.Tensor, start: int,
                 rows: torch.Tensor | None = None) -> None:
     """Encode x [B, H_kv, Q, D] and write packed codes into codes[:, :, start:start+Q] ([B, H_kv, cap, R] uint8), or,
-    with `rows` (int64 [Q] on x's device), token t into row rows[t] (static decoding: the rows live on the device)."""
+    with `rows` (int64 [Q] on x's device), token t into row rows[t] (static decoding: the rows live on the device).
+    `--backend reference` (attention.FORCE_REFERENCE) takes the reference here too."""
+    from . import attention
+
     Q = x.shape[2]
     why = ""
-    if not x.is_cuda:
+    if attention.FORCE_REFERENCE:
+        why = "forced by --backend reference"
+    elif not x.is_cuda:
         why = "tensors on CPU"
     elif x.dtype not in (torch.float16, torch.bfloat16) or centroids.dtype != x.dtype:
         why = f"dtype {x.dtype} / centroids {centroids.dtype} (kernels take fp16 or bf16, both the same)"
