@@ -96,11 +96,10 @@ def run_generate(model_name: str, codebook_path: str, prompt: str, max_new_token
     decode steps replayed as CUDA graphs, the CQ cache in static mode and transformers' StaticCache beside it."""
     from transformers import DynamicCache
 
-    from .graphs import static_cache
-
     from . import ops
     from .cache import CQCache, held_bytes
     from .codebook import Codebook
+    from .graphs import static_cache
     from .models import load_config, load_model
 
     if graphs and (window or sinks or device_map):
@@ -114,12 +113,12 @@ def run_generate(model_name: str, codebook_path: str, prompt: str, max_new_token
     if graphs and model_device(model).type != "cuda":
         raise ConfigError(f"--cuda-graphs needs the model on a CUDA GPU (it is on {model_device(model)}; --device cuda)")
     eos = tok.eos_token_id
+    cap = ids.shape[1] + max_new_tokens  # every token a run will hold
     runs = []
     kinds = ["cq"] + (["full precision"] if compare else [])
     for kind in kinds:
         ops.BACKEND_USED.clear()
         ops.KERNELS_RUN.clear()
-        cap = ids.shape[1] + max_new_tokens
         if graphs:
             cache = static_cache(model, "cq" if kind == "cq" else "static", cap, cb)
             new, secs, replays = greedy_graph(model, ids, cache, max_new_tokens, eos)

@@ -94,6 +94,14 @@ def prefill_cmd(
         console.print(f"wrote {json_out}")
 
 
+def _spread(part: dict) -> str:
+    """' (median of N paired runs: lo-hi x)' for a part of bench generate's result (bench_kernels._paired); '' for one run."""
+    if part["repeats"] == 1:
+        return ""
+    r = part["decode_speedup_runs"]
+    return f" (median of {part['repeats']} paired runs: {min(r):.2f}-{max(r):.2f}x)"
+
+
 @bench_app.command("generate")
 @user_errors
 def generate_cmd(
@@ -150,9 +158,7 @@ def generate_cmd(
                   f"{r['decode_tok_s']:.0f}", "-" if e2e is None else f"{e2e:.0f}", f"{r['peak_gib']:.1f}", f"{r['cache_gib']:.2f}")
     console.print(t)
     if sb:
-        spread = "" if sb["repeats"] == 1 else (f" (median of {sb['repeats']} paired runs: "
-                                                f"{min(sb['decode_speedup_runs']):.2f}-{max(sb['decode_speedup_runs']):.2f}x)")
-        console.print(f"same batch {batch}: CQ decode {sb['decode_speedup']:.2f}x DynamicCache{spread}")
+        console.print(f"same batch {batch}: CQ decode {sb['decode_speedup']:.2f}x DynamicCache{_spread(sb)}")
         g = sb["gpu_ms_per_step"]
         wall = {k: 1e3 * sb[k]["batch"] / sb[k]["decode_tok_s"] for k in ("dynamic", "cq")}
         over = " summed over the GPUs" if gpus > 1 else ""
@@ -161,11 +167,9 @@ def generate_cmd(
                       f"{sb['gpu_time_ratio']:.2f}x less for CQ (where the wall time is well above the GPU time, the "
                       f"step is bound by the host's Python and launches)")
     if gr:
-        spread = "" if gr["repeats"] == 1 else (f" (median of {gr['repeats']} paired runs: "
-                                                f"{min(gr['decode_speedup_runs']):.2f}-{max(gr['decode_speedup_runs']):.2f}x)")
         console.print(f"same batch {batch}, CUDA graphs ({gr['cq']['timed_steps']} replayed steps timed): "
                       f"{gr['static']['ms_per_step']:.2f} ms per step (StaticCache) vs {gr['cq']['ms_per_step']:.2f} ms "
-                      f"(CQ): CQ decode {gr['decode_speedup']:.2f}x StaticCache{spread}")
+                      f"(CQ): CQ decode {gr['decode_speedup']:.2f}x StaticCache{_spread(gr)}")
     if "max_batch" in res and res["max_batch"]["throughput_ratio"]:
         mb = res["max_batch"]
         cap = f"{memory_gb:g} GB" if gpus == 1 else f"{gpus} x {memory_gb:g} GB"
