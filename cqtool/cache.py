@@ -181,8 +181,8 @@ class CQLayer(AppendOnlyLayer):
         self._grow(start + Q)
         from . import ops  # the encode kernel on GPU, the reference elsewhere (or with --backend reference)
 
-        ops.encode_into(pre, self.k_centroids, self.k_bits, self.k_codes, start)
-        ops.encode_into(value_states, self.v_centroids, self.v_bits, self.v_codes, start)
+        ops.encode_kv_into(pre, self.k_centroids, self.k_bits, self.k_codes, value_states, self.v_centroids, self.v_bits,
+                           self.v_codes, start)
         self.length = start + Q
         view = CQView(self, key_states, value_states, start, self.win_k, self.win_v)
         W, Sk = self.config.window, self.config.sinks
@@ -208,8 +208,8 @@ class CQLayer(AppendOnlyLayer):
         rows = self.parent.static_rows  # this step's rows, set by layer 0 (CQCache._append_positions)
         if rows.device != self.device:  # a model spread over GPUs
             rows = rows.to(self.device)
-        ops.encode_into(pre, self.k_centroids, self.k_bits, self.k_codes, 0, rows=rows)
-        ops.encode_into(value_states, self.v_centroids, self.v_bits, self.v_codes, 0, rows=rows)
+        ops.encode_kv_into(pre, self.k_centroids, self.k_bits, self.k_codes, value_states, self.v_centroids, self.v_bits,
+                           self.v_codes, 0, rows=rows)
         self.length += Q  # host bookkeeping; a replayed graph does not run it (CQCache.sync_static_length)
         view = CQView(self, key_states, value_states, cap - Q, None, None)
         return view, view

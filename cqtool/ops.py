@@ -227,6 +227,36 @@ def encode_into(x: torch.Tensor, centroids: torch.Tensor, bits: int, codes: torc
         codes.index_copy_(2, rows, new)
 
 
+def encode_kv_into(k: torch.Tensor, k_centroids: torch.Tensor, k_bits: int, k_codes: torch.Tensor, v: torch.Tensor,
+                   v_centroids: torch.Tensor, v_bits: int, v_codes: torch.Tensor, start: int,
+                   rows: torch.Tensor | None = None) -> None:
+    """encode_into for a layer's keys and for its values, in one kernel launch where both take the kernel and share
+    shape, channels per group and dtype (one launch less per layer and step, and the values' blocks run beside the
+    keys'); otherwise the two encode_into calls, each of which says which backend ran and why."""
+    from . import attention
+
+    one = (not attention.FORCE_REFERENCE and k.is_cuda and k.shape == v.shape and k.device == v.device
+           and k.dtype == v.dtype and k.dtype in (torch.float16, torch.bfloat16)
+           and k_centroids.dtype == k.dtype and v_centroids.dtype == k.dtype
+           and k_centroids.shape[-1] == v_centroids.shape[-1] and k_codes.is_contiguous() and v_codes.is_contiguous()
+           and not _spec_reason(k.shape[-1], k_centroids.shape[-1], k_bits, "")
+           and not _spec_reason(v.shape[-1], v_centroids.shape[-1], v_bits, ""))
+    mod = _module_or_reason()[0] if one else None
+    if mod is None:
+        encode_into(k, k_centroids, k_bits, k_codes, start, rows=rows)
+        encode_into(v, v_centroids, v_bits, v_codes, start, rows=rows)
+        return
+    ks = k if k.stride(-1) == 1 else k.contiguous()
+    vs = v if v.stride(-1) == 1 else v.contiguous()
+    if rows is None:
+        mod.encode_kv(ks, k_centroids.contiguous(), int(k_bits), k_codes, vs, v_centroids.contiguous(), int(v_bits),
+                      v_codes, int(start))
+    else:
+        mod.encode_kv_rows(ks, k_centroids.contiguous(), int(k_bits), k_codes, vs, v_centroids.contiguous(),
+                           int(v_bits), v_codes, rows)
+    _note("encode", "cuda")
+
+
 # ---- attention
 
 _range_memo: list = [None, None, None]  # [mask object (kept alive so its id cannot be reused), key, ranges]

@@ -85,8 +85,8 @@ void set_cos_sin(cq::AttnParams& p, const at::Tensor& cos, const at::Tensor& sin
 
 // x [B, H, Q, D]; centroids [H, G, 2**bits, c]; codes [B, H, cap, R] uint8: codes[:, :, start:start+Q] = pack(encode(x)),
 // or codes[:, :, rows[t]] for token t when rows (int64 [Q] on the GPU, each in [0, cap)) is given.
-void encode_impl(const at::Tensor& x, const at::Tensor& centroids, int64_t bits, at::Tensor& codes, int64_t start,
-                 const at::Tensor* rows) {
+cq::EncodeParams encode_params(const at::Tensor& x, const at::Tensor& centroids, int64_t bits, at::Tensor& codes,
+                               int64_t start, const at::Tensor* rows) {
   TORCH_CHECK(x.is_cuda() && centroids.is_cuda() && codes.is_cuda(), "encode: tensors must be on the GPU");
   TORCH_CHECK(x.dim() == 4 && centroids.dim() == 4 && codes.dim() == 4, "encode: expected 4-d x, centroids, codes");
   TORCH_CHECK(x.stride(3) == 1 && centroids.is_contiguous() && codes.is_contiguous(), "encode: layout");
@@ -97,7 +97,6 @@ void encode_impl(const at::Tensor& x, const at::Tensor& centroids, int64_t bits,
   TORCH_CHECK(codes.size(0) == B && codes.size(1) == H && start + Q <= codes.size(2) && codes.size(3) == (G * bits + 7) / 8,
               "encode: code buffer shape");
   check_device("encode", x.device(), {{"centroids", &centroids}, {"codes", &codes}});
-  const at::cuda::OptionalCUDAGuard guard(x.device());
   cq::EncodeParams p{};
   p.x = x.data_ptr();
   p.x_sb = x.stride(0); p.x_sh = x.stride(1); p.x_sq = x.stride(2);
@@ -111,6 +110,13 @@ void encode_impl(const at::Tensor& x, const at::Tensor& centroids, int64_t bits,
     p.rows = rows->data_ptr<int64_t>();
   }
   p.dtype = dtype_tag(x);
+  return p;
+}
+
+void encode_impl(const at::Tensor& x, const at::Tensor& centroids, int64_t bits, at::Tensor& codes, int64_t start,
+                 const at::Tensor* rows) {
+  const cq::EncodeParams p = encode_params(x, centroids, bits, codes, start, rows);
+  const at::cuda::OptionalCUDAGuard guard(x.device());
   check_cuda(cq::launch_encode(p, at::cuda::getCurrentCUDAStream()), "encode");
 }
 
@@ -120,6 +126,29 @@ void encode(const at::Tensor& x, const at::Tensor& centroids, int64_t bits, at::
 
 void encode_rows(const at::Tensor& x, const at::Tensor& centroids, int64_t bits, at::Tensor& codes, const at::Tensor& rows) {
   encode_impl(x, centroids, bits, codes, 0, &rows);
+}
+
+// A layer's keys and values in one launch (the same shape [B, H, Q, D], channels per group and dtype; bits may differ)
+void encode_kv_impl(const at::Tensor& k, const at::Tensor& k_cent, int64_t k_bits, at::Tensor& k_codes,
+                    const at::Tensor& v, const at::Tensor& v_cent, int64_t v_bits, at::Tensor& v_codes, int64_t start,
+                    const at::Tensor* rows) {
+  const cq::EncodeParams pk = encode_params(k, k_cent, k_bits, k_codes, start, rows);
+  const cq::EncodeParams pv = encode_params(v, v_cent, v_bits, v_codes, start, rows);
+  TORCH_CHECK(k.sizes() == v.sizes() && pk.c == pv.c && pk.dtype == pv.dtype && k.device() == v.device(),
+              "encode_kv: keys and values need the same shape, channels per group, dtype and GPU");
+  const at::cuda::OptionalCUDAGuard guard(k.device());
+  check_cuda(cq::launch_encode_kv(pk, pv, at::cuda::getCurrentCUDAStream()), "encode_kv");
+}
+
+void encode_kv(const at::Tensor& k, const at::Tensor& k_cent, int64_t k_bits, at::Tensor& k_codes, const at::Tensor& v,
+               const at::Tensor& v_cent, int64_t v_bits, at::Tensor& v_codes, int64_t start) {
+  encode_kv_impl(k, k_cent, k_bits, k_codes, v, v_cent, v_bits, v_codes, start, nullptr);
+}
+
+void encode_kv_rows(const at::Tensor& k, const at::Tensor& k_cent, int64_t k_bits, at::Tensor& k_codes,
+                    const at::Tensor& v, const at::Tensor& v_cent, int64_t v_bits, at::Tensor& v_codes,
+                    const at::Tensor& rows) {
+  encode_kv_impl(k, k_cent, k_bits, k_codes, v, v_cent, v_bits, v_codes, 0, &rows);
 }
 
 // Attention of query [B, H_q, Q, D] over S cached tokens held as codes (+ full-precision window/sinks) -> [B, Q, H_q, D],
@@ -230,6 +259,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "cqtool CUDA kernels: CQ encode, decode attention (split-K) and prefill attention (tensor cores)";
   m.def("encode", &encode, "nearest-centroid encode + pack into the code buffer in place");
   m.def("encode_rows", &encode_rows, "encode, each new token into the code buffer row a device array names");
+  m.def("encode_kv", &encode_kv, "encode a layer's keys and values in one launch");
+  m.def("encode_kv_rows", &encode_kv_rows, "encode_kv into the code buffer rows a device array names");
   m.def("attention", &attention, "attention from CQ codes");
   m.def("dequant", &dequant, "dense RoPE'd keys and values from CQ codes (prefill through SDPA)");
 }

@@ -5,37 +5,55 @@
 //   x:         [B, H, Q, D] fp16/bf16, any strides with a contiguous last dim
 //   centroids: [H, G, K, c] same dtype, contiguous (K = 2**bits)
 //   codes:     [B, H, cap, R] uint8, contiguous, R = ceil(G * bits / 8)
+//
+// One launch can encode the keys and the values of a layer (launch_encode_kv: same c and dtype, bits may differ).
 #include "common.cuh"
 #include "kernels.h"
 
 namespace cq {
 namespace {
 
-constexpr int kEncMaxWarps = 16;
+// Groups per block. A chunk of 8 groups holds exactly `bits` whole code bytes (group 8 k starts at bit 8 k bits), so
+// blocks of one row write disjoint bytes. At one token per sequence only B x H rows run: chunks of 8 groups (c = 8,
+// head_dim 128: two blocks per row, and the keys' and values' blocks in the same launch) spread a decode step's
+// centroid loads over more SMs.
+constexpr int kChunk = 8;
 
-// One block per (token, head) row; warps take groups (one warp per group up to 16 groups: at one token per sequence
-// only B x H blocks run, and each warp's walk over its centroids is a chain of L2 loads, so more warps per block
-// shorten the launch), lanes take centroids, then the row's bytes are assembled.
+struct EncodePair {
+  EncodeParams p[2];  // keys, values (p[1] unused when nz[1] == 0)
+  int nz[2];          // group chunks of each (blockIdx.z: 0 .. nz[0] - 1 keys, then values)
+};
+
+// Block (row = b * Q + t, h, z): one warp per group of the chunk, lanes take centroids (8 loads in flight per lane
+// for c <= 8), then the chunk's code bytes are assembled.
 template <typename T, int C>
-__global__ void __launch_bounds__(kEncMaxWarps * 32) encode_kernel(EncodeParams p) {
+__global__ void __launch_bounds__(kChunk * 32) encode_kernel(const EncodePair pp) {
+  const int zk = blockIdx.z;
+  const bool val = zk >= pp.nz[0];
+  const EncodeParams p = val ? pp.p[1] : pp.p[0];  // a copy: no dynamic index into the parameter space
+  const int chunk = val ? zk - pp.nz[0] : zk;
   const int row = blockIdx.x;  // b * Q + t
   const int h = blockIdx.y;
   const int b = row / p.Q, t = row % p.Q;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int K = 1 << p.bits;
-  extern __shared__ uint16_t codes_s[];  // [G]
+  const int g0 = chunk * kChunk;
+  const int ng = p.G - g0 < kChunk ? p.G - g0 : kChunk;
+  __shared__ uint16_t codes_s[kChunk];
 
   const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_sb + h * p.x_sh + t * p.x_sq;
   const T* cent = reinterpret_cast<const T*>(p.centroids) + static_cast<int64_t>(h) * p.G * K * C;
   constexpr int V = C < 8 ? C : 8;
-  for (int g = warp; g < p.G; g += nwarps) {
+  constexpr int kUnroll = C <= 8 ? 8 : 4;
+  if (warp < ng) {
+    const int g = g0 + warp;
     float xv[C];
 #pragma unroll
     for (int j = 0; j < C; j += V) load_vec_g<T, V>(x + g * C + j, xv + j);
     float best = __int_as_float(0x7f800000);
     int best_k = 0;
     const T* cg = cent + static_cast<int64_t>(g) * K * C;
-#pragma unroll 4
+#pragma unroll kUnroll
     for (int k = lane; k < K; k += 32) {
       float cv[C];
 #pragma unroll
@@ -55,45 +73,69 @@ __global__ void __launch_bounds__(kEncMaxWarps * 32) encode_kernel(EncodeParams 
       int ok = __shfl_xor_sync(0xffffffffu, best_k, off);
       if (od < best || (od == best && ok < best_k)) { best = od; best_k = ok; }
     }
-    if (lane == 0) codes_s[g] = static_cast<uint16_t>(best_k);
+    if (lane == 0) codes_s[warp] = static_cast<uint16_t>(best_k);
   }
   __syncthreads();
   const int64_t r = p.rows ? p.rows[t] : p.start + t;
   if (r < 0 || r >= p.cap) return;  // a device-side row outside the buffer: nothing written
   uint8_t* out = p.codes + ((static_cast<int64_t>(b) * p.H + h) * p.cap + r) * p.R;
-  for (int i = threadIdx.x; i < p.R; i += blockDim.x) {
+  const int i0 = chunk * p.bits;  // this chunk's first byte (kChunk groups = bits bytes)
+  const int i1 = i0 + p.bits < p.R ? i0 + p.bits : p.R;
+  for (int i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
     const int lo = 8 * i, hi = 8 * i + 7;
     uint32_t v = 0;
     for (int g = lo / p.bits; g <= hi / p.bits && g < p.G; ++g) {
       const int shift = g * p.bits - lo;
-      const uint32_t code = codes_s[g];
+      const uint32_t code = codes_s[g - g0];
       v |= shift >= 0 ? (code << shift) : (code >> -shift);
     }
     out[i] = static_cast<uint8_t>(v & 0xffu);
   }
 }
 
+int chunks(const EncodeParams& p) { return (p.G + kChunk - 1) / kChunk; }
+
 template <typename T>
-cudaError_t launch_encode_t(const EncodeParams& p, cudaStream_t stream) {
-  dim3 grid(p.B * p.Q, p.H);
-  const int threads = 32 * (p.G < kEncMaxWarps ? p.G : kEncMaxWarps);
-  size_t smem = static_cast<size_t>(p.G) * sizeof(uint16_t);
+cudaError_t launch_t(const EncodePair& pp, cudaStream_t stream) {
+  const EncodeParams& p = pp.p[0];
+  dim3 grid(p.B * p.Q, p.H, pp.nz[0] + pp.nz[1]);
+  const int threads = 32 * (p.G < kChunk ? p.G : kChunk);
   switch (p.c) {
-    case 1: encode_kernel<T, 1><<<grid, threads, smem, stream>>>(p); break;
-    case 2: encode_kernel<T, 2><<<grid, threads, smem, stream>>>(p); break;
-    case 4: encode_kernel<T, 4><<<grid, threads, smem, stream>>>(p); break;
-    case 8: encode_kernel<T, 8><<<grid, threads, smem, stream>>>(p); break;
-    case 16: encode_kernel<T, 16><<<grid, threads, smem, stream>>>(p); break;
+    case 1: encode_kernel<T, 1><<<grid, threads, 0, stream>>>(pp); break;
+    case 2: encode_kernel<T, 2><<<grid, threads, 0, stream>>>(pp); break;
+    case 4: encode_kernel<T, 4><<<grid, threads, 0, stream>>>(pp); break;
+    case 8: encode_kernel<T, 8><<<grid, threads, 0, stream>>>(pp); break;
+    case 16: encode_kernel<T, 16><<<grid, threads, 0, stream>>>(pp); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
 }
 
+cudaError_t launch_pair(const EncodePair& pp, cudaStream_t stream) {
+  if (pp.p[0].B * pp.p[0].Q == 0) return cudaSuccess;
+  return pp.p[0].dtype == kBF16 ? launch_t<__nv_bfloat16>(pp, stream) : launch_t<__half>(pp, stream);
+}
+
 }  // namespace
 
 cudaError_t launch_encode(const EncodeParams& p, cudaStream_t stream) {
-  if (p.B * p.Q == 0) return cudaSuccess;
-  return p.dtype == kBF16 ? launch_encode_t<__nv_bfloat16>(p, stream) : launch_encode_t<__half>(p, stream);
+  EncodePair pp{};
+  pp.p[0] = p;
+  pp.nz[0] = chunks(p);
+  return launch_pair(pp, stream);
+}
+
+cudaError_t launch_encode_kv(const EncodeParams& k, const EncodeParams& v, cudaStream_t stream) {
+  // one grid for both: the same rows (B, Q, H), channels per group and dtype; the values' G (threads per block) may
+  // not exceed the keys' (G = D / c, the same D)
+  if (k.B != v.B || k.Q != v.Q || k.H != v.H || k.c != v.c || k.G != v.G || k.dtype != v.dtype)
+    return cudaErrorInvalidValue;
+  EncodePair pp{};
+  pp.p[0] = k;
+  pp.p[1] = v;
+  pp.nz[0] = chunks(k);
+  pp.nz[1] = chunks(v);
+  return launch_pair(pp, stream);
 }
 
 }  // namespace cq

@@ -102,6 +102,8 @@ size_t decode_smem_bytes(const AttnParams& p);
 // Choose queries per block, chunks, table placement, tile and splits (sets nq, nchunk, tab_smem, tile, has_fp, nsplit).
 cudaError_t plan_decode(AttnParams& p, int num_sms, size_t max_smem);
 cudaError_t launch_encode(const EncodeParams& p, cudaStream_t stream);
+// The keys and the values of a layer in one launch: the same B, Q, H, G, c and dtype (bits, rows, start may differ)
+cudaError_t launch_encode_kv(const EncodeParams& k, const EncodeParams& v, cudaStream_t stream);
 cudaError_t launch_decode(const AttnParams& p, cudaStream_t stream);
 // out <- merge of the nsplit partials in ws_o / ws_ml (split-K combine)
 cudaError_t launch_combine(const AttnParams& p, cudaStream_t stream);

@@ -689,6 +689,49 @@ def test_encode_into_device_rows(c, b, dtype):
     assert torch.equal(codes[:, :, others], before[:, :, others])
 
 
+@cuda_test
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,H,Q,D,kc,kb,vc,vb,start,static", [
+    (1, 32, 1, 128, 8, 8, 8, 8, 5, False),     # a decode step of CQ-8c8b, Llama-2-7b's heads
+    (3, 5, 17, 128, 4, 8, 4, 6, 2, False),     # values with fewer bits than keys
+    (2, 3, 1, 64, 16, 12, 16, 10, 0, True),    # fewer groups than one chunk, device rows
+    (1, 2, 4097, 128, 1, 4, 1, 7, 1, False),   # 16 chunks per row, bytes not aligned to groups
+    (2, 4, 3, 128, 8, 8, 4, 8, 9, True),       # different c: two launches, device rows
+])
+def test_encode_kv_into_equals_two_encodes(B, H, Q, D, kc, kb, vc, vb, start, static, dtype):
+    """A layer's keys and values in one launch (same c) write exactly the codes two encode_into calls write, and
+    nothing else; with a different c for the values it is the two calls."""
+    torch.manual_seed(3)
+    k = torch.randn(B, Q, H, D, device="cuda").to(dtype).transpose(1, 2)
+    v = torch.randn(B, H, Q, D, device="cuda").to(dtype)
+    kcent = torch.randn(H, D // kc, 2**kb, kc, device="cuda").to(dtype)
+    vcent = torch.randn(H, D // vc, 2**vb, vc, device="cuda").to(dtype)
+    cap = start + Q + 6
+    kcodes = torch.randint(0, 256, (B, H, cap, quant.row_bytes(D // kc, kb)), device="cuda", dtype=torch.uint8)
+    vcodes = torch.randint(0, 256, (B, H, cap, quant.row_bytes(D // vc, vb)), device="cuda", dtype=torch.uint8)
+    kwant, vwant = kcodes.clone(), vcodes.clone()
+    rows = torch.arange(start + Q - 1, start - 1, -1, device="cuda") if static else None  # reversed order
+    ops.encode_kv_into(k, kcent, kb, kcodes, v, vcent, vb, vcodes, 0 if static else start, rows=rows)
+    ops.encode_into(k, kcent, kb, kwant, 0 if static else start, rows=rows)
+    ops.encode_into(v, vcent, vb, vwant, 0 if static else start, rows=rows)
+    torch.cuda.synchronize()
+    assert ops.BACKEND_USED["encode"] == "cuda", ops.kernel_status()
+    assert torch.equal(kcodes, kwant) and torch.equal(vcodes, vwant)
+
+
+def test_encode_kv_into_cpu_equals_reference():
+    torch.manual_seed(4)
+    k, v = torch.randn(2, 3, 5, 32), torch.randn(2, 3, 5, 32)
+    kcent, vcent = torch.randn(3, 8, 2**5, 4), torch.randn(3, 4, 2**6, 8)
+    kcodes = torch.zeros(2, 3, 9, quant.row_bytes(8, 5), dtype=torch.uint8)
+    vcodes = torch.zeros(2, 3, 9, quant.row_bytes(4, 6), dtype=torch.uint8)
+    ops.encode_kv_into(k, kcent, 5, kcodes, v, vcent, 6, vcodes, 3)
+    assert ops.BACKEND_USED["encode"] == "reference"
+    assert torch.equal(kcodes[:, :, 3:8], quant.pack(quant.encode(k, kcent), 5))
+    assert torch.equal(vcodes[:, :, 3:8], quant.pack(quant.encode(v, vcent), 6))
+    assert not kcodes[:, :, :3].any() and not vcodes[:, :, 8:].any()
+
+
 def test_encode_into_cpu_equals_reference():
     x = torch.randn(2, 3, 5, 32)
     cent = torch.randn(3, 8, 2**5, 4)
