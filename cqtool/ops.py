@@ -75,6 +75,11 @@ AUTO_DEQUANT_MAX_SEQ = 0
 AUTO_DEQUANT_MAX_SEQ_C4 = 128
 AUTO_DEQUANT_MIN_TOKENS = 8192
 AUTO_MMA_DIRECT_TOKENS = 4096
+# Encode kernel, read at every call: from this many token rows per launch (batch x new tokens) the tiled kernel runs (a
+# block per 512 rows, one group's centroids at a time in shared memory), below it the row kernel (a block per row,
+# lanes over the centroids: few rows, as in a decode step at a small batch); 0: always the row kernel. Both write the
+# same codes (tests/test_kernels.py). Chosen from docs/raw/probe-encode-batch.py on the H100 (docs/RESULTS_kernels.md).
+ENCODE_TILED_MIN = 512
 MMA_TILE = 512  # tokens per tile of the tensor-core decode kernel (kTile in kernels/decode_mma.cu)
 AUTO_MMA_FP_TOKENS = 4096
 AUTO_MMA_MIN_SEQ = 512
@@ -214,9 +219,9 @@ def encode_into(x: torch.Tensor, centroids: torch.Tensor, bits: int, codes: torc
         if mod is not None:
             xs = x if x.stride(-1) == 1 else x.contiguous()
             if rows is None:
-                mod.encode(xs, centroids.contiguous(), int(bits), codes, int(start))
+                mod.encode(xs, centroids.contiguous(), int(bits), codes, int(start), int(ENCODE_TILED_MIN))
             else:
-                mod.encode_rows(xs, centroids.contiguous(), int(bits), codes, rows)
+                mod.encode_rows(xs, centroids.contiguous(), int(bits), codes, rows, int(ENCODE_TILED_MIN))
             _note("encode", "cuda")
             return
     _note("encode", "reference", why)
@@ -250,10 +255,10 @@ def encode_kv_into(k: torch.Tensor, k_centroids: torch.Tensor, k_bits: int, k_co
     vs = v if v.stride(-1) == 1 else v.contiguous()
     if rows is None:
         mod.encode_kv(ks, k_centroids.contiguous(), int(k_bits), k_codes, vs, v_centroids.contiguous(), int(v_bits),
-                      v_codes, int(start))
+                      v_codes, int(start), int(ENCODE_TILED_MIN))
     else:
         mod.encode_kv_rows(ks, k_centroids.contiguous(), int(k_bits), k_codes, vs, v_centroids.contiguous(),
-                           int(v_bits), v_codes, rows)
+                           int(v_bits), v_codes, rows, int(ENCODE_TILED_MIN))
     _note("encode", "cuda")
 
 

@@ -19,6 +19,7 @@ struct EncodeParams {
   int64_t cap, start;
   const int64_t* rows;  // [Q] on the device: token t goes to row rows[t] (static decoding); nullptr: row start + t
   int dtype;  // cq::DType
+  int tiled_min;  // B * Q rows from which the tiled kernel runs (0: never; kernels/encode.cu)
 };
 
 // A full-precision K or V buffer [B, H_kv, n, D] (last dim contiguous); data == nullptr when absent.

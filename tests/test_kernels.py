@@ -665,6 +665,36 @@ def test_cpu_fallback_is_announced(monkeypatch, caplog):
 
 
 @cuda_test
+@pytest.mark.parametrize("B,H,Q,D,c,b,start,dtype", ENCODE_CASES + [
+    (600, 4, 1, 128, 8, 8, 2, torch.bfloat16),   # a decode step at a large batch: 600 rows of one token
+    (3, 2, 700, 128, 8, 10, 0, torch.float16),   # CQ-8c10b, rows of several sequences in one block
+    (2, 3, 300, 64, 2, 8, 1, torch.bfloat16),    # CQ-2c8b, head_dim 64
+])
+def test_encode_tiled_equals_row_kernel(B, H, Q, D, c, b, start, dtype, monkeypatch):
+    """The tiled encode kernel (many rows) writes exactly the row kernel's codes, and nothing outside the new rows;
+    where it does not apply (K (c + 1) above 12288 floats: c = 16 with 12 bits) both runs take the row kernel."""
+    torch.manual_seed(5)
+    x = torch.randn(B, Q, H, D, device="cuda").to(dtype).transpose(1, 2)
+    cent = torch.randn(H, D // c, 2**b, c, device="cuda").to(dtype)
+    x[0, 0, 0, :c] = cent[0, 0, 3]  # exact ties: a token equal to a centroid, and that centroid twice
+    cent[0, 0, 7] = cent[0, 0, 3]
+    R = quant.row_bytes(D // c, b)
+    cap = start + Q + 3
+    base = torch.randint(0, 256, (B, H, cap, R), device="cuda", dtype=torch.uint8)
+    out = {}
+    for name, tmin in (("row", 0), ("tiled", 1)):
+        monkeypatch.setattr(ops, "ENCODE_TILED_MIN", tmin)
+        codes = base.clone()
+        ops.encode_into(x, cent, b, codes, start)
+        out[name] = codes
+    torch.cuda.synchronize()
+    assert ops.BACKEND_USED["encode"] == "cuda"
+    assert torch.equal(out["tiled"], out["row"])
+    assert torch.equal(out["tiled"][:, :, :start], base[:, :, :start])
+    assert quant.unpack(out["tiled"][:1, :1, start : start + 1], b, D // c)[0, 0, 0, 0] == 3
+
+
+@cuda_test
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("c,b", [(8, 8), (4, 8), (16, 12), (1, 4)])
 def test_encode_into_device_rows(c, b, dtype):
@@ -698,7 +728,7 @@ def test_encode_into_device_rows(c, b, dtype):
     (1, 2, 4097, 128, 1, 4, 1, 7, 1, False),   # 16 chunks per row, bytes not aligned to groups
     (2, 4, 3, 128, 8, 8, 4, 8, 9, True),       # different c: two launches, device rows
 ])
-def test_encode_kv_into_equals_two_encodes(B, H, Q, D, kc, kb, vc, vb, start, static, dtype):
+def test_encode_kv_into_equals_two_encodes(B, H, Q, D, kc, kb, vc, vb, start, static, dtype, monkeypatch):
     """A layer's keys and values in one launch (same c) write exactly the codes two encode_into calls write, and
     nothing else; with a different c for the values it is the two calls."""
     torch.manual_seed(3)
@@ -711,12 +741,16 @@ def test_encode_kv_into_equals_two_encodes(B, H, Q, D, kc, kb, vc, vb, start, st
     vcodes = torch.randint(0, 256, (B, H, cap, quant.row_bytes(D // vc, vb)), device="cuda", dtype=torch.uint8)
     kwant, vwant = kcodes.clone(), vcodes.clone()
     rows = torch.arange(start + Q - 1, start - 1, -1, device="cuda") if static else None  # reversed order
-    ops.encode_kv_into(k, kcent, kb, kcodes, v, vcent, vb, vcodes, 0 if static else start, rows=rows)
+    k0, v0 = kcodes.clone(), vcodes.clone()
     ops.encode_into(k, kcent, kb, kwant, 0 if static else start, rows=rows)
     ops.encode_into(v, vcent, vb, vwant, 0 if static else start, rows=rows)
-    torch.cuda.synchronize()
-    assert ops.BACKEND_USED["encode"] == "cuda", ops.kernel_status()
-    assert torch.equal(kcodes, kwant) and torch.equal(vcodes, vwant)
+    for tmin in (0, 1, ops.ENCODE_TILED_MIN):  # the row kernel, the tiled one (where it applies), the default rule
+        monkeypatch.setattr(ops, "ENCODE_TILED_MIN", tmin)
+        kcodes, vcodes = k0.clone(), v0.clone()
+        ops.encode_kv_into(k, kcent, kb, kcodes, v, vcent, vb, vcodes, 0 if static else start, rows=rows)
+        torch.cuda.synchronize()
+        assert ops.BACKEND_USED["encode"] == "cuda", ops.kernel_status()
+        assert torch.equal(kcodes, kwant) and torch.equal(vcodes, vwant), tmin
 
 
 def test_encode_kv_into_cpu_equals_reference():
