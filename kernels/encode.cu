@@ -27,12 +27,19 @@ constexpr int kChunk = 8;
 struct EncodePair {
   EncodeParams p[2];  // keys, values (p[1] unused when nz[1] == 0)
   int nz[2];          // group chunks of each (blockIdx.z: 0 .. nz[0] - 1 keys, then values)
+  int gpc[2];         // groups per chunk of each (kChunk for encode_kernel, tiled_chunk for encode_tiled_kernel)
 };
 
 constexpr int kTileThreads = 256;
 constexpr int kTPT = 2;                             // rows per thread
 constexpr int kTileRows = kTileThreads * kTPT;      // rows per block
 constexpr int kTiledMaxFloats = 12288;              // K (c + 1) fp32 in shared memory: 48 KB at most
+
+// Groups per block of the tiled kernel: the fewest whose codes fill whole bytes (8-bit codes: one group per block, so
+// that a decode step at a large batch still spreads over many blocks).
+__host__ __device__ constexpr int tiled_chunk(int bits) {
+  return bits % 8 == 0 ? 1 : bits % 4 == 0 ? 2 : bits % 2 == 0 ? 4 : 8;
+}
 
 // The codes of one row's chunk (ng <= kChunk groups of `bits` bits at bit gi * bits, little-endian, as quant.pack)
 // written as its bytes [i0, i1).
@@ -132,10 +139,11 @@ __global__ void __launch_bounds__(kTileThreads) encode_tiled_kernel(const Encode
   const bool val = zk >= pp.nz[0];
   const EncodeParams p = val ? pp.p[1] : pp.p[0];
   const int chunk = val ? zk - pp.nz[0] : zk;
+  const int gpc = pp.gpc[val ? 1 : 0];
   const int h = blockIdx.y;
   const int K = 1 << p.bits;
-  const int g0 = chunk * kChunk;
-  const int ng = p.G - g0 < kChunk ? p.G - g0 : kChunk;
+  const int g0 = chunk * gpc;
+  const int ng = p.G - g0 < gpc ? p.G - g0 : gpc;
   const int nrows = p.B * p.Q;
   extern __shared__ float cs[];  // [K][C] centroids of one group, then [K] squared norms
   float* norm = cs + K * C;
@@ -204,8 +212,8 @@ __global__ void __launch_bounds__(kTileThreads) encode_tiled_kernel(const Encode
 #pragma unroll
     for (int i = 0; i < kTPT; ++i) code[i][gi] = static_cast<uint32_t>(bk[i]);
   }
-  const int i0 = chunk * p.bits;
-  const int i1 = i0 + p.bits < p.R ? i0 + p.bits : p.R;
+  const int i0 = chunk * gpc * p.bits / 8;  // gpc groups fill whole bytes
+  const int i1 = i0 + gpc * p.bits / 8 < p.R ? i0 + gpc * p.bits / 8 : p.R;
 #pragma unroll
   for (int i = 0; i < kTPT; ++i) {
     if (!has[i]) continue;
@@ -227,14 +235,19 @@ cudaError_t launch_t(const EncodePair& pp, cudaStream_t stream) {
   int floats = tiled_floats(p);
   if (pp.nz[1] && tiled_floats(pp.p[1]) > floats) floats = tiled_floats(pp.p[1]);
   if (p.tiled_min > 0 && nrows >= p.tiled_min && floats <= kTiledMaxFloats) {
-    dim3 grid((nrows + kTileRows - 1) / kTileRows, p.H, pp.nz[0] + pp.nz[1]);
+    EncodePair tp = pp;
+    for (int j = 0; j < 2; ++j) {
+      tp.gpc[j] = tiled_chunk(tp.p[j].bits);
+      tp.nz[j] = pp.nz[j] ? (tp.p[j].G + tp.gpc[j] - 1) / tp.gpc[j] : 0;
+    }
+    dim3 grid((nrows + kTileRows - 1) / kTileRows, p.H, tp.nz[0] + tp.nz[1]);
     const size_t smem = static_cast<size_t>(floats) * sizeof(float);
     switch (p.c) {
-      case 1: encode_tiled_kernel<T, 1><<<grid, kTileThreads, smem, stream>>>(pp); break;
-      case 2: encode_tiled_kernel<T, 2><<<grid, kTileThreads, smem, stream>>>(pp); break;
-      case 4: encode_tiled_kernel<T, 4><<<grid, kTileThreads, smem, stream>>>(pp); break;
-      case 8: encode_tiled_kernel<T, 8><<<grid, kTileThreads, smem, stream>>>(pp); break;
-      case 16: encode_tiled_kernel<T, 16><<<grid, kTileThreads, smem, stream>>>(pp); break;
+      case 1: encode_tiled_kernel<T, 1><<<grid, kTileThreads, smem, stream>>>(tp); break;
+      case 2: encode_tiled_kernel<T, 2><<<grid, kTileThreads, smem, stream>>>(tp); break;
+      case 4: encode_tiled_kernel<T, 4><<<grid, kTileThreads, smem, stream>>>(tp); break;
+      case 8: encode_tiled_kernel<T, 8><<<grid, kTileThreads, smem, stream>>>(tp); break;
+      case 16: encode_tiled_kernel<T, 16><<<grid, kTileThreads, smem, stream>>>(tp); break;
       default: return cudaErrorInvalidValue;
     }
     return cudaGetLastError();
@@ -263,6 +276,7 @@ cudaError_t launch_encode(const EncodeParams& p, cudaStream_t stream) {
   EncodePair pp{};
   pp.p[0] = p;
   pp.nz[0] = chunks(p);
+  pp.gpc[0] = pp.gpc[1] = kChunk;
   return launch_pair(pp, stream);
 }
 
@@ -276,6 +290,7 @@ cudaError_t launch_encode_kv(const EncodeParams& k, const EncodeParams& v, cudaS
   pp.p[1] = v;
   pp.nz[0] = chunks(k);
   pp.nz[1] = chunks(v);
+  pp.gpc[0] = pp.gpc[1] = kChunk;
   return launch_pair(pp, stream);
 }
 
