@@ -76,10 +76,12 @@ AUTO_DEQUANT_MAX_SEQ_C4 = 128
 AUTO_DEQUANT_MIN_TOKENS = 8192
 AUTO_MMA_DIRECT_TOKENS = 4096
 # Encode kernel, read at every call: from this many token rows per launch (batch x new tokens) the tiled kernel runs (a
-# block per 512 rows, one group's centroids at a time in shared memory), below it the row kernel (a block per row,
-# lanes over the centroids: few rows, as in a decode step at a small batch); 0: always the row kernel. Both write the
-# same codes (tests/test_kernels.py). Chosen from docs/raw/probe-encode-batch.py on the H100 (docs/RESULTS_kernels.md).
-ENCODE_TILED_MIN = 512
+# block per 512 rows and per code byte's groups, the group's centroids in shared memory, two rows per thread), below
+# it the row kernel (a block per row, lanes over the centroids). Both write the same codes (tests/test_kernels.py); 0:
+# always the row kernel. H100, one launch for K and V of a decode step (32 heads x 128, CQ-8c8b, bf16), row / tiled
+# ms: 16 rows 0.014 / 0.029, 32 0.024 / 0.030, 64 0.043 / 0.040, 128 0.081 / 0.048, 512 0.294 / 0.088, 733 0.410 /
+# 0.161 (docs/raw/probe-encode-batch.py, docs/RESULTS_kernels.md).
+ENCODE_TILED_MIN = 64
 MMA_TILE = 512  # tokens per tile of the tensor-core decode kernel (kTile in kernels/decode_mma.cu)
 AUTO_MMA_FP_TOKENS = 4096
 AUTO_MMA_MIN_SEQ = 512
