@@ -52,6 +52,7 @@ tasks: install
 bench: install
 	$(BIN)/cqtool bench attention --json $(RUNS)/bench/attention.json
 	$(BIN)/cqtool bench prefill --json $(RUNS)/bench/prefill.json
+	$(BIN)/cqtool bench encode --json $(RUNS)/bench/encode.json
 	$(BIN)/cqtool bench generate --graphs --json $(RUNS)/bench/generate.json
 	$(BIN)/cqtool bench kmeans --json $(RUNS)/bench/kmeans.json
 

@@ -282,6 +282,84 @@ def prefill_bench(shapes=DEFAULT_PREFILL_SHAPES, specs=("8c8b",), heads: int = 3
     return {**info, "reps": reps, "rows": rows, "kernels": ops.kernel_status()}
 
 
+# ---------------------------------------------------------------- encode
+
+
+DEFAULT_ENCODE_SHAPES = ((1, 1), (8, 1), (64, 1), (512, 1), (733, 1), (8, 2048))  # (batch, new tokens per sequence)
+
+
+def encode_bench(shapes=DEFAULT_ENCODE_SHAPES, specs=DEFAULT_SPECS, heads: int = 32, head_dim: int = 128,
+                 reps: int = 30, progress=None) -> dict:
+    """One layer's encode of new keys and values (B sequences x Q new tokens, `heads` kv heads): the PyTorch reference
+    (quant.encode + quant.pack, what --backend reference runs) against the encode kernels on the same data, one
+    launch for K and V (ops.encode_kv_into) under each choice of ops.ENCODE_TILED_MIN: the row kernel (0), the tiled
+    kernel (1: wherever it fits) and the default rule. Checks that both kernels write the same codes and how many
+    codes agree with the reference's (ties and last-ulp differences may pick another, never a farther, centroid)."""
+    _check_positive(reps=reps, heads=heads)
+    _require_kernels("encode")
+    info = device_info()
+    rows = []
+    say = progress or (lambda *_: None)
+    keep = ops.ENCODE_TILED_MIN
+    for spec_name in specs:
+        spec = QuantSpec.parse(spec_name)
+        G, K, c = head_dim // spec.channels, spec.num_centroids, spec.channels
+        if head_dim % c:
+            raise ConfigError(f"--spec {spec_name}: {c} channels per group do not divide head_dim {head_dim}")
+        R = quant.row_bytes(G, spec.code_bits)
+        for B, Q in shapes:
+            _check_positive(batch=B, tokens=Q)
+            say(f"{spec.name} encode {B} x {Q} new tokens")
+            g = torch.Generator(device="cuda").manual_seed(3)
+            k = torch.randn(B, Q, heads, head_dim, generator=g, device="cuda").to(torch.bfloat16).transpose(1, 2)
+            v = torch.randn(B, heads, Q, head_dim, generator=g, device="cuda").to(torch.bfloat16)
+            kc = torch.randn(heads, G, K, c, generator=g, device="cuda").to(torch.bfloat16)
+            vc = torch.randn(heads, G, K, c, generator=g, device="cuda").to(torch.bfloat16)
+            kcodes = torch.zeros(B, heads, Q, R, dtype=torch.uint8, device="cuda")
+            vcodes = torch.zeros_like(kcodes)
+
+            def reference():
+                return (quant.pack(quant.encode(k, kc), spec.code_bits), quant.pack(quant.encode(v, vc), spec.code_bits))
+
+            def kernel():
+                ops.encode_kv_into(k, kc, spec.code_bits, kcodes, v, vc, spec.code_bits, vcodes, 0)
+
+            ref_k, ref_v = reference()
+            t_ref = statistics.median(cuda_times(reference, warmup=2, reps=max(3, reps // 5)))
+            choices, codes = {}, {}
+            try:
+                for name, tmin in (("row", 0), ("tiled", 1), ("auto", keep)):
+                    ops.ENCODE_TILED_MIN = tmin
+                    kcodes.zero_()
+                    vcodes.zero_()
+                    kernel()
+                    torch.cuda.synchronize()
+                    if ops.BACKEND_USED.get("encode") != "cuda":
+                        raise ConfigError(f"the encode kernel did not run: {ops.kernel_status()}")
+                    ran = ops.KERNEL_USED["encode"]
+                    codes[name] = (kcodes.clone(), vcodes.clone())
+                    t = statistics.median(cuda_times(kernel, warmup=3, reps=reps))
+                    choices[name] = {"ran": ran, "ms": t, "speedup_vs_reference": t_ref / t}
+            finally:
+                ops.ENCODE_TILED_MIN = keep
+            same = all(torch.equal(codes["row"][i], codes[n][i]) for n in ("tiled", "auto") for i in (0, 1))
+            got = [quant.unpack(x, spec.code_bits, G) for x in codes["auto"]]
+            want = [quant.unpack(x, spec.code_bits, G) for x in (ref_k, ref_v)]
+            agree = float(sum((a == b).sum() for a, b in zip(got, want)) / sum(a.numel() for a in got))
+            a = choices["auto"]
+            rows.append({"quant": f"CQ-{spec.name}", "batch": B, "tokens": Q, "rows": B * Q, "heads": heads,
+                         "head_dim": head_dim, "reference_ms": t_ref, "cq_kernel": a["ran"], "cq_ms": a["ms"],
+                         "speedup": a["speedup_vs_reference"], "row_ms": choices["row"]["ms"],
+                         "tiled_ms": choices["tiled"]["ms"], "tiled_ran": choices["tiled"]["ran"],
+                         "kernels_same_codes": same, "agree_with_reference": agree, "kernels": choices})
+            say(f"  reference {t_ref:.4f} ms, " + ", ".join(f"{n} ({v['ran']}) {v['ms']:.4f} ms"
+                                                       for n, v in choices.items()))
+            del k, v, kc, vc, kcodes, vcodes, ref_k, ref_v, codes, got, want
+            gc.collect()
+            torch.cuda.empty_cache()
+    return {**info, "reps": reps, "encode_tiled_min": keep, "rows": rows, "kernels": ops.kernel_status()}
+
+
 # ---------------------------------------------------------------- generation
 
 

@@ -26,7 +26,8 @@ from . import quant
 log = logging.getLogger("cqtool")
 _ANNOUNCED: set[tuple[str, str, str]] = set()
 BACKEND_USED: dict[str, str] = {}
-KERNEL_USED: dict[str, str] = {}  # which CUDA kernel the last call of an op ran (values of _KERNEL_NAMES, "dequant+sdpa")
+KERNEL_USED: dict[str, str] = {}  # which CUDA kernel the last call of an op ran (attention: values of _KERNEL_NAMES,
+# "dequant+sdpa"; encode: encode_kernel_name)
 KERNELS_RUN: set[str] = set()  # every attention kernel run since the caller last cleared it (evaluate records it)
 
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
@@ -82,6 +83,14 @@ AUTO_MMA_DIRECT_TOKENS = 4096
 # ms: 16 rows 0.014 / 0.029, 32 0.024 / 0.030, 64 0.043 / 0.040, 128 0.081 / 0.048, 512 0.294 / 0.088, 733 0.410 /
 # 0.161 (docs/raw/probe-encode-batch.py, docs/RESULTS_kernels.md).
 ENCODE_TILED_MIN = 64
+ENCODE_TILED_MAX_FLOATS = 12288  # the tiled kernel holds 2**bits x (c + 1) fp32 in shared memory (kTiledMaxFloats)
+
+
+def encode_kernel_name(rows: int, c: int, *bits: int) -> str:
+    """Which encode kernel a launch of `rows` token rows (batch x new tokens) with c channels per group and these code
+    bits runs: the rule of kernels/encode.cu's launch_t, for the record (ops.KERNEL_USED["encode"])."""
+    fits = all((1 << b) * (c + 1) <= ENCODE_TILED_MAX_FLOATS for b in bits)
+    return "encode-tiled" if ENCODE_TILED_MIN > 0 and rows >= ENCODE_TILED_MIN and fits else "encode-row"
 MMA_TILE = 512  # tokens per tile of the tensor-core decode kernel (kTile in kernels/decode_mma.cu)
 AUTO_MMA_FP_TOKENS = 4096
 AUTO_MMA_MIN_SEQ = 512
@@ -224,6 +233,7 @@ def encode_into(x: torch.Tensor, centroids: torch.Tensor, bits: int, codes: torc
                 mod.encode(xs, centroids.contiguous(), int(bits), codes, int(start), int(ENCODE_TILED_MIN))
             else:
                 mod.encode_rows(xs, centroids.contiguous(), int(bits), codes, rows, int(ENCODE_TILED_MIN))
+            KERNEL_USED["encode"] = encode_kernel_name(x.shape[0] * Q, centroids.shape[-1], bits)
             _note("encode", "cuda")
             return
     _note("encode", "reference", why)
@@ -261,6 +271,7 @@ def encode_kv_into(k: torch.Tensor, k_centroids: torch.Tensor, k_bits: int, k_co
     else:
         mod.encode_kv_rows(ks, k_centroids.contiguous(), int(k_bits), k_codes, vs, v_centroids.contiguous(),
                            int(v_bits), v_codes, rows, int(ENCODE_TILED_MIN))
+    KERNEL_USED["encode"] = encode_kernel_name(k.shape[0] * k.shape[2], k_centroids.shape[-1], k_bits, v_bits)
     _note("encode", "cuda")
 
 

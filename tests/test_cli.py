@@ -299,7 +299,7 @@ def test_device_map_auto_loads_and_calibrates(tmp_path, tiny_model_dir, text_fil
 
 
 @pytest.mark.skipif(torch_cuda(), reason="checks the CPU message; the GPU runs are in test_kernels.py")
-@pytest.mark.parametrize("what", ["attention", "prefill"])
+@pytest.mark.parametrize("what", ["attention", "prefill", "encode"])
 def test_kernel_benches_need_a_gpu(what):
     assert_user_error(run("bench", what, "--shape", "1x512"), "needs a CUDA GPU")
 

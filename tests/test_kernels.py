@@ -753,6 +753,40 @@ def test_encode_kv_into_equals_two_encodes(B, H, Q, D, kc, kb, vc, vb, start, st
         assert torch.equal(kcodes, kwant) and torch.equal(vcodes, vwant), tmin
 
 
+@cuda_test
+@pytest.mark.parametrize("rows,c,bits,tmin", [(1, 8, 8, 64), (63, 8, 8, 64), (64, 8, 8, 64), (600, 4, 8, 64),
+                                             (600, 16, 12, 64), (600, 8, 8, 0), (5, 8, 10, 1)])
+def test_encode_kernel_name_is_the_kernel_that_ran(rows, c, bits, tmin, monkeypatch):
+    """ops.KERNEL_USED["encode"] (the Python copy of launch_t's rule) names the kernel the profiler saw run."""
+    monkeypatch.setattr(ops, "ENCODE_TILED_MIN", tmin)
+    H, D = 2, 128
+    x = torch.randn(rows, H, 1, D, device="cuda", dtype=torch.bfloat16)
+    cent = torch.randn(H, D // c, 2**bits, c, device="cuda", dtype=torch.bfloat16)
+    codes = torch.zeros(rows, H, 2, quant.row_bytes(D // c, bits), dtype=torch.uint8, device="cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ops.encode_kv_into(x, cent, bits, codes, x.clone(), cent, bits, codes.clone(), 1)
+        torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages() if "encode" in e.key]
+    tiled = any("encode_tiled_kernel" in n for n in names)
+    assert names and tiled == (ops.KERNEL_USED["encode"] == "encode-tiled"), (names, ops.KERNEL_USED)
+    assert ops.KERNEL_USED["encode"] == ("encode-tiled" if tmin and rows >= tmin and (1 << bits) * (c + 1) <= 12288
+                                         else "encode-row")
+
+
+@cuda_test
+def test_bench_encode_runs():
+    from cqtool.bench_kernels import encode_bench
+
+    res = encode_bench(((3, 1), (70, 1), (2, 40)), ("8c8b", "16c12b"), heads=4, head_dim=64, reps=3)
+    assert len(res["rows"]) == 6
+    for r in res["rows"]:
+        assert r["kernels_same_codes"] and r["agree_with_reference"] > 0.99
+        assert r["cq_ms"] > 0 and r["reference_ms"] > 0
+        want = "encode-tiled" if r["rows"] >= 64 and r["quant"] == "CQ-8c8b" else "encode-row"
+        assert r["cq_kernel"] == want, r
+    assert ops.ENCODE_TILED_MIN == res["encode_tiled_min"]  # restored
+
+
 def test_encode_kv_into_cpu_equals_reference():
     torch.manual_seed(4)
     k, v = torch.randn(2, 3, 5, 32), torch.randn(2, 3, 5, 32)
@@ -851,6 +885,12 @@ def test_bench_attention_and_prefill_cli(tmp_path):
     row = json.loads((tmp_path / "p.json").read_text())["rows"][0]
     assert row["cq_kernel"] == "dequant+sdpa" and row["kernels"]["tensor-core"]["ran"] == "prefill"
     assert all(k["rel_err_vs_sdpa"] < 2e-2 for k in row["kernels"].values()) and row["dequant_ms"] > 0
+    r = CliRunner().invoke(app, ["bench", "encode", "--shape", "2x1", "--shape", "100x1", "--spec", "4c8b", "--heads",
+                                 "4", "--reps", "3", "--json", str(tmp_path / "e.json")])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "e.json").read_text())["rows"]
+    assert [x["cq_kernel"] for x in rows] == ["encode-row", "encode-tiled"]
+    assert all(x["kernels_same_codes"] and x["agree_with_reference"] > 0.99 for x in rows)
 
 
 @cuda_test

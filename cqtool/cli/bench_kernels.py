@@ -1,4 +1,4 @@
-"""cqtool bench attention | cqtool bench generate: the CUDA kernels against baselines measured in the same run."""
+"""cqtool bench attention | prefill | encode | generate: the CUDA kernels against baselines measured in the same run."""
 from __future__ import annotations
 
 from typing import Annotated, Optional
@@ -54,6 +54,54 @@ def attention_cmd(
         t.add_row(r["quant"], f"{r['batch']}x{r['context']}", f"{r['sdpa_ms']:.3f}", f"{r['cq_ms']:.3f}",
                   f"{r['speedup']:.1f}x", f"{r['cq_floor_ms']:.3f}", f"{100 * r['cq_floor_fraction']:.0f}%",
                   f"{r['rel_err_vs_sdpa']:.1e}")
+    console.print(t)
+    if json_out:
+        write_json(json_out, round_floats(res))
+        console.print(f"wrote {json_out}")
+
+
+def _encode_shapes(items: list[str] | None):
+    from ..bench_kernels import DEFAULT_ENCODE_SHAPES
+
+    if not items:
+        return DEFAULT_ENCODE_SHAPES
+    out = []
+    for it in items:
+        try:
+            b, q = it.lower().split("x")
+            out.append((int(b), int(q)))
+        except ValueError:
+            raise ConfigError(f"--shape {it!r}: expected BATCHxNEW_TOKENS, e.g. 733x1 (a decode step) or 8x2048") from None
+    return tuple(out)
+
+
+@bench_app.command("encode")
+@user_errors
+def encode_cmd(
+    shape: Annotated[Optional[list[str]], typer.Option(help="BATCHxNEW_TOKENS, repeatable [1x1 8x1 64x1 512x1 733x1 8x2048]")] = None,
+    spec: Annotated[Optional[list[str]], typer.Option(help="CQ quantizer for K and V, repeatable [8c8b 4c8b]")] = None,
+    heads: Annotated[int, typer.Option(help="KV heads (32: Llama-2-7b)")] = 32,
+    head_dim: Annotated[int, typer.Option(help="Channels per head")] = 128,
+    reps: Annotated[int, typer.Option(help="Timed calls per measurement (median)")] = 30,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Save results as JSON")] = None,
+):
+    """One layer's encode of new K and V tokens: the CUDA kernels (row, tiled, default rule) vs the PyTorch reference."""
+    from rich.table import Table
+
+    from ..bench_kernels import encode_bench, round_floats
+    from ..io import write_json
+
+    res = encode_bench(_encode_shapes(shape), tuple(spec or ("8c8b", "4c8b")), heads, head_dim, reps,
+                       progress=lambda m: console.print(f"[dim]{m}[/]"))
+    t = Table(title=f"encode of one layer's new K and V, {heads} kv heads x {head_dim}, bf16, {res['device']}")
+    for col in ("quant", "batch x new", "reference ms", "row kernel ms", "tiled kernel ms", "default", "ms",
+                "vs reference", "row = tiled", "= reference"):
+        t.add_column(col, justify="right")
+    for r in res["rows"]:
+        t.add_row(r["quant"], f"{r['batch']}x{r['tokens']}", f"{r['reference_ms']:.4f}", f"{r['row_ms']:.4f}",
+                  f"{r['tiled_ms']:.4f}" + ("" if r["tiled_ran"] == "encode-tiled" else " (row)"), r["cq_kernel"],
+                  f"{r['cq_ms']:.4f}", f"{r['speedup']:.1f}x", "yes" if r["kernels_same_codes"] else "NO",
+                  f"{100 * r['agree_with_reference']:.2f}%")
     console.print(t)
     if json_out:
         write_json(json_out, round_floats(res))
