@@ -93,15 +93,16 @@ def encode_cmd(
 
     res = encode_bench(_encode_shapes(shape), tuple(spec or ("8c8b", "4c8b")), heads, head_dim, reps,
                        progress=lambda m: console.print(f"[dim]{m}[/]"))
-    t = Table(title=f"encode of one layer's new K and V, {heads} kv heads x {head_dim}, bf16, {res['device']}")
-    for col in ("quant", "batch x new", "reference ms", "row kernel ms", "tiled kernel ms", "default", "ms",
-                "vs reference", "row = tiled", "= reference"):
+    t = Table(title=f"encode of one layer's new K and V, {heads} kv heads x {head_dim}, bf16, {res['device']}; "
+                    "default: the kernel the default rule ran; codes: row kernel = tiled kernel, agreement with the "
+                    "reference")
+    for col in ("quant", "batch x new", "reference ms", "row ms", "tiled ms", "default ms", "vs ref", "codes"):
         t.add_column(col, justify="right")
     for r in res["rows"]:
-        t.add_row(r["quant"], f"{r['batch']}x{r['tokens']}", f"{r['reference_ms']:.4f}", f"{r['row_ms']:.4f}",
-                  f"{r['tiled_ms']:.4f}" + ("" if r["tiled_ran"] == "encode-tiled" else " (row)"), r["cq_kernel"],
-                  f"{r['cq_ms']:.4f}", f"{r['speedup']:.1f}x", "yes" if r["kernels_same_codes"] else "NO",
-                  f"{100 * r['agree_with_reference']:.2f}%")
+        t.add_row(r["quant"], f"{r['batch']}x{r['tokens']}", f"{r['reference_ms']:.3f}", f"{r['row_ms']:.4f}",
+                  f"{r['tiled_ms']:.4f}" + ("" if r["tiled_ran"] == "encode-tiled" else " (row)"),
+                  f"{r['cq_ms']:.4f} {r['cq_kernel'].removeprefix('encode-')}", f"{r['speedup']:.1f}x",
+                  f"{'same' if r['kernels_same_codes'] else 'DIFFER'}, {100 * r['agree_with_reference']:.1f}%")
     console.print(t)
     if json_out:
         write_json(json_out, round_floats(res))
