@@ -292,15 +292,16 @@ def encode_bench(shapes=DEFAULT_ENCODE_SHAPES, specs=DEFAULT_SPECS, heads: int =
                  reps: int = 30, progress=None) -> dict:
     """One layer's encode of new keys and values (B sequences x Q new tokens, `heads` kv heads): the PyTorch reference
     (quant.encode + quant.pack, what --backend reference runs) against the encode kernels on the same data, one
-    launch for K and V (ops.encode_kv_into) under each choice of ops.ENCODE_TILED_MIN: the row kernel (0), the tiled
-    kernel (1: wherever it fits) and the default rule. Checks that both kernels write the same codes and how many
-    codes agree with the reference's (ties and last-ulp differences may pick another, never a farther, centroid)."""
+    launch for K and V (ops.encode_kv_into) under each choice of ops.ENCODE_TILED_MIN / ENCODE_MMA: the row kernel,
+    the tiled kernel and the tensor-core kernel (each wherever it applies, else the next one down) and the default
+    rule. Checks that the row and tiled kernels write the same codes, and how many codes of the tensor-core kernel
+    and of the default rule agree with the row kernel's and the reference's (near-ties may go another way)."""
     _check_positive(reps=reps, heads=heads)
     _require_kernels("encode")
     info = device_info()
     rows = []
     say = progress or (lambda *_: None)
-    keep = ops.ENCODE_TILED_MIN
+    keep, keep_mma = ops.ENCODE_TILED_MIN, ops.ENCODE_MMA
     for spec_name in specs:
         spec = QuantSpec.parse(spec_name)
         G, K, c = head_dim // spec.channels, spec.num_centroids, spec.channels
@@ -328,8 +329,9 @@ def encode_bench(shapes=DEFAULT_ENCODE_SHAPES, specs=DEFAULT_SPECS, heads: int =
             t_ref = statistics.median(cuda_times(reference, warmup=2, reps=max(3, reps // 5)))
             choices, codes = {}, {}
             try:
-                for name, tmin in (("row", 0), ("tiled", 1), ("auto", keep)):
-                    ops.ENCODE_TILED_MIN = tmin
+                for name, tmin, mma in (("row", 0, False), ("tiled", 1, False), ("mma", 1, True),
+                                        ("auto", keep, keep_mma)):
+                    ops.ENCODE_TILED_MIN, ops.ENCODE_MMA = tmin, mma
                     kcodes.zero_()
                     vcodes.zero_()
                     kernel()
@@ -341,23 +343,28 @@ def encode_bench(shapes=DEFAULT_ENCODE_SHAPES, specs=DEFAULT_SPECS, heads: int =
                     t = statistics.median(cuda_times(kernel, warmup=3, reps=reps))
                     choices[name] = {"ran": ran, "ms": t, "speedup_vs_reference": t_ref / t}
             finally:
-                ops.ENCODE_TILED_MIN = keep
-            same = all(torch.equal(codes["row"][i], codes[n][i]) for n in ("tiled", "auto") for i in (0, 1))
-            got = [quant.unpack(x, spec.code_bits, G) for x in codes["auto"]]
-            want = [quant.unpack(x, spec.code_bits, G) for x in (ref_k, ref_v)]
-            agree = float(sum((a == b).sum() for a, b in zip(got, want)) / sum(a.numel() for a in got))
+                ops.ENCODE_TILED_MIN, ops.ENCODE_MMA = keep, keep_mma
+            same = all(torch.equal(codes["row"][i], codes["tiled"][i]) for i in (0, 1))
+
+            def agree(a_codes, b_codes):
+                a_ = [quant.unpack(x, spec.code_bits, G) for x in a_codes]
+                b_ = [quant.unpack(x, spec.code_bits, G) for x in b_codes]
+                return float(sum((x == y).sum() for x, y in zip(a_, b_)) / sum(x.numel() for x in a_))
             a = choices["auto"]
             rows.append({"quant": f"CQ-{spec.name}", "batch": B, "tokens": Q, "rows": B * Q, "heads": heads,
                          "head_dim": head_dim, "reference_ms": t_ref, "cq_kernel": a["ran"], "cq_ms": a["ms"],
                          "speedup": a["speedup_vs_reference"], "row_ms": choices["row"]["ms"],
                          "tiled_ms": choices["tiled"]["ms"], "tiled_ran": choices["tiled"]["ran"],
-                         "kernels_same_codes": same, "agree_with_reference": agree, "kernels": choices})
+                         "mma_ms": choices["mma"]["ms"], "mma_ran": choices["mma"]["ran"],
+                         "kernels_same_codes": same, "mma_agree_with_row": agree(codes["mma"], codes["row"]),
+                         "agree_with_reference": agree(codes["auto"], (ref_k, ref_v)), "kernels": choices})
             say(f"  reference {t_ref:.4f} ms, " + ", ".join(f"{n} ({v['ran']}) {v['ms']:.4f} ms"
                                                        for n, v in choices.items()))
-            del k, v, kc, vc, kcodes, vcodes, ref_k, ref_v, codes, got, want
+            del k, v, kc, vc, kcodes, vcodes, ref_k, ref_v, codes
             gc.collect()
             torch.cuda.empty_cache()
-    return {**info, "reps": reps, "encode_tiled_min": keep, "rows": rows, "kernels": ops.kernel_status()}
+    return {**info, "reps": reps, "encode_tiled_min": keep, "encode_mma": keep_mma, "rows": rows,
+            "kernels": ops.kernel_status()}
 
 
 # ---------------------------------------------------------------- generation

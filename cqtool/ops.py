@@ -76,21 +76,28 @@ AUTO_DEQUANT_MAX_SEQ = 0
 AUTO_DEQUANT_MAX_SEQ_C4 = 128
 AUTO_DEQUANT_MIN_TOKENS = 8192
 AUTO_MMA_DIRECT_TOKENS = 4096
-# Encode kernel, read at every call: from this many token rows per launch (batch x new tokens) the tiled kernel runs (a
-# block per 512 rows and per code byte's groups, the group's centroids in shared memory, two rows per thread), below
-# it the row kernel (a block per row, lanes over the centroids). Both write the same codes (tests/test_kernels.py); 0:
-# always the row kernel. H100, one launch for K and V of a decode step (32 heads x 128, CQ-8c8b, bf16), row / tiled
-# ms: 16 rows 0.014 / 0.029, 32 0.024 / 0.030, 64 0.043 / 0.040, 128 0.081 / 0.048, 512 0.294 / 0.088, 733 0.410 /
-# 0.161 (docs/raw/probe-encode-batch.py, docs/RESULTS_kernels.md).
+# Encode kernels, read at every call. Below ENCODE_TILED_MIN token rows per launch (batch x new tokens): the row kernel
+# (a block per row, lanes over the centroids). From it: the tensor-core kernel (ENCODE_MMA, 3 <= bits <= 10: x.c for
+# 16 rows x 8 centroids per mma, the nearest on CUDA cores), else the tiled kernel (a block per 512 rows and code
+# byte, the group's centroids in shared memory, two rows per thread; 2**bits x (c + 1) fp32 within 48 KB), else the
+# row kernel. The row and tiled kernels write the same codes; the tensor-core one sums x.c in its own order, so a
+# near-tie may go the other way (never to a farther centroid beyond fp32 rounding; tests/test_kernels.py). 0: always
+# the row kernel. H100, one launch for K and V of a decode step (32 heads x 128, CQ-8c8b, bf16), row / tiled ms: 16
+# rows 0.014 / 0.029, 32 0.024 / 0.030, 64 0.043 / 0.040, 128 0.081 / 0.048, 512 0.294 / 0.088, 733 0.410 / 0.161
+# (docs/raw/probe-encode-batch.py; `cqtool bench encode` for all three; docs/RESULTS_kernels.md).
 ENCODE_TILED_MIN = 64
-ENCODE_TILED_MAX_FLOATS = 12288  # the tiled kernel holds 2**bits x (c + 1) fp32 in shared memory (kTiledMaxFloats)
+ENCODE_MMA = True
+ENCODE_TILED_MAX_FLOATS = 12288  # kTiledMaxFloats in kernels/encode.cu
 
 
 def encode_kernel_name(rows: int, c: int, *bits: int) -> str:
     """Which encode kernel a launch of `rows` token rows (batch x new tokens) with c channels per group and these code
     bits runs: the rule of kernels/encode.cu's launch_t, for the record (ops.KERNEL_USED["encode"])."""
-    fits = all((1 << b) * (c + 1) <= ENCODE_TILED_MAX_FLOATS for b in bits)
-    return "encode-tiled" if ENCODE_TILED_MIN > 0 and rows >= ENCODE_TILED_MIN and fits else "encode-row"
+    if ENCODE_TILED_MIN <= 0 or rows < ENCODE_TILED_MIN:
+        return "encode-row"
+    if ENCODE_MMA and all(3 <= b and (1 << b) * 36 + 4096 <= 48 * 1024 for b in bits):
+        return "encode-mma"
+    return "encode-tiled" if all((1 << b) * (c + 1) <= ENCODE_TILED_MAX_FLOATS for b in bits) else "encode-row"
 MMA_TILE = 512  # tokens per tile of the tensor-core decode kernel (kTile in kernels/decode_mma.cu)
 AUTO_MMA_FP_TOKENS = 4096
 AUTO_MMA_MIN_SEQ = 512
@@ -230,9 +237,11 @@ def encode_into(x: torch.Tensor, centroids: torch.Tensor, bits: int, codes: torc
         if mod is not None:
             xs = x if x.stride(-1) == 1 else x.contiguous()
             if rows is None:
-                mod.encode(xs, centroids.contiguous(), int(bits), codes, int(start), int(ENCODE_TILED_MIN))
+                mod.encode(xs, centroids.contiguous(), int(bits), codes, int(start), int(ENCODE_TILED_MIN),
+                           bool(ENCODE_MMA))
             else:
-                mod.encode_rows(xs, centroids.contiguous(), int(bits), codes, rows, int(ENCODE_TILED_MIN))
+                mod.encode_rows(xs, centroids.contiguous(), int(bits), codes, rows, int(ENCODE_TILED_MIN),
+                                bool(ENCODE_MMA))
             KERNEL_USED["encode"] = encode_kernel_name(x.shape[0] * Q, centroids.shape[-1], bits)
             _note("encode", "cuda")
             return
@@ -267,10 +276,10 @@ def encode_kv_into(k: torch.Tensor, k_centroids: torch.Tensor, k_bits: int, k_co
     vs = v if v.stride(-1) == 1 else v.contiguous()
     if rows is None:
         mod.encode_kv(ks, k_centroids.contiguous(), int(k_bits), k_codes, vs, v_centroids.contiguous(), int(v_bits),
-                      v_codes, int(start), int(ENCODE_TILED_MIN))
+                      v_codes, int(start), int(ENCODE_TILED_MIN), bool(ENCODE_MMA))
     else:
         mod.encode_kv_rows(ks, k_centroids.contiguous(), int(k_bits), k_codes, vs, v_centroids.contiguous(),
-                           int(v_bits), v_codes, rows, int(ENCODE_TILED_MIN))
+                           int(v_bits), v_codes, rows, int(ENCODE_TILED_MIN), bool(ENCODE_MMA))
     KERNEL_USED["encode"] = encode_kernel_name(k.shape[0] * k.shape[2], k_centroids.shape[-1], k_bits, v_bits)
     _note("encode", "cuda")
 

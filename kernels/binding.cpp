@@ -86,7 +86,7 @@ void set_cos_sin(cq::AttnParams& p, const at::Tensor& cos, const at::Tensor& sin
 // x [B, H, Q, D]; centroids [H, G, 2**bits, c]; codes [B, H, cap, R] uint8: codes[:, :, start:start+Q] = pack(encode(x)),
 // or codes[:, :, rows[t]] for token t when rows (int64 [Q] on the GPU, each in [0, cap)) is given.
 cq::EncodeParams encode_params(const at::Tensor& x, const at::Tensor& centroids, int64_t bits, at::Tensor& codes,
-                               int64_t start, const at::Tensor* rows, int64_t tiled_min) {
+                               int64_t start, const at::Tensor* rows, int64_t tiled_min, bool use_mma) {
   TORCH_CHECK(x.is_cuda() && centroids.is_cuda() && codes.is_cuda(), "encode: tensors must be on the GPU");
   TORCH_CHECK(x.dim() == 4 && centroids.dim() == 4 && codes.dim() == 4, "encode: expected 4-d x, centroids, codes");
   TORCH_CHECK(x.stride(3) == 1 && centroids.is_contiguous() && codes.is_contiguous(), "encode: layout");
@@ -111,33 +111,35 @@ cq::EncodeParams encode_params(const at::Tensor& x, const at::Tensor& centroids,
   }
   p.dtype = dtype_tag(x);
   p.tiled_min = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(tiled_min, INT32_MAX)));
+  p.use_mma = use_mma ? 1 : 0;
   return p;
 }
 
 void encode_impl(const at::Tensor& x, const at::Tensor& centroids, int64_t bits, at::Tensor& codes, int64_t start,
-                 const at::Tensor* rows, int64_t tiled_min) {
-  const cq::EncodeParams p = encode_params(x, centroids, bits, codes, start, rows, tiled_min);
+                 const at::Tensor* rows, int64_t tiled_min, bool use_mma) {
+  const cq::EncodeParams p = encode_params(x, centroids, bits, codes, start, rows, tiled_min, use_mma);
   const at::cuda::OptionalCUDAGuard guard(x.device());
   check_cuda(cq::launch_encode(p, at::cuda::getCurrentCUDAStream()), "encode");
 }
 
-// tiled_min: B * Q rows from which the tiled kernel runs (0: never; kernels/encode.cu)
+// tiled_min: B * Q rows from which the tiled or (use_mma, where it applies) the tensor-core kernel runs (0: never;
+// kernels/encode.cu)
 void encode(const at::Tensor& x, const at::Tensor& centroids, int64_t bits, at::Tensor& codes, int64_t start,
-            int64_t tiled_min) {
-  encode_impl(x, centroids, bits, codes, start, nullptr, tiled_min);
+            int64_t tiled_min, bool use_mma) {
+  encode_impl(x, centroids, bits, codes, start, nullptr, tiled_min, use_mma);
 }
 
 void encode_rows(const at::Tensor& x, const at::Tensor& centroids, int64_t bits, at::Tensor& codes, const at::Tensor& rows,
-                 int64_t tiled_min) {
-  encode_impl(x, centroids, bits, codes, 0, &rows, tiled_min);
+                 int64_t tiled_min, bool use_mma) {
+  encode_impl(x, centroids, bits, codes, 0, &rows, tiled_min, use_mma);
 }
 
 // A layer's keys and values in one launch (the same shape [B, H, Q, D], channels per group and dtype; bits may differ)
 void encode_kv_impl(const at::Tensor& k, const at::Tensor& k_cent, int64_t k_bits, at::Tensor& k_codes,
                     const at::Tensor& v, const at::Tensor& v_cent, int64_t v_bits, at::Tensor& v_codes, int64_t start,
-                    const at::Tensor* rows, int64_t tiled_min) {
-  const cq::EncodeParams pk = encode_params(k, k_cent, k_bits, k_codes, start, rows, tiled_min);
-  const cq::EncodeParams pv = encode_params(v, v_cent, v_bits, v_codes, start, rows, tiled_min);
+                    const at::Tensor* rows, int64_t tiled_min, bool use_mma) {
+  const cq::EncodeParams pk = encode_params(k, k_cent, k_bits, k_codes, start, rows, tiled_min, use_mma);
+  const cq::EncodeParams pv = encode_params(v, v_cent, v_bits, v_codes, start, rows, tiled_min, use_mma);
   TORCH_CHECK(k.sizes() == v.sizes() && pk.c == pv.c && pk.dtype == pv.dtype && k.device() == v.device(),
               "encode_kv: keys and values need the same shape, channels per group, dtype and GPU");
   const at::cuda::OptionalCUDAGuard guard(k.device());
@@ -145,14 +147,15 @@ void encode_kv_impl(const at::Tensor& k, const at::Tensor& k_cent, int64_t k_bit
 }
 
 void encode_kv(const at::Tensor& k, const at::Tensor& k_cent, int64_t k_bits, at::Tensor& k_codes, const at::Tensor& v,
-               const at::Tensor& v_cent, int64_t v_bits, at::Tensor& v_codes, int64_t start, int64_t tiled_min) {
-  encode_kv_impl(k, k_cent, k_bits, k_codes, v, v_cent, v_bits, v_codes, start, nullptr, tiled_min);
+               const at::Tensor& v_cent, int64_t v_bits, at::Tensor& v_codes, int64_t start, int64_t tiled_min,
+               bool use_mma) {
+  encode_kv_impl(k, k_cent, k_bits, k_codes, v, v_cent, v_bits, v_codes, start, nullptr, tiled_min, use_mma);
 }
 
 void encode_kv_rows(const at::Tensor& k, const at::Tensor& k_cent, int64_t k_bits, at::Tensor& k_codes,
                     const at::Tensor& v, const at::Tensor& v_cent, int64_t v_bits, at::Tensor& v_codes,
-                    const at::Tensor& rows, int64_t tiled_min) {
-  encode_kv_impl(k, k_cent, k_bits, k_codes, v, v_cent, v_bits, v_codes, 0, &rows, tiled_min);
+                    const at::Tensor& rows, int64_t tiled_min, bool use_mma) {
+  encode_kv_impl(k, k_cent, k_bits, k_codes, v, v_cent, v_bits, v_codes, 0, &rows, tiled_min, use_mma);
 }
 
 // Attention of query [B, H_q, Q, D] over S cached tokens held as codes (+ full-precision window/sinks) -> [B, Q, H_q, D],

@@ -7,11 +7,15 @@
 //   codes:     [B, H, cap, R] uint8, contiguous, R = ceil(G * bits / 8)
 //
 // One launch can encode the keys and the values of a layer (launch_encode_kv: same c and dtype, bits may differ).
-// Two kernels compute the same codes (the same fp32 arithmetic, the same tie rule): encode_kernel, a block per token
-// row whose lanes split the centroids (few rows: a decode step), and encode_tiled_kernel, a block per 512 rows whose
-// threads each take two rows against one group's centroids held in shared memory (many rows: prefill, or a decode step
-// at a large batch, where encode_kernel re-read every group's centroids from L1/L2 for every row; launch_pair picks it
-// from p.tiled_min rows per launch).
+// Three kernels. encode_kernel: a block per token row whose lanes split the centroids (few rows: a decode step at a
+// small batch). encode_tiled_kernel: a block per 512 rows whose threads each take two rows against one group's
+// centroids in shared memory (encode_kernel re-read every group's centroids from L1/L2 for every row); the same fp32
+// arithmetic and tie rule as encode_kernel, so the same codes. encode_mma_kernel: x . c on the tensor cores (16 rows
+// x 8 centroids per mma), the nearest on CUDA cores; its sums may differ in the last bits, so a near-tie may go the
+// other way. launch_t picks: below p.tiled_min rows encode_kernel; from it encode_mma_kernel where p.use_mma and it
+// applies (3 <= bits <= 10), else encode_tiled_kernel where its table fits, else encode_kernel.
+#include <type_traits>
+
 #include "common.cuh"
 #include "kernels.h"
 
@@ -224,9 +228,151 @@ __global__ void __launch_bounds__(kTileThreads) encode_tiled_kernel(const Encode
   }
 }
 
+// ---- tensor-core kernel (many rows, 3 <= bits <= 10): x . c for 16 rows x 8 centroids per mma.m16n8k16 (the
+// group's c channels zero-padded to 16), then d = |c|^2 - 2 x.c and the running nearest per row on CUDA cores.
+// The products are exact (16-bit inputs) but the tensor cores sum them in their own order, so d may differ from the
+// fmaf chain of the other two kernels in the last bits: near-ties may pick another centroid (tests/test_kernels.py
+// holds it to the reference's tolerance); exact ties still give the lowest index.
+constexpr int kMmaWarps = 8;
+constexpr int kMmaRowTiles = 2;                          // 16-row tiles per warp, sharing each centroid fragment
+constexpr int kMmaRows = kMmaWarps * kMmaRowTiles * 16;  // rows per block (256)
+constexpr int kMmaMaxBytes = 48 * 1024;                  // centroids (16 channels of 16 bits) + norms (fp32)
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same<T, __half>::value) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Shared position of channel k (0..15) in a centroid's 16-element row: the four a lane t needs for its B fragment
+// (k = 2t, 2t + 1, 2t + 8, 2t + 9) side by side, read as one 8-byte load.
+__device__ __forceinline__ int mma_slot(int k) { return ((k & 7) >> 1) * 4 + (k >> 3) * 2 + (k & 1); }
+
+// Block (tile of kMmaRows rows, h, z): per group of the chunk, its centroids (16-bit, zero-padded to 16 channels, in
+// the B-fragment order) and squared norms (fp32, the fmaf chain of the other kernels) to shared memory; each warp
+// scans them for two 16-row tiles; the quad of lanes holding a row's columns agrees on its nearest (lowest index on
+// ties); codes gather in shared memory and each thread writes one row's chunk bytes.
+template <typename T, int C>
+__global__ void __launch_bounds__(kMmaWarps * 32) encode_mma_kernel(const EncodePair pp) {
+  static_assert(C <= 16, "c <= 16");
+  const int zk = blockIdx.z;
+  const bool val = zk >= pp.nz[0];
+  const EncodeParams p = val ? pp.p[1] : pp.p[0];
+  const int chunk = val ? zk - pp.nz[0] : zk;
+  const int gpc = pp.gpc[val ? 1 : 0];
+  const int h = blockIdx.y;
+  const int K = 1 << p.bits;
+  const int g0 = chunk * gpc;
+  const int ng = p.G - g0 < gpc ? p.G - g0 : gpc;
+  const int nrows = p.B * p.Q;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gq = lane >> 2, tq = lane & 3;  // mma fragment row group and thread in group
+  extern __shared__ __align__(16) unsigned char mma_smem[];
+  T* cs = reinterpret_cast<T*>(mma_smem);                                   // [K][16]
+  float* norm = reinterpret_cast<float*>(mma_smem + static_cast<size_t>(K) * 16 * sizeof(T));  // [K]
+  __shared__ uint16_t codes_s[kMmaRows][kChunk];
+
+  const int row0 = blockIdx.x * kMmaRows;
+  const T* cent = reinterpret_cast<const T*>(p.centroids) + static_cast<int64_t>(h) * p.G * K * C;
+  const T* xs = reinterpret_cast<const T*>(p.x);
+  for (int gi = 0; gi < ng; ++gi) {
+    const int g = g0 + gi;
+    __syncthreads();  // the previous group's table is no longer read
+    const T* cg = cent + static_cast<int64_t>(g) * K * C;
+    for (int e = threadIdx.x; e < K * 16; e += blockDim.x) {
+      const int k = e >> 4, j = e & 15;
+      cs[k * 16 + mma_slot(j)] = j < C ? cg[k * C + j] : from_f<T>(0.f);
+    }
+    for (int k = threadIdx.x; k < K; k += blockDim.x) {
+      float c2 = 0.f;
+#pragma unroll
+      for (int j = 0; j < C; ++j) {
+        const float v = to_f<T>(cg[k * C + j]);
+        c2 = fmaf(v, v, c2);
+      }
+      norm[k] = c2;
+    }
+    __syncthreads();
+    // A fragments: rows r = tile base + gq (+ 8), channels 2 tq, 2 tq + 1 (a[0] / a[1]) and + 8 (a[2] / a[3])
+    uint32_t a[kMmaRowTiles][4];
+#pragma unroll
+    for (int rt = 0; rt < kMmaRowTiles; ++rt) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = row0 + (warp * kMmaRowTiles + rt) * 16 + gq + 8 * half;
+        float v[4] = {0.f, 0.f, 0.f, 0.f};
+        if (r < nrows) {
+          const int b = r / p.Q, t = r % p.Q;
+          const T* xr = xs + b * p.x_sb + h * p.x_sh + t * p.x_sq + g * C;
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            const int j = 2 * tq + (u & 1) + 8 * (u >> 1);
+            if (j < C) v[u] = to_f<T>(xr[j]);
+          }
+        }
+        a[rt][half] = pack2<T>(v[0], v[1]);      // row gq (+8 for half 1), channels 2tq, 2tq + 1
+        a[rt][2 + half] = pack2<T>(v[2], v[3]);  // the same row, channels 2tq + 8, 2tq + 9
+      }
+    }
+    float best[kMmaRowTiles * 2];
+    int bk[kMmaRowTiles * 2];
+#pragma unroll
+    for (int i = 0; i < kMmaRowTiles * 2; ++i) { best[i] = __int_as_float(0x7f800000); bk[i] = 0; }
+#pragma unroll 2
+    for (int nt = 0; nt < K / 8; ++nt) {
+      const uint2 bb = *reinterpret_cast<const uint2*>(cs + (nt * 8 + gq) * 16 + tq * 4);
+      const float2 nr = *reinterpret_cast<const float2*>(norm + nt * 8 + 2 * tq);
+#pragma unroll
+      for (int rt = 0; rt < kMmaRowTiles; ++rt) {
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        mma_16816<T>(acc, a[rt], bb.x, bb.y);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float d = fmaf(-2.f, acc[e], (e & 1) ? nr.y : nr.x);
+          const int slot = rt * 2 + (e >> 1);
+          if (d < best[slot]) { best[slot] = d; bk[slot] = nt * 8 + 2 * tq + (e & 1); }
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kMmaRowTiles * 2; ++i) {
+#pragma unroll
+      for (int off = 1; off <= 2; off <<= 1) {
+        const float od = __shfl_xor_sync(0xffffffffu, best[i], off);
+        const int ok = __shfl_xor_sync(0xffffffffu, bk[i], off);
+        if (od < best[i] || (od == best[i] && ok < bk[i])) { best[i] = od; bk[i] = ok; }
+      }
+      if (tq == 0) codes_s[(warp * kMmaRowTiles + (i >> 1)) * 16 + gq + 8 * (i & 1)][gi] = static_cast<uint16_t>(bk[i]);
+    }
+  }
+  __syncthreads();
+  const int r = row0 + threadIdx.x;  // kMmaRows == blockDim.x: one row per thread
+  if (r >= nrows) return;
+  const int b = r / p.Q, t = r % p.Q;
+  const int64_t dst = p.rows ? p.rows[t] : p.start + t;
+  if (dst < 0 || dst >= p.cap) return;
+  uint32_t code[kChunk];
+#pragma unroll
+  for (int gi = 0; gi < kChunk; ++gi) code[gi] = gi < ng ? codes_s[threadIdx.x][gi] : 0u;
+  const int i0 = chunk * gpc * p.bits / 8;
+  const int i1 = i0 + gpc * p.bits / 8 < p.R ? i0 + gpc * p.bits / 8 : p.R;
+  write_chunk(p.codes + ((static_cast<int64_t>(b) * p.H + h) * p.cap + dst) * p.R, i0, i1, p.bits, ng, code);
+}
+
 int chunks(const EncodeParams& p) { return (p.G + kChunk - 1) / kChunk; }
 
 int tiled_floats(const EncodeParams& p) { return (1 << p.bits) * (p.c + 1); }
+// the tensor-core kernel: full n-tiles of 8 centroids, and its shared memory (static codes 4 KB + dynamic) within 48 KB
+bool mma_fits(const EncodeParams& p) {
+  return p.bits >= 3 && (static_cast<size_t>(1) << p.bits) * (16 * 2 + 4) + sizeof(uint16_t) * kMmaRows * kChunk <= kMmaMaxBytes;
+}
 
 template <typename T>
 cudaError_t launch_t(const EncodePair& pp, cudaStream_t stream) {
@@ -234,7 +380,28 @@ cudaError_t launch_t(const EncodePair& pp, cudaStream_t stream) {
   const int nrows = p.B * p.Q;
   int floats = tiled_floats(p);
   if (pp.nz[1] && tiled_floats(pp.p[1]) > floats) floats = tiled_floats(pp.p[1]);
-  if (p.tiled_min > 0 && nrows >= p.tiled_min && floats <= kTiledMaxFloats) {
+  const bool many = p.tiled_min > 0 && nrows >= p.tiled_min;
+  if (many && p.use_mma && mma_fits(p) && (!pp.nz[1] || mma_fits(pp.p[1]))) {
+    EncodePair tp = pp;
+    int bits_max = 0;
+    for (int j = 0; j < 2; ++j) {
+      tp.gpc[j] = tiled_chunk(tp.p[j].bits);
+      tp.nz[j] = pp.nz[j] ? (tp.p[j].G + tp.gpc[j] - 1) / tp.gpc[j] : 0;
+      if (pp.nz[j] && tp.p[j].bits > bits_max) bits_max = tp.p[j].bits;
+    }
+    dim3 grid((nrows + kMmaRows - 1) / kMmaRows, p.H, tp.nz[0] + tp.nz[1]);
+    const size_t smem = static_cast<size_t>(1 << bits_max) * (16 * sizeof(T) + sizeof(float));
+    switch (p.c) {
+      case 1: encode_mma_kernel<T, 1><<<grid, kMmaWarps * 32, smem, stream>>>(tp); break;
+      case 2: encode_mma_kernel<T, 2><<<grid, kMmaWarps * 32, smem, stream>>>(tp); break;
+      case 4: encode_mma_kernel<T, 4><<<grid, kMmaWarps * 32, smem, stream>>>(tp); break;
+      case 8: encode_mma_kernel<T, 8><<<grid, kMmaWarps * 32, smem, stream>>>(tp); break;
+      case 16: encode_mma_kernel<T, 16><<<grid, kMmaWarps * 32, smem, stream>>>(tp); break;
+      default: return cudaErrorInvalidValue;
+    }
+    return cudaGetLastError();
+  }
+  if (many && floats <= kTiledMaxFloats) {
     EncodePair tp = pp;
     for (int j = 0; j < 2; ++j) {
       tp.gpc[j] = tiled_chunk(tp.p[j].bits);

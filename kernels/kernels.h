@@ -20,6 +20,7 @@ struct EncodeParams {
   const int64_t* rows;  // [Q] on the device: token t goes to row rows[t] (static decoding); nullptr: row start + t
   int dtype;  // cq::DType
   int tiled_min;  // B * Q rows from which the tiled kernel runs (0: never; kernels/encode.cu)
+  int use_mma;    // from tiled_min rows: the tensor-core kernel where it applies (3 <= bits <= 10), else the tiled one
 };
 
 // A full-precision K or V buffer [B, H_kv, n, D] (last dim contiguous); data == nullptr when absent.

@@ -672,7 +672,8 @@ def test_cpu_fallback_is_announced(monkeypatch, caplog):
 ])
 def test_encode_tiled_equals_row_kernel(B, H, Q, D, c, b, start, dtype, monkeypatch):
     """The tiled encode kernel (many rows) writes exactly the row kernel's codes, and nothing outside the new rows;
-    where it does not apply (K (c + 1) above 12288 floats: c = 16 with 12 bits) both runs take the row kernel."""
+    where it does not apply (K (c + 1) above 12288 floats: c = 16 with 12 bits) both runs take the row kernel. The
+    tensor-core kernel (ENCODE_MMA): codes a near-tie may flip, never to a centroid farther beyond fp32 rounding."""
     torch.manual_seed(5)
     x = torch.randn(B, Q, H, D, device="cuda").to(dtype).transpose(1, 2)
     cent = torch.randn(H, D // c, 2**b, c, device="cuda").to(dtype)
@@ -682,16 +683,33 @@ def test_encode_tiled_equals_row_kernel(B, H, Q, D, c, b, start, dtype, monkeypa
     cap = start + Q + 3
     base = torch.randint(0, 256, (B, H, cap, R), device="cuda", dtype=torch.uint8)
     out = {}
-    for name, tmin in (("row", 0), ("tiled", 1)):
+    for name, tmin, mma in (("row", 0, False), ("tiled", 1, False), ("mma", 1, True)):
         monkeypatch.setattr(ops, "ENCODE_TILED_MIN", tmin)
+        monkeypatch.setattr(ops, "ENCODE_MMA", mma)
         codes = base.clone()
         ops.encode_into(x, cent, b, codes, start)
         out[name] = codes
     torch.cuda.synchronize()
     assert ops.BACKEND_USED["encode"] == "cuda"
     assert torch.equal(out["tiled"], out["row"])
-    assert torch.equal(out["tiled"][:, :, :start], base[:, :, :start])
-    assert quant.unpack(out["tiled"][:1, :1, start : start + 1], b, D // c)[0, 0, 0, 0] == 3
+    for name in ("tiled", "mma"):
+        assert torch.equal(out[name][:, :, :start], base[:, :, :start])
+        assert torch.equal(out[name][:, :, start + Q :], base[:, :, start + Q :])
+        assert quant.unpack(out[name][:1, :1, start : start + 1], b, D // c)[0, 0, 0, 0] == 3  # the tie: lowest index
+    # tensor cores: where the codes differ from the row kernel's, the chosen centroid is as near (fp64) up to rounding
+    G = D // c
+    row_c = quant.unpack(out["row"][:, :, start : start + Q], b, G)
+    mma_c = quant.unpack(out["mma"][:, :, start : start + Q], b, G)
+    assert torch.equal(quant.pack(mma_c, b), out["mma"][:, :, start : start + Q])
+    xs, cg = x.double().reshape(B, H, Q, G, c), cent.double()
+
+    def dist(codes_):
+        sel = torch.stack([cg[h][torch.arange(G, device="cuda"), codes_[:, h]] for h in range(H)], 1)
+        return ((xs - sel) ** 2).sum(-1)
+
+    d_row, d_mma = dist(row_c), dist(mma_c)
+    assert (d_mma <= d_row + 1e-3 * (1 + d_row)).all()
+    assert (row_c == mma_c).float().mean() > 0.99
 
 
 @cuda_test
@@ -739,26 +757,31 @@ def test_encode_kv_into_equals_two_encodes(B, H, Q, D, kc, kb, vc, vb, start, st
     cap = start + Q + 6
     kcodes = torch.randint(0, 256, (B, H, cap, quant.row_bytes(D // kc, kb)), device="cuda", dtype=torch.uint8)
     vcodes = torch.randint(0, 256, (B, H, cap, quant.row_bytes(D // vc, vb)), device="cuda", dtype=torch.uint8)
-    kwant, vwant = kcodes.clone(), vcodes.clone()
     rows = torch.arange(start + Q - 1, start - 1, -1, device="cuda") if static else None  # reversed order
     k0, v0 = kcodes.clone(), vcodes.clone()
-    ops.encode_into(k, kcent, kb, kwant, 0 if static else start, rows=rows)
-    ops.encode_into(v, vcent, vb, vwant, 0 if static else start, rows=rows)
-    for tmin in (0, 1, ops.ENCODE_TILED_MIN):  # the row kernel, the tiled one (where it applies), the default rule
+    # the row kernel, the tiled one, the tensor-core one (where they apply), the default rule
+    for tmin, mma in ((0, False), (1, False), (1, True), (ops.ENCODE_TILED_MIN, ops.ENCODE_MMA)):
         monkeypatch.setattr(ops, "ENCODE_TILED_MIN", tmin)
+        monkeypatch.setattr(ops, "ENCODE_MMA", mma)
+        kwant, vwant = k0.clone(), v0.clone()
+        ops.encode_into(k, kcent, kb, kwant, 0 if static else start, rows=rows)
+        ops.encode_into(v, vcent, vb, vwant, 0 if static else start, rows=rows)
         kcodes, vcodes = k0.clone(), v0.clone()
         ops.encode_kv_into(k, kcent, kb, kcodes, v, vcent, vb, vcodes, 0 if static else start, rows=rows)
         torch.cuda.synchronize()
         assert ops.BACKEND_USED["encode"] == "cuda", ops.kernel_status()
-        assert torch.equal(kcodes, kwant) and torch.equal(vcodes, vwant), tmin
+        assert torch.equal(kcodes, kwant) and torch.equal(vcodes, vwant), (tmin, mma)
 
 
 @cuda_test
-@pytest.mark.parametrize("rows,c,bits,tmin", [(1, 8, 8, 64), (63, 8, 8, 64), (64, 8, 8, 64), (600, 4, 8, 64),
-                                             (600, 16, 12, 64), (600, 8, 8, 0), (5, 8, 10, 1)])
-def test_encode_kernel_name_is_the_kernel_that_ran(rows, c, bits, tmin, monkeypatch):
+@pytest.mark.parametrize("rows,c,bits,tmin,mma", [(1, 8, 8, 64, True), (63, 8, 8, 64, True), (64, 8, 8, 64, True),
+                                                 (64, 8, 8, 64, False), (600, 4, 8, 64, True), (600, 16, 12, 64, True),
+                                                 (600, 16, 11, 64, False), (600, 8, 8, 0, True), (5, 8, 10, 1, True),
+                                                 (70, 2, 2, 1, True)])
+def test_encode_kernel_name_is_the_kernel_that_ran(rows, c, bits, tmin, mma, monkeypatch):
     """ops.KERNEL_USED["encode"] (the Python copy of launch_t's rule) names the kernel the profiler saw run."""
     monkeypatch.setattr(ops, "ENCODE_TILED_MIN", tmin)
+    monkeypatch.setattr(ops, "ENCODE_MMA", mma)
     H, D = 2, 128
     x = torch.randn(rows, H, 1, D, device="cuda", dtype=torch.bfloat16)
     cent = torch.randn(H, D // c, 2**bits, c, device="cuda", dtype=torch.bfloat16)
@@ -767,10 +790,13 @@ def test_encode_kernel_name_is_the_kernel_that_ran(rows, c, bits, tmin, monkeypa
         ops.encode_kv_into(x, cent, bits, codes, x.clone(), cent, bits, codes.clone(), 1)
         torch.cuda.synchronize()
     names = [e.key for e in prof.key_averages() if "encode" in e.key]
-    tiled = any("encode_tiled_kernel" in n for n in names)
-    assert names and tiled == (ops.KERNEL_USED["encode"] == "encode-tiled"), (names, ops.KERNEL_USED)
-    assert ops.KERNEL_USED["encode"] == ("encode-tiled" if tmin and rows >= tmin and (1 << bits) * (c + 1) <= 12288
-                                         else "encode-row")
+    seen = {"encode-mma" if "encode_mma_kernel" in n else "encode-tiled" if "encode_tiled_kernel" in n else "encode-row"
+            for n in names}
+    assert seen == {ops.KERNEL_USED["encode"]}, (names, ops.KERNEL_USED)
+    many = tmin and rows >= tmin
+    want = ("encode-mma" if many and mma and 3 <= bits <= 10 else
+            "encode-tiled" if many and (1 << bits) * (c + 1) <= 12288 else "encode-row")
+    assert ops.KERNEL_USED["encode"] == want
 
 
 @cuda_test
@@ -782,9 +808,10 @@ def test_bench_encode_runs():
     for r in res["rows"]:
         assert r["kernels_same_codes"] and r["agree_with_reference"] > 0.99
         assert r["cq_ms"] > 0 and r["reference_ms"] > 0
-        want = "encode-tiled" if r["rows"] >= 64 and r["quant"] == "CQ-8c8b" else "encode-row"
+        assert r["mma_agree_with_row"] > 0.99
+        want = "encode-mma" if r["rows"] >= 64 and r["quant"] == "CQ-8c8b" else "encode-row"
         assert r["cq_kernel"] == want, r
-    assert ops.ENCODE_TILED_MIN == res["encode_tiled_min"]  # restored
+    assert (ops.ENCODE_TILED_MIN, ops.ENCODE_MMA) == (res["encode_tiled_min"], res["encode_mma"])  # restored
 
 
 def test_encode_kv_into_cpu_equals_reference():
@@ -889,7 +916,7 @@ def test_bench_attention_and_prefill_cli(tmp_path):
                                  "4", "--reps", "3", "--json", str(tmp_path / "e.json")])
     assert r.exit_code == 0, r.output
     rows = json.loads((tmp_path / "e.json").read_text())["rows"]
-    assert [x["cq_kernel"] for x in rows] == ["encode-row", "encode-tiled"]
+    assert [x["cq_kernel"] for x in rows] == ["encode-row", "encode-mma"]
     assert all(x["kernels_same_codes"] and x["agree_with_reference"] > 0.99 for x in rows)
 
 

@@ -85,7 +85,7 @@ def encode_cmd(
     reps: Annotated[int, typer.Option(help="Timed calls per measurement (median)")] = 30,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Save results as JSON")] = None,
 ):
-    """One layer's encode of new K and V tokens: the CUDA kernels (row, tiled, default rule) vs the PyTorch reference."""
+    """One layer's encode of new K and V: the CUDA kernels (row, tiled, tensor-core, default) vs the PyTorch reference."""
     from rich.table import Table
 
     from ..bench_kernels import encode_bench, round_floats
@@ -94,15 +94,19 @@ def encode_cmd(
     res = encode_bench(_encode_shapes(shape), tuple(spec or ("8c8b", "4c8b")), heads, head_dim, reps,
                        progress=lambda m: console.print(f"[dim]{m}[/]"))
     t = Table(title=f"encode of one layer's new K and V, {heads} kv heads x {head_dim}, bf16, {res['device']}; "
-                    "default: the kernel the default rule ran; codes: row kernel = tiled kernel, agreement with the "
-                    "reference")
-    for col in ("quant", "batch x new", "reference ms", "row ms", "tiled ms", "default ms", "vs ref", "codes"):
+                    "(row): that kernel does not apply there, the next one ran; default: the kernel the default rule "
+                    "ran; codes: row = tiled kernel, tensor-core codes equal to the row kernel's, default's equal to "
+                    "the reference's")
+    for col in ("quant", "batch x new", "reference ms", "row ms", "tiled ms", "tensor-core ms", "default ms", "vs ref",
+                "codes"):
         t.add_column(col, justify="right")
     for r in res["rows"]:
         t.add_row(r["quant"], f"{r['batch']}x{r['tokens']}", f"{r['reference_ms']:.3f}", f"{r['row_ms']:.4f}",
                   f"{r['tiled_ms']:.4f}" + ("" if r["tiled_ran"] == "encode-tiled" else " (row)"),
-                  f"{r['cq_ms']:.4f} {r['cq_kernel'].removeprefix('encode-')}", f"{r['speedup']:.1f}x",
-                  f"{'same' if r['kernels_same_codes'] else 'DIFFER'}, {100 * r['agree_with_reference']:.1f}%")
+                  f"{r['mma_ms']:.4f}" + ("" if r["mma_ran"] == "encode-mma" else f" ({r['mma_ran'][7:]})"),
+                  f"{r['cq_ms']:.4f} {r['cq_kernel'][7:]}", f"{r['speedup']:.1f}x",
+                  f"{'same' if r['kernels_same_codes'] else 'DIFFER'}, {100 * r['mma_agree_with_row']:.2f}%, "
+                  f"{100 * r['agree_with_reference']:.2f}%")
     console.print(t)
     if json_out:
         write_json(json_out, round_floats(res))
