@@ -13,7 +13,7 @@
 // arithmetic and tie rule as encode_kernel, so the same codes. encode_mma_kernel: x . c on the tensor cores (16 rows
 // x 8 centroids per mma), the nearest on CUDA cores; its sums may differ in the last bits, so a near-tie may go the
 // other way. launch_t picks: below p.tiled_min rows encode_kernel; from it encode_mma_kernel where p.use_mma and it
-// applies (3 <= bits <= 10), else encode_tiled_kernel where its table fits, else encode_kernel.
+// applies (c >= 8, 3 <= bits <= 10), else encode_tiled_kernel where its table fits, else encode_kernel.
 #include <type_traits>
 
 #include "common.cuh"
@@ -370,8 +370,10 @@ int chunks(const EncodeParams& p) { return (p.G + kChunk - 1) / kChunk; }
 
 int tiled_floats(const EncodeParams& p) { return (1 << p.bits) * (p.c + 1); }
 // the tensor-core kernel: full n-tiles of 8 centroids, and its shared memory (static codes 4 KB + dynamic) within 48 KB
+// and c >= 8: with c <= 4 the padding to 16 channels left it no faster than encode_tiled_kernel (H100, CQ-4c8b: 0.121
+// vs 0.114 ms at 512 rows, 3.53 vs 3.37 at 8 x 2048; docs/RESULTS_kernels.md)
 bool mma_fits(const EncodeParams& p) {
-  return p.bits >= 3 && (static_cast<size_t>(1) << p.bits) * (16 * 2 + 4) + sizeof(uint16_t) * kMmaRows * kChunk <= kMmaMaxBytes;
+  return p.c >= 8 && p.bits >= 3 && (static_cast<size_t>(1) << p.bits) * (16 * 2 + 4) + sizeof(uint16_t) * kMmaRows * kChunk <= kMmaMaxBytes;
 }
 
 template <typename T>

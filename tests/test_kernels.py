@@ -775,7 +775,8 @@ def test_encode_kv_into_equals_two_encodes(B, H, Q, D, kc, kb, vc, vb, start, st
 
 @cuda_test
 @pytest.mark.parametrize("rows,c,bits,tmin,mma", [(1, 8, 8, 64, True), (63, 8, 8, 64, True), (64, 8, 8, 64, True),
-                                                 (64, 8, 8, 64, False), (600, 4, 8, 64, True), (600, 16, 12, 64, True),
+                                                 (64, 8, 8, 64, False), (600, 4, 8, 64, True), (600, 16, 10, 64, True),
+                                                 (600, 16, 12, 64, True),
                                                  (600, 16, 11, 64, False), (600, 8, 8, 0, True), (5, 8, 10, 1, True),
                                                  (70, 2, 2, 1, True)])
 def test_encode_kernel_name_is_the_kernel_that_ran(rows, c, bits, tmin, mma, monkeypatch):
@@ -794,7 +795,7 @@ def test_encode_kernel_name_is_the_kernel_that_ran(rows, c, bits, tmin, mma, mon
             for n in names}
     assert seen == {ops.KERNEL_USED["encode"]}, (names, ops.KERNEL_USED)
     many = tmin and rows >= tmin
-    want = ("encode-mma" if many and mma and 3 <= bits <= 10 else
+    want = ("encode-mma" if many and mma and c >= 8 and 3 <= bits <= 10 else
             "encode-tiled" if many and (1 << bits) * (c + 1) <= 12288 else "encode-row")
     assert ops.KERNEL_USED["encode"] == want
 
@@ -916,7 +917,7 @@ def test_bench_attention_and_prefill_cli(tmp_path):
                                  "4", "--reps", "3", "--json", str(tmp_path / "e.json")])
     assert r.exit_code == 0, r.output
     rows = json.loads((tmp_path / "e.json").read_text())["rows"]
-    assert [x["cq_kernel"] for x in rows] == ["encode-row", "encode-mma"]
+    assert [x["cq_kernel"] for x in rows] == ["encode-row", "encode-tiled"]  # c = 4: the tiled kernel
     assert all(x["kernels_same_codes"] and x["agree_with_reference"] > 0.99 for x in rows)
 
 
