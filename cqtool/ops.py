@@ -80,25 +80,16 @@ AUTO_MMA_DIRECT_TOKENS = 4096
 # (a block per row, lanes over the centroids). From it: the tensor-core kernel (ENCODE_MMA, c >= 8, 3 <= bits <=
 # 10: x.c for 16 rows x 8 centroids per mma, the nearest on CUDA cores), else the tiled kernel (a block per 512 rows
 # and code byte, the group's centroids in shared memory, two rows per thread; 2**bits x (c + 1) fp32 within 48 KB),
-# else the row kernel. The row and tiled kernels write the same codes; the tensor-core one sums x.c in its own order, so a
-# near-tie may go the other way (never to a farther centroid beyond fp32 rounding; tests/test_kernels.py). 0: always
-# the row kernel. H100, one launch for K and V of a decode step (32 heads x 128, CQ-8c8b, bf16), row / tiled ms: 16
-# rows 0.014 / 0.029, 32 0.024 / 0.030, 64 0.043 / 0.040, 128 0.081 / 0.048, 512 0.294 / 0.088, 733 0.410 / 0.161
-# (docs/raw/probe-encode-batch.py); tensor-core 0.064 at 512 rows, 0.093 at 733, 1.78 ms for 8 x 2048 (tiled 2.62);
-# with c = 4 it was no faster than the tiled kernel, hence c >= 8 (`cqtool bench encode`, docs/RESULTS_kernels.md).
+# else the row kernel. The row and tiled kernels write the same codes; the tensor-core one sums x.c in its own order,
+# so a near-tie may go the other way (never to a farther centroid beyond fp32 rounding; tests/test_kernels.py). 0:
+# always the row kernel. H100, one launch for K and V of a decode step (32 heads x 128, CQ-8c8b, bf16), row / tiled
+# ms: 16 rows 0.014 / 0.029, 32 0.024 / 0.030, 64 0.043 / 0.040, 128 0.081 / 0.048, 512 0.294 / 0.088, 733 0.410 /
+# 0.161 (docs/raw/probe-encode-batch.py); tensor-core 0.064 at 512 rows, 0.093 at 733, 1.78 ms for 8 x 2048 (tiled
+# 2.62); with c = 4 it was no faster than the tiled kernel, hence c >= 8 (`cqtool bench encode`,
+# docs/RESULTS_kernels.md).
 ENCODE_TILED_MIN = 64
 ENCODE_MMA = True
 ENCODE_TILED_MAX_FLOATS = 12288  # kTiledMaxFloats in kernels/encode.cu
-
-
-def encode_kernel_name(rows: int, c: int, *bits: int) -> str:
-    """Which encode kernel a launch of `rows` token rows (batch x new tokens) with c channels per group and these code
-    bits runs: the rule of kernels/encode.cu's launch_t, for the record (ops.KERNEL_USED["encode"])."""
-    if ENCODE_TILED_MIN <= 0 or rows < ENCODE_TILED_MIN:
-        return "encode-row"
-    if ENCODE_MMA and c >= 8 and all(3 <= b and (1 << b) * 36 + 4096 <= 48 * 1024 for b in bits):
-        return "encode-mma"
-    return "encode-tiled" if all((1 << b) * (c + 1) <= ENCODE_TILED_MAX_FLOATS for b in bits) else "encode-row"
 MMA_TILE = 512  # tokens per tile of the tensor-core decode kernel (kTile in kernels/decode_mma.cu)
 AUTO_MMA_FP_TOKENS = 4096
 AUTO_MMA_MIN_SEQ = 512
@@ -212,6 +203,16 @@ def _spec_reason(D: int, c: int, bits: int, what: str) -> str:
     if not 1 <= bits <= MAX_KERNEL_BITS:
         return f"{what} code bits b={bits} (kernels take 1..{MAX_KERNEL_BITS})"
     return ""
+
+
+def encode_kernel_name(rows: int, c: int, *bits: int) -> str:
+    """Which encode kernel a launch of `rows` token rows (batch x new tokens) with c channels per group and these code
+    bits runs: the rule of kernels/encode.cu's launch_t, for the record (ops.KERNEL_USED["encode"])."""
+    if ENCODE_TILED_MIN <= 0 or rows < ENCODE_TILED_MIN:
+        return "encode-row"
+    if ENCODE_MMA and c >= 8 and all(3 <= b and (1 << b) * 36 + 4096 <= 48 * 1024 for b in bits):
+        return "encode-mma"
+    return "encode-tiled" if all((1 << b) * (c + 1) <= ENCODE_TILED_MAX_FLOATS for b in bits) else "encode-row"
 
 
 def encode_into(x: torch.Tensor, centroids: torch.Tensor, bits: int, codes: torch.Tensor, start: int,

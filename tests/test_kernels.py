@@ -815,6 +815,29 @@ def test_bench_encode_runs():
     assert (ops.ENCODE_TILED_MIN, ops.ENCODE_MMA) == (res["encode_tiled_min"], res["encode_mma"])  # restored
 
 
+@pytest.mark.parametrize("rows,c,bits,tmin,mma,want", [
+    (63, 8, 8, 64, True, "encode-row"), (64, 8, 8, 64, True, "encode-mma"), (64, 8, 8, 64, False, "encode-tiled"),
+    (64, 4, 8, 64, True, "encode-tiled"), (64, 16, 10, 64, True, "encode-mma"), (64, 16, 11, 64, True, "encode-row"),
+    (64, 8, 11, 64, True, "encode-tiled"), (64, 8, 2, 64, True, "encode-tiled"), (10**6, 8, 8, 0, True, "encode-row"),
+    (64, 16, 12, 64, False, "encode-row"),
+])
+def test_encode_kernel_rule(rows, c, bits, tmin, mma, want, monkeypatch):
+    """Which encode kernel a launch takes (the rule ops.encode_kernel_name copies from kernels/encode.cu, checked
+    against the profiler's kernel names on the GPU): row below ENCODE_TILED_MIN rows; then tensor cores for c >= 8 and
+    3 <= bits <= 10, the tiled kernel where 2**bits (c + 1) fp32 fit in 48 KB, else the row kernel."""
+    monkeypatch.setattr(ops, "ENCODE_TILED_MIN", tmin)
+    monkeypatch.setattr(ops, "ENCODE_MMA", mma)
+    assert ops.encode_kernel_name(rows, c, bits) == want
+
+
+def test_encode_kernel_rule_for_keys_and_values():
+    """One launch for K and V takes a kernel only where it applies to both code widths."""
+    assert ops.encode_kernel_name(100, 8, 8, 10) == "encode-mma"
+    assert ops.encode_kernel_name(100, 8, 8, 11) == "encode-row"    # 11 bits: no tensor cores, 2048 x 9 fp32 > 48 KB
+    assert ops.encode_kernel_name(100, 4, 8, 11) == "encode-tiled"  # c = 4: 2048 x 5 fp32 fit
+    assert ops.encode_kernel_name(100, 8, 2, 8) == "encode-tiled"   # 2 bits: no full n-tile of 8 centroids
+
+
 def test_encode_kv_into_cpu_equals_reference():
     torch.manual_seed(4)
     k, v = torch.randn(2, 3, 5, 32), torch.randn(2, 3, 5, 32)
