@@ -818,7 +818,8 @@ def test_bench_encode_runs():
 @pytest.mark.parametrize("rows,c,bits,tmin,mma,want", [
     (63, 8, 8, 64, True, "encode-row"), (64, 8, 8, 64, True, "encode-mma"), (64, 8, 8, 64, False, "encode-tiled"),
     (64, 4, 8, 64, True, "encode-tiled"), (64, 16, 10, 64, True, "encode-mma"), (64, 16, 11, 64, True, "encode-row"),
-    (64, 8, 11, 64, True, "encode-tiled"), (64, 8, 2, 64, True, "encode-tiled"), (10**6, 8, 8, 0, True, "encode-row"),
+    (64, 8, 11, 64, True, "encode-row"), (64, 4, 11, 64, True, "encode-tiled"), (64, 8, 2, 64, True, "encode-tiled"),
+    (10**6, 8, 8, 0, True, "encode-row"),
     (64, 16, 12, 64, False, "encode-row"),
 ])
 def test_encode_kernel_rule(rows, c, bits, tmin, mma, want, monkeypatch):
