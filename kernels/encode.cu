@@ -228,7 +228,7 @@ __global__ void __launch_bounds__(kTileThreads) encode_tiled_kernel(const Encode
   }
 }
 
-// ---- tensor-core kernel (many rows, 3 <= bits <= 10): x . c for 16 rows x 8 centroids per mma.m16n8k16 (the
+// ---- tensor-core kernel (many rows, c >= 8, 3 <= bits <= 10): x . c for 16 rows x 8 centroids per mma.m16n8k16 (the
 // group's c channels zero-padded to 16), then d = |c|^2 - 2 x.c and the running nearest per row on CUDA cores.
 // The products are exact (16-bit inputs) but the tensor cores sum them in their own order, so d may differ from the
 // fmaf chain of the other two kernels in the last bits: near-ties may pick another centroid (tests/test_kernels.py
