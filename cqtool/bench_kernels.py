@@ -296,20 +296,24 @@ def encode_bench(shapes=DEFAULT_ENCODE_SHAPES, specs=DEFAULT_SPECS, heads: int =
     the tiled kernel and the tensor-core kernel (each wherever it applies, else the next one down) and the default
     rule. Checks that the row and tiled kernels write the same codes, and how many codes of the tensor-core kernel
     and of the default rule agree with the row kernel's and the reference's (near-ties may go another way)."""
-    _check_positive(reps=reps, heads=heads)
+    _check_positive(reps=reps, heads=heads, head_dim=head_dim)
+    parsed = [QuantSpec.parse(name) for name in specs]  # bad options fail before the GPU is asked for
+    for spec in parsed:
+        if head_dim % spec.channels:
+            raise ConfigError(f"--spec {spec.name}: {spec.channels} channels per group do not divide --head-dim "
+                              f"{head_dim}")
+    for B, Q in shapes:
+        if B < 1 or Q < 1:
+            raise ConfigError(f"--shape {B}x{Q}: batch and new tokens must be at least 1")
     _require_kernels("encode")
     info = device_info()
     rows = []
     say = progress or (lambda *_: None)
     keep, keep_mma = ops.ENCODE_TILED_MIN, ops.ENCODE_MMA
-    for spec_name in specs:
-        spec = QuantSpec.parse(spec_name)
+    for spec in parsed:
         G, K, c = head_dim // spec.channels, spec.num_centroids, spec.channels
-        if head_dim % c:
-            raise ConfigError(f"--spec {spec_name}: {c} channels per group do not divide head_dim {head_dim}")
         R = quant.row_bytes(G, spec.code_bits)
         for B, Q in shapes:
-            _check_positive(batch=B, tokens=Q)
             say(f"{spec.name} encode {B} x {Q} new tokens")
             g = torch.Generator(device="cuda").manual_seed(3)
             k = torch.randn(B, Q, heads, head_dim, generator=g, device="cuda").to(torch.bfloat16).transpose(1, 2)

@@ -298,6 +298,18 @@ def test_device_map_auto_loads_and_calibrates(tmp_path, tiny_model_dir, text_fil
     assert (out / "cq-8c8b.safetensors").exists()
 
 
+@pytest.mark.parametrize("args,msg", [
+    (["--shape", "0x1"], "--shape 0x1: batch and new tokens must be at least 1"),
+    (["--shape", "8by1"], "--shape '8by1': expected BATCHxNEW_TOKENS"),
+    (["--spec", "8c8b", "--head-dim", "100"], "--head-dim 100"),
+    (["--spec", "3c8b"], "cannot parse quantizer '3c8b'"),
+    (["--reps", "0"], "--reps 0: must be at least 1"),
+])
+def test_bench_encode_bad_options(args, msg):
+    """Bad options of bench encode get their one-line error on any machine, before a GPU is asked for."""
+    assert_user_error(run("bench", "encode", *args), msg)
+
+
 @pytest.mark.skipif(torch_cuda(), reason="checks the CPU message; the GPU runs are in test_kernels.py")
 @pytest.mark.parametrize("what", ["attention", "prefill", "encode"])
 def test_kernel_benches_need_a_gpu(what):
