@@ -9,18 +9,19 @@ from ..config import ConfigError
 from ._app import bench_app, console, user_errors
 
 
-def _shapes(items: list[str] | None):
+def _shapes(items: list[str] | None, default=None, form: str = "BATCHxCONTEXT", example: str = "e.g. 8x32768"):
+    """--shape values as (int, int) pairs ("8x32768"), or `default` (the attention shapes) when none are given."""
     from ..bench_kernels import DEFAULT_SHAPES
 
     if not items:
-        return DEFAULT_SHAPES
+        return DEFAULT_SHAPES if default is None else default
     out = []
     for it in items:
         try:
             b, s = it.lower().split("x")
             out.append((int(b), int(s)))
         except ValueError:
-            raise ConfigError(f"--shape {it!r}: expected BATCHxCONTEXT, e.g. 8x32768") from None
+            raise ConfigError(f"--shape {it!r}: expected {form}, {example}") from None
     return tuple(out)
 
 
@@ -60,21 +61,6 @@ def attention_cmd(
         console.print(f"wrote {json_out}")
 
 
-def _encode_shapes(items: list[str] | None):
-    from ..bench_kernels import DEFAULT_ENCODE_SHAPES
-
-    if not items:
-        return DEFAULT_ENCODE_SHAPES
-    out = []
-    for it in items:
-        try:
-            b, q = it.lower().split("x")
-            out.append((int(b), int(q)))
-        except ValueError:
-            raise ConfigError(f"--shape {it!r}: expected BATCHxNEW_TOKENS, e.g. 733x1 (a decode step) or 8x2048") from None
-    return tuple(out)
-
-
 @bench_app.command("encode")
 @user_errors
 def encode_cmd(
@@ -88,10 +74,11 @@ def encode_cmd(
     """One layer's encode of new K and V: the CUDA kernels (row, tiled, tensor-core, default) vs the PyTorch reference."""
     from rich.table import Table
 
-    from ..bench_kernels import encode_bench, round_floats
+    from ..bench_kernels import DEFAULT_ENCODE_SHAPES, DEFAULT_SPECS, encode_bench, round_floats
     from ..io import write_json
 
-    res = encode_bench(_encode_shapes(shape), tuple(spec or ("8c8b", "4c8b")), heads, head_dim, reps,
+    shapes = _shapes(shape, DEFAULT_ENCODE_SHAPES, "BATCHxNEW_TOKENS", "e.g. 733x1 (a decode step) or 8x2048")
+    res = encode_bench(shapes, tuple(spec or DEFAULT_SPECS), heads, head_dim, reps,
                        progress=lambda m: console.print(f"[dim]{m}[/]"))
     t = Table(title=f"encode of one layer's new K and V, {heads} kv heads x {head_dim}, bf16, {res['device']}; "
                     "(row): that kernel does not apply there, the next one ran; default: the kernel the default rule "
@@ -129,7 +116,7 @@ def prefill_cmd(
     from ..bench_kernels import DEFAULT_PREFILL_SHAPES, prefill_bench, round_floats
     from ..io import write_json
 
-    res = prefill_bench(_shapes(shape) if shape else DEFAULT_PREFILL_SHAPES, tuple(spec or ("8c8b",)), heads, head_dim,
+    res = prefill_bench(_shapes(shape, DEFAULT_PREFILL_SHAPES), tuple(spec or ("8c8b",)), heads, head_dim,
                         reps, progress=lambda m: console.print(f"[dim]{m}[/]"))
     t = Table(title=f"causal prefill attention per layer, {heads} heads x {head_dim}, {res['device']}")
     choices = list(res["rows"][0]["kernels"]) if res["rows"] else []
