@@ -215,25 +215,28 @@ def encode_kernel_name(rows: int, c: int, *bits: int) -> str:
     return "encode-tiled" if all((1 << b) * (c + 1) <= ENCODE_TILED_MAX_FLOATS for b in bits) else "encode-row"
 
 
+def _encode_reason(x: torch.Tensor, centroids: torch.Tensor, bits: int, codes: torch.Tensor) -> str:
+    """Why the encode kernel cannot take this operand ("" when it can, the extension aside)."""
+    from . import attention
+
+    if attention.FORCE_REFERENCE:
+        return "forced by --backend reference"
+    if not x.is_cuda:
+        return "tensors on CPU"
+    if x.dtype not in (torch.float16, torch.bfloat16) or centroids.dtype != x.dtype:
+        return f"dtype {x.dtype} / centroids {centroids.dtype} (kernels take fp16 or bf16, both the same)"
+    if not codes.is_contiguous():
+        return "code buffer is not contiguous"
+    return _spec_reason(x.shape[-1], centroids.shape[-1], bits, "")
+
+
 def encode_into(x: torch.Tensor, centroids: torch.Tensor, bits: int, codes: torch.Tensor, start: int,
                 rows: torch.Tensor | None = None) -> None:
     """Encode x [B, H_kv, Q, D] and write packed codes into codes[:, :, start:start+Q] ([B, H_kv, cap, R] uint8), or,
     with `rows` (int64 [Q] on x's device), token t into row rows[t] (static decoding: the rows live on the device).
     `--backend reference` (attention.FORCE_REFERENCE) takes the reference here too."""
-    from . import attention
-
     Q = x.shape[2]
-    why = ""
-    if attention.FORCE_REFERENCE:
-        why = "forced by --backend reference"
-    elif not x.is_cuda:
-        why = "tensors on CPU"
-    elif x.dtype not in (torch.float16, torch.bfloat16) or centroids.dtype != x.dtype:
-        why = f"dtype {x.dtype} / centroids {centroids.dtype} (kernels take fp16 or bf16, both the same)"
-    elif not codes.is_contiguous():
-        why = "code buffer is not contiguous"
-    else:
-        why = _spec_reason(x.shape[-1], centroids.shape[-1], bits, "")
+    why = _encode_reason(x, centroids, bits, codes)
     if not why:
         mod, why = _module_or_reason()
         if mod is not None:
@@ -261,14 +264,10 @@ def encode_kv_into(k: torch.Tensor, k_centroids: torch.Tensor, k_bits: int, k_co
     """encode_into for a layer's keys and for its values, in one kernel launch where both take the kernel and share
     shape, channels per group and dtype (one launch less per layer and step, and the values' blocks run beside the
     keys'); otherwise the two encode_into calls, each of which says which backend ran and why."""
-    from . import attention
-
-    one = (not attention.FORCE_REFERENCE and k.is_cuda and k.shape == v.shape and k.device == v.device
-           and k.dtype == v.dtype and k.dtype in (torch.float16, torch.bfloat16)
-           and k_centroids.dtype == k.dtype and v_centroids.dtype == k.dtype
-           and k_centroids.shape[-1] == v_centroids.shape[-1] and k_codes.is_contiguous() and v_codes.is_contiguous()
-           and not _spec_reason(k.shape[-1], k_centroids.shape[-1], k_bits, "")
-           and not _spec_reason(v.shape[-1], v_centroids.shape[-1], v_bits, ""))
+    one = (k.shape == v.shape and k.device == v.device and k.dtype == v.dtype
+           and k_centroids.shape[-1] == v_centroids.shape[-1]
+           and not _encode_reason(k, k_centroids, k_bits, k_codes)
+           and not _encode_reason(v, v_centroids, v_bits, v_codes))
     mod = _module_or_reason()[0] if one else None
     if mod is None:
         encode_into(k, k_centroids, k_bits, k_codes, start, rows=rows)
