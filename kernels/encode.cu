@@ -31,7 +31,7 @@ constexpr int kChunk = 8;
 struct EncodePair {
   EncodeParams p[2];  // keys, values (p[1] unused when nz[1] == 0)
   int nz[2];          // group chunks of each (blockIdx.z: 0 .. nz[0] - 1 keys, then values)
-  int gpc[2];         // groups per chunk of each (kChunk for encode_kernel, tiled_chunk for encode_tiled_kernel)
+  int gpc[2];         // groups per chunk of each (kChunk for encode_kernel, tiled_chunk for the tiled and tensor-core kernels)
 };
 
 constexpr int kTileThreads = 256;
@@ -65,21 +65,54 @@ __device__ __forceinline__ void write_chunk(uint8_t* out, int i0, int i1, int bi
   for (int j = 0; j < i1 - i0; ++j) out[i0 + j] = static_cast<uint8_t>((j < 8 ? lo >> (8 * j) : hi >> (8 * (j - 8))) & 0xffu);
 }
 
+// What block z of a launch encodes: the keys' or the values' parameters (val: blockIdx.z >= nz[0]) and its chunk of
+// groups (gpc groups from g0; ng of them exist). The row kernel's chunks are kChunk groups (row_chunks), the others'
+// pp.gpc. The kernel then takes its parameters as `const EncodeParams p = sl.val ? pp.p[1] : pp.p[0]` (a copy: no
+// dynamic index into the parameter space).
+struct Slice {
+  bool val;
+  int chunk, gpc, g0, ng;
+};
+
+__device__ __forceinline__ Slice slice_of(const EncodePair& pp, bool row_chunks) {
+  const int zk = blockIdx.z;
+  Slice s;
+  s.val = zk >= pp.nz[0];
+  s.chunk = s.val ? zk - pp.nz[0] : zk;
+  s.gpc = row_chunks ? kChunk : pp.gpc[s.val ? 1 : 0];
+  s.g0 = s.chunk * s.gpc;
+  const int G = s.val ? pp.p[1].G : pp.p[0].G;
+  s.ng = G - s.g0 < s.gpc ? G - s.g0 : s.gpc;
+  return s;
+}
+
+// The code row that token t of batch row b and head h goes to (start + t, or rows[t] when given), or nullptr when a
+// device-side row lies outside the buffer (nothing is written then).
+__device__ __forceinline__ uint8_t* code_row(const EncodeParams& p, int b, int h, int t) {
+  const int64_t r = p.rows ? p.rows[t] : p.start + t;
+  if (r < 0 || r >= p.cap) return nullptr;
+  return p.codes + ((static_cast<int64_t>(b) * p.H + h) * p.cap + r) * p.R;
+}
+
+// The code bytes [first, end) of a chunk of gpc groups (gpc * bits is a multiple of 8: whole bytes).
+__device__ __forceinline__ int2 chunk_bytes(const EncodeParams& p, int chunk, int gpc) {
+  const int i0 = chunk * gpc * p.bits / 8;
+  const int i1 = i0 + gpc * p.bits / 8;
+  return make_int2(i0, i1 < p.R ? i1 : p.R);
+}
+
 // Block (row = b * Q + t, h, z): one warp per group of the chunk, lanes take centroids (8 loads in flight per lane
 // for c <= 8), then the chunk's code bytes are assembled.
 template <typename T, int C>
 __global__ void __launch_bounds__(kChunk * 32) encode_kernel(const EncodePair pp) {
-  const int zk = blockIdx.z;
-  const bool val = zk >= pp.nz[0];
-  const EncodeParams p = val ? pp.p[1] : pp.p[0];  // a copy: no dynamic index into the parameter space
-  const int chunk = val ? zk - pp.nz[0] : zk;
+  const Slice sl = slice_of(pp, true);
+  const EncodeParams p = sl.val ? pp.p[1] : pp.p[0];
+  const int g0 = sl.g0, ng = sl.ng;
   const int row = blockIdx.x;  // b * Q + t
   const int h = blockIdx.y;
   const int b = row / p.Q, t = row % p.Q;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int K = 1 << p.bits;
-  const int g0 = chunk * kChunk;
-  const int ng = p.G - g0 < kChunk ? p.G - g0 : kChunk;
   __shared__ uint16_t codes_s[kChunk];
 
   const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_sb + h * p.x_sh + t * p.x_sq;
@@ -117,12 +150,10 @@ __global__ void __launch_bounds__(kChunk * 32) encode_kernel(const EncodePair pp
     if (lane == 0) codes_s[warp] = static_cast<uint16_t>(best_k);
   }
   __syncthreads();
-  const int64_t r = p.rows ? p.rows[t] : p.start + t;
-  if (r < 0 || r >= p.cap) return;  // a device-side row outside the buffer: nothing written
-  uint8_t* out = p.codes + ((static_cast<int64_t>(b) * p.H + h) * p.cap + r) * p.R;
-  const int i0 = chunk * p.bits;  // this chunk's first byte (kChunk groups = bits bytes)
-  const int i1 = i0 + p.bits < p.R ? i0 + p.bits : p.R;
-  for (int i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
+  uint8_t* out = code_row(p, b, h, t);
+  if (!out) return;
+  const int2 ib = chunk_bytes(p, sl.chunk, kChunk);
+  for (int i = ib.x + threadIdx.x; i < ib.y; i += blockDim.x) {
     const int lo = 8 * i, hi = 8 * i + 7;
     uint32_t v = 0;
     for (int g = lo / p.bits; g <= hi / p.bits && g < p.G; ++g) {
@@ -139,15 +170,11 @@ __global__ void __launch_bounds__(kChunk * 32) encode_kernel(const EncodePair pp
 // nearest, as encode_kernel's lane-then-warp reduction); then each row's chunk bytes are written.
 template <typename T, int C>
 __global__ void __launch_bounds__(kTileThreads) encode_tiled_kernel(const EncodePair pp) {
-  const int zk = blockIdx.z;
-  const bool val = zk >= pp.nz[0];
-  const EncodeParams p = val ? pp.p[1] : pp.p[0];
-  const int chunk = val ? zk - pp.nz[0] : zk;
-  const int gpc = pp.gpc[val ? 1 : 0];
+  const Slice sl = slice_of(pp, false);
+  const EncodeParams p = sl.val ? pp.p[1] : pp.p[0];
+  const int g0 = sl.g0, ng = sl.ng;
   const int h = blockIdx.y;
   const int K = 1 << p.bits;
-  const int g0 = chunk * gpc;
-  const int ng = p.G - g0 < gpc ? p.G - g0 : gpc;
   const int nrows = p.B * p.Q;
   extern __shared__ float cs[];  // [K][C] centroids of one group, then [K] squared norms
   float* norm = cs + K * C;
@@ -216,15 +243,12 @@ __global__ void __launch_bounds__(kTileThreads) encode_tiled_kernel(const Encode
 #pragma unroll
     for (int i = 0; i < kTPT; ++i) code[i][gi] = static_cast<uint32_t>(bk[i]);
   }
-  const int i0 = chunk * gpc * p.bits / 8;  // gpc groups fill whole bytes
-  const int i1 = i0 + gpc * p.bits / 8 < p.R ? i0 + gpc * p.bits / 8 : p.R;
+  const int2 ib = chunk_bytes(p, sl.chunk, sl.gpc);
 #pragma unroll
   for (int i = 0; i < kTPT; ++i) {
     if (!has[i]) continue;
-    const int b = row[i] / p.Q, t = row[i] % p.Q;
-    const int64_t r = p.rows ? p.rows[t] : p.start + t;
-    if (r < 0 || r >= p.cap) continue;
-    write_chunk(p.codes + ((static_cast<int64_t>(b) * p.H + h) * p.cap + r) * p.R, i0, i1, p.bits, ng, code[i]);
+    uint8_t* out = code_row(p, row[i] / p.Q, h, row[i] % p.Q);
+    if (out) write_chunk(out, ib.x, ib.y, p.bits, ng, code[i]);
   }
 }
 
@@ -262,15 +286,11 @@ __device__ __forceinline__ int mma_slot(int k) { return ((k & 7) >> 1) * 4 + (k 
 template <typename T, int C>
 __global__ void __launch_bounds__(kMmaWarps * 32) encode_mma_kernel(const EncodePair pp) {
   static_assert(C <= 16, "c <= 16");
-  const int zk = blockIdx.z;
-  const bool val = zk >= pp.nz[0];
-  const EncodeParams p = val ? pp.p[1] : pp.p[0];
-  const int chunk = val ? zk - pp.nz[0] : zk;
-  const int gpc = pp.gpc[val ? 1 : 0];
+  const Slice sl = slice_of(pp, false);
+  const EncodeParams p = sl.val ? pp.p[1] : pp.p[0];
+  const int g0 = sl.g0, ng = sl.ng;
   const int h = blockIdx.y;
   const int K = 1 << p.bits;
-  const int g0 = chunk * gpc;
-  const int ng = p.G - g0 < gpc ? p.G - g0 : gpc;
   const int nrows = p.B * p.Q;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int gq = lane >> 2, tq = lane & 3;  // mma fragment row group and thread in group
@@ -355,15 +375,13 @@ __global__ void __launch_bounds__(kMmaWarps * 32) encode_mma_kernel(const Encode
   __syncthreads();
   const int r = row0 + threadIdx.x;  // kMmaRows == blockDim.x: one row per thread
   if (r >= nrows) return;
-  const int b = r / p.Q, t = r % p.Q;
-  const int64_t dst = p.rows ? p.rows[t] : p.start + t;
-  if (dst < 0 || dst >= p.cap) return;
+  uint8_t* out = code_row(p, r / p.Q, h, r % p.Q);
+  if (!out) return;
   uint32_t code[kChunk];
 #pragma unroll
   for (int gi = 0; gi < kChunk; ++gi) code[gi] = gi < ng ? codes_s[threadIdx.x][gi] : 0u;
-  const int i0 = chunk * gpc * p.bits / 8;
-  const int i1 = i0 + gpc * p.bits / 8 < p.R ? i0 + gpc * p.bits / 8 : p.R;
-  write_chunk(p.codes + ((static_cast<int64_t>(b) * p.H + h) * p.cap + dst) * p.R, i0, i1, p.bits, ng, code);
+  const int2 ib = chunk_bytes(p, sl.chunk, sl.gpc);
+  write_chunk(out, ib.x, ib.y, p.bits, ng, code);
 }
 
 int chunks(const EncodeParams& p) { return (p.G + kChunk - 1) / kChunk; }
@@ -383,14 +401,15 @@ cudaError_t launch_t(const EncodePair& pp, cudaStream_t stream) {
   int floats = tiled_floats(p);
   if (pp.nz[1] && tiled_floats(pp.p[1]) > floats) floats = tiled_floats(pp.p[1]);
   const bool many = p.tiled_min > 0 && nrows >= p.tiled_min;
+  // the tiled and tensor-core kernels' chunks: the fewest groups that fill whole code bytes
+  EncodePair tp = pp;
+  int bits_max = 0;
+  for (int j = 0; j < 2; ++j) {
+    tp.gpc[j] = tiled_chunk(tp.p[j].bits);
+    tp.nz[j] = pp.nz[j] ? (tp.p[j].G + tp.gpc[j] - 1) / tp.gpc[j] : 0;
+    if (pp.nz[j] && tp.p[j].bits > bits_max) bits_max = tp.p[j].bits;
+  }
   if (many && p.use_mma && mma_fits(p) && (!pp.nz[1] || mma_fits(pp.p[1]))) {
-    EncodePair tp = pp;
-    int bits_max = 0;
-    for (int j = 0; j < 2; ++j) {
-      tp.gpc[j] = tiled_chunk(tp.p[j].bits);
-      tp.nz[j] = pp.nz[j] ? (tp.p[j].G + tp.gpc[j] - 1) / tp.gpc[j] : 0;
-      if (pp.nz[j] && tp.p[j].bits > bits_max) bits_max = tp.p[j].bits;
-    }
     dim3 grid((nrows + kMmaRows - 1) / kMmaRows, p.H, tp.nz[0] + tp.nz[1]);
     const size_t smem = static_cast<size_t>(1 << bits_max) * (16 * sizeof(T) + sizeof(float));
     switch (p.c) {
@@ -404,11 +423,6 @@ cudaError_t launch_t(const EncodePair& pp, cudaStream_t stream) {
     return cudaGetLastError();
   }
   if (many && floats <= kTiledMaxFloats) {
-    EncodePair tp = pp;
-    for (int j = 0; j < 2; ++j) {
-      tp.gpc[j] = tiled_chunk(tp.p[j].bits);
-      tp.nz[j] = pp.nz[j] ? (tp.p[j].G + tp.gpc[j] - 1) / tp.gpc[j] : 0;
-    }
     dim3 grid((nrows + kTileRows - 1) / kTileRows, p.H, tp.nz[0] + tp.nz[1]);
     const size_t smem = static_cast<size_t>(floats) * sizeof(float);
     switch (p.c) {
