@@ -1,8 +1,8 @@
-"""`cqtool generate`: greedy generation from a prompt through a CQ cache, beside the full-precision cache.
+"""`cqtool generate`: generation from a prompt through a CQ cache, beside the full-precision cache.
 
-Shows what a codebook does to a model's text (the same greedy decode with DynamicCache, and how many new tokens agree
-before the first difference), how much memory each cache holds, and which backend (CUDA kernels or the PyTorch
-reference) computed the attention.
+Shows what a codebook does to a model's text (the same decode with DynamicCache, and how many new tokens agree before
+the first difference; greedy, or sampled with the same seed for both caches: sampling.py), how much memory each cache
+holds, and which backend (CUDA kernels or the PyTorch reference) computed the attention.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 
 from .config import ConfigError
 from .models import cache_kwarg, model_device
+from .sampling import GREEDY, Sampling, next_token
 
 
 def check_args(prompt: str | None, prompt_file: str | None, max_new_tokens: int) -> str:
@@ -35,8 +36,9 @@ def check_args(prompt: str | None, prompt_file: str | None, max_new_tokens: int)
 
 
 @torch.no_grad()
-def greedy(model, ids: torch.Tensor, cache, max_new_tokens: int, eos: int | None) -> tuple[list[int], float]:
-    """Greedy decode of `max_new_tokens` tokens (stops early at `eos`) with `cache`. Returns (new token ids,
+def decode_eager(model, ids: torch.Tensor, cache, max_new_tokens: int, eos: int | None,
+                 sampling: Sampling = GREEDY) -> tuple[list[int], float]:
+    """Decode `max_new_tokens` tokens (greedy or sampled; stops early at `eos`) with `cache`. Returns (new token ids,
     seconds). One forward per token through the model's own cache argument."""
     kw = {cache_kwarg(model): cache, "use_cache": True}
     dev = model_device(model)
@@ -46,7 +48,7 @@ def greedy(model, ids: torch.Tensor, cache, max_new_tokens: int, eos: int | None
     logits = model(input_ids=ids, **kw, logits_to_keep=1).logits
     out: list[int] = []
     for _ in range(max_new_tokens):
-        nxt = int(logits[0, -1].argmax())
+        nxt = int(next_token(logits[:, -1], sampling)[0, 0])
         out.append(nxt)
         if (eos is not None and nxt == eos) or len(out) == max_new_tokens:
             break
@@ -55,9 +57,9 @@ def greedy(model, ids: torch.Tensor, cache, max_new_tokens: int, eos: int | None
     return out, time.perf_counter() - t0
 
 
-def greedy_graph(model, ids: torch.Tensor, cache, max_new_tokens: int, eos: int | None,
-                 graph: bool = True) -> tuple[list[int], float, int]:
-    """greedy() with static shapes, every decode step after two warm-up steps replayed as a CUDA graph
+def decode_graph(model, ids: torch.Tensor, cache, max_new_tokens: int, eos: int | None, graph: bool = True,
+                 sampling: Sampling = GREEDY) -> tuple[list[int], float, int]:
+    """decode_eager() with static shapes, every decode step after two warm-up steps replayed as a CUDA graph
     (graphs.StaticDecoder; `cache` from graphs.static_cache; graph=False: every step eagerly, the same path on the
     CPU). Always runs `max_new_tokens` steps (a graph cannot stop early), then cuts the tokens after `eos`. Returns
     (new token ids, seconds: prefill, warm-up, capture, replays, the number of steps that were graph replays: 0 for 3
@@ -67,7 +69,7 @@ def greedy_graph(model, ids: torch.Tensor, cache, max_new_tokens: int, eos: int 
     sync = torch.cuda.synchronize if graph else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    dec = StaticDecoder(model, cache, ids.shape[1] + max_new_tokens, graph=graph)
+    dec = StaticDecoder(model, cache, ids.shape[1] + max_new_tokens, graph=graph, sampling=sampling)
     first = dec.prefill(ids)
     toks = first if max_new_tokens == 1 else torch.cat([first, dec.decode(first, max_new_tokens - 1)], 1)
     out = toks[0].tolist()
@@ -91,9 +93,14 @@ def prompt_ids(tok, prompt: str, chat: bool) -> list[int]:
 
 def run_generate(model_name: str, codebook_path: str, prompt: str, max_new_tokens: int = 64, window: int | None = None,
                  sinks: int | None = None, compare: bool = True, device: str = "auto", dtype: str = "auto",
-                 device_map: str | None = None, chat: bool = False, graphs: bool = False) -> dict[str, Any]:
-    """Load model and codebook, decode greedily with the CQ cache (and with DynamicCache when `compare`). `graphs`:
-    decode steps replayed as CUDA graphs, the CQ cache in static mode and transformers' StaticCache beside it."""
+                 device_map: str | None = None, chat: bool = False, graphs: bool = False,
+                 sampling: Sampling = GREEDY) -> dict[str, Any]:
+    """Load model and codebook, decode with the CQ cache (and with DynamicCache when `compare`), greedily or sampled
+    (`sampling`; each run starts from the same seed: sampling.seed, or one drawn here and reported). `graphs`: decode
+    steps replayed as CUDA graphs, the CQ cache in static mode and transformers' StaticCache beside it."""
+    import dataclasses
+    import secrets
+
     from transformers import DynamicCache
 
     from . import ops
@@ -114,17 +121,21 @@ def run_generate(model_name: str, codebook_path: str, prompt: str, max_new_token
         raise ConfigError(f"--cuda-graphs needs the model on a CUDA GPU (it is on {model_device(model)}; --device cuda)")
     eos = tok.eos_token_id
     cap = ids.shape[1] + max_new_tokens  # every token a run will hold
+    if not sampling.greedy and sampling.seed is None:  # reported, so that the run can be repeated
+        sampling = dataclasses.replace(sampling, seed=secrets.randbelow(2**31))
     runs = []
     kinds = ["cq"] + (["full precision"] if compare else [])
     for kind in kinds:
         ops.BACKEND_USED.clear()
         ops.KERNELS_RUN.clear()
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)  # the CPU and every GPU's generator: the same draws for both caches
         if graphs:
             cache = static_cache(model, "cq" if kind == "cq" else "static", cap, cb)
-            new, secs, replays = greedy_graph(model, ids, cache, max_new_tokens, eos)
+            new, secs, replays = decode_graph(model, ids, cache, max_new_tokens, eos, sampling=sampling)
         else:
             cache = CQCache(model, cb, window=window, sinks=sinks, max_length=cap) if kind == "cq" else DynamicCache()
-            new, secs = greedy(model, ids, cache, max_new_tokens, eos)
+            new, secs = decode_eager(model, ids, cache, max_new_tokens, eos, sampling)
         base = "StaticCache" if graphs else "DynamicCache"
         row = {"cache": cache.config.name if kind == "cq" else f"{base} (full precision)",
                "bits_per_channel": cb.config.bits_per_channel if kind == "cq" else torch.finfo(model.dtype).bits,
@@ -144,5 +155,6 @@ def run_generate(model_name: str, codebook_path: str, prompt: str, max_new_token
         same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         runs[0]["tokens_agreeing"] = same  # new tokens equal to the full-precision ones before the first difference
     return {"model": info.__dict__, "codebook": str(codebook_path), "prompt": prompt, "chat": chat,
-            "prompt_tokens": int(ids.shape[1]), "cuda_graphs": graphs,
+            "prompt_tokens": int(ids.shape[1]), "cuda_graphs": graphs, "decoding": sampling.describe(),
+            "sampling": dataclasses.asdict(sampling),
             "max_new_tokens": max_new_tokens, "device": str(model_device(model)), "dtype": str(model.dtype), "runs": runs}

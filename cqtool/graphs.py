@@ -1,4 +1,4 @@
-"""Greedy decoding with static shapes, one decode step replayed as a CUDA graph.
+"""Decoding with static shapes, one decode step replayed as a CUDA graph.
 
 At small batches a decode step's wall time is the host's (transformers' eager Python, ~1 ms per decoder layer on the
 H100, docs/RESULTS_kernels.md), so the GPU time the CQ kernels save does not show. A CUDA graph replays a step's
@@ -9,7 +9,8 @@ kernels without the host. That needs every shape and every kernel argument fixed
 - the attention mask is one 4D boolean tensor [B, 1, 1, capacity] (True = attend), written in place each step;
 - the input token, its position and the step counter are device tensors advanced in place.
 
-StaticDecoder runs the prompt eagerly, then `steps` greedy steps: all eagerly (`graph=False`, also on the CPU: the
+StaticDecoder runs the prompt eagerly, then `steps` decode steps (greedy, or sampled: sampling.next_token, which needs
+no host synchronisation): all eagerly (`graph=False`, also on the CPU: the
 same code path, what the CPU tests check), or two eagerly (the warm-up CUDA graphs require) and the rest as replays of
 one captured step.
 """
@@ -21,6 +22,7 @@ import torch
 
 from .config import ConfigError
 from .models import cache_kwarg
+from .sampling import GREEDY, Sampling, next_token
 
 
 def static_cache(model, kind: str, capacity: int, codebook=None):
@@ -47,8 +49,10 @@ class StaticDecoder:
     ran eagerly, or only the warm-up ones, the eager steps) and how many, and whether they were replays.
     """
 
-    def __init__(self, model, cache, capacity: int, graph: bool | None = None, chunk: int = 0):
+    def __init__(self, model, cache, capacity: int, graph: bool | None = None, chunk: int = 0,
+                 sampling: Sampling = GREEDY):
         self.model, self.cache, self.capacity = model, cache, int(capacity)
+        self.sampling = sampling
         self.device = next(model.parameters()).device
         self.graph = self.device.type == "cuda" if graph is None else bool(graph)
         if self.graph and self.device.type != "cuda":
@@ -60,8 +64,9 @@ class StaticDecoder:
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        """Run the prompt ids [B, P] (eagerly, in chunks of `chunk` tokens if set); returns the first greedy token
-        [B, 1]. Every row is a whole prompt of P tokens: no padding (the decode mask marks rows 0..P-1 held for all)."""
+        """Run the prompt ids [B, P] (eagerly, in chunks of `chunk` tokens if set); returns the first new token [B, 1]
+        (greedy or sampled, as `sampling` says). Every row is a whole prompt of P tokens: no padding (the decode mask
+        marks rows 0..P-1 held for all)."""
         B, P = ids.shape
         if P + 1 > self.capacity:
             raise ConfigError(f"capacity {self.capacity}: must exceed the prompt's {P} tokens")
@@ -74,11 +79,12 @@ class StaticDecoder:
         if hasattr(self.cache, "make_static"):
             self.cache.make_static(self.capacity)
         self.batch = B
-        return logits[:, -1:].argmax(-1)
+        return next_token(logits[:, -1], self.sampling)
 
     @torch.no_grad()
     def decode(self, first: torch.Tensor, steps: int, warmup: int = 2) -> torch.Tensor:
-        """`steps` greedy tokens [B, steps] after `first` [B, 1] (the token prefill returned, fed as the first input)."""
+        """`steps` new tokens [B, steps] (greedy or sampled) after `first` [B, 1] (the token prefill returned, fed as
+        the first input)."""
         B, P = self.batch, self.length
         if steps < 1:
             raise ConfigError(f"steps {steps}: must be at least 1")
@@ -96,7 +102,7 @@ class StaticDecoder:
         def step():
             mask.index_fill_(3, row, True)
             logits = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, **self.kw).logits
-            nxt = logits[:, -1:].argmax(-1)
+            nxt = next_token(logits[:, -1], self.sampling)
             out.index_copy_(1, i, nxt)
             ids.copy_(nxt)
             pos.add_(1)

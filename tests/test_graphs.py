@@ -178,17 +178,48 @@ def test_graph_replay_of_the_static_cache_baseline():
     assert torch.equal(torch.cat([first, dec.decode(first, 11)], 1), ref)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_replay_samples_from_the_seed():
+    """A sampling decode step (temperature, top-k, top-p) captured as a CUDA graph: replays draw fresh numbers each step
+    from torch's Philox state, so one seed gives the same tokens as the same static decode run eagerly from that seed,
+    and again on a second capture; another seed gives other tokens; they are not the greedy ones; top-k 1 is greedy."""
+    from cqtool.config import QuantSpec
+    from cqtool.sampling import Sampling
+
+    model = _cuda_model(4)
+    cb = make_codebook(ModelInfo.from_config(model.config, "tiny"), QuantSpec(8, 8))
+    ids = torch.randint(0, 512, (3, 37), generator=torch.Generator().manual_seed(8)).cuda()
+
+    def run(s, graph, seed=9):
+        torch.manual_seed(seed)
+        dec = StaticDecoder(model, static_cache(model, "cq", 64, cb), 64, graph=graph, sampling=s)
+        first = dec.prefill(ids)
+        out = torch.cat([first, dec.decode(first, 20)], 1)
+        assert dec.timings["graph"] == graph and (not graph or dec.timings["steps"] == 18)
+        return out
+
+    s = Sampling(temperature=1.0, top_k=200, top_p=0.95)
+    got = run(s, True)
+    assert torch.equal(got, run(s, True))
+    assert torch.equal(got, run(s, False))
+    assert not torch.equal(got, run(s, True, seed=10))
+    greedy_tokens = run(Sampling(), True)
+    assert not torch.equal(got, greedy_tokens)
+    assert torch.equal(run(Sampling(temperature=1.0, top_k=1), True), greedy_tokens)
+
+
 def test_greedy_graph_path_on_the_cpu():
     """cqtool generate --cuda-graphs' decode loop (graph=False: the same static path, eagerly): the tokens of the
     growing cache's greedy decode, cut after the end-of-sequence token although every step ran."""
-    from cqtool.generate import greedy_graph
+    from cqtool.generate import decode_graph
 
     model = tiny_model("llama")
     cb = make_codebook(ModelInfo.from_config(model.config, "tiny"))
     ids = torch.randint(0, 512, (1, 15), generator=torch.Generator().manual_seed(6))
     ref = greedy(model, CQCache(model, cb), ids, 10)[0].tolist()
-    out, secs, replays = greedy_graph(model, ids, static_cache(model, "cq", 25, cb), 10, None, graph=False)
+    out, secs, replays = decode_graph(model, ids, static_cache(model, "cq", 25, cb), 10, None, graph=False)
     assert out == ref and secs > 0 and replays == 0
     eos = ref[4]
-    cut, _, _ = greedy_graph(model, ids, static_cache(model, "cq", 25, cb), 10, eos, graph=False)
+    cut, _, _ = decode_graph(model, ids, static_cache(model, "cq", 25, cb), 10, eos, graph=False)
     assert cut == ref[: ref.index(eos) + 1]

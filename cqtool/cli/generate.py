@@ -15,7 +15,12 @@ def generate_cmd(
     codebook: Annotated[str, typer.Option(help="CQ codebook file (from cqtool quantize or calibrate)")],
     prompt: Annotated[Optional[str], typer.Option(help="Prompt text")] = None,
     prompt_file: Annotated[Optional[str], typer.Option(help="Read the prompt from this file")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (greedy; stops at end of sequence)")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (stops at end of sequence)")] = 64,
+    temperature: Annotated[float, typer.Option(help="0: greedy; > 0: sample from softmax(logits / temperature)")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens only (0: all)")] = 0,
+    top_p: Annotated[float, typer.Option(help="Sample within the smallest set of tokens of this probability (1: all)")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling (both caches use it; default: drawn and "
+                                                "reported)")] = None,
     window: Annotated[Optional[int], typer.Option(help="Full-precision window of recent tokens (paper: 128)")] = None,
     sinks: Annotated[Optional[int], typer.Option(help="Full-precision first tokens")] = None,
     compare: Annotated[bool, typer.Option(help="Also generate with the full-precision DynamicCache")] = True,
@@ -28,7 +33,8 @@ def generate_cmd(
                                               "the full-precision run uses transformers' StaticCache)")] = False,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Save the texts and numbers as JSON")] = None,
 ):
-    """Greedy generation through a CQ cache, beside the full-precision cache: the texts, where they first differ,
+    """Generation through a CQ cache, beside the full-precision cache (greedy, or sampled with --temperature, --top-k,
+    --top-p from one seed for both): the texts, where they first differ,
     tokens/s (new tokens over the wall time of prefill and decode, no warm-up: `cqtool bench generate` times
     generation; with --cuda-graphs the steps run over that time, since a graph runs all --max-new-tokens steps), cache
     memory and the attention backend."""
@@ -38,12 +44,14 @@ def generate_cmd(
     from .. import attention
     from ..generate import check_args, run_generate
     from ..io import write_json
+    from ..sampling import Sampling
 
     text = check_args(prompt, prompt_file, max_new_tokens)
+    sampling = Sampling(temperature, top_k, top_p, seed)
     with attention.backend(backend), console.status("loading the model and generating"):
         res = run_generate(model, codebook, text, max_new_tokens, window, sinks, compare, device, dtype, device_map,
-                           chat, cuda_graphs)
-    t = Table(title=f"{res['model']['model_id']}: {res['prompt_tokens']} prompt tokens, greedy, {res['device']}, "
+                           chat, cuda_graphs, sampling)
+    t = Table(title=f"{res['model']['model_id']}: {res['prompt_tokens']} prompt tokens, {res['decoding']}, {res['device']}, "
                     f"{res['dtype'].removeprefix('torch.')}")
     for col in ("cache", "bits/channel", "new tokens", "tokens/s", "cache MiB", "same as full precision"):
         t.add_column(col, justify="right")
@@ -58,7 +66,7 @@ def generate_cmd(
     cq = res["runs"][0]
     ran = (f"CUDA kernels ({', '.join(cq['attention_kernels'])})" if cq["attention_kernels"] else
            f"the PyTorch reference (backends: {', '.join(f'{k} {v}' for k, v in cq['backends'].items())})")
-    line = f"{cq['cache']}: attention ran on {ran}"
+    line = f"{cq['cache']}, {res['decoding']}: attention ran on {ran}"
     if res["cuda_graphs"]:
         n = cq["graph_replays"]
         line += (f"; {n} decode steps replayed as a CUDA graph" if n else
