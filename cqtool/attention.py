@@ -102,9 +102,13 @@ def fp_region(view, S: int) -> tuple[int, torch.Tensor | None, torch.Tensor | No
 
 def full_precision_pairs(view, Q: int, S: int, device) -> torch.Tensor:
     """bool [Q, S]: the (query, key) pairs that read the key in full precision, the window of recent tokens before
-    each query and the sinks, rather than through its codes."""
+    each query and the sinks, rather than through its codes. (Static decoding: the queries' rows are on the device.)"""
     cfg = view.layer.config
-    qi = torch.arange(view.start, view.start + Q, device=device).view(Q, 1)
+    rows = getattr(view, "rows", None)
+    if rows is not None:
+        qi = rows.to(device).view(Q, 1)
+    else:
+        qi = torch.arange(view.start, view.start + Q, device=device).view(Q, 1)
     kj = torch.arange(S, device=device).view(1, S)
     return ((qi - kj) < cfg.window) | (kj < min(cfg.sinks, S))
 
@@ -133,10 +137,16 @@ def attend_codes_reference(query: torch.Tensor, view, attention_mask, scaling: f
     scores = torch.matmul(q, kq.transpose(-1, -2)) * scaling  # [B, H_q, Q, S]
     use_fp = None
     if cfg.window or cfg.sinks:
-        lo, fk, fv = fp_region(view, S)
         kf, vf = kq.clone(), vq.clone()
-        kf[:, :, lo:S] = fk.float().repeat_interleave(rep, 1)
-        vf[:, :, lo:S] = fv.float().repeat_interleave(rep, 1)
+        static = getattr(view, "rows", None) is not None
+        if static and cfg.window:  # static decoding: key j's full-precision copy at ring row j % window
+            ring = torch.arange(S, device=query.device) % cfg.window
+            kf = view.win_k.float()[:, :, ring].repeat_interleave(rep, 1)
+            vf = view.win_v.float()[:, :, ring].repeat_interleave(rep, 1)
+        elif not static:
+            lo, fk, fv = fp_region(view, S)
+            kf[:, :, lo:S] = fk.float().repeat_interleave(rep, 1)
+            vf[:, :, lo:S] = fv.float().repeat_interleave(rep, 1)
         if cfg.sinks and layer.sink_k is not None:
             n = layer.sink_k.shape[2]
             kf[:, :, :n] = layer.sink_k.float().repeat_interleave(rep, 1)

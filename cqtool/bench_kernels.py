@@ -680,7 +680,7 @@ def run_graph_generation(kind: str, setup: GenSetup, B: int) -> dict:
 
     model, cap = setup.model, setup.prompt + setup.new_tokens
     setup.reset_peak()
-    cache = static_cache(model, kind, cap, setup.codebook)
+    cache = static_cache(model, kind, cap, setup.codebook, window=setup.window)
     try:
         g = torch.Generator(device="cuda").manual_seed(2)
         ids = torch.randint(0, model.config.vocab_size, (B, setup.prompt), generator=g, device="cuda")
@@ -732,8 +732,8 @@ def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, sp
     layer_device_map(layers, gpus)  # checks gpus against the layers
     if not (same_batch or search or graphs):
         raise ConfigError("--no-same-batch with --no-search and no --graphs: nothing to measure")
-    if graphs and (gpus > 1 or window):
-        raise ConfigError(f"--graphs takes one GPU and no CQ window (got --gpus {gpus}, --window {window})")
+    if graphs and gpus > 1:
+        raise ConfigError(f"--graphs takes one GPU (got --gpus {gpus})")
     if graphs and new_tokens < 3:
         raise ConfigError(f"--graphs with --new-tokens {new_tokens}: at least 3 (two warm-up steps, then replays)")
     if not torch.cuda.is_available():

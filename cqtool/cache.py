@@ -88,6 +88,9 @@ class CQView:
     start: cache index of the first new token; the layer now holds start + Q tokens.
     win_k/win_v: full-precision post-RoPE keys/values of the tokens just before `start` that were still in
     the window ([B, H_kv, w, D], w <= window), i.e. positions start - w .. start - 1.
+    rows: static decoding (CQCache.make_static) only: the cache rows of the new tokens, on the device ([Q] int64;
+    `start` is then capacity - Q, the view spans every row and the mask picks the held ones); the window is then a
+    ring of `window` rows, token j at row j % window of win_k / win_v, the new tokens already in it.
     """
 
     layer: "CQLayer"
@@ -96,6 +99,7 @@ class CQView:
     start: int
     win_k: torch.Tensor | None
     win_v: torch.Tensor | None
+    rows: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -210,8 +214,14 @@ class CQLayer(AppendOnlyLayer):
             rows = rows.to(self.device)
         ops.encode_kv_into(pre, self.k_centroids, self.k_bits, self.k_codes, value_states, self.v_centroids, self.v_bits,
                            self.v_codes, 0, rows=rows)
+        W = self.config.window
+        if W:  # the window's ring: token j at row j % W (make_static)
+            slot = rows % W
+            self.win_k.index_copy_(2, slot, key_states.to(self.win_k.dtype))
+            self.win_v.index_copy_(2, slot, value_states.to(self.win_v.dtype))
         self.length += Q  # host bookkeeping; a replayed graph does not run it (CQCache.sync_static_length)
-        view = CQView(self, key_states, value_states, cap - Q, None, None)
+        view = CQView(self, key_states, value_states, cap - Q, self.win_k if W else None, self.win_v if W else None,
+                      rows=rows)
         return view, view
 
     def valid_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,16 +331,18 @@ class CQCache(Cache):
         held on the device (one counter for all layers, advanced in place by layer 0), and each step's view spanning
         the whole capacity, masked by the 4D
         attention mask the caller passes (True = attend). This is what lets a decode step run as a CUDA graph
-        (graphs.StaticDecoder); the attention computed is the same (tests/test_graphs.py). Takes no full-precision
-        window or sinks (their buffers change shape as tokens arrive)."""
-        if self.config.window or self.config.sinks:
-            raise ConfigError(f"static decoding (CUDA graphs) takes no full-precision window or sinks "
-                              f"(window={self.config.window}, sinks={self.config.sinks}); use 0 for both")
+        (graphs.StaticDecoder); the attention computed is the same (tests/test_graphs.py). A full-precision window
+        becomes a ring of `window` rows (token j at row j % window, written in place each step); the sinks, fixed
+        once the prompt holds them, stay as they are (a prompt shorter than the sinks is refused)."""
+        W, n_sink = self.config.window, self.config.sinks
         first = self.layers[0]
         if not first.is_initialized or self.positions is None:
             raise ConfigError("make_static: run the prompt through the model first (the cache is empty)")
         if capacity < first.length + 1:
             raise ConfigError(f"capacity {capacity}: must exceed the {first.length} tokens already cached")
+        if n_sink and first.length < n_sink:
+            raise ConfigError(f"static decoding (CUDA graphs) with {n_sink} sinks needs a prompt of at least {n_sink} "
+                              f"tokens (got {first.length}): the sinks must be full before the steps are captured")
         self.max_length = capacity
         for layer in self.layers:
             if layer.length != first.length:
@@ -341,6 +353,15 @@ class CQCache(Cache):
                     buf = torch.zeros(*old.shape[:2], capacity, old.shape[3], dtype=old.dtype, device=old.device)
                     buf[:, :, : layer.length] = old[:, :, : layer.length]
                     setattr(layer, name, buf)
+            if W and not layer.static:
+                # the window (tokens n - w .. n - 1) into a ring of W rows: token j at row j % W
+                n, w = layer.length, layer.win_k.shape[2]
+                slot = torch.arange(n - w, n, device=layer.win_k.device) % W
+                for name in ("win_k", "win_v"):
+                    old = getattr(layer, name)
+                    ring = torch.zeros(*old.shape[:2], W, old.shape[3], dtype=old.dtype, device=old.device)
+                    ring[:, :, slot] = old
+                    setattr(layer, name, ring)
             layer.static = True
         self.static_length = torch.tensor(first.length, dtype=torch.long, device=self.positions.device)
         B, n = self.positions.shape

@@ -109,9 +109,8 @@ def run_generate(model_name: str, codebook_path: str, prompt: str, max_new_token
     from .graphs import static_cache
     from .models import load_config, load_model
 
-    if graphs and (window or sinks or device_map):
-        raise ConfigError(f"--cuda-graphs takes one GPU and no full-precision window or sinks (got --window {window}, "
-                          f"--sinks {sinks}, --device-map {device_map})")
+    if graphs and device_map:
+        raise ConfigError(f"--cuda-graphs takes one GPU (got --device-map {device_map})")
     cb = Codebook.load(codebook_path)
     _, _, _, info = load_config(model_name)
     cb.validate_model(info)  # before the weights are loaded
@@ -131,7 +130,7 @@ def run_generate(model_name: str, codebook_path: str, prompt: str, max_new_token
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)  # the CPU and every GPU's generator: the same draws for both caches
         if graphs:
-            cache = static_cache(model, "cq" if kind == "cq" else "static", cap, cb)
+            cache = static_cache(model, "cq" if kind == "cq" else "static", cap, cb, window, sinks)
             new, secs, replays = decode_graph(model, ids, cache, max_new_tokens, eos, sampling=sampling)
         else:
             cache = CQCache(model, cb, window=window, sinks=sinks, max_length=cap) if kind == "cq" else DynamicCache()

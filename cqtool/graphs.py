@@ -25,9 +25,9 @@ from .models import cache_kwarg
 from .sampling import GREEDY, Sampling, next_token
 
 
-def static_cache(model, kind: str, capacity: int, codebook=None):
+def static_cache(model, kind: str, capacity: int, codebook=None, window: int | None = None, sinks: int | None = None):
     """A cache for StaticDecoder: "static" (transformers' StaticCache, bf16/fp16 keys and values) or "cq" (CQCache,
-    put in static mode after the prompt)."""
+    put in static mode after the prompt; `window`, `sinks`: its full-precision recent and first tokens)."""
     if kind == "static":
         from transformers import StaticCache
 
@@ -37,7 +37,7 @@ def static_cache(model, kind: str, capacity: int, codebook=None):
 
         if codebook is None:
             raise ConfigError("a CQ cache needs a codebook")
-        return CQCache(model, codebook, max_length=capacity)
+        return CQCache(model, codebook, window=window, sinks=sinks, max_length=capacity)
     raise ConfigError(f"cache kind {kind!r} is not allowed; use static or cq")
 
 

@@ -473,10 +473,13 @@ def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> t
         raise ValueError(f"ops.DECODE_KERNEL must be one of {list(DECODE_KERNELS)}, got {DECODE_KERNEL!r}")
     if PREFILL_KERNEL not in PREFILL_KERNELS:
         raise ValueError(f"ops.PREFILL_KERNEL must be one of {list(PREFILL_KERNELS)}, got {PREFILL_KERNEL!r}")
+    # static decoding (a CUDA graph's step) with a window or sinks: the decode kernels, which read the query's row
+    # from the device and the window from its ring (dequant-sdpa and prefill take host-side positions)
+    ring = getattr(view, "rows", None) is not None and fp
     # many queries: prefill (with a window or sinks only through SDPA; the fused prefill kernel takes neither)
-    prefill = group * Q > DECODE_MAX_ROWS and (PREFILL_KERNEL == "sdpa" or not (cfg.window or cfg.sinks))
+    prefill = not ring and group * Q > DECODE_MAX_ROWS and (PREFILL_KERNEL == "sdpa" or not (cfg.window or cfg.sinks))
     # the layer dequantized by a kernel, then torch SDPA: prefill by default, decode where decode_by_dequant says so
-    dequant = PREFILL_KERNEL == "sdpa" if prefill else decode_by_dequant(B, S, group, c, fp)
+    dequant = not ring and (PREFILL_KERNEL == "sdpa" if prefill else decode_by_dequant(B, S, group, c, fp))
     cos, sin = cache.cos_sin(S, query.device) if prefill or dequant else (None, None)
     if dequant:
         out = _prefill_sdpa(mod, query, view, attention_mask, scaling, cos, sin)
@@ -491,6 +494,6 @@ def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> t
         layer.sink_k if sinks else None, layer.sink_v if sinks else None,
         int(cfg.window), int(view.start), int(S), float(scaling), bool(prefill),
         _decode_variant(B, S, group, c, fp),
-        int(MMA_MAX_BLOCKS), int(MMA_DIRECT_MAX), int(MMA_LONG_MIN))
+        int(MMA_MAX_BLOCKS), int(MMA_DIRECT_MAX), int(MMA_LONG_MIN), view.rows if ring else None)
     _ran(_KERNEL_NAMES[used], f"{_KERNEL_NAMES[used]} kernel")
     return out

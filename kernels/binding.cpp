@@ -170,7 +170,8 @@ std::tuple<at::Tensor, int64_t> attention(
                      const c10::optional<at::Tensor>& win_v, const at::Tensor& new_k, const at::Tensor& new_v,
                      const c10::optional<at::Tensor>& sink_k, const c10::optional<at::Tensor>& sink_v, int64_t window,
                      int64_t start, int64_t S, double scaling, bool prefill, int64_t variant,
-                     int64_t max_blocks, int64_t direct_max, int64_t long_min) {
+                     int64_t max_blocks, int64_t direct_max, int64_t long_min,
+                     const c10::optional<at::Tensor>& dev_start) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 4 && q.stride(3) == 1, "attention: query must be [B, H_q, Q, D] on the GPU");
   const int64_t B = q.size(0), Hq = q.size(1), Q = q.size(2), D = q.size(3);
   const int64_t Hkv = k_cent.size(0);
@@ -187,7 +188,7 @@ std::tuple<at::Tensor, int64_t> attention(
                {{"k_codes", &k_codes}, {"v_codes", &v_codes}, {"k_centroids", &k_cent}, {"v_centroids", &v_cent},
                 {"positions", &positions}, {"inv_freq", &inv_freq}, {"cos", &opt(cos)}, {"sin", &opt(sin)},
                 {"key ranges", &range}, {"win_k", &opt(win_k)}, {"win_v", &opt(win_v)}, {"new_k", &new_k},
-                {"new_v", &new_v}, {"sink_k", &opt(sink_k)}, {"sink_v", &opt(sink_v)}});
+                {"new_v", &new_v}, {"sink_k", &opt(sink_k)}, {"sink_v", &opt(sink_v)}, {"dev_start", &opt(dev_start)}});
   const at::cuda::OptionalCUDAGuard guard(q.device());
   const auto dt = q.scalar_type();
   at::Tensor out = at::empty({B, Q, Hq, D}, q.options());
@@ -206,6 +207,12 @@ std::tuple<at::Tensor, int64_t> attention(
   p.n_sink = sink_k.has_value() && sink_k->defined() ? sink_k->size(2) : 0;
   p.window = window;
   p.B = B; p.Hq = Hq; p.Hkv = Hkv; p.Q = Q; p.S = S; p.start = start; p.D = D;
+  if (dev_start.has_value() && dev_start->defined()) {  // static decoding: the query's row on the device, a ring window
+    TORCH_CHECK(dev_start->scalar_type() == at::kLong && dev_start->numel() >= 1 && Q == 1 && !prefill,
+                "attention: dev_start must be int64 on the GPU, for one query per sequence (static decoding)");
+    TORCH_CHECK(window == 0 || p.win_len == window, "attention: in static decoding the window ring must have window rows");
+    p.dev_start = dev_start->data_ptr<int64_t>();
+  }
   p.scaling = static_cast<float>(scaling);
   p.dtype = dtype_tag(q);
   p.out = out.data_ptr();

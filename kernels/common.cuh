@@ -11,6 +11,23 @@
 
 namespace cq {
 
+// The cache index of the first query: p.start, or in static decoding the one the device holds
+__device__ __forceinline__ int query_start(const AttnParams& p) {
+  return p.dev_start ? static_cast<int>(*p.dev_start) : p.start;
+}
+
+// Where full-precision key j (a sink, or a key of the window) lives: its key and value buffers and its row there
+struct FpRow {
+  FpBuf k, v;
+  int64_t row;
+};
+__device__ __forceinline__ FpRow fp_row(const AttnParams& p, int j, int start) {
+  if (j < p.n_sink) return {p.sink_k, p.sink_v, j};
+  if (p.dev_start) return {p.win_k, p.win_v, j % p.win_len};  // static decoding: the window is a ring
+  if (j >= start) return {p.new_k, p.new_v, j - start};         // the new tokens
+  return {p.win_k, p.win_v, j - (start - p.win_len)};           // the window kept from earlier steps
+}
+
 // Dynamic shared memory above 48 KiB must be opted into per kernel with cudaFuncSetAttribute, which applies to the
 // current device only: a process that runs a kernel on several GPUs (a model spread over them by device_map) opts in
 // on each. One of these per kernel instantiation (a function-local static) remembers the size set on each device.

@@ -92,7 +92,8 @@ __global__ void __launch_bounds__(kFpThreads) fp_split_kernel(const AttnParams p
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int b = blockIdx.x / p.Hq, hq = blockIdx.x % p.Hq, h = hq / (p.Hq / p.Hkv);
   const int mlo = p.range[b * 2], mhi = p.range[b * 2 + 1];
-  const int code_hi = p.window > 0 ? max(0, p.start - p.window + 1) : p.S;
+  const int start = query_start(p);
+  const int code_hi = p.window > 0 ? max(0, start - p.window + 1) : p.S;
   const int fp_lo = max(min(p.S, code_hi), p.n_sink);
   const int nf = p.n_sink + max(0, min(p.S, mhi) - fp_lo);
   const float qscale = p.scaling * kLog2e;  // keys already rotated
@@ -120,12 +121,9 @@ __global__ void __launch_bounds__(kFpThreads) fp_split_kernel(const AttnParams p
     float s = kNegInf;
     const T* vp = nullptr;
     if (u < nf && j >= mlo && j < mhi && (j < p.n_sink || j >= code_hi)) {
-      const bool is_sink = j < p.n_sink, is_new = j >= p.start;
-      const int64_t jj = is_sink ? j : (is_new ? j - p.start : j - (p.start - p.win_len));
-      const FpBuf fk = is_sink ? p.sink_k : (is_new ? p.new_k : p.win_k);
-      const FpBuf fv = is_sink ? p.sink_v : (is_new ? p.new_v : p.win_v);
-      const T* kp = reinterpret_cast<const T*>(fk.data) + b * fk.sb + h * fk.sh + jj * fk.st;
-      vp = reinterpret_cast<const T*>(fv.data) + b * fv.sb + h * fv.sh + jj * fv.st;
+      const FpRow f = fp_row(p, j, start);
+      const T* kp = reinterpret_cast<const T*>(f.k.data) + b * f.k.sb + h * f.k.sh + f.row * f.k.st;
+      vp = reinterpret_cast<const T*>(f.v.data) + b * f.v.sb + h * f.v.sh + f.row * f.v.st;
       uint4 kr[D / 8];
 #pragma unroll
       for (int c = 0; c < D / 8; ++c) kr[c] = __ldg(reinterpret_cast<const uint4*>(kp) + c);

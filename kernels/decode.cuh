@@ -283,6 +283,7 @@ __global__ void __launch_bounds__(dec_warps<NQ>() * 32, 1) decode_kernel(const A
   int hq[NQ], qi[NQ], clo[NQ], chi[NQ], mlo[NQ], mhi[NQ];
   bool qok[NQ];
   int cmin = p.S, cmax = 0;
+  const int start = query_start(p);
 #pragma unroll
   for (int q = 0; q < NQ; ++q) {
     const int idx = chunk * NQ + q;
@@ -293,7 +294,7 @@ __global__ void __launch_bounds__(dec_warps<NQ>() * 32, 1) decode_kernel(const A
     mlo[q] = qok[q] ? p.range[(b * p.Q + qi[q]) * 2] : 0;
     mhi[q] = qok[q] ? p.range[(b * p.Q + qi[q]) * 2 + 1] : 0;
     // keys j < code_hi are read through codes (window semantics of attention.attend_codes_reference)
-    const int code_hi = p.window > 0 ? max(0, p.start + qi[q] - p.window + 1) : p.S;
+    const int code_hi = p.window > 0 ? max(0, start + qi[q] - p.window + 1) : p.S;
     clo[q] = max(mlo[q], p.n_sink);
     chi[q] = min(mhi[q], code_hi);
     if (clo[q] < chi[q]) { cmin = min(cmin, clo[q]); cmax = max(cmax, chi[q]); }
@@ -318,7 +319,7 @@ __global__ void __launch_bounds__(dec_warps<NQ>() * 32, 1) decode_kernel(const A
 #pragma unroll
     for (int q = 0; q < NQ; ++q)
       if (qok[q]) {
-        fp_lo = min(fp_lo, p.window > 0 ? max(0, p.start + qi[q] - p.window + 1) : p.S);
+        fp_lo = min(fp_lo, p.window > 0 ? max(0, start + qi[q] - p.window + 1) : p.S);
         fp_hi = max(fp_hi, mhi[q]);
       }
     fp_lo = max(fp_lo, p.n_sink);
@@ -328,12 +329,10 @@ __global__ void __launch_bounds__(dec_warps<NQ>() * 32, 1) decode_kernel(const A
       const bool active = u0 < nf;
       const int u = active ? u0 : 0;
       const int j = u < p.n_sink ? u : fp_lo + (u - p.n_sink);
-      // full-precision source of key j: sinks, the new tokens, or the window kept from earlier steps
-      const FpBuf kbuf = j < p.n_sink ? p.sink_k : (j >= p.start ? p.new_k : p.win_k);
-      const FpBuf vbuf = j < p.n_sink ? p.sink_v : (j >= p.start ? p.new_v : p.win_v);
-      const int64_t jj = j < p.n_sink ? j : (j >= p.start ? j - p.start : j - (p.start - p.win_len));
-      const T* kp = reinterpret_cast<const T*>(kbuf.data) + b * kbuf.sb + h * kbuf.sh + jj * kbuf.st;
-      const T* vp = reinterpret_cast<const T*>(vbuf.data) + b * vbuf.sb + h * vbuf.sh + jj * vbuf.st;
+      // full-precision source of key j: sinks, the new tokens, or the window kept from earlier steps (or its ring)
+      const FpRow f = fp_row(p, j, start);
+      const T* kp = reinterpret_cast<const T*>(f.k.data) + b * f.k.sb + h * f.k.sh + f.row * f.k.st;
+      const T* vp = reinterpret_cast<const T*>(f.v.data) + b * f.v.sb + h * f.v.sh + f.row * f.v.st;
       float ka[8], kbv[8], v[16];
       load_vec_g<T, 8>(kp + ch_a, ka);
       load_vec_g<T, 8>(kp + ch_b, kbv);
@@ -346,7 +345,7 @@ __global__ void __launch_bounds__(dec_warps<NQ>() * 32, 1) decode_kernel(const A
 #pragma unroll
         for (int m = 0; m < 8; ++m) { a0 = fmaf(qa[q][m], ka[m], a0); a1 = fmaf(qb[q][m], kbv[m], a1); }
         s[q] = token_sum<LPT>(a0 + a1);
-        const int code_hi = p.window > 0 ? max(0, p.start + qi[q] - p.window + 1) : p.S;
+        const int code_hi = p.window > 0 ? max(0, start + qi[q] - p.window + 1) : p.S;
         const bool ok = active && qok[q] && j >= mlo[q] && j < mhi[q] && (j < p.n_sink || j >= code_hi);
         s[q] = ok ? s[q] : kNegInf;
       }

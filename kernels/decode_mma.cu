@@ -502,7 +502,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     it.skip = first - h0;  // leading heads that the previous block of the group writes
     // this item's share of the query's allowed keys that are read through codes (Q == 1: range[b]; not the sinks and
     // not the window, as in attention.attend_codes_reference)
-    const int code_hi = p.window > 0 ? max(0, p.start - p.window + 1) : p.S;
+    const int code_hi = p.window > 0 ? max(0, query_start(p) - p.window + 1) : p.S;
     const int cmin = max(p.range[it.b * 2], p.n_sink), cmax = min(min(p.range[it.b * 2 + 1], p.S), code_hi);
     it.t_begin = it.t_end = 0;
     if (cmin < cmax) {

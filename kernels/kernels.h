@@ -71,6 +71,10 @@ struct AttnParams {
   FpBuf win_k, win_v, new_k, new_v, sink_k, sink_v;
   int win_len, n_sink, window;
   int B, Hq, Hkv, Q, S, start, D;
+  // static decoding (one query, replayed as a CUDA graph; nullptr otherwise): the query's cache index is *dev_start,
+  // in device memory, instead of start, and the window is a ring of win_len == window rows: key j of the window (the
+  // new token included) at row j % win_len of win_k / win_v (new_k / new_v unused)
+  const int64_t* dev_start;
   float scaling;
   int dtype;
   // outputs: out [B, Q, H_q, D]; split-K partials ws_o [B, H_q, Q, nsplit, D], ws_ml [B, H_q, Q, nsplit, 2]

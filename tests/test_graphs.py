@@ -32,16 +32,23 @@ def static_greedy(model, cache, ids, steps, capacity, chunk=0):
     return torch.cat([first, dec.decode(first, steps - 1)], 1), dec
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_static_cq_decode_equals_the_growing_cache(family):
-    """A CQ cache in static mode (codes at device-side rows, attention over every row under the 4D mask) gives the
-    tokens and cached codes of the ordinary CQ cache; the spare capacity rows change nothing."""
+# (family, window, sinks): the prompt is 21 tokens and 8 more are fed back (29): a window shorter than the prompt,
+# one longer that the decode steps fill and wrap (24), one never filled (32), sinks alone and with a window
+STATIC_CASES = [(f, 0, 0) for f in FAMILIES] + [("llama", 8, 0), ("qwen2", 24, 2), ("llama", 32, 0), ("mistral", 0, 3),
+                                                 ("qwen3", 8, 2)]
+
+
+@pytest.mark.parametrize("family,window,sinks", STATIC_CASES)
+def test_static_cq_decode_equals_the_growing_cache(family, window, sinks):
+    """A CQ cache in static mode (codes at device-side rows, attention over every row under the 4D mask; a
+    full-precision window as a ring of `window` rows, the sinks fixed) gives the tokens and cached codes of the
+    ordinary CQ cache; the spare capacity rows change nothing."""
     model = tiny_model(family)
     cb = make_codebook(ModelInfo.from_config(model.config, "tiny"))
     ids = torch.randint(0, 512, (3, 21), generator=torch.Generator().manual_seed(1))
-    ref_cache = CQCache(model, cb)
+    ref_cache = CQCache(model, cb, window=window, sinks=sinks)
     ref = greedy(model, ref_cache, ids, 9)
-    cache = static_cache(model, "cq", 40, cb)
+    cache = static_cache(model, "cq", 40, cb, window=window, sinks=sinks)
     got, dec = static_greedy(model, cache, ids, 9, capacity=40, chunk=8)
     assert torch.equal(got, ref)
     n = 21 + 8  # the last token is produced, not yet fed back
@@ -52,7 +59,14 @@ def test_static_cq_decode_equals_the_growing_cache(family):
         assert a.static and a.length == n
     assert int(cache.static_length) == n
     assert torch.equal(cache.positions[:, :n], ref_cache.positions)
-    assert cache.memory_bytes() == ref_cache.memory_bytes()
+    if window <= n:  # (a ring of more rows than tokens holds its empty rows too)
+        assert cache.memory_bytes() == ref_cache.memory_bytes()
+    if window:  # the ring holds the last `window` tokens' keys, token j at row j % window (to fp32 rounding: the
+        # layers before computed them through the static path's masked attention)
+        for a, b in zip(cache.layers, ref_cache.layers):
+            w = b.win_k.shape[2]
+            torch.testing.assert_close(a.win_k[:, :, torch.arange(n - w, n) % window], b.win_k, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(a.win_v[:, :, torch.arange(n - w, n) % window], b.win_v, rtol=1e-4, atol=1e-5)
 
 
 def test_static_cache_baseline_equals_dynamic_cache():
@@ -99,10 +113,10 @@ def test_static_mode_errors():
     cb = mk(ModelInfo.from_config(model.config, "tiny"))
     with pytest.raises(ConfigError, match="run the prompt through the model first"):
         CQCache(model, cb).make_static(8)
-    cache = CQCache(model, cb, window=4)
+    cache = CQCache(model, cb, window=4, sinks=6)
     with torch.no_grad():
         model(input_ids=torch.zeros(1, 5, dtype=torch.long), **{cache_kwarg(model): cache}, use_cache=True)
-    with pytest.raises(ConfigError, match="window=4"):
+    with pytest.raises(ConfigError, match="with 6 sinks needs a prompt of at least 6 tokens \\(got 5\\)"):
         cache.make_static(16)
     dec = StaticDecoder(model, static_cache(model, "cq", 8, cb), 8, graph=False)
     with pytest.raises(ConfigError, match="capacity 8: must exceed the prompt's 8 tokens"):
@@ -118,15 +132,17 @@ def test_static_mode_errors():
 
 # ---------------------------------------------------------------- CUDA: the captured graph
 
-def _cuda_model(kv_heads: int, layers: int = 2):
+def _cuda_model(kv_heads: int, layers: int = 2, dtype=torch.bfloat16):
     model = tiny_model("llama", layers=layers, heads=4, kv_heads=kv_heads, head_dim=128)
-    return model.to("cuda", torch.bfloat16).eval()
+    return model.to("cuda", dtype).eval()
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("kv_heads", [4, 1])  # MHA (tensor-core decode kernel) and a GQA group of 4
-def test_graph_replay_equals_eager_static_decode(kv_heads):
+# MHA (tensor-core decode kernel) and a GQA group of 4; with a full-precision window (a ring in static mode) shorter
+# than the prompt, and one the steps fill and wrap (37 + 13 > 48), with and without sinks
+@pytest.mark.parametrize("kv_heads,window,sinks", [(4, 0, 0), (1, 0, 0), (4, 16, 4), (1, 48, 0)])
+def test_graph_replay_equals_eager_static_decode(kv_heads, window, sinks):
     """A decode step captured as a CUDA graph and replayed gives, token for token, what the same static decode
     gives eagerly; the attention and encode of both ran on the CUDA kernels; the step's logits equal the growing
     cache's to bf16 rounding."""
@@ -136,10 +152,10 @@ def test_graph_replay_equals_eager_static_decode(kv_heads):
     model = _cuda_model(kv_heads)
     cb = make_codebook(ModelInfo.from_config(model.config, "tiny"), QuantSpec(8, 8))
     ids = torch.randint(0, 512, (3, 37), generator=torch.Generator().manual_seed(4)).cuda()
-    eager, _ = static_greedy(model, static_cache(model, "cq", 64, cb), ids, 14, capacity=64)
+    eager, _ = static_greedy(model, static_cache(model, "cq", 64, cb, window, sinks), ids, 14, capacity=64)
     ops.BACKEND_USED.clear()
     ops.KERNEL_USED.clear()
-    cache = static_cache(model, "cq", 64, cb)
+    cache = static_cache(model, "cq", 64, cb, window, sinks)
     dec = StaticDecoder(model, cache, 64, graph=True)
     first = dec.prefill(ids)
     got = torch.cat([first, dec.decode(first, 13)], 1)
@@ -149,18 +165,77 @@ def test_graph_replay_equals_eager_static_decode(kv_heads):
     assert ops.KERNEL_USED["attention"].startswith("decode"), ops.KERNEL_USED
     assert cache.get_seq_length() == 37 + 13 and int(cache.static_length) == 50
     # one step of the static cache (all 64 rows, masked) against the growing cache, same tokens
-    grow = CQCache(model, cb)
+    grow = CQCache(model, cb, window=window, sinks=sinks)
     kw = lambda c: {cache_kwarg(model): c, "use_cache": True}  # noqa: E731
     with torch.no_grad():
         model(input_ids=ids, **kw(grow))
         a = model(input_ids=first, **kw(grow)).logits.float()
-        st = static_cache(model, "cq", 64, cb)
+        st = static_cache(model, "cq", 64, cb, window, sinks)
         StaticDecoder(model, st, 64, graph=False).prefill(ids)
         mask = torch.zeros(3, 1, 1, 64, dtype=torch.bool, device="cuda")
         mask[..., :38] = True
         b = model(input_ids=first, position_ids=torch.full((3, 1), 37, device="cuda"), attention_mask=mask,
                   **kw(st)).logits.float()
     assert float((a - b).norm() / a.norm()) < 2e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kv_heads,window,sinks,kernel,dtype", [
+    (4, 16, 0, "tensor-core", torch.bfloat16), (4, 48, 4, "tensor-core", torch.bfloat16),
+    (4, 0, 4, "tensor-core", torch.float16), (1, 16, 4, "tensor-core", torch.bfloat16),
+    (1, 64, 0, "tensor-core", torch.float16), (2, 7, 0, "tensor-core", torch.bfloat16),
+    (4, 16, 4, "cuda-core", torch.bfloat16), (1, 48, 0, "cuda-core", torch.float16), (2, 1, 1, "cuda-core", torch.bfloat16)])
+def test_static_window_kernels_vs_reference(monkeypatch, kv_heads, window, sinks, kernel, dtype):
+    """Static decoding with a full-precision window (a ring of `window` rows, read at the query's row that the device
+    holds) and sinks, through the decode kernels (the tensor-core kernel and its full-precision split, or the CUDA-core
+    kernel) against the PyTorch reference on the same static cache: 12 teacher-forced steps after a 37-token prompt,
+    windows shorter than the prompt, filled and wrapped by the steps (48), never filled (64), of 1 and 7 rows; MHA and
+    GQA groups of 2 and 4; bf16 and fp16."""
+    from cqtool import ops
+    from cqtool.config import QuantSpec
+
+    monkeypatch.setattr(ops, "DECODE_KERNEL", kernel)
+    model = _cuda_model(kv_heads, dtype=dtype)
+    cb = make_codebook(ModelInfo.from_config(model.config, "tiny"), QuantSpec(8, 8))
+    ids = torch.randint(0, 512, (3, 49), generator=torch.Generator().manual_seed(12)).cuda()
+    kw = lambda c: {cache_kwarg(model): c, "use_cache": True}  # noqa: E731
+
+    def run():
+        cache = static_cache(model, "cq", 64, cb, window, sinks)
+        StaticDecoder(model, cache, 64, graph=False).prefill(ids[:, :37])
+        mask = torch.zeros(3, 1, 1, 64, dtype=torch.bool, device="cuda")
+        mask[..., :37] = True
+        out, kernels = [], set()
+        with torch.no_grad():
+            for t in range(37, 49):
+                mask[..., t] = True
+                out.append(model(input_ids=ids[:, t : t + 1], position_ids=torch.full((3, 1), t, device="cuda"),
+                                 attention_mask=mask, **kw(cache)).logits.float())
+                kernels.add(ops.KERNEL_USED.get("attention"))
+        assert cache.get_seq_length() == 49
+        return torch.cat(out, 1), kernels
+
+    def run_growing():  # the same tokens through the ordinary cache (window kept by position, not as a ring)
+        cache = CQCache(model, cb, window=window, sinks=sinks)
+        with torch.no_grad():
+            model(input_ids=ids[:, :37], **kw(cache))
+            return torch.cat([model(input_ids=ids[:, t : t + 1], **kw(cache)).logits.float() for t in range(37, 49)], 1)
+
+    ops.KERNEL_USED.clear()
+    got, kernels = run()
+    want = {"cuda-core": "decode", "tensor-core": "decode-mma" if kv_heads == 4 else "decode-mma-gqa"}[kernel]
+    assert kernels == {want}, kernels
+    assert ops.BACKEND_USED["attention"] == "cuda"
+    grow = run_growing()
+    assert ops.KERNEL_USED["attention"] == want
+    monkeypatch.setattr(ops, "get_module", lambda: None)
+    ref, _ = run()
+    assert ops.BACKEND_USED["attention"] == "reference"
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    # the same kernels over the same codes and full-precision keys: bf16/fp16 rounding of a different split of the
+    # sequence; against the fp32 reference, the kernels' own rounding (as test_model_tensor_core_decode_vs_reference)
+    assert rel(got, grow) < 2e-2 and rel(got, ref) < 0.1, (rel(got, grow), rel(got, ref), rel(grow, ref))
 
 
 @pytest.mark.cuda
