@@ -215,8 +215,10 @@ class CQLayer(AppendOnlyLayer):
         ops.encode_kv_into(pre, self.k_centroids, self.k_bits, self.k_codes, value_states, self.v_centroids, self.v_bits,
                            self.v_codes, 0, rows=rows)
         W = self.config.window
-        if W:  # the window's ring: token j at row j % W (make_static)
-            slot = rows % W
+        if W:  # the window's ring: token j at row j % W (make_static; the rows computed once for all layers)
+            slot = self.parent.static_ring_rows
+            if slot.device != self.device:
+                slot = slot.to(self.device)
             self.win_k.index_copy_(2, slot, key_states.to(self.win_k.dtype))
             self.win_v.index_copy_(2, slot, value_states.to(self.win_v.dtype))
         self.length += Q  # host bookkeeping; a replayed graph does not run it (CQCache.sync_static_length)
@@ -290,6 +292,7 @@ class CQCache(Cache):
         # static mode (make_static): the number of cached tokens on the device, and the current step's rows
         self.static_length: torch.Tensor | None = None
         self.static_rows: torch.Tensor | None = None
+        self.static_ring_rows: torch.Tensor | None = None
         layers = [CQLayer(self, i, codebook.key_centroids[i], codebook.value_centroids[i]) for i in range(codebook.num_layers)]
         super().__init__(layers=layers)
         self._cos_sin_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
@@ -321,6 +324,8 @@ class CQCache(Cache):
         pos = pos.to(key_states.device).long().expand(B, Q)
         if static is not None:  # the step's rows, from the device-side length, once for all layers; then advance it
             self.static_rows = static + torch.arange(Q, device=static.device)
+            if self.config.window:  # their rows in the layers' window rings
+                self.static_ring_rows = self.static_rows % self.config.window
             self.positions.index_copy_(1, self.static_rows, pos.contiguous())
             static.add_(Q)
             return
@@ -395,5 +400,5 @@ class CQCache(Cache):
     def reset(self):
         super().reset()
         self.positions = None
-        self.static_length = self.static_rows = None
+        self.static_length = self.static_rows = self.static_ring_rows = None
         self._cos_sin_cache = None

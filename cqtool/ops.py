@@ -117,6 +117,11 @@ MMA_DIRECT_MAX = 512
 # 0.92, 256 x 4096 0.97, 32 x 8192 0.99, 32 x 16384 0.995, 8 x 32768 1.008 (docs/RESULTS_kernels.md). Read at every
 # call; 0 always takes LONG.
 MMA_LONG_MIN = 32768
+# The tensor-core decode's full-precision split (window and sinks) on a second stream, forked and joined by events,
+# beside the code splits rather than after them (read at every call; CQTOOL_FP_SPLIT_STREAM=0: one stream). Not in
+# static decoding: H100, window 128, eager calls 1 x 32K 0.068 -> 0.063 ms and 8 x 32K 0.311 -> 0.303, but a batch-1
+# graph step at a 32K prompt 10.32 -> 10.47 ms (2K: 8.98 both; docs/RESULTS_kernels.md).
+FP_SPLIT_STREAM = os.environ.get("CQTOOL_FP_SPLIT_STREAM", "1") != "0"
 _VARIANTS = {"cuda-core": 0, "tensor-core": 1, "tensor-core-16w": 2}
 _KERNEL_NAMES = {0: "decode", 1: "decode-mma", 2: "prefill", 3: "decode-mma16", 4: "decode-mma-gqa",
                  5: "decode-mma-long"}
@@ -494,6 +499,7 @@ def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> t
         layer.sink_k if sinks else None, layer.sink_v if sinks else None,
         int(cfg.window), int(view.start), int(S), float(scaling), bool(prefill),
         _decode_variant(B, S, group, c, fp),
-        int(MMA_MAX_BLOCKS), int(MMA_DIRECT_MAX), int(MMA_LONG_MIN), view.rows if ring else None)
+        int(MMA_MAX_BLOCKS), int(MMA_DIRECT_MAX), int(MMA_LONG_MIN), view.rows if ring else None,
+        bool(FP_SPLIT_STREAM and not ring))
     _ran(_KERNEL_NAMES[used], f"{_KERNEL_NAMES[used]} kernel")
     return out

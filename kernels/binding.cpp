@@ -171,7 +171,7 @@ std::tuple<at::Tensor, int64_t> attention(
                      const c10::optional<at::Tensor>& sink_k, const c10::optional<at::Tensor>& sink_v, int64_t window,
                      int64_t start, int64_t S, double scaling, bool prefill, int64_t variant,
                      int64_t max_blocks, int64_t direct_max, int64_t long_min,
-                     const c10::optional<at::Tensor>& dev_start) {
+                     const c10::optional<at::Tensor>& dev_start, bool fp_side_stream) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 4 && q.stride(3) == 1, "attention: query must be [B, H_q, Q, D] on the GPU");
   const int64_t B = q.size(0), Hq = q.size(1), Q = q.size(2), D = q.size(3);
   const int64_t Hkv = k_cent.size(0);
@@ -239,7 +239,9 @@ std::tuple<at::Tensor, int64_t> attention(
   }
   if (p.mma && cq::mma_hist_floats(p) > 0)  // each block zeroes its own part
     p.ws_hist = workspace(static_cast<int64_t>(cq::mma_hist_floats(p)), q.device(), 1).data_ptr<float>();
-  check_cuda(cq::launch_decode(p, stream), "decode attention");
+  cudaStream_t fp_stream = nullptr;  // the full-precision split beside the code splits (cq::launch_decode)
+  if (p.mma && p.has_fp && fp_side_stream) fp_stream = at::cuda::getStreamFromPool(true, q.device().index()).stream();
+  check_cuda(cq::launch_decode(p, stream, fp_stream), "decode attention");
   const int64_t used = !p.mma ? 0 : p.variant == 2 ? 3 : cq::mma_group(p) > 1 ? 4 : p.mma_long ? 5 : 1;
   return std::make_tuple(out, used);
 }

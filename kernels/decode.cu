@@ -195,13 +195,44 @@ cudaError_t launch_combine(const AttnParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-cudaError_t launch_decode(const AttnParams& p, cudaStream_t stream) {
+namespace {
+// Two events per device, made once: the fork to and the join from the full-precision split's stream (an event
+// recorded again replaces its previous state, also inside a CUDA graph capture).
+cudaError_t fork_join_events(cudaEvent_t& fork, cudaEvent_t& join) {
+  static cudaEvent_t ev[64][2] = {};
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
+  for (int i = 0; i < 2 && e == cudaSuccess; ++i)
+    if (!ev[dev][i]) e = cudaEventCreateWithFlags(&ev[dev][i], cudaEventDisableTiming);
+  fork = ev[dev][0];
+  join = ev[dev][1];
+  return e;
+}
+}  // namespace
+
+cudaError_t launch_decode(const AttnParams& p, cudaStream_t stream, cudaStream_t fp_stream) {
   if (p.B * p.Q == 0) return cudaSuccess;
   if (!p.mma) return p.dtype == kBF16 ? launch_dt<__nv_bfloat16>(p, stream) : launch_dt<__half>(p, stream);
   // tensor cores over the codes (splits 0 .. nsplit - 1 - has_fp); the window and sinks as the last split
-  // (fp_split_kernel); then the split-K combine
-  cudaError_t e = launch_mma_decode(p, stream);
-  if (e == cudaSuccess && p.has_fp) e = launch_fp_split(p, stream);
+  // (fp_split_kernel); then the split-K combine. With fp_stream the full-precision split runs there, beside the code
+  // splits (it reads no codes and writes only its own partial), so that where they leave SMs free (small batches) it
+  // does not wait for them; the combine waits for both.
+  cudaError_t e = cudaSuccess;
+  if (p.has_fp && fp_stream) {
+    cudaEvent_t fork, join;
+    e = fork_join_events(fork, join);
+    if (e == cudaSuccess) e = cudaEventRecord(fork, stream);
+    if (e == cudaSuccess) e = cudaStreamWaitEvent(fp_stream, fork, 0);
+    if (e == cudaSuccess) e = launch_fp_split(p, fp_stream);
+    if (e == cudaSuccess) e = cudaEventRecord(join, fp_stream);
+    if (e == cudaSuccess) e = launch_mma_decode(p, stream);
+    if (e == cudaSuccess) e = cudaStreamWaitEvent(stream, join, 0);
+  } else {
+    e = launch_mma_decode(p, stream);
+    if (e == cudaSuccess && p.has_fp) e = launch_fp_split(p, stream);
+  }
   if (e != cudaSuccess || p.nsplit == 1) return e;
   return launch_combine(p, stream);
 }

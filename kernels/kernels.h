@@ -110,7 +110,9 @@ cudaError_t plan_decode(AttnParams& p, int num_sms, size_t max_smem);
 cudaError_t launch_encode(const EncodeParams& p, cudaStream_t stream);
 // The keys and the values of a layer in one launch: the same B, Q, H, G, c and dtype (bits, rows, start may differ)
 cudaError_t launch_encode_kv(const EncodeParams& k, const EncodeParams& v, cudaStream_t stream);
-cudaError_t launch_decode(const AttnParams& p, cudaStream_t stream);
+// fp_stream (nullptr: stream): where the tensor-core decode's full-precision split runs, forked from and joined back
+// to stream by events
+cudaError_t launch_decode(const AttnParams& p, cudaStream_t stream, cudaStream_t fp_stream = nullptr);
 // out <- merge of the nsplit partials in ws_o / ws_ml (split-K combine)
 cudaError_t launch_combine(const AttnParams& p, cudaStream_t stream);
 // One query per query head (Q == 1): attention over the sinks and the full-precision window alone, written as split
