@@ -132,8 +132,8 @@ def test_static_mode_errors():
 
 # ---------------------------------------------------------------- CUDA: the captured graph
 
-def _cuda_model(kv_heads: int, layers: int = 2, dtype=torch.bfloat16):
-    model = tiny_model("llama", layers=layers, heads=4, kv_heads=kv_heads, head_dim=128)
+def _cuda_model(kv_heads: int, layers: int = 2, dtype=torch.bfloat16, head_dim: int = 128):
+    model = tiny_model("llama", layers=layers, heads=4, kv_heads=kv_heads, head_dim=head_dim)
     return model.to("cuda", dtype).eval()
 
 
@@ -185,18 +185,21 @@ def test_graph_replay_equals_eager_static_decode(kv_heads, window, sinks):
     (4, 16, 0, "tensor-core", torch.bfloat16), (4, 48, 4, "tensor-core", torch.bfloat16),
     (4, 0, 4, "tensor-core", torch.float16), (1, 16, 4, "tensor-core", torch.bfloat16),
     (1, 64, 0, "tensor-core", torch.float16), (2, 7, 0, "tensor-core", torch.bfloat16),
-    (4, 16, 4, "cuda-core", torch.bfloat16), (1, 48, 0, "cuda-core", torch.float16), (2, 1, 1, "cuda-core", torch.bfloat16)])
+    (4, 16, 4, "cuda-core", torch.bfloat16), (1, 48, 0, "cuda-core", torch.float16), (2, 1, 1, "cuda-core", torch.bfloat16),
+    (2, 16, 2, "cuda-core-d64", torch.float16), (4, 48, 0, "cuda-core-d64", torch.bfloat16)])  # head_dim 64
 def test_static_window_kernels_vs_reference(monkeypatch, kv_heads, window, sinks, kernel, dtype):
     """Static decoding with a full-precision window (a ring of `window` rows, read at the query's row that the device
     holds) and sinks, through the decode kernels (the tensor-core kernel and its full-precision split, or the CUDA-core
     kernel) against the PyTorch reference on the same static cache: 12 teacher-forced steps after a 37-token prompt,
     windows shorter than the prompt, filled and wrapped by the steps (48), never filled (64), of 1 and 7 rows; MHA and
-    GQA groups of 2 and 4; bf16 and fp16."""
+    GQA groups of 2 and 4; bf16 and fp16; head_dim 128 and 64 (the CUDA-core kernel)."""
     from cqtool import ops
     from cqtool.config import QuantSpec
 
+    head_dim = 64 if kernel.endswith("-d64") else 128
+    kernel = kernel.removesuffix("-d64")
     monkeypatch.setattr(ops, "DECODE_KERNEL", kernel)
-    model = _cuda_model(kv_heads, dtype=dtype)
+    model = _cuda_model(kv_heads, dtype=dtype, head_dim=head_dim)
     cb = make_codebook(ModelInfo.from_config(model.config, "tiny"), QuantSpec(8, 8))
     ids = torch.randint(0, 512, (3, 49), generator=torch.Generator().manual_seed(12)).cuda()
     kw = lambda c: {cache_kwarg(model): c, "use_cache": True}  # noqa: E731
