@@ -104,9 +104,8 @@ def full_precision_pairs(view, Q: int, S: int, device) -> torch.Tensor:
     """bool [Q, S]: the (query, key) pairs that read the key in full precision, the window of recent tokens before
     each query and the sinks, rather than through its codes. (Static decoding: the queries' rows are on the device.)"""
     cfg = view.layer.config
-    rows = getattr(view, "rows", None)
-    if rows is not None:
-        qi = rows.to(device).view(Q, 1)
+    if view.rows is not None:
+        qi = view.rows.to(device).view(Q, 1)
     else:
         qi = torch.arange(view.start, view.start + Q, device=device).view(Q, 1)
     kj = torch.arange(S, device=device).view(1, S)
@@ -138,7 +137,7 @@ def attend_codes_reference(query: torch.Tensor, view, attention_mask, scaling: f
     use_fp = None
     if cfg.window or cfg.sinks:
         kf, vf = kq.clone(), vq.clone()
-        static = getattr(view, "rows", None) is not None
+        static = view.rows is not None
         if static and cfg.window:  # static decoding: key j's full-precision copy at ring row j % window
             ring = torch.arange(S, device=query.device) % cfg.window
             kf = view.win_k.float()[:, :, ring].repeat_interleave(rep, 1)

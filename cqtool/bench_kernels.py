@@ -164,7 +164,7 @@ def synthetic_layer(B: int, S: int, H: int, D: int, spec: QuantSpec, dtype=torch
                             length=S)
     layer.valid_codes = lambda: (k_codes[:, :, :S], v_codes[:, :, :S])
     new = torch.randn(B, H, 1, D, generator=g, device="cuda").to(dtype)
-    view = SimpleNamespace(layer=layer, new_k=new, new_v=new, start=S - 1, win_k=None, win_v=None, length=S)
+    view = SimpleNamespace(layer=layer, new_k=new, new_v=new, start=S - 1, win_k=None, win_v=None, length=S, rows=None)
     if window:
         if not dense:
             raise ValueError("synthetic_layer: a full-precision window needs dense=True")

@@ -480,7 +480,7 @@ def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> t
         raise ValueError(f"ops.PREFILL_KERNEL must be one of {list(PREFILL_KERNELS)}, got {PREFILL_KERNEL!r}")
     # static decoding (a CUDA graph's step) with a window or sinks: the decode kernels, which read the query's row
     # from the device and the window from its ring (dequant-sdpa and prefill take host-side positions)
-    ring = getattr(view, "rows", None) is not None and fp
+    ring = view.rows is not None and fp
     # many queries: prefill (with a window or sinks only through SDPA; the fused prefill kernel takes neither)
     prefill = not ring and group * Q > DECODE_MAX_ROWS and (PREFILL_KERNEL == "sdpa" or not (cfg.window or cfg.sinks))
     # the layer dequantized by a kernel, then torch SDPA: prefill by default, decode where decode_by_dequant says so

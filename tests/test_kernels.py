@@ -142,7 +142,8 @@ def make_case(B=2, Hq=4, Hkv=2, D=128, S=17, Q=1, dtype=torch.float16, kspec=(8,
     if sinks:
         n = min(sinks, S)
         layer.sink_k, layer.sink_v = rn(B, Hkv, n, D).to(dtype), rn(B, Hkv, n, D).to(dtype)
-    view = SimpleNamespace(layer=layer, new_k=new_k, new_v=new_v, start=start, win_k=win_k, win_v=win_v, length=S)
+    view = SimpleNamespace(layer=layer, new_k=new_k, new_v=new_v, start=start, win_k=win_k, win_v=win_v, length=S,
+                           rows=None)
     query = (rn(B, Q, Hq, D) * qscale).to(dtype).transpose(1, 2)  # [B, Hq, Q, D], strided like transformers'
     if mask_none:
         mask = None
