@@ -212,15 +212,16 @@ class CQLayer(AppendOnlyLayer):
         rows = self.parent.static_rows  # this step's rows, set by layer 0 (CQCache._append_positions)
         if rows.device != self.device:  # a model spread over GPUs
             rows = rows.to(self.device)
-        ops.encode_kv_into(pre, self.k_centroids, self.k_bits, self.k_codes, value_states, self.v_centroids, self.v_bits,
-                           self.v_codes, 0, rows=rows)
         W = self.config.window
-        if W:  # the window's ring: token j at row j % W (make_static; the rows computed once for all layers)
+        ring = None
+        if W:  # the window's ring: token j at row j % W (make_static; the rows computed once for all layers), written
+            # by the encode launch where it can (ops.encode_kv_into)
             slot = self.parent.static_ring_rows
             if slot.device != self.device:
                 slot = slot.to(self.device)
-            self.win_k.index_copy_(2, slot, key_states.to(self.win_k.dtype))
-            self.win_v.index_copy_(2, slot, value_states.to(self.win_v.dtype))
+            ring = (key_states, value_states, self.win_k, self.win_v, slot)
+        ops.encode_kv_into(pre, self.k_centroids, self.k_bits, self.k_codes, value_states, self.v_centroids, self.v_bits,
+                           self.v_codes, 0, rows=rows, ring=ring)
         self.length += Q  # host bookkeeping; a replayed graph does not run it (CQCache.sync_static_length)
         view = CQView(self, key_states, value_states, cap - Q, self.win_k if W else None, self.win_v if W else None,
                       rows=rows)

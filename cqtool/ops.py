@@ -122,6 +122,10 @@ MMA_LONG_MIN = 32768
 # static decoding: H100, window 128, eager calls 1 x 32K 0.068 -> 0.063 ms and 8 x 32K 0.311 -> 0.303, but a batch-1
 # graph step at a 32K prompt 10.32 -> 10.47 ms (2K: 8.98 both; docs/RESULTS_kernels.md).
 FP_SPLIT_STREAM = os.environ.get("CQTOOL_FP_SPLIT_STREAM", "1") != "0"
+# Static decoding with a window: the encode launch also writes the new tokens' full-precision keys and values into the
+# window ring (one more slice of its blocks, kernels/encode.cu ring_copy) instead of two index_copy_ launches per layer
+# (read at every call; CQTOOL_RING_IN_ENCODE=0: index_copy_, for comparisons).
+RING_IN_ENCODE = os.environ.get("CQTOOL_RING_IN_ENCODE", "1") != "0"
 _VARIANTS = {"cuda-core": 0, "tensor-core": 1, "tensor-core-16w": 2}
 _KERNEL_NAMES = {0: "decode", 1: "decode-mma", 2: "prefill", 3: "decode-mma16", 4: "decode-mma-gqa",
                  5: "decode-mma-long"}
@@ -263,31 +267,66 @@ def encode_into(x: torch.Tensor, centroids: torch.Tensor, bits: int, codes: torc
         codes.index_copy_(2, rows, new)
 
 
+def _ring_in_launch(ring, k: torch.Tensor) -> bool:
+    """Whether the encode launch can also write the window ring's rows (ring_copy in kernels/encode.cu): one 16-bit
+    dtype for each source and its window, everything on the keys' GPU, last dims contiguous."""
+    k_full, v_full, win_k, win_v, slots = ring
+    pairs = ((k_full, win_k), (v_full, win_v))
+    return (slots.device == k.device and slots.dtype == torch.int64
+            and all(a.device == k.device and b.device == k.device and a.dtype == b.dtype and a.element_size() == 2
+                    and a.shape[:3] == k.shape[:3] and a.shape[-1] == b.shape[-1] and a.stride(-1) == 1
+                    and b.stride(-1) == 1 for a, b in pairs))
+
+
 def encode_kv_into(k: torch.Tensor, k_centroids: torch.Tensor, k_bits: int, k_codes: torch.Tensor, v: torch.Tensor,
                    v_centroids: torch.Tensor, v_bits: int, v_codes: torch.Tensor, start: int,
-                   rows: torch.Tensor | None = None) -> None:
+                   rows: torch.Tensor | None = None, ring: tuple | None = None) -> None:
     """encode_into for a layer's keys and for its values, in one kernel launch where both take the kernel and share
     shape, channels per group and dtype (one launch less per layer and step, and the values' blocks run beside the
-    keys'); otherwise the two encode_into calls, each of which says which backend ran and why."""
+    keys'); otherwise the two encode_into calls, each of which says which backend ran and why.
+
+    ring = (keys after RoPE, values, win_k, win_v, slots) (static decoding's window, with `rows`): token t's keys and
+    values also go to row slots[t] of win_k / win_v, written by the same launch where it can (one more slice of its
+    blocks: two launches less per layer and step), else by `index_copy_`; ops.KERNEL_USED["ring"] says which."""
     one = (k.shape == v.shape and k.device == v.device and k.dtype == v.dtype
            and k_centroids.shape[-1] == v_centroids.shape[-1]
            and not _encode_reason(k, k_centroids, k_bits, k_codes)
            and not _encode_reason(v, v_centroids, v_bits, v_codes))
     mod = _module_or_reason()[0] if one else None
+    if ring is not None and rows is None:
+        raise ValueError("encode_kv_into: a window ring is written only with device-side rows (static decoding)")
     if mod is None:
         encode_into(k, k_centroids, k_bits, k_codes, start, rows=rows)
         encode_into(v, v_centroids, v_bits, v_codes, start, rows=rows)
+        _ring_copy(ring)
         return
     ks = k if k.stride(-1) == 1 else k.contiguous()
     vs = v if v.stride(-1) == 1 else v.contiguous()
     if rows is None:
         mod.encode_kv(ks, k_centroids.contiguous(), int(k_bits), k_codes, vs, v_centroids.contiguous(), int(v_bits),
                       v_codes, int(start), int(ENCODE_TILED_MIN), bool(ENCODE_MMA))
+    elif ring is not None and RING_IN_ENCODE and _ring_in_launch(ring, k):
+        k_full, v_full, win_k, win_v, slots = ring
+        mod.encode_kv_rows(ks, k_centroids.contiguous(), int(k_bits), k_codes, vs, v_centroids.contiguous(),
+                           int(v_bits), v_codes, rows, int(ENCODE_TILED_MIN), bool(ENCODE_MMA), k_full, v_full, win_k,
+                           win_v, slots)
+        KERNEL_USED["ring"] = "encode launch"
     else:
         mod.encode_kv_rows(ks, k_centroids.contiguous(), int(k_bits), k_codes, vs, v_centroids.contiguous(),
                            int(v_bits), v_codes, rows, int(ENCODE_TILED_MIN), bool(ENCODE_MMA))
+        _ring_copy(ring)
     KERNEL_USED["encode"] = encode_kernel_name(k.shape[0] * k.shape[2], k_centroids.shape[-1], k_bits, v_bits)
     _note("encode", "cuda")
+
+
+def _ring_copy(ring) -> None:
+    """The window ring's rows by index_copy_ (the reference path, and launches that cannot take them)."""
+    if ring is None:
+        return
+    k_full, v_full, win_k, win_v, slots = ring
+    win_k.index_copy_(2, slots, k_full.to(win_k.dtype))
+    win_v.index_copy_(2, slots, v_full.to(win_v.dtype))
+    KERNEL_USED["ring"] = "index_copy_"
 
 
 # ---- attention

@@ -137,13 +137,13 @@ void encode_rows(const at::Tensor& x, const at::Tensor& centroids, int64_t bits,
 // A layer's keys and values in one launch (the same shape [B, H, Q, D], channels per group and dtype; bits may differ)
 void encode_kv_impl(const at::Tensor& k, const at::Tensor& k_cent, int64_t k_bits, at::Tensor& k_codes,
                     const at::Tensor& v, const at::Tensor& v_cent, int64_t v_bits, at::Tensor& v_codes, int64_t start,
-                    const at::Tensor* rows, int64_t tiled_min, bool use_mma) {
+                    const at::Tensor* rows, int64_t tiled_min, bool use_mma, const cq::RingWrite* ring = nullptr) {
   const cq::EncodeParams pk = encode_params(k, k_cent, k_bits, k_codes, start, rows, tiled_min, use_mma);
   const cq::EncodeParams pv = encode_params(v, v_cent, v_bits, v_codes, start, rows, tiled_min, use_mma);
   TORCH_CHECK(k.sizes() == v.sizes() && pk.c == pv.c && pk.dtype == pv.dtype && k.device() == v.device(),
               "encode_kv: keys and values need the same shape, channels per group, dtype and GPU");
   const at::cuda::OptionalCUDAGuard guard(k.device());
-  check_cuda(cq::launch_encode_kv(pk, pv, at::cuda::getCurrentCUDAStream()), "encode_kv");
+  check_cuda(cq::launch_encode_kv(pk, pv, at::cuda::getCurrentCUDAStream(), ring), "encode_kv");
 }
 
 void encode_kv(const at::Tensor& k, const at::Tensor& k_cent, int64_t k_bits, at::Tensor& k_codes, const at::Tensor& v,
@@ -152,10 +152,51 @@ void encode_kv(const at::Tensor& k, const at::Tensor& k_cent, int64_t k_bits, at
   encode_kv_impl(k, k_cent, k_bits, k_codes, v, v_cent, v_bits, v_codes, start, nullptr, tiled_min, use_mma);
 }
 
+// ring (optional, static decoding's window): {keys after RoPE, values} [B, H, Q, D] written to {win_k, win_v}
+// [B, H, W, D] at rows ring_rows (int64 [Q]) by the same launch (kernels/encode.cu, ring_copy)
 void encode_kv_rows(const at::Tensor& k, const at::Tensor& k_cent, int64_t k_bits, at::Tensor& k_codes,
                     const at::Tensor& v, const at::Tensor& v_cent, int64_t v_bits, at::Tensor& v_codes,
-                    const at::Tensor& rows, int64_t tiled_min, bool use_mma) {
-  encode_kv_impl(k, k_cent, k_bits, k_codes, v, v_cent, v_bits, v_codes, 0, &rows, tiled_min, use_mma);
+                    const at::Tensor& rows, int64_t tiled_min, bool use_mma,
+                    const c10::optional<at::Tensor>& ring_k, const c10::optional<at::Tensor>& ring_v,
+                    const c10::optional<at::Tensor>& win_k, const c10::optional<at::Tensor>& win_v,
+                    const c10::optional<at::Tensor>& ring_rows) {
+  const bool any = ring_k.has_value() || ring_v.has_value() || win_k.has_value() || win_v.has_value() ||
+                   ring_rows.has_value();
+  if (!any) {
+    encode_kv_impl(k, k_cent, k_bits, k_codes, v, v_cent, v_bits, v_codes, 0, &rows, tiled_min, use_mma);
+    return;
+  }
+  TORCH_CHECK(ring_k.has_value() && ring_v.has_value() && win_k.has_value() && win_v.has_value() &&
+              ring_rows.has_value(), "encode_kv_rows: the ring needs keys, values, both windows and its rows");
+  const at::Tensor* src[2] = {&*ring_k, &*ring_v};
+  const at::Tensor* dst[2] = {&*win_k, &*win_v};
+  const int64_t B = k.size(0), H = k.size(1), Q = k.size(2), D = k.size(3);
+  const at::Tensor& rr = *ring_rows;
+  TORCH_CHECK(rr.is_cuda() && rr.device() == k.device() && rr.scalar_type() == at::kLong && rr.dim() == 1 &&
+              rr.numel() == Q && rr.is_contiguous(), "encode_kv_rows: ring rows must be int64 [Q] on the keys' GPU");
+  cq::RingWrite w{};
+  w.B = B; w.H = H; w.Q = Q; w.D = D;
+  w.rows = rr.data_ptr<int64_t>();
+  w.cap = dst[0]->size(2);
+  bool vec = D % 8 == 0;
+  for (int j = 0; j < 2; ++j) {
+    const at::Tensor& a = *src[j];
+    const at::Tensor& o = *dst[j];
+    TORCH_CHECK(a.is_cuda() && o.is_cuda() && a.device() == k.device() && o.device() == k.device() && a.dim() == 4 &&
+                o.dim() == 4 && a.size(0) == B && a.size(1) == H && a.size(2) == Q && a.size(3) == D &&
+                o.size(0) == B && o.size(1) == H && o.size(2) == w.cap && o.size(3) == D && a.stride(3) == 1 &&
+                o.stride(3) == 1 && a.scalar_type() == o.scalar_type() && a.element_size() == 2,
+                "encode_kv_rows: ring source [B, H, Q, D] and window [B, H, W, D], one 16-bit dtype, on the keys' GPU");
+    w.src[j] = a.data_ptr();
+    w.dst[j] = o.data_ptr();
+    w.s_sb[j] = a.stride(0); w.s_sh[j] = a.stride(1); w.s_sq[j] = a.stride(2);
+    w.d_sb[j] = o.stride(0); w.d_sh[j] = o.stride(1); w.d_st[j] = o.stride(2);
+    for (const int64_t st : {a.stride(0), a.stride(1), a.stride(2), o.stride(0), o.stride(1), o.stride(2)})
+      vec = vec && (st % 8 == 0);
+    vec = vec && reinterpret_cast<uintptr_t>(w.src[j]) % 16 == 0 && reinterpret_cast<uintptr_t>(w.dst[j]) % 16 == 0;
+  }
+  w.vec = vec ? 1 : 0;
+  encode_kv_impl(k, k_cent, k_bits, k_codes, v, v_cent, v_bits, v_codes, 0, &rows, tiled_min, use_mma, &w);
 }
 
 // Attention of query [B, H_q, Q, D] over S cached tokens held as codes (+ full-precision window/sinks) -> [B, Q, H_q, D],
@@ -276,7 +317,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("encode", &encode, "nearest-centroid encode + pack into the code buffer in place");
   m.def("encode_rows", &encode_rows, "encode, each new token into the code buffer row a device array names");
   m.def("encode_kv", &encode_kv, "encode a layer's keys and values in one launch");
-  m.def("encode_kv_rows", &encode_kv_rows, "encode_kv into the code buffer rows a device array names");
+  m.def("encode_kv_rows", &encode_kv_rows, "encode_kv into the code buffer rows a device array names (and, given, "
+        "the window ring's rows in the same launch)", py::arg("k"), py::arg("k_cent"), py::arg("k_bits"),
+        py::arg("k_codes"), py::arg("v"), py::arg("v_cent"), py::arg("v_bits"), py::arg("v_codes"), py::arg("rows"),
+        py::arg("tiled_min"), py::arg("use_mma"), py::arg("ring_k") = py::none(), py::arg("ring_v") = py::none(),
+        py::arg("win_k") = py::none(), py::arg("win_v") = py::none(), py::arg("ring_rows") = py::none());
   m.def("attention", &attention, "attention from CQ codes");
   m.def("dequant", &dequant, "dense RoPE'd keys and values from CQ codes (prefill through SDPA)");
 }

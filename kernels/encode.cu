@@ -32,7 +32,39 @@ struct EncodePair {
   EncodeParams p[2];  // keys, values (p[1] unused when nz[1] == 0)
   int nz[2];          // group chunks of each (blockIdx.z: 0 .. nz[0] - 1 keys, then values)
   int gpc[2];         // groups per chunk of each (kChunk for encode_kernel, tiled_chunk for the tiled and tensor-core kernels)
+  int has_ring;       // 1: blockIdx.z == nz[0] + nz[1] is one more slice that copies ring's rows
+  RingWrite ring;
 };
+
+// The ring slice's blocks (every (x, y) of the grid at z = nz[0] + nz[1]) share the 2 B H Q row copies: block i takes
+// rows i, i + nblocks, ..., its threads the row's 16-byte (or 2-byte) pieces. Only the kernels' kRing builds have it:
+// out of line (__noinline__) its call gave the encode kernels a stack and up to 60 registers where they had 32, and
+// inline in every build the c = 4 tiled kernel ran 7-8% slower (H100, bench encode, 2026-11-27).
+__device__ __forceinline__ void ring_copy(const RingWrite& w) {
+  const int nb = gridDim.x * gridDim.y, bid = blockIdx.y * gridDim.x + blockIdx.x;
+  const int per = w.B * w.H * w.Q, n = 2 * per;
+  for (int i = bid; i < n; i += nb) {
+    const int j = i >= per, rest = i - j * per;
+    const int t = rest % w.Q, bh = rest / w.Q, h = bh % w.H, b = bh / w.H;
+    const int64_t r = w.rows[t];
+    if (r < 0 || r >= w.cap) continue;
+    const uint16_t* src = static_cast<const uint16_t*>(w.src[j]) + b * w.s_sb[j] + h * w.s_sh[j] + t * w.s_sq[j];
+    uint16_t* dst = static_cast<uint16_t*>(w.dst[j]) + b * w.d_sb[j] + h * w.d_sh[j] + r * w.d_st[j];
+    if (w.vec) {
+      for (int k = threadIdx.x; k < w.D / 8; k += blockDim.x)
+        reinterpret_cast<uint4*>(dst)[k] = reinterpret_cast<const uint4*>(src)[k];
+    } else {
+      for (int k = threadIdx.x; k < w.D; k += blockDim.x) dst[k] = src[k];
+    }
+  }
+}
+
+// true (after copying) for the blocks of the ring slice, which encode nothing
+__device__ __forceinline__ bool ring_block(const EncodePair& pp) {
+  if (!pp.has_ring || static_cast<int>(blockIdx.z) < pp.nz[0] + pp.nz[1]) return false;
+  ring_copy(pp.ring);
+  return true;
+}
 
 constexpr int kTileThreads = 256;
 constexpr int kTPT = 2;                             // rows per thread
@@ -103,8 +135,11 @@ __device__ __forceinline__ int2 chunk_bytes(const EncodeParams& p, int chunk, in
 
 // Block (row = b * Q + t, h, z): one warp per group of the chunk, lanes take centroids (8 loads in flight per lane
 // for c <= 8), then the chunk's code bytes are assembled.
-template <typename T, int C>
+template <typename T, int C, bool kRing>
 __global__ void __launch_bounds__(kChunk * 32) encode_kernel(const EncodePair pp) {
+  if constexpr (kRing) {  // the ring slice's blocks copy and return; the other builds have no ring code
+    if (ring_block(pp)) return;
+  }
   const Slice sl = slice_of(pp, true);
   const EncodeParams p = sl.val ? pp.p[1] : pp.p[0];
   const int g0 = sl.g0, ng = sl.ng;
@@ -168,8 +203,11 @@ __global__ void __launch_bounds__(kChunk * 32) encode_kernel(const EncodePair pp
 // Block (tile of kTileRows rows, h, z): for each group of the chunk, its centroids (fp32) and their squared norms go
 // to shared memory, then each thread scans them for its two rows (k ascending, strict <: the lowest index of the
 // nearest, as encode_kernel's lane-then-warp reduction); then each row's chunk bytes are written.
-template <typename T, int C>
+template <typename T, int C, bool kRing>
 __global__ void __launch_bounds__(kTileThreads) encode_tiled_kernel(const EncodePair pp) {
+  if constexpr (kRing) {  // the ring slice's blocks copy and return; the other builds have no ring code
+    if (ring_block(pp)) return;
+  }
   const Slice sl = slice_of(pp, false);
   const EncodeParams p = sl.val ? pp.p[1] : pp.p[0];
   const int g0 = sl.g0, ng = sl.ng;
@@ -283,9 +321,12 @@ __device__ __forceinline__ int mma_slot(int k) { return ((k & 7) >> 1) * 4 + (k 
 // the B-fragment order) and squared norms (fp32, the fmaf chain of the other kernels) to shared memory; each warp
 // scans them for two 16-row tiles; the quad of lanes holding a row's columns agrees on its nearest (lowest index on
 // ties); codes gather in shared memory and each thread writes one row's chunk bytes.
-template <typename T, int C>
+template <typename T, int C, bool kRing>
 __global__ void __launch_bounds__(kMmaWarps * 32) encode_mma_kernel(const EncodePair pp) {
   static_assert(C <= 16, "c <= 16");
+  if constexpr (kRing) {  // the ring slice's blocks copy and return; the other builds have no ring code
+    if (ring_block(pp)) return;
+  }
   const Slice sl = slice_of(pp, false);
   const EncodeParams p = sl.val ? pp.p[1] : pp.p[0];
   const int g0 = sl.g0, ng = sl.ng;
@@ -394,7 +435,7 @@ bool mma_fits(const EncodeParams& p) {
   return p.c >= 8 && p.bits >= 3 && (static_cast<size_t>(1) << p.bits) * (16 * 2 + 4) + sizeof(uint16_t) * kMmaRows * kChunk <= kMmaMaxBytes;
 }
 
-template <typename T>
+template <typename T, bool kRing>
 cudaError_t launch_t(const EncodePair& pp, cudaStream_t stream) {
   const EncodeParams& p = pp.p[0];
   const int nrows = p.B * p.Q;
@@ -410,39 +451,39 @@ cudaError_t launch_t(const EncodePair& pp, cudaStream_t stream) {
     if (pp.nz[j] && tp.p[j].bits > bits_max) bits_max = tp.p[j].bits;
   }
   if (many && p.use_mma && mma_fits(p) && (!pp.nz[1] || mma_fits(pp.p[1]))) {
-    dim3 grid((nrows + kMmaRows - 1) / kMmaRows, p.H, tp.nz[0] + tp.nz[1]);
+    dim3 grid((nrows + kMmaRows - 1) / kMmaRows, p.H, tp.nz[0] + tp.nz[1] + pp.has_ring);
     const size_t smem = static_cast<size_t>(1 << bits_max) * (16 * sizeof(T) + sizeof(float));
     switch (p.c) {
-      case 1: encode_mma_kernel<T, 1><<<grid, kMmaWarps * 32, smem, stream>>>(tp); break;
-      case 2: encode_mma_kernel<T, 2><<<grid, kMmaWarps * 32, smem, stream>>>(tp); break;
-      case 4: encode_mma_kernel<T, 4><<<grid, kMmaWarps * 32, smem, stream>>>(tp); break;
-      case 8: encode_mma_kernel<T, 8><<<grid, kMmaWarps * 32, smem, stream>>>(tp); break;
-      case 16: encode_mma_kernel<T, 16><<<grid, kMmaWarps * 32, smem, stream>>>(tp); break;
+      case 1: encode_mma_kernel<T, 1, kRing><<<grid, kMmaWarps * 32, smem, stream>>>(tp); break;
+      case 2: encode_mma_kernel<T, 2, kRing><<<grid, kMmaWarps * 32, smem, stream>>>(tp); break;
+      case 4: encode_mma_kernel<T, 4, kRing><<<grid, kMmaWarps * 32, smem, stream>>>(tp); break;
+      case 8: encode_mma_kernel<T, 8, kRing><<<grid, kMmaWarps * 32, smem, stream>>>(tp); break;
+      case 16: encode_mma_kernel<T, 16, kRing><<<grid, kMmaWarps * 32, smem, stream>>>(tp); break;
       default: return cudaErrorInvalidValue;
     }
     return cudaGetLastError();
   }
   if (many && floats <= kTiledMaxFloats) {
-    dim3 grid((nrows + kTileRows - 1) / kTileRows, p.H, tp.nz[0] + tp.nz[1]);
+    dim3 grid((nrows + kTileRows - 1) / kTileRows, p.H, tp.nz[0] + tp.nz[1] + pp.has_ring);
     const size_t smem = static_cast<size_t>(floats) * sizeof(float);
     switch (p.c) {
-      case 1: encode_tiled_kernel<T, 1><<<grid, kTileThreads, smem, stream>>>(tp); break;
-      case 2: encode_tiled_kernel<T, 2><<<grid, kTileThreads, smem, stream>>>(tp); break;
-      case 4: encode_tiled_kernel<T, 4><<<grid, kTileThreads, smem, stream>>>(tp); break;
-      case 8: encode_tiled_kernel<T, 8><<<grid, kTileThreads, smem, stream>>>(tp); break;
-      case 16: encode_tiled_kernel<T, 16><<<grid, kTileThreads, smem, stream>>>(tp); break;
+      case 1: encode_tiled_kernel<T, 1, kRing><<<grid, kTileThreads, smem, stream>>>(tp); break;
+      case 2: encode_tiled_kernel<T, 2, kRing><<<grid, kTileThreads, smem, stream>>>(tp); break;
+      case 4: encode_tiled_kernel<T, 4, kRing><<<grid, kTileThreads, smem, stream>>>(tp); break;
+      case 8: encode_tiled_kernel<T, 8, kRing><<<grid, kTileThreads, smem, stream>>>(tp); break;
+      case 16: encode_tiled_kernel<T, 16, kRing><<<grid, kTileThreads, smem, stream>>>(tp); break;
       default: return cudaErrorInvalidValue;
     }
     return cudaGetLastError();
   }
-  dim3 grid(nrows, p.H, pp.nz[0] + pp.nz[1]);
+  dim3 grid(nrows, p.H, pp.nz[0] + pp.nz[1] + pp.has_ring);
   const int threads = 32 * (p.G < kChunk ? p.G : kChunk);
   switch (p.c) {
-    case 1: encode_kernel<T, 1><<<grid, threads, 0, stream>>>(pp); break;
-    case 2: encode_kernel<T, 2><<<grid, threads, 0, stream>>>(pp); break;
-    case 4: encode_kernel<T, 4><<<grid, threads, 0, stream>>>(pp); break;
-    case 8: encode_kernel<T, 8><<<grid, threads, 0, stream>>>(pp); break;
-    case 16: encode_kernel<T, 16><<<grid, threads, 0, stream>>>(pp); break;
+    case 1: encode_kernel<T, 1, kRing><<<grid, threads, 0, stream>>>(pp); break;
+    case 2: encode_kernel<T, 2, kRing><<<grid, threads, 0, stream>>>(pp); break;
+    case 4: encode_kernel<T, 4, kRing><<<grid, threads, 0, stream>>>(pp); break;
+    case 8: encode_kernel<T, 8, kRing><<<grid, threads, 0, stream>>>(pp); break;
+    case 16: encode_kernel<T, 16, kRing><<<grid, threads, 0, stream>>>(pp); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
@@ -450,7 +491,9 @@ cudaError_t launch_t(const EncodePair& pp, cudaStream_t stream) {
 
 cudaError_t launch_pair(const EncodePair& pp, cudaStream_t stream) {
   if (pp.p[0].B * pp.p[0].Q == 0) return cudaSuccess;
-  return pp.p[0].dtype == kBF16 ? launch_t<__nv_bfloat16>(pp, stream) : launch_t<__half>(pp, stream);
+  if (pp.has_ring)
+    return pp.p[0].dtype == kBF16 ? launch_t<__nv_bfloat16, true>(pp, stream) : launch_t<__half, true>(pp, stream);
+  return pp.p[0].dtype == kBF16 ? launch_t<__nv_bfloat16, false>(pp, stream) : launch_t<__half, false>(pp, stream);
 }
 
 }  // namespace
@@ -463,7 +506,7 @@ cudaError_t launch_encode(const EncodeParams& p, cudaStream_t stream) {
   return launch_pair(pp, stream);
 }
 
-cudaError_t launch_encode_kv(const EncodeParams& k, const EncodeParams& v, cudaStream_t stream) {
+cudaError_t launch_encode_kv(const EncodeParams& k, const EncodeParams& v, cudaStream_t stream, const RingWrite* ring) {
   // one grid for both: the same rows (B, Q, H), channels per group and dtype; the values' G (threads per block) may
   // not exceed the keys' (G = D / c, the same D)
   if (k.B != v.B || k.Q != v.Q || k.H != v.H || k.c != v.c || k.G != v.G || k.dtype != v.dtype)
@@ -474,6 +517,11 @@ cudaError_t launch_encode_kv(const EncodeParams& k, const EncodeParams& v, cudaS
   pp.nz[0] = chunks(k);
   pp.nz[1] = chunks(v);
   pp.gpc[0] = pp.gpc[1] = kChunk;
+  if (ring != nullptr) {
+    if (ring->B != k.B || ring->H != k.H || ring->Q != k.Q || (ring->vec && ring->D % 8 != 0)) return cudaErrorInvalidValue;
+    pp.has_ring = 1;
+    pp.ring = *ring;
+  }
   return launch_pair(pp, stream);
 }
 

@@ -108,8 +108,23 @@ size_t decode_smem_bytes(const AttnParams& p);
 // Choose queries per block, chunks, table placement, tile and splits (sets nq, nchunk, tab_smem, tile, has_fp, nsplit).
 cudaError_t plan_decode(AttnParams& p, int num_sms, size_t max_smem);
 cudaError_t launch_encode(const EncodeParams& p, cudaStream_t stream);
-// The keys and the values of a layer in one launch: the same B, Q, H, G, c and dtype (bits, rows, start may differ)
-cudaError_t launch_encode_kv(const EncodeParams& k, const EncodeParams& v, cudaStream_t stream);
+// Full-precision rows written by the same launch as an encode (static decoding's window ring): for j = 0 (keys after
+// RoPE), 1 (values), dst[j][b, h, rows[t]] = src[j][b, h, t] for t < Q (rows outside [0, cap) are skipped). 16-bit
+// elements, D of them per row, last dims contiguous; strides in elements.
+struct RingWrite {
+  const void* src[2];
+  void* dst[2];
+  int64_t s_sb[2], s_sh[2], s_sq[2];
+  int64_t d_sb[2], d_sh[2], d_st[2];
+  const int64_t* rows;  // [Q] on the device
+  int64_t cap;          // rows in each dst
+  int B, H, Q, D;
+  int vec;  // 1: every row start 16-byte aligned (16-byte copies), 0: 2-byte copies
+};
+// The keys and the values of a layer in one launch: the same B, Q, H, G, c and dtype (bits, rows, start may differ);
+// ring (nullptr: none) adds its row copies as one more slice of blocks of that launch (no launch of its own)
+cudaError_t launch_encode_kv(const EncodeParams& k, const EncodeParams& v, cudaStream_t stream,
+                             const RingWrite* ring = nullptr);
 // fp_stream (nullptr: stream): where the tensor-core decode's full-precision split runs, forked from and joined back
 // to stream by events
 cudaError_t launch_decode(const AttnParams& p, cudaStream_t stream, cudaStream_t fp_stream = nullptr);

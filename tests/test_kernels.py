@@ -775,6 +775,77 @@ def test_encode_kv_into_equals_two_encodes(B, H, Q, D, kc, kb, vc, vb, start, st
 
 
 @cuda_test
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,H,Q,D,c,bits,W,aligned", [
+    (1, 32, 1, 128, 8, 8, 128, True),     # a batch-1 decode step of CQ-8c8b, Llama-2-7b's heads, window 128
+    (3, 5, 1, 64, 4, 8, 7, True),         # head_dim 64, an odd window
+    (2, 3, 2, 128, 16, 12, 3, True),      # two tokens a step
+    (70, 4, 1, 128, 8, 8, 16, True),      # 70 rows: the tiled and tensor-core kernels' grids carry the copies
+    (2, 3, 3, 24, 8, 6, 5, False),        # 24 channels, rows not 16-byte aligned: 2-byte copies
+])
+def test_encode_kv_ring_in_the_launch(B, H, Q, D, c, bits, W, aligned, dtype, monkeypatch):
+    """Static decoding's window ring written by the encode launch (kernels/encode.cu ring_copy): the codes are those of
+    the launch without the ring, the ring rows what index_copy_ writes, every other row untouched; under each encode
+    kernel."""
+    torch.manual_seed(5)
+    k = torch.randn(B, H, Q, D, device="cuda").to(dtype)
+    v = torch.randn(B, Q, H, D, device="cuda").to(dtype).transpose(1, 2)
+    kf = torch.randn(B, H, Q, D, device="cuda").to(dtype)  # the keys after RoPE
+    if aligned:
+        wk0 = torch.randn(B, H, W, D, device="cuda").to(dtype)
+        wv0 = torch.randn(B, H, W, D, device="cuda").to(dtype)
+    else:  # windows whose rows start 2 bytes into 16-byte words
+        wk0 = torch.randn(B, H, W, D + 1, device="cuda").to(dtype)[..., 1:]
+        wv0 = torch.randn(B, H, W, D + 1, device="cuda").to(dtype)[..., 1:]
+    kcent = torch.randn(H, D // c, 2**bits, c, device="cuda").to(dtype)
+    vcent = torch.randn(H, D // c, 2**bits, c, device="cuda").to(dtype)
+    cap = Q + 9
+    k0 = torch.randint(0, 256, (B, H, cap, quant.row_bytes(D // c, bits)), device="cuda", dtype=torch.uint8)
+    v0 = k0.clone()
+    rows = torch.arange(4, 4 + Q, device="cuda")
+    slots = (W - 1 - torch.arange(Q, device="cuda")) % W  # distinct rows, the last one first
+    kinds = set()
+    for tmin, mma in ((0, False), (1, False), (1, True), (ops.ENCODE_TILED_MIN, ops.ENCODE_MMA)):
+        monkeypatch.setattr(ops, "ENCODE_TILED_MIN", tmin)
+        monkeypatch.setattr(ops, "ENCODE_MMA", mma)
+        kwant, vwant = k0.clone(), v0.clone()
+        ops.encode_kv_into(k, kcent, bits, kwant, v, vcent, bits, vwant, 0, rows=rows)
+        wkwant, wvwant = wk0.clone(), wv0.clone()
+        wkwant.index_copy_(2, slots, kf)
+        wvwant.index_copy_(2, slots, v)
+        kc, vc, wk, wv = k0.clone(), v0.clone(), wk0.clone(), wv0.clone()
+        ops.encode_kv_into(k, kcent, bits, kc, v, vcent, bits, vc, 0, rows=rows, ring=(kf, v, wk, wv, slots))
+        torch.cuda.synchronize()
+        assert ops.KERNEL_USED["ring"] == "encode launch", ops.kernel_status()
+        kinds.add(ops.KERNEL_USED["encode"])
+        assert torch.equal(kc, kwant) and torch.equal(vc, vwant), (tmin, mma)
+        assert torch.equal(wk, wkwant) and torch.equal(wv, wvwant), (tmin, mma)
+    assert "encode-row" in kinds, kinds
+    if (1 << bits) * (c + 1) <= ops.ENCODE_TILED_MAX_FLOATS:  # the tiled kernel's table fits: it (or mma) ran too
+        assert kinds & {"encode-tiled", "encode-mma"}, kinds
+
+
+def test_encode_kv_ring_reference_and_errors():
+    """On the CPU (reference path) the ring rows are written by index_copy_ and said so; a ring without device-side
+    rows is refused."""
+    torch.manual_seed(6)
+    B, H, Q, D, W = 2, 3, 1, 16, 4
+    k, v, kf = (torch.randn(B, H, Q, D) for _ in range(3))
+    cent = torch.randn(H, D // 4, 16, 4)
+    kc = torch.zeros(B, H, 5, quant.row_bytes(D // 4, 4), dtype=torch.uint8)
+    vc = kc.clone()
+    wk, wv = torch.zeros(B, H, W, D), torch.zeros(B, H, W, D)
+    slots = torch.tensor([2])
+    ops.encode_kv_into(k, cent, 4, kc, v, cent, 4, vc, 0, rows=torch.tensor([3]), ring=(kf, v, wk, wv, slots))
+    assert ops.KERNEL_USED["ring"] == "index_copy_"
+    assert torch.equal(wk[:, :, 2], kf[:, :, 0]) and torch.equal(wv[:, :, 2], v[:, :, 0])
+    assert not wk[:, :, [0, 1, 3]].any() and not wv[:, :, [0, 1, 3]].any()
+    assert torch.equal(kc[:, :, 3], quant.pack(quant.encode(k, cent), 4)[:, :, 0])
+    with pytest.raises(ValueError, match="device-side rows"):
+        ops.encode_kv_into(k, cent, 4, kc, v, cent, 4, vc, 0, ring=(kf, v, wk, wv, slots))
+
+
+@cuda_test
 @pytest.mark.parametrize("rows,c,bits,tmin,mma", [(1, 8, 8, 64, True), (63, 8, 8, 64, True), (64, 8, 8, 64, True),
                                                  (64, 8, 8, 64, False), (600, 4, 8, 64, True), (600, 16, 10, 64, True),
                                                  (600, 16, 12, 64, True),
