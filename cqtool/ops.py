@@ -198,7 +198,7 @@ def kernel_status() -> dict:
     mod = get_module() if torch.cuda.is_available() else None
     reason = None if mod is not None else (_build_error or "no CUDA device is available")
     return {"available": mod is not None, "reason": reason, "build_dir": str(build_dir()),
-            "sources": str(KERNEL_DIR), "backend_used": dict(BACKEND_USED)}
+            "sources": str(KERNEL_DIR), "backend_used": dict(BACKEND_USED), "kernel_used": dict(KERNEL_USED)}
 
 
 def _module_or_reason() -> tuple[object | None, str]:
