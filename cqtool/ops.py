@@ -122,10 +122,6 @@ MMA_LONG_MIN = 32768
 # static decoding: H100, window 128, eager calls 1 x 32K 0.068 -> 0.063 ms and 8 x 32K 0.311 -> 0.303, but a batch-1
 # graph step at a 32K prompt 10.32 -> 10.47 ms (2K: 8.98 both; docs/RESULTS_kernels.md).
 FP_SPLIT_STREAM = os.environ.get("CQTOOL_FP_SPLIT_STREAM", "1") != "0"
-# Where the tensor-core decode's full-precision split runs after the code splits in one stream (static decoding, or
-# FP_SPLIT_STREAM off), it also merges all splits into the output instead of a separate combine launch (read at every
-# call; CQTOOL_FP_COMBINE=0: the combine kernel, for comparisons; the output is bit-identical either way).
-FP_COMBINE = os.environ.get("CQTOOL_FP_COMBINE", "1") != "0"
 # Static decoding with a window: the encode launch also writes the new tokens' full-precision keys and values into the
 # window ring (one more slice of its blocks, kernels/encode.cu ring_copy) instead of two index_copy_ launches per layer
 # (read at every call; CQTOOL_RING_IN_ENCODE=0: index_copy_, for comparisons).
@@ -543,6 +539,6 @@ def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> t
         int(cfg.window), int(view.start), int(S), float(scaling), bool(prefill),
         _decode_variant(B, S, group, c, fp),
         int(MMA_MAX_BLOCKS), int(MMA_DIRECT_MAX), int(MMA_LONG_MIN), view.rows if ring else None,
-        bool(FP_SPLIT_STREAM and not ring), bool(FP_COMBINE))
+        bool(FP_SPLIT_STREAM and not ring))
     _ran(_KERNEL_NAMES[used], f"{_KERNEL_NAMES[used]} kernel")
     return out

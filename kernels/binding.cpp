@@ -212,7 +212,7 @@ std::tuple<at::Tensor, int64_t> attention(
                      const c10::optional<at::Tensor>& sink_k, const c10::optional<at::Tensor>& sink_v, int64_t window,
                      int64_t start, int64_t S, double scaling, bool prefill, int64_t variant,
                      int64_t max_blocks, int64_t direct_max, int64_t long_min,
-                     const c10::optional<at::Tensor>& dev_start, bool fp_side_stream, bool fp_combine) {
+                     const c10::optional<at::Tensor>& dev_start, bool fp_side_stream) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 4 && q.stride(3) == 1, "attention: query must be [B, H_q, Q, D] on the GPU");
   const int64_t B = q.size(0), Hq = q.size(1), Q = q.size(2), D = q.size(3);
   const int64_t Hkv = k_cent.size(0);
@@ -270,7 +270,6 @@ std::tuple<at::Tensor, int64_t> attention(
   p.max_blocks = static_cast<int>(max_blocks);
   p.direct_max = static_cast<int>(direct_max);
   p.long_min = static_cast<int>(std::min<int64_t>(long_min, INT32_MAX));
-  p.fp_combine = fp_combine ? 1 : 0;
   const auto* prop = at::cuda::getCurrentDeviceProperties();
   check_cuda(cq::plan_decode(p, prop->multiProcessorCount, prop->sharedMemPerBlockOptin), "decode plan");
   if (p.nsplit > 1) {

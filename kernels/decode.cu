@@ -82,7 +82,7 @@ namespace {
 // dependent memory round trips: the window is a few hundred tokens, so this kernel is latency-bound.
 constexpr int kFpThreads = 128;
 
-template <typename T, int D, bool kCombine>
+template <typename T, int D>
 __global__ void __launch_bounds__(kFpThreads) fp_split_kernel(const AttnParams p) {
   constexpr int kW = kFpThreads / 32, kCL = D / 32;  // warps; channels per lane in P.V
   __shared__ __align__(16) float qs[D];
@@ -172,54 +172,21 @@ __global__ void __launch_bounds__(kFpThreads) fp_split_kernel(const AttnParams p
     }
     __syncthreads();  // ps, vrow and osum are read before the next chunk writes them
   }
-  const int64_t row0 = (static_cast<int64_t>(b) * p.Hq + hq) * p.nsplit, row = row0 + p.nsplit - 1;
-  if constexpr (!kCombine) {
-    if (tid < D) p.ws_o[row * D + tid] = o;
-    if (tid == 0) { p.ws_ml[row * 2] = m; p.ws_ml[row * 2 + 1] = l; }
-  } else {  // combine_kernel's merge, this split (the last) from registers: the same sums in the same order
-    const float* ml = p.ws_ml + row0 * 2;
-    float M = kNegInf;
-    for (int s = 0; s + 1 < p.nsplit; ++s) M = fmaxf(M, ml[2 * s]);
-    M = fmaxf(M, m);
-    if (tid < D) {
-      float L = 0.f, O = 0.f;
-      if (M != kNegInf) {
-        for (int s = 0; s + 1 < p.nsplit; ++s) {
-          const float ms = ml[2 * s];
-          if (ms == kNegInf) continue;
-          const float a = exp2f(ms - M);
-          L += ml[2 * s + 1] * a;
-          O += p.ws_o[(row0 + s) * D + tid] * a;
-        }
-        if (m != kNegInf) {
-          const float a = exp2f(m - M);
-          L += l * a;
-          O += o * a;
-        }
-      }
-      T* out = reinterpret_cast<T*>(p.out) + b * p.o_sb + hq * p.o_sh;
-      out[tid] = from_f<T>(L > 0.f ? O / L : 0.f);
-    }
-  }
+  const int64_t row = (static_cast<int64_t>(b) * p.Hq + hq) * p.nsplit + p.nsplit - 1;
+  if (tid < D) p.ws_o[row * D + tid] = o;
+  if (tid == 0) { p.ws_ml[row * 2] = m; p.ws_ml[row * 2 + 1] = l; }
 }
 
 }  // namespace
 
-namespace {
-template <bool kCombine>
-cudaError_t launch_fp_split_c(const AttnParams& p, cudaStream_t stream) {
-  const int n = p.B * p.Hq;
-  if (p.dtype == kBF16 && p.D == 128) fp_split_kernel<__nv_bfloat16, 128, kCombine><<<n, kFpThreads, 0, stream>>>(p);
-  else if (p.dtype == kBF16) fp_split_kernel<__nv_bfloat16, 64, kCombine><<<n, kFpThreads, 0, stream>>>(p);
-  else if (p.D == 128) fp_split_kernel<__half, 128, kCombine><<<n, kFpThreads, 0, stream>>>(p);
-  else fp_split_kernel<__half, 64, kCombine><<<n, kFpThreads, 0, stream>>>(p);
-  return cudaGetLastError();
-}
-}  // namespace
-
-cudaError_t launch_fp_split(const AttnParams& p, cudaStream_t stream, bool combine) {
+cudaError_t launch_fp_split(const AttnParams& p, cudaStream_t stream) {
   if (p.Q != 1 || (p.D != 64 && p.D != 128) || p.nsplit < 2) return cudaErrorInvalidValue;
-  return combine ? launch_fp_split_c<true>(p, stream) : launch_fp_split_c<false>(p, stream);
+  const int n = p.B * p.Hq;
+  if (p.dtype == kBF16 && p.D == 128) fp_split_kernel<__nv_bfloat16, 128><<<n, kFpThreads, 0, stream>>>(p);
+  else if (p.dtype == kBF16) fp_split_kernel<__nv_bfloat16, 64><<<n, kFpThreads, 0, stream>>>(p);
+  else if (p.D == 128) fp_split_kernel<__half, 128><<<n, kFpThreads, 0, stream>>>(p);
+  else fp_split_kernel<__half, 64><<<n, kFpThreads, 0, stream>>>(p);
+  return cudaGetLastError();
 }
 
 cudaError_t launch_combine(const AttnParams& p, cudaStream_t stream) {
@@ -264,8 +231,6 @@ cudaError_t launch_decode(const AttnParams& p, cudaStream_t stream, cudaStream_t
     if (e == cudaSuccess) e = cudaStreamWaitEvent(stream, join, 0);
   } else {
     e = launch_mma_decode(p, stream);
-    // after the code splits in one stream: the full-precision split also merges them (one launch less per layer)
-    if (e == cudaSuccess && p.has_fp && p.fp_combine) return launch_fp_split(p, stream, true);
     if (e == cudaSuccess && p.has_fp) e = launch_fp_split(p, stream);
   }
   if (e != cudaSuccess || p.nsplit == 1) return e;

@@ -101,8 +101,6 @@ struct AttnParams {
   int long_min;  // request: CQ-8c8b MHA tensor-core decode (8 warps) items of at least this many tokens run its LONG
                  // build, the schedule measured fastest on long items (decode_mma.cu)
   int mma_long;  // plan: 1 when that LONG build runs
-  int fp_combine;  // request: where the tensor-core decode's full-precision split runs after the code splits in one
-                   // stream, it also merges every split into the output (no combine launch; decode.cu)
 };
 
 // Shared memory the decode kernel needs for a given configuration (0 when it cannot run).
@@ -134,9 +132,7 @@ cudaError_t launch_decode(const AttnParams& p, cudaStream_t stream, cudaStream_t
 cudaError_t launch_combine(const AttnParams& p, cudaStream_t stream);
 // One query per query head (Q == 1): attention over the sinks and the full-precision window alone, written as split
 // nsplit - 1's partial (the tensor-core decode's last split)
-// combine: the same kernel then merges it with the code splits' partials (written earlier in `stream`) into the output,
-// as launch_combine would, in the same order (bit-identical)
-cudaError_t launch_fp_split(const AttnParams& p, cudaStream_t stream, bool combine = false);
+cudaError_t launch_fp_split(const AttnParams& p, cudaStream_t stream);
 // Tensor-core decode kernel: whether it applies (variant 1 or 2, one query per query head, any GQA ratio, head_dim
 // 128, 8-bit codes with c = 8 for K and V or, MHA with 8 warps only, c = 4 for both; 16-byte aligned buffers, its
 // shared memory fits), and its launch over the

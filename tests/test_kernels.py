@@ -348,28 +348,6 @@ def test_decode_mma_kernel(case, kernel, monkeypatch):
     assert_within_2x(out, query, view, mask, scaling)
 
 
-FP_MMA_CASES = [c for c in MMA_CASES if c.get("window") or c.get("sinks")]
-
-
-@cuda_test
-@pytest.mark.parametrize("case", FP_MMA_CASES, ids=[f"fp{i}" for i in range(len(FP_MMA_CASES))])
-def test_fp_split_combines_in_one_stream(case, monkeypatch):
-    """With the full-precision split after the code splits in one stream (ops.FP_SPLIT_STREAM off, as in static
-    decoding), it also merges the splits (ops.FP_COMBINE): the output equals the separate combine kernel's bit for bit,
-    and the second stream's, and stays within the error bound."""
-    monkeypatch.setattr(ops, "DECODE_KERNEL", "tensor-core")
-    query, view, mask, scaling = make_case(Q=1, **case)
-    outs = {}
-    for stream, fuse in ((False, True), (False, False), (True, True)):
-        monkeypatch.setattr(ops, "FP_SPLIT_STREAM", stream)
-        monkeypatch.setattr(ops, "FP_COMBINE", fuse)
-        outs[stream, fuse] = run_attention(query, view, mask, scaling)
-        assert ops.KERNEL_USED["attention"] == mma_name("tensor-core", case)
-    assert torch.equal(outs[False, True], outs[False, False])
-    assert torch.equal(outs[False, True], outs[True, True])
-    assert_within_2x(outs[False, True], query, view, mask, scaling)
-
-
 MHA_C8_CASES = [c for c in MMA_CASES if c["Hq"] == c["Hkv"] and "kspec" not in c]
 
 
