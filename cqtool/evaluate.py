@@ -167,5 +167,8 @@ def run_eval(cfg, calib: dict[str, Any] | None = None, progress=None) -> dict[st
         row["backends"] = dict(ops.BACKEND_USED)
         row["attention_kernels"] = sorted(ops.KERNELS_RUN)  # CUDA attention kernels that ran (empty: none)
         results.append(row)
-    return {"model": info.__dict__, "config": to_dict(cfg), "calibration": calib, "devices": model_devices(model),
-            "results": results}
+    # the calibration directory and its settings only where CQ methods were named (--methods cq-...); codebook files
+    # (--codebook) carry their own, in each result's "calibration"
+    from_dir = any(parse_cq_name(n) for n in cfg.methods)
+    return {"model": info.__dict__, "config": to_dict(cfg), "calibration": calib if from_dir else None,
+            "devices": model_devices(model), "results": results}

@@ -62,8 +62,12 @@ class CQMethod(KVMethod):
 
     def describe(self) -> dict[str, Any]:
         c = self.config
+        meta = self.codebook.meta
         return {"method": self.name, "key": c.key.name, "value": c.value.name, "window": c.window, "sinks": c.sinks,
-                "fisher": self.codebook.meta.get("fisher"), "codebook_bytes": self.codebook.nbytes()}
+                "fisher": meta.get("fisher"), "codebook_bytes": self.codebook.nbytes(),
+                # how this codebook was calibrated, as its file says (not the eval's defaults)
+                "calibration": {k: meta[k] for k in ("data", "data_hash", "nsamples", "seqlen", "kmeans_iters", "seed")
+                                if k in meta}}
 
 
 # name -> factory(**options) for methods that need no calibration; baselines register here

@@ -68,6 +68,11 @@ def test_quantize_then_eval(tiny_calib, tiny_model_dir, text_file, tmp_path):
     assert set(rows) == {"fp16", "cq-8c8b"}
     assert rows["cq-8c8b"]["bits_per_channel"] == 1.0 and rows["fp16"]["bits_per_channel"] == 16.0
     assert rows["fp16"]["windows"] == 3 and rows["cq-8c8b"]["perplexity"] != rows["fp16"]["perplexity"]
+    # the codebook's own calibration settings, not the defaults of a calibration directory that was not used
+    summary = json.loads((tiny_calib / "calib.json").read_text())["config"]
+    cal = rows["cq-8c8b"]["calibration"]
+    assert cal["nsamples"] == summary["nsamples"] and cal["seqlen"] == summary["seqlen"], (cal, summary)
+    assert out["calibration"] is None
 
 
 def test_quantize_needs_config_when_several(tiny_calib, tmp_path):
