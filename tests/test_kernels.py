@@ -813,13 +813,15 @@ def test_encode_kv_ring_in_the_launch(B, H, Q, D, c, bits, W, aligned, dtype, mo
         wkwant, wvwant = wk0.clone(), wv0.clone()
         wkwant.index_copy_(2, slots, kf)
         wvwant.index_copy_(2, slots, v)
-        kc, vc, wk, wv = k0.clone(), v0.clone(), wk0.clone(), wv0.clone()
-        ops.encode_kv_into(k, kcent, bits, kc, v, vcent, bits, vc, 0, rows=rows, ring=(kf, v, wk, wv, slots))
-        torch.cuda.synchronize()
-        assert ops.KERNEL_USED["ring"] == "encode launch", ops.kernel_status()
-        kinds.add(ops.KERNEL_USED["encode"])
-        assert torch.equal(kc, kwant) and torch.equal(vc, vwant), (tmin, mma)
-        assert torch.equal(wk, wkwant) and torch.equal(wv, wvwant), (tmin, mma)
+        for in_launch in (True, False):  # CQTOOL_RING_IN_ENCODE=0: the same result by index_copy_
+            monkeypatch.setattr(ops, "RING_IN_ENCODE", in_launch)
+            kc, vc, wk, wv = k0.clone(), v0.clone(), wk0.clone(), wv0.clone()
+            ops.encode_kv_into(k, kcent, bits, kc, v, vcent, bits, vc, 0, rows=rows, ring=(kf, v, wk, wv, slots))
+            torch.cuda.synchronize()
+            assert ops.KERNEL_USED["ring"] == ("encode launch" if in_launch else "index_copy_"), ops.kernel_status()
+            kinds.add(ops.KERNEL_USED["encode"])
+            assert torch.equal(kc, kwant) and torch.equal(vc, vwant), (tmin, mma, in_launch)
+            assert torch.equal(wk, wkwant) and torch.equal(wv, wvwant), (tmin, mma, in_launch)
     assert "encode-row" in kinds, kinds
     if (1 << bits) * (c + 1) <= ops.ENCODE_TILED_MAX_FLOATS:  # the tiled kernel's table fits: it (or mma) ran too
         assert kinds & {"encode-tiled", "encode-mma"}, kinds
