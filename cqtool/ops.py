@@ -305,16 +305,15 @@ def encode_kv_into(k: torch.Tensor, k_centroids: torch.Tensor, k_bits: int, k_co
     if rows is None:
         mod.encode_kv(ks, k_centroids.contiguous(), int(k_bits), k_codes, vs, v_centroids.contiguous(), int(v_bits),
                       v_codes, int(start), int(ENCODE_TILED_MIN), bool(ENCODE_MMA))
-    elif ring is not None and RING_IN_ENCODE and _ring_in_launch(ring, k):
-        k_full, v_full, win_k, win_v, slots = ring
-        mod.encode_kv_rows(ks, k_centroids.contiguous(), int(k_bits), k_codes, vs, v_centroids.contiguous(),
-                           int(v_bits), v_codes, rows, int(ENCODE_TILED_MIN), bool(ENCODE_MMA), k_full, v_full, win_k,
-                           win_v, slots)
-        KERNEL_USED["ring"] = "encode launch"
     else:
+        in_launch = ring is not None and RING_IN_ENCODE and _ring_in_launch(ring, k)
         mod.encode_kv_rows(ks, k_centroids.contiguous(), int(k_bits), k_codes, vs, v_centroids.contiguous(),
-                           int(v_bits), v_codes, rows, int(ENCODE_TILED_MIN), bool(ENCODE_MMA))
-        _ring_copy(ring)
+                           int(v_bits), v_codes, rows, int(ENCODE_TILED_MIN), bool(ENCODE_MMA),
+                           *(ring if in_launch else ()))
+        if in_launch:
+            KERNEL_USED["ring"] = "encode launch"
+        else:
+            _ring_copy(ring)
     KERNEL_USED["encode"] = encode_kernel_name(k.shape[0] * k.shape[2], k_centroids.shape[-1], k_bits, v_bits)
     _note("encode", "cuda")
 

@@ -81,6 +81,13 @@ void set_cos_sin(cq::AttnParams& p, const at::Tensor& cos, const at::Tensor& sin
   p.cos_t = cos.data_ptr<float>(); p.sin_t = sin.data_ptr<float>(); p.cs_sb = cos.size(0) == 1 ? 0 : cos.stride(0);
 }
 
+// Device-side rows (static decoding): int64 [Q], contiguous, on x's GPU; their data pointer
+const int64_t* device_rows(const at::Tensor& rows, const at::Tensor& x, int64_t Q, const char* what) {
+  TORCH_CHECK(rows.is_cuda() && rows.device() == x.device() && rows.scalar_type() == at::kLong && rows.dim() == 1 &&
+              rows.numel() == Q && rows.is_contiguous(), what, " must be int64 [Q] on x's GPU");
+  return rows.data_ptr<int64_t>();
+}
+
 }  // namespace
 
 // x [B, H, Q, D]; centroids [H, G, 2**bits, c]; codes [B, H, cap, R] uint8: codes[:, :, start:start+Q] = pack(encode(x)),
@@ -104,11 +111,7 @@ cq::EncodeParams encode_params(const at::Tensor& x, const at::Tensor& centroids,
   p.codes = codes.data_ptr<uint8_t>();
   p.B = B; p.H = H; p.Q = Q; p.D = D; p.G = G; p.c = c; p.bits = bits; p.R = codes.size(3);
   p.cap = codes.size(2); p.start = start;
-  if (rows != nullptr) {
-    TORCH_CHECK(rows->is_cuda() && rows->device() == x.device() && rows->scalar_type() == at::kLong &&
-                rows->dim() == 1 && rows->numel() == Q && rows->is_contiguous(), "encode: rows must be int64 [Q] on x's GPU");
-    p.rows = rows->data_ptr<int64_t>();
-  }
+  if (rows != nullptr) p.rows = device_rows(*rows, x, Q, "encode: rows");
   p.dtype = dtype_tag(x);
   p.tiled_min = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(tiled_min, INT32_MAX)));
   p.use_mma = use_mma ? 1 : 0;
@@ -171,22 +174,20 @@ void encode_kv_rows(const at::Tensor& k, const at::Tensor& k_cent, int64_t k_bit
   const at::Tensor* src[2] = {&*ring_k, &*ring_v};
   const at::Tensor* dst[2] = {&*win_k, &*win_v};
   const int64_t B = k.size(0), H = k.size(1), Q = k.size(2), D = k.size(3);
-  const at::Tensor& rr = *ring_rows;
-  TORCH_CHECK(rr.is_cuda() && rr.device() == k.device() && rr.scalar_type() == at::kLong && rr.dim() == 1 &&
-              rr.numel() == Q && rr.is_contiguous(), "encode_kv_rows: ring rows must be int64 [Q] on the keys' GPU");
+  check_device("encode_kv_rows", k.device(),
+               {{"ring keys", src[0]}, {"ring values", src[1]}, {"win_k", dst[0]}, {"win_v", dst[1]}});
   cq::RingWrite w{};
   w.B = B; w.H = H; w.Q = Q; w.D = D;
-  w.rows = rr.data_ptr<int64_t>();
+  w.rows = device_rows(*ring_rows, k, Q, "encode_kv_rows: ring rows");
   w.cap = dst[0]->size(2);
   bool vec = D % 8 == 0;
   for (int j = 0; j < 2; ++j) {
     const at::Tensor& a = *src[j];
     const at::Tensor& o = *dst[j];
-    TORCH_CHECK(a.is_cuda() && o.is_cuda() && a.device() == k.device() && o.device() == k.device() && a.dim() == 4 &&
-                o.dim() == 4 && a.size(0) == B && a.size(1) == H && a.size(2) == Q && a.size(3) == D &&
+    TORCH_CHECK(a.dim() == 4 && o.dim() == 4 && a.size(0) == B && a.size(1) == H && a.size(2) == Q && a.size(3) == D &&
                 o.size(0) == B && o.size(1) == H && o.size(2) == w.cap && o.size(3) == D && a.stride(3) == 1 &&
                 o.stride(3) == 1 && a.scalar_type() == o.scalar_type() && a.element_size() == 2,
-                "encode_kv_rows: ring source [B, H, Q, D] and window [B, H, W, D], one 16-bit dtype, on the keys' GPU");
+                "encode_kv_rows: ring source [B, H, Q, D] and window [B, H, W, D], one 16-bit dtype");
     w.src[j] = a.data_ptr();
     w.dst[j] = o.data_ptr();
     w.s_sb[j] = a.stride(0); w.s_sh[j] = a.stride(1); w.s_sq[j] = a.stride(2);

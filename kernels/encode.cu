@@ -59,9 +59,9 @@ __device__ __forceinline__ void ring_copy(const RingWrite& w) {
   }
 }
 
-// true (after copying) for the blocks of the ring slice, which encode nothing
+// true (after copying) for the blocks of the ring slice, which encode nothing (kRing builds: pp.has_ring is set)
 __device__ __forceinline__ bool ring_block(const EncodePair& pp) {
-  if (!pp.has_ring || static_cast<int>(blockIdx.z) < pp.nz[0] + pp.nz[1]) return false;
+  if (static_cast<int>(blockIdx.z) < pp.nz[0] + pp.nz[1]) return false;
   ring_copy(pp.ring);
   return true;
 }
@@ -451,7 +451,7 @@ cudaError_t launch_t(const EncodePair& pp, cudaStream_t stream) {
     if (pp.nz[j] && tp.p[j].bits > bits_max) bits_max = tp.p[j].bits;
   }
   if (many && p.use_mma && mma_fits(p) && (!pp.nz[1] || mma_fits(pp.p[1]))) {
-    dim3 grid((nrows + kMmaRows - 1) / kMmaRows, p.H, tp.nz[0] + tp.nz[1] + pp.has_ring);
+    dim3 grid((nrows + kMmaRows - 1) / kMmaRows, p.H, tp.nz[0] + tp.nz[1] + (kRing ? 1 : 0));
     const size_t smem = static_cast<size_t>(1 << bits_max) * (16 * sizeof(T) + sizeof(float));
     switch (p.c) {
       case 1: encode_mma_kernel<T, 1, kRing><<<grid, kMmaWarps * 32, smem, stream>>>(tp); break;
@@ -464,7 +464,7 @@ cudaError_t launch_t(const EncodePair& pp, cudaStream_t stream) {
     return cudaGetLastError();
   }
   if (many && floats <= kTiledMaxFloats) {
-    dim3 grid((nrows + kTileRows - 1) / kTileRows, p.H, tp.nz[0] + tp.nz[1] + pp.has_ring);
+    dim3 grid((nrows + kTileRows - 1) / kTileRows, p.H, tp.nz[0] + tp.nz[1] + (kRing ? 1 : 0));
     const size_t smem = static_cast<size_t>(floats) * sizeof(float);
     switch (p.c) {
       case 1: encode_tiled_kernel<T, 1, kRing><<<grid, kTileThreads, smem, stream>>>(tp); break;
@@ -476,7 +476,7 @@ cudaError_t launch_t(const EncodePair& pp, cudaStream_t stream) {
     }
     return cudaGetLastError();
   }
-  dim3 grid(nrows, p.H, pp.nz[0] + pp.nz[1] + pp.has_ring);
+  dim3 grid(nrows, p.H, pp.nz[0] + pp.nz[1] + (kRing ? 1 : 0));
   const int threads = 32 * (p.G < kChunk ? p.G : kChunk);
   switch (p.c) {
     case 1: encode_kernel<T, 1, kRing><<<grid, threads, 0, stream>>>(pp); break;
