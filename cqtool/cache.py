@@ -49,11 +49,13 @@ class _ModelTap:
         self.keys: dict[int, torch.Tensor] = {}
         self.positions: torch.Tensor | None = None
         self.enabled = 0
-        self.handles = [self.rotary.register_forward_hook(self._on_rotary, with_kwargs=True)]
+        # a pre-hook, registered before any other: it sees the position ids the model passes, not a copy that a later
+        # hook makes on the rotary module's GPU (graphs._GraphPerDevice, for a model spread over GPUs)
+        self.handles = [self.rotary.register_forward_pre_hook(self._on_rotary, with_kwargs=True, prepend=True)]
         for a in self.attn:
             self.handles.append(pre_rope_key_module(a).register_forward_hook(self._on_key(a.layer_idx, a.head_dim)))
 
-    def _on_rotary(self, module, args, kwargs, output):
+    def _on_rotary(self, module, args, kwargs):
         if self.enabled:
             self.positions = args[1] if len(args) > 1 else kwargs.get("position_ids")
 
@@ -209,16 +211,12 @@ class CQLayer(AppendOnlyLayer):
         from . import ops
 
         Q, cap = key_states.shape[2], self.k_codes.shape[2]
-        rows = self.parent.static_rows  # this step's rows, set by layer 0 (CQCache._append_positions)
-        if rows.device != self.device:  # a model spread over GPUs
-            rows = rows.to(self.device)
+        rows = self.parent.on_device("static_rows", self.device)  # this step's rows, set by layer 0 (_append_positions)
         W = self.config.window
         ring = None
         if W:  # the window's ring: token j at row j % W (make_static; the rows computed once for all layers), written
             # by the encode launch where it can (ops.encode_kv_into)
-            slot = self.parent.static_ring_rows
-            if slot.device != self.device:
-                slot = slot.to(self.device)
+            slot = self.parent.on_device("static_ring_rows", self.device)
             ring = (key_states, value_states, self.win_k, self.win_v, slot)
         ops.encode_kv_into(pre, self.k_centroids, self.k_bits, self.k_codes, value_states, self.v_centroids, self.v_bits,
                            self.v_codes, 0, rows=rows, ring=ring)
@@ -294,6 +292,10 @@ class CQCache(Cache):
         self.static_length: torch.Tensor | None = None
         self.static_rows: torch.Tensor | None = None
         self.static_ring_rows: torch.Tensor | None = None
+        # copies of those (and of the positions) on the other GPUs of a model spread over several, which a caller that
+        # replays one CUDA graph per GPU refreshes between the graphs (graphs.StaticDecoder, replica_pairs)
+        self._replicas: dict[tuple[str, str], torch.Tensor] = {}
+        self._inv_freq_copies: dict[str, torch.Tensor] = {}
         layers = [CQLayer(self, i, codebook.key_centroids[i], codebook.value_centroids[i]) for i in range(codebook.num_layers)]
         super().__init__(layers=layers)
         self._cos_sin_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
@@ -376,6 +378,48 @@ class CQCache(Cache):
         self.positions = pos
         self._cos_sin_cache = None
 
+    REPLICATED = ("static_rows", "static_ring_rows", "positions")
+
+    def on_device(self, name: str, device) -> torch.Tensor:
+        """One of REPLICATED on `device`: the tensor itself where it lives there (the GPU of layer 0), else the copy a
+        graph replay keeps there (replica_pairs), else a copy made now (eager decoding of a model spread over GPUs)."""
+        t = getattr(self, name)
+        if t.device == torch.device(device):
+            return t
+        rep = self.replica(name, device)
+        return rep if rep is not None else t.to(device)
+
+    def replica(self, name: str, device) -> torch.Tensor | None:
+        """The copy of REPLICATED tensor `name` that replica_pairs keeps on `device`, if any."""
+        return self._replicas.get((name, str(torch.device(device))))
+
+    def replica_pairs(self, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Static mode, for one CUDA graph per GPU: a copy on `device` of each REPLICATED tensor that lives elsewhere,
+        which the layers on `device` read from now on instead of copying it themselves (a copy across GPUs cannot be
+        captured in that GPU's graph). Returns (source, copy) pairs: the caller copies each source into its copy
+        before every replay of `device`'s graph. drop_replicas() ends it."""
+        pairs = []
+        for name in self.REPLICATED:
+            t = getattr(self, name)
+            if t is None or t.device == torch.device(device):
+                continue
+            rep = torch.empty_like(t, device=device)
+            rep.copy_(t)
+            self._replicas[(name, str(torch.device(device)))] = rep
+            pairs.append((t, rep))
+        return pairs
+
+    def inv_freq_on(self, device) -> torch.Tensor:
+        """The RoPE frequencies (fp32, contiguous) on `device`, copied once per device (they never change)."""
+        key = str(torch.device(device))
+        t = self._inv_freq_copies.get(key)
+        if t is None:
+            t = self._inv_freq_copies[key] = self.inv_freq.to(device=device, dtype=torch.float32).contiguous()
+        return t
+
+    def drop_replicas(self) -> None:
+        self._replicas.clear()
+
     def sync_static_length(self) -> int:
         """Static mode: copy the device-side length to the host's `length` (a replayed graph advances only the
         former); returns it."""
@@ -389,8 +433,9 @@ class CQCache(Cache):
         """RoPE cos/sin [B, length, D] fp32 for the first `length` cached tokens (memoised per step)."""
         cached = self._cos_sin_cache
         key = (length, self.positions._version)  # static mode writes the positions in place
-        if cached is None or cached[0] != key or cached[1].device != device:
-            cos, sin = quant.rope_cos_sin(self.positions[:, :length].to(device), self.inv_freq.to(device), self.rope_scale)
+        if cached is None or cached[0] != key or cached[1].device != torch.device(device):
+            pos = self.on_device("positions", device)[:, :length]
+            cos, sin = quant.rope_cos_sin(pos, self.inv_freq_on(device), self.rope_scale)
             self._cos_sin_cache = (key, cos, sin)
             cached = self._cos_sin_cache
         return cached[1], cached[2]
@@ -402,4 +447,5 @@ class CQCache(Cache):
         super().reset()
         self.positions = None
         self.static_length = self.static_rows = self.static_ring_rows = None
+        self._replicas.clear()
         self._cos_sin_cache = None

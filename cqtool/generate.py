@@ -64,9 +64,9 @@ def decode_graph(model, ids: torch.Tensor, cache, max_new_tokens: int, eos: int 
     CPU). Always runs `max_new_tokens` steps (a graph cannot stop early), then cuts the tokens after `eos`. Returns
     (new token ids, seconds: prefill, warm-up, capture, replays, the number of steps that were graph replays: 0 for 3
     tokens or fewer)."""
-    from .graphs import StaticDecoder
+    from .graphs import StaticDecoder, sync_all
 
-    sync = torch.cuda.synchronize if graph else (lambda: None)
+    sync = sync_all if graph else (lambda: None)
     sync()
     t0 = time.perf_counter()
     dec = StaticDecoder(model, cache, ids.shape[1] + max_new_tokens, graph=graph, sampling=sampling)
@@ -109,8 +109,6 @@ def run_generate(model_name: str, codebook_path: str, prompt: str, max_new_token
     from .graphs import static_cache
     from .models import load_config, load_model
 
-    if graphs and device_map:
-        raise ConfigError(f"--cuda-graphs takes one GPU (got --device-map {device_map})")
     cb = Codebook.load(codebook_path)
     _, _, _, info = load_config(model_name)
     cb.validate_model(info)  # before the weights are loaded

@@ -13,9 +13,17 @@ StaticDecoder runs the prompt eagerly, then `steps` decode steps (greedy, or sam
 no host synchronisation): all eagerly (`graph=False`, also on the CPU: the
 same code path, what the CPU tests check), or two eagerly (the warm-up CUDA graphs require) and the rest as replays of
 one captured step.
+
+A model spread over several GPUs (accelerate's dispatch: `device_map`) cannot be captured as one graph: torch captures
+on one device, and a copy between GPUs inside a capture is refused. Its step is captured as one graph per run of
+blocks on one GPU (_GraphPerDevice): at the first block of each run the capture of the previous GPU ends, the tensors
+the block receives from another GPU (hidden states, mask, RoPE tables, position ids) and the cache's cross-GPU state
+(CQCache.replica_pairs) get copies on the new GPU, and the capture of the new GPU begins. A replay runs the graphs in
+order with those copies between them, then feeds the token back: a handful of host calls per step instead of one.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -41,6 +49,105 @@ def static_cache(model, kind: str, capacity: int, codebook=None, window: int | N
     raise ConfigError(f"cache kind {kind!r} is not allowed; use static or cq")
 
 
+def sync_all() -> None:
+    """Wait for every visible GPU (a model may be spread over several)."""
+    for d in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(d)
+
+
+def dispatched_blocks(model) -> list[tuple[torch.nn.Module, torch.device]]:
+    """The blocks of a model dispatched over devices by accelerate (`model.hf_device_map`) with their devices; []
+    for a model on one device."""
+    dm = getattr(model, "hf_device_map", None) or {}
+    if len({str(d) for d in dm.values()}) < 2:
+        return []
+    blocks = []
+    for name, d in dm.items():
+        dev = torch.device("cuda", d) if isinstance(d, int) else torch.device(d)
+        if dev.type != "cuda":
+            raise ConfigError(f"CUDA graphs need every block on a GPU (device_map puts {name or 'the model'} on {d})")
+        blocks.append((model.get_submodule(name), dev))
+    return blocks
+
+
+class _GraphPerDevice:
+    """Captures one forward of a model spread over GPUs as one CUDA graph per run of blocks on one GPU (see the top
+    of this file). begin(device) starts the first capture; forward pre-hooks on the blocks switch GPUs; end() closes
+    the last. replay() runs them all with the copies between them."""
+
+    def __init__(self, blocks, streams: dict, extra_pairs):
+        self.streams = streams  # a capture stream per GPU (the warm-up ran on them too)
+        self.extra_pairs = extra_pairs  # device -> [(source, copy)] of state the blocks read outside their arguments
+        self.segments: list[dict] = []
+        self.cur: torch.device | None = None
+        self.memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._ctx: contextlib.ExitStack | None = None
+        self.handles = [m.register_forward_pre_hook(self._hook(d), with_kwargs=True) for m, d in blocks]
+
+    def begin(self, device, pairs=()) -> None:
+        ctx = contextlib.ExitStack()
+        ctx.enter_context(torch.cuda.device(device))
+        ctx.enter_context(torch.cuda.stream(self.streams[device]))
+        g = torch.cuda.CUDAGraph()
+        self.segments.append({"device": device, "graph": g, "pairs": list(pairs)})
+        self.cur, self._ctx = device, ctx
+        g.capture_begin()
+
+    def end(self) -> None:
+        self.segments[-1]["graph"].capture_end()
+        self._ctx.close()
+        self.cur = self._ctx = None
+
+    def _move(self, x, device, pairs: list | None):
+        """x with every tensor on another device replaced by its copy on `device` (made now where `pairs` is a list,
+        between two captures; else it must exist already: inside a capture no copy across GPUs can be made)."""
+        if isinstance(x, torch.Tensor):
+            if x.device == device:
+                return x
+            hit = self.memo.get(id(x))
+            if hit is None:
+                if pairs is None:
+                    raise RuntimeError(f"CUDA graphs over several GPUs: a block on {device} got a new tensor from "
+                                       f"{x.device} in the middle of its GPU's run of blocks; only a run's first block "
+                                       "may take inputs from another GPU")
+                hit = self.memo[id(x)] = (x, torch.empty_like(x, device=device))
+                pairs.append(hit)
+            return hit[1]
+        if isinstance(x, tuple):
+            return tuple(self._move(v, device, pairs) for v in x)
+        if isinstance(x, list):
+            return [self._move(v, device, pairs) for v in x]
+        if isinstance(x, dict):
+            return {k: self._move(v, device, pairs) for k, v in x.items()}
+        return x
+
+    def _hook(self, device):
+        def hook(module, args, kwargs):
+            if self.cur is None:  # not capturing: the eager steps
+                return None
+            if device == self.cur:
+                return self._move((args, kwargs), device, None)
+            self.end()
+            self.memo = {}
+            pairs = list(self.extra_pairs(device))
+            moved = self._move((args, kwargs), device, pairs)
+            self.begin(device, pairs)
+            return moved
+
+        return hook
+
+    def replay(self) -> None:
+        for seg in self.segments:
+            for src, dst in seg["pairs"]:
+                dst.copy_(src)
+            seg["graph"].replay()
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
 class StaticDecoder:
     """decoder = StaticDecoder(model, cache, capacity); first = decoder.prefill(ids); tokens = decoder.decode(n).
 
@@ -59,6 +166,7 @@ class StaticDecoder:
             raise ConfigError(f"CUDA graphs need the model on a CUDA GPU (it is on {self.device})")
         self.chunk = int(chunk)
         self.kw = {cache_kwarg(model): cache, "use_cache": True}
+        self.blocks = dispatched_blocks(model) if self.graph else []  # a model spread over GPUs: a graph per GPU
         self.length = 0
         self.timings: dict = {}
 
@@ -90,6 +198,8 @@ class StaticDecoder:
             raise ConfigError(f"steps {steps}: must be at least 1")
         if P + steps > self.capacity:
             raise ConfigError(f"capacity {self.capacity}: too small for {P} + {steps} tokens")
+        if self.blocks:
+            return self._decode_spread(first, steps, warmup)
         dev = self.device
         ids = first.clone()
         pos = torch.full((B, 1), P, dtype=torch.long, device=dev)
@@ -141,3 +251,98 @@ class StaticDecoder:
         if hasattr(self.cache, "sync_static_length"):
             self.cache.sync_static_length()
         return out
+
+    def _finish(self, steps: int) -> None:
+        self.length += steps
+        if hasattr(self.cache, "sync_static_length"):
+            self.cache.sync_static_length()
+
+    def _decode_spread(self, first: torch.Tensor, steps: int, warmup: int) -> torch.Tensor:
+        """decode() for a model spread over GPUs: the step runs the decoder and the LM head (not the top-level
+        forward, whose accelerate hook would copy the logits back to the first GPU inside the last capture), then a
+        _Feed block on the first GPU, where the eager forward returns the logits: it picks the token there (from that
+        GPU's random numbers, as the eager decode does) and feeds it back. Replays are _GraphPerDevice's graphs."""
+        B, P = self.batch, self.length
+        dev = self.device
+        decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
+        kw = {cache_kwarg(decoder): self.cache, "use_cache": True}
+        ids = first.clone()
+        pos = torch.full((B, 1), P, dtype=torch.long, device=dev)
+        row = torch.tensor([P], dtype=torch.long, device=dev)
+        mask = torch.zeros(B, 1, 1, self.capacity, dtype=torch.bool, device=dev)
+        mask[..., :P] = True
+        feed = _Feed(ids, pos, row, torch.zeros(B, steps, dtype=torch.long, device=dev), self.sampling)
+        blocks = self.blocks + [(feed, dev)]
+        devices = list(dict.fromkeys(d for _, d in blocks))
+
+        def step() -> None:
+            mask.index_fill_(3, row, True)
+            hidden = decoder(input_ids=ids, position_ids=pos, attention_mask=mask, **kw).last_hidden_state
+            feed(head(hidden[:, -1:])[:, -1])
+
+        def sync():
+            for d in devices:
+                torch.cuda.synchronize(d)
+
+        streams = {d: torch.cuda.Stream(d) for d in devices}
+        eager = min(warmup, steps)
+        sync()
+        t0 = time.perf_counter()
+        with contextlib.ExitStack() as ctx:  # warm-up on the streams the captures will use
+            for d in devices:
+                streams[d].wait_stream(torch.cuda.current_stream(d))
+                ctx.enter_context(torch.cuda.stream(streams[d]))
+            ctx.enter_context(torch.cuda.device(dev))
+            for _ in range(eager):
+                step()
+        for d in devices:
+            torch.cuda.current_stream(d).wait_stream(streams[d])
+        sync()
+        self.timings = {"steps": eager, "seconds": time.perf_counter() - t0, "graph": False, "gpus": len(devices)}
+        replays = steps - eager
+        if replays:
+            cap = _GraphPerDevice(blocks, streams, getattr(self.cache, "replica_pairs", lambda d: []))
+            try:
+                sync()
+                try:
+                    cap.begin(dev)
+                    step()
+                    cap.end()
+                except BaseException:
+                    if cap.cur is not None:  # end the broken capture; the error that broke it is the one to report
+                        with contextlib.suppress(Exception):
+                            cap.end()
+                    raise
+                finally:
+                    cap.close()
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(replays):
+                    cap.replay()
+                sync()
+                self.timings = {"steps": replays, "seconds": time.perf_counter() - t0, "graph": True,
+                                "gpus": len(devices), "graphs_per_step": len(cap.segments)}
+            finally:
+                if hasattr(self.cache, "drop_replicas"):  # eager steps copy across GPUs themselves again
+                    self.cache.drop_replicas()
+            del cap
+        self._finish(steps)
+        return feed.out
+
+
+class _Feed(torch.nn.Module):
+    """The end of a decode step on a model spread over GPUs, as a block of its own on the first GPU: the next token
+    from the logits (moved there), written to `out`, fed back as the next input; position and row advanced."""
+
+    def __init__(self, ids, pos, row, out, sampling: Sampling):
+        super().__init__()
+        self.ids, self.pos, self.row, self.out, self.sampling = ids, pos, row, out, sampling
+        self.i = torch.zeros(1, dtype=torch.long, device=out.device)
+
+    def forward(self, logits: torch.Tensor) -> None:
+        nxt = next_token(logits.to(self.out.device), self.sampling)
+        self.out.index_copy_(1, self.i, nxt)
+        self.i.add_(1)
+        self.ids.copy_(nxt)
+        self.pos.add_(1)
+        self.row.add_(1)

@@ -372,17 +372,23 @@ def _device_copy(memo: list, t: torch.Tensor, device, make) -> torch.Tensor:
 
 
 def _device_inv_freq(cache, device) -> torch.Tensor:
+    if hasattr(cache, "inv_freq_on"):  # a CQCache: one copy per GPU
+        return cache.inv_freq_on(device)
     return _device_copy(_inv_freq_memo, cache.inv_freq, device,
                         lambda t: t.to(device=device, dtype=torch.float32).contiguous())
 
 
 def _device_positions(cache, device) -> torch.Tensor:
     """The cache's token positions [B, S] on `device`. They live where the model's first layer runs; with a model
-    spread over GPUs (device_map) the later layers' kernels read a copy on their own GPU, made once per step (each
-    step appends to the positions, which gives a new tensor)."""
+    spread over GPUs (device_map) the later layers' kernels read a copy on their own GPU: made once per step (each
+    step appends to the positions, which gives a new tensor), or, where a CUDA graph per GPU is replayed, the copy
+    that the replay refreshes (CQCache.replica_pairs)."""
     pos = cache.positions
     if pos.device == torch.device(device):
         return pos
+    rep = cache.replica("positions", device) if hasattr(cache, "replica") else None
+    if rep is not None:
+        return rep
     return _device_copy(_positions_memo, pos, device, lambda t: t.to(device))
 
 

@@ -376,7 +376,7 @@ def test_kernel_bench_bad_numbers(args, words):
 
 def test_generate_bench_nothing_to_measure():
     assert_user_error(run("bench", "generate", "--no-same-batch", "--no-search"), "--no-same-batch", "nothing to measure")
-    assert_user_error(run("bench", "generate", "--graphs", "--gpus", 2), "--graphs", "--gpus 2")
+    assert_user_error(run("bench", "generate", "--graphs", "--gpus", 0), "--gpus 0")
     assert_user_error(run("bench", "generate", "--graphs", "--new-tokens", 2), "--graphs", "--new-tokens 2")
 
 

@@ -83,4 +83,4 @@ def test_generate_bad_input(tiny_calib, tiny_model_dir, tmp_path, tokenizer):
     assert_user_error(run(*base, "--codebook", cb, "--prompt", "a", "--cuda-graphs"), "--cuda-graphs needs the model on "
                       "a CUDA GPU", "cpu")
     assert_user_error(run(*base, "--codebook", cb, "--prompt", "a", "--cuda-graphs", "--device-map", "auto"),
-                      "--cuda-graphs takes one GPU", "--device-map auto")
+                      "--cuda-graphs needs the model on a CUDA GPU", "cpu")

@@ -160,3 +160,80 @@ def test_generate_bench_spread_over_gpus(kind):
     rec = run_generation(kind, spread, 2, real_prefill=False)
     assert len(rec["peak_gib_per_gpu"]) == gpus and min(rec["peak_gib_per_gpu"]) > 0.1  # weights and cache on each
     assert rec["peak_gib"] == max(rec["peak_gib_per_gpu"])
+
+
+def _spread_tiny(kv_heads: int, rotary_last: bool = False):
+    """A tiny Llama (head_dim 128, 4 layers) on one GPU, and the same weights dispatched over the first and the last
+    GPU (layers 0-1 and 2-3; `rotary_last`: the rotary tables on the last GPU too, as some `auto` maps put them, so
+    that a step crosses GPUs three times)."""
+    from accelerate import dispatch_model
+    from conftest import tiny_model
+
+    last = N_GPUS - 1
+    torch.manual_seed(0)
+    model = tiny_model("llama", layers=4, heads=4, kv_heads=kv_heads, head_dim=128).to(torch.bfloat16).eval()
+    single = tiny_model("llama", layers=4, heads=4, kv_heads=kv_heads, head_dim=128).to(torch.bfloat16).eval()
+    single.load_state_dict(model.state_dict())
+    device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 0, "model.layers.2": last,
+                  "model.layers.3": last, "model.norm": last, "model.rotary_emb": last if rotary_last else 0,
+                  "lm_head": last}
+    return dispatch_model(model, device_map=device_map), single.to("cuda:0")
+
+
+# (kind, kv_heads, window, sinks, rotary on the last GPU, sampled)
+GRAPH_SPREAD_CASES = [("cq", 4, 0, 0, False, False), ("cq", 1, 16, 4, False, False), ("cq", 4, 48, 0, True, False),
+                      ("cq", 1, 0, 0, False, True), ("static", 4, 0, 0, False, False), ("static", 1, 0, 0, True, False)]
+
+
+@pytest.mark.parametrize("kind,kv_heads,window,sinks,rotary_last,sampled", GRAPH_SPREAD_CASES)
+def test_graph_per_gpu_equals_eager_static_decode(kind, kv_heads, window, sinks, rotary_last, sampled):
+    """A model spread over two GPUs, decode steps captured as one CUDA graph per run of blocks on one GPU and
+    replayed (graphs._GraphPerDevice): the tokens of the same static decode run eagerly on the spread model, and of
+    the same weights on one GPU with one graph per step; each cache layer on its layer's GPU; the CQ kernels ran."""
+    from cqtool.config import QuantSpec
+    from cqtool.graphs import StaticDecoder, static_cache
+    from cqtool.models import ModelInfo
+    from cqtool.sampling import GREEDY, Sampling
+    from test_codebook import make_codebook
+
+    spread, single = _spread_tiny(kv_heads, rotary_last)
+    cb = make_codebook(ModelInfo.from_config(single.config, "tiny"), QuantSpec(8, 8))
+    ids = torch.randint(0, 512, (3, 37), generator=torch.Generator().manual_seed(4)).to("cuda:0")
+    sampling = Sampling(temperature=1.0, top_k=200, top_p=0.95) if sampled else GREEDY
+
+    def run(model, graph):
+        torch.manual_seed(9)
+        cache = static_cache(model, kind, 64, cb, window, sinks)
+        dec = StaticDecoder(model, cache, 64, graph=graph, sampling=sampling)
+        first = dec.prefill(ids)
+        out = torch.cat([first, dec.decode(first, 20)], 1)
+        layers = [layer.k_codes if kind == "cq" else layer.keys for layer in cache.layers]
+        return out, dec.timings, {str(t.device) for t in layers}
+
+    ops.KERNELS_RUN.clear()
+    got, tm, devs = run(spread, True)
+    assert tm["graph"] and tm["steps"] == 18 and tm["gpus"] == 2, tm
+    assert tm["graphs_per_step"] == (5 if rotary_last else 3), tm  # the last: the token, picked on the first GPU
+    assert devs == {"cuda:0", f"cuda:{N_GPUS - 1}"}
+    if kind == "cq":
+        assert any(k.startswith("decode") for k in ops.KERNELS_RUN), ops.KERNELS_RUN
+    eager, tm_e, _ = run(spread, False)
+    assert not tm_e["graph"] and tm_e["steps"] == 20
+    assert torch.equal(got, eager)
+    one, tm_1, devs_1 = run(single, True)
+    assert tm_1["graph"] and "graphs_per_step" not in tm_1 and devs_1 == {"cuda:0"}
+    assert torch.equal(got, one)
+
+
+def test_graph_bench_over_gpus():
+    """`bench generate --graphs --gpus N`: the graph run of each cache on the spread model, one graph per GPU."""
+    from cqtool.bench_kernels import GenSetup, random_codebook, random_llama, run_graph_generation, spread_model
+    from cqtool.config import QuantSpec
+
+    model = spread_model(random_llama(layers=2 * N_GPUS), N_GPUS)
+    cb = random_codebook(model, QuantSpec.parse("8c8b"))
+    setup = GenSetup(model, cb, prompt=300, new_tokens=8, gpus=N_GPUS, window=128)
+    for kind in ("static", "cq"):
+        rec = run_graph_generation(kind, setup, 2)
+        assert rec["graph"] and rec["timed_steps"] == 6 and rec["graphs_per_step"] == N_GPUS + 1, rec
+        assert rec["ms_per_step"] > 0

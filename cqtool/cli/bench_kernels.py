@@ -160,7 +160,7 @@ def generate_cmd(
     gpus: Annotated[int, typer.Option(help="Spread the model's layers over this many GPUs (each layer's cache on its "
                                            "GPU); --memory-gb is then the cap of each GPU")] = 1,
     graphs: Annotated[bool, typer.Option(help="Also at --batch with decode steps replayed as CUDA graphs: CQ vs "
-                                              "transformers' StaticCache (one GPU; with --window too)")] = False,
+                                              "transformers' StaticCache (with --window and --gpus too: one graph per GPU)")] = False,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Save results as JSON")] = None,
 ):
     """Generation with a random Llama-2-7b-shaped model: CQ cache vs DynamicCache bf16 (tokens/s, peak memory)."""

@@ -29,8 +29,8 @@ def generate_cmd(
     dtype: Annotated[str, typer.Option(help="auto | float32 | float16 | bfloat16")] = "auto",
     device_map: Annotated[Optional[str], typer.Option(help="'auto': spread a model too big for one GPU over GPUs/CPU")] = None,
     backend: Annotated[str, typer.Option(help="auto: CUDA kernels where they apply | reference: PyTorch reference only")] = "auto",
-    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Replay each decode step as a CUDA graph (one GPU; "
-                                              "the full-precision run uses transformers' StaticCache)")] = False,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Replay each decode step as a CUDA graph (one per GPU with "
+                                              "--device-map; the full-precision run uses transformers' StaticCache)")] = False,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Save the texts and numbers as JSON")] = None,
 ):
     """Generation through a CQ cache, beside the full-precision cache (greedy, or sampled with --temperature, --top-k,
