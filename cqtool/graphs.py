@@ -19,7 +19,8 @@ on one device, and a copy between GPUs inside a capture is refused. Its step is 
 blocks on one GPU (_GraphPerDevice): at the first block of each run the capture of the previous GPU ends, the tensors
 the block receives from another GPU (hidden states, mask, RoPE tables, position ids) and the cache's cross-GPU state
 (CQCache.replica_pairs) get copies on the new GPU, and the capture of the new GPU begins. A replay runs the graphs in
-order with those copies between them, then feeds the token back: a handful of host calls per step instead of one.
+order with those copies between them; the last graph, on the first GPU, picks the token and feeds it back: a
+handful of host calls per step instead of one.
 """
 from __future__ import annotations
 
@@ -247,12 +248,11 @@ class StaticDecoder:
             sync()
             self.timings = {"steps": replays, "seconds": time.perf_counter() - t0, "graph": True}
             del g
-        self.length = P + steps
-        if hasattr(self.cache, "sync_static_length"):
-            self.cache.sync_static_length()
+        self._finish(steps)
         return out
 
     def _finish(self, steps: int) -> None:
+        """After `steps` decode steps: the host's count of cached tokens (a replayed graph advances only the device's)."""
         self.length += steps
         if hasattr(self.cache, "sync_static_length"):
             self.cache.sync_static_length()
