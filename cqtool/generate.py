@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError
-from .models import cache_kwarg, model_device
+from .models import cache_kwarg, model_device, model_devices
 from .sampling import GREEDY, Sampling, next_token
 
 
@@ -154,4 +154,5 @@ def run_generate(model_name: str, codebook_path: str, prompt: str, max_new_token
     return {"model": info.__dict__, "codebook": str(codebook_path), "prompt": prompt, "chat": chat,
             "prompt_tokens": int(ids.shape[1]), "cuda_graphs": graphs, "decoding": sampling.describe(),
             "sampling": dataclasses.asdict(sampling),
-            "max_new_tokens": max_new_tokens, "device": str(model_device(model)), "dtype": str(model.dtype), "runs": runs}
+            "max_new_tokens": max_new_tokens, "device": str(model_device(model)), "devices": model_devices(model),
+            "dtype": str(model.dtype), "runs": runs}

@@ -15,6 +15,7 @@ def test_generate_cq_beside_full_precision(tiny_calib, tiny_model_dir, tmp_path)
     assert res.exit_code == 0, res.output
     out = json.loads(js.read_text())
     cq, fp = out["runs"]
+    assert out["device"] == "cpu" and out["devices"] == ["cpu"]
     assert cq["cache"] == "cq-8c8b" and cq["bits_per_channel"] == 1.0 and fp["bits_per_channel"] == 32
     assert 1 <= cq["new_tokens"] <= 12 and 0 <= cq["tokens_agreeing"] <= min(cq["new_tokens"], fp["new_tokens"])
     assert cq["cache_bytes"] < fp["cache_bytes"] and cq["backends"] == {"encode": "reference", "attention": "reference"}

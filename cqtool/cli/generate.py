@@ -51,7 +51,7 @@ def generate_cmd(
     with attention.backend(backend), console.status("loading the model and generating"):
         res = run_generate(model, codebook, text, max_new_tokens, window, sinks, compare, device, dtype, device_map,
                            chat, cuda_graphs, sampling)
-    t = Table(title=f"{res['model']['model_id']}: {res['prompt_tokens']} prompt tokens, {res['decoding']}, {res['device']}, "
+    t = Table(title=f"{res['model']['model_id']}: {res['prompt_tokens']} prompt tokens, {res['decoding']}, {' + '.join(res['devices'])}, "
                     f"{res['dtype'].removeprefix('torch.')}")
     for col in ("cache", "bits/channel", "new tokens", "tokens/s", "cache MiB", "same as full precision"):
         t.add_column(col, justify="right")
@@ -69,7 +69,9 @@ def generate_cmd(
     line = f"{cq['cache']}, {res['decoding']}: attention ran on {ran}"
     if res["cuda_graphs"]:
         n = cq["graph_replays"]
-        line += (f"; {n} decode steps replayed as a CUDA graph" if n else
+        per = f"one CUDA graph per run of layers on each of {len(res['devices'])} GPUs" if len(res["devices"]) > 1 \
+            else "a CUDA graph"
+        line += (f"; {n} decode steps replayed as {per}" if n else
                  "; no CUDA graph was captured (3 new tokens or fewer: all steps ran as warm-up)")
     if "tokens_agreeing" in cq:
         fp = res["runs"][1]
