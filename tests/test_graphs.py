@@ -301,3 +301,47 @@ def test_greedy_graph_path_on_the_cpu():
     eos = ref[4]
     cut, _, _ = decode_graph(model, ids, static_cache(model, "cq", 25, cb), 10, eos, graph=False)
     assert cut == ref[: ref.index(eos) + 1]
+
+
+def test_dispatched_blocks_of_a_device_map():
+    """The blocks StaticDecoder captures one graph per GPU run for: none for a model on one device, each device_map
+    entry's module otherwise; a block off the GPUs is a clear error."""
+    from cqtool.graphs import dispatched_blocks
+
+    model = tiny_model("llama")
+    assert dispatched_blocks(model) == []
+    model.hf_device_map = {"": 0}
+    assert dispatched_blocks(model) == []
+    model.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cuda:1", "model.norm": 1,
+                           "model.rotary_emb": 0, "lm_head": 1}
+    blocks = dispatched_blocks(model)
+    assert [(m, str(d)) for m, d in blocks] == [
+        (model.model.embed_tokens, "cuda:0"), (model.model.layers[0], "cuda:0"), (model.model.layers[1], "cuda:1"),
+        (model.model.norm, "cuda:1"), (model.model.rotary_emb, "cuda:0"), (model.lm_head, "cuda:1")]
+    model.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", "model.norm": "cpu",
+                           "model.rotary_emb": 0, "lm_head": "cpu"}
+    with pytest.raises(ConfigError, match=r"every block on a GPU \(device_map puts model.layers.1 on cpu\)"):
+        dispatched_blocks(model)
+
+
+def test_cache_replicas_for_graphs_per_gpu():
+    """CQCache's state read outside the layers' arguments (this step's rows, the ring's rows, the positions), as the
+    layers on another device see it: the tensor itself on its own device; a copy made per call in eager decoding;
+    the copy replica_pairs registers, until drop_replicas, when one graph per GPU is replayed ("meta" stands in for
+    a second GPU)."""
+    model = tiny_model("llama")
+    cb = make_codebook(ModelInfo.from_config(model.config, "tiny"))
+    cache = static_cache(model, "cq", 40, cb, window=8)
+    dec = StaticDecoder(model, cache, 40, graph=False)
+    dec.decode(dec.prefill(torch.randint(0, 512, (2, 21))), 3)
+    for name in CQCache.REPLICATED:
+        assert cache.on_device(name, "cpu") is getattr(cache, name)
+    assert cache.replica_pairs("cpu") == []
+    eager = cache.on_device("positions", "meta")
+    assert eager.device.type == "meta" and eager.shape == cache.positions.shape
+    pairs = cache.replica_pairs("meta")
+    assert [src is getattr(cache, n) for (src, _), n in zip(pairs, CQCache.REPLICATED)] == [True] * 3
+    for name, (_, rep) in zip(CQCache.REPLICATED, pairs):
+        assert rep.device.type == "meta" and cache.on_device(name, "meta") is rep and cache.replica(name, "meta") is rep
+    cache.drop_replicas()
+    assert cache.replica("positions", "meta") is None and cache.on_device("positions", "meta") is not pairs[2][1]
