@@ -693,7 +693,8 @@ def run_graph_generation(kind: str, setup: GenSetup, B: int) -> dict:
         dec.decode(first, setup.new_tokens)
         tm = dec.timings
         rec = {"cache": kind, "batch": B, "prompt": setup.prompt, "new_tokens": setup.new_tokens, "graph": tm["graph"],
-               "timed_steps": tm["steps"], "graphs_per_step": tm.get("graphs_per_step", 1), "prefill_s": t_prefill, "decode_s": tm["seconds"],
+               "timed_steps": tm["steps"], "graphs_per_step": tm.get("graphs_per_step", 1), "prefill_s": t_prefill,
+               "decode_s": tm["seconds"],
                "decode_tok_s": B * tm["steps"] / tm["seconds"], "ms_per_step": 1e3 * tm["seconds"] / tm["steps"],
                "peak_gib": max(setup.peaks()) / 2**30, "cache_gib": held_bytes(cache) / 2**30}
         setup.records.append(rec)
