@@ -403,8 +403,7 @@ class CQCache(Cache):
             t = getattr(self, name)
             if t is None or t.device == torch.device(device):
                 continue
-            rep = torch.empty_like(t, device=device)
-            rep.copy_(t)
+            rep = torch.empty_like(t, device=device)  # filled by the caller's copy before each replay
             self._replicas[(name, str(torch.device(device)))] = rep
             pairs.append((t, rep))
         return pairs

@@ -194,7 +194,7 @@ class StaticDecoder:
     def decode(self, first: torch.Tensor, steps: int, warmup: int = 2) -> torch.Tensor:
         """`steps` new tokens [B, steps] (greedy or sampled) after `first` [B, 1] (the token prefill returned, fed as
         the first input)."""
-        B, P = self.batch, self.length
+        P = self.length
         if steps < 1:
             raise ConfigError(f"steps {steps}: must be at least 1")
         if P + steps > self.capacity:
@@ -202,23 +202,11 @@ class StaticDecoder:
         if self.blocks:
             return self._decode_spread(first, steps, warmup)
         dev = self.device
-        ids = first.clone()
-        pos = torch.full((B, 1), P, dtype=torch.long, device=dev)
-        row = torch.tensor([P], dtype=torch.long, device=dev)  # the new token's row, in the cache and the mask
-        mask = torch.zeros(B, 1, 1, self.capacity, dtype=torch.bool, device=dev)
-        mask[..., :P] = True
-        out = torch.zeros(B, steps, dtype=torch.long, device=dev)
-        i = torch.zeros(1, dtype=torch.long, device=dev)
+        mask, feed = self._step_inputs(first, steps)
 
         def step():
-            mask.index_fill_(3, row, True)
-            logits = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, **self.kw).logits
-            nxt = next_token(logits[:, -1], self.sampling)
-            out.index_copy_(1, i, nxt)
-            ids.copy_(nxt)
-            pos.add_(1)
-            row.add_(1)
-            i.add_(1)
+            mask.index_fill_(3, feed.row, True)
+            feed(self.model(input_ids=feed.ids, position_ids=feed.pos, attention_mask=mask, **self.kw).logits[:, -1])
 
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         eager = steps if not self.graph else min(warmup, steps)
@@ -249,7 +237,19 @@ class StaticDecoder:
             self.timings = {"steps": replays, "seconds": time.perf_counter() - t0, "graph": True}
             del g
         self._finish(steps)
-        return out
+        return feed.out
+
+    def _step_inputs(self, first: torch.Tensor, steps: int) -> tuple[torch.Tensor, "_Feed"]:
+        """The buffers a decode step reads and advances in place, on the model's first device: the 4D mask [B, 1, 1,
+        capacity] (the rows held so far), and the _Feed that holds the input token, its position and row, and
+        writes the new tokens to its `out` [B, steps]."""
+        B, P, dev = self.batch, self.length, self.device
+        mask = torch.zeros(B, 1, 1, self.capacity, dtype=torch.bool, device=dev)
+        mask[..., :P] = True
+        pos = torch.full((B, 1), P, dtype=torch.long, device=dev)
+        row = torch.tensor([P], dtype=torch.long, device=dev)  # the new token's row, in the cache and the mask
+        out = torch.zeros(B, steps, dtype=torch.long, device=dev)
+        return mask, _Feed(first.clone(), pos, row, out, self.sampling)
 
     def _finish(self, steps: int) -> None:
         """After `steps` decode steps: the host's count of cached tokens (a replayed graph advances only the device's)."""
@@ -262,31 +262,21 @@ class StaticDecoder:
         forward, whose accelerate hook would copy the logits back to the first GPU inside the last capture), then a
         _Feed block on the first GPU, where the eager forward returns the logits: it picks the token there (from that
         GPU's random numbers, as the eager decode does) and feeds it back. Replays are _GraphPerDevice's graphs."""
-        B, P = self.batch, self.length
         dev = self.device
         decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
         kw = {cache_kwarg(decoder): self.cache, "use_cache": True}
-        ids = first.clone()
-        pos = torch.full((B, 1), P, dtype=torch.long, device=dev)
-        row = torch.tensor([P], dtype=torch.long, device=dev)
-        mask = torch.zeros(B, 1, 1, self.capacity, dtype=torch.bool, device=dev)
-        mask[..., :P] = True
-        feed = _Feed(ids, pos, row, torch.zeros(B, steps, dtype=torch.long, device=dev), self.sampling)
+        mask, feed = self._step_inputs(first, steps)
         blocks = self.blocks + [(feed, dev)]
         devices = list(dict.fromkeys(d for _, d in blocks))
 
         def step() -> None:
-            mask.index_fill_(3, row, True)
-            hidden = decoder(input_ids=ids, position_ids=pos, attention_mask=mask, **kw).last_hidden_state
+            mask.index_fill_(3, feed.row, True)
+            hidden = decoder(input_ids=feed.ids, position_ids=feed.pos, attention_mask=mask, **kw).last_hidden_state
             feed(head(hidden[:, -1:])[:, -1])
-
-        def sync():
-            for d in devices:
-                torch.cuda.synchronize(d)
 
         streams = {d: torch.cuda.Stream(d) for d in devices}
         eager = min(warmup, steps)
-        sync()
+        sync_all()
         t0 = time.perf_counter()
         with contextlib.ExitStack() as ctx:  # warm-up on the streams the captures will use
             for d in devices:
@@ -297,13 +287,13 @@ class StaticDecoder:
                 step()
         for d in devices:
             torch.cuda.current_stream(d).wait_stream(streams[d])
-        sync()
+        sync_all()
         self.timings = {"steps": eager, "seconds": time.perf_counter() - t0, "graph": False, "gpus": len(devices)}
         replays = steps - eager
         if replays:
             cap = _GraphPerDevice(blocks, streams, getattr(self.cache, "replica_pairs", lambda d: []))
             try:
-                sync()
+                sync_all()
                 try:
                     cap.begin(dev)
                     step()
@@ -315,11 +305,11 @@ class StaticDecoder:
                     raise
                 finally:
                     cap.close()
-                sync()
+                sync_all()
                 t0 = time.perf_counter()
                 for _ in range(replays):
                     cap.replay()
-                sync()
+                sync_all()
                 self.timings = {"steps": replays, "seconds": time.perf_counter() - t0, "graph": True,
                                 "gpus": len(devices), "graphs_per_step": len(cap.segments)}
             finally:
@@ -331,8 +321,9 @@ class StaticDecoder:
 
 
 class _Feed(torch.nn.Module):
-    """The end of a decode step on a model spread over GPUs, as a block of its own on the first GPU: the next token
-    from the logits (moved there), written to `out`, fed back as the next input; position and row advanced."""
+    """The end of a decode step: the next token from the logits (moved to the first GPU, where the eager forward
+    returns them), written to `out`, fed back as the next input; position and row advanced. A module so that, for a
+    model spread over GPUs, it is a block of its own on the first GPU (StaticDecoder._decode_spread)."""
 
     def __init__(self, ids, pos, row, out, sampling: Sampling):
         super().__init__()
