@@ -227,7 +227,7 @@ class StaticDecoder:
         replays = steps - eager
         if replays:
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
+            with torch.cuda.graph(g, stream=side):  # the warm-up's stream: the kernels' workspace is per stream
                 step()
             sync()
             t0 = time.perf_counter()

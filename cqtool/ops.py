@@ -342,8 +342,10 @@ def key_ranges(attention_mask, B: int, Q: int, S: int, start: int, device) -> to
     transformers' masks for causal LMs (left padding, causal) allow a contiguous range of keys per query; None
     means causal without padding. Memoised on the mask object: all layers of a forward share one mask.
     """
-    # the mask's version too: a static decode (graphs.StaticDecoder) passes one mask, written in place every step
-    key = (B, Q, S, start, str(device), getattr(attention_mask, "_version", None))
+    # the mask's version too: a static decode (graphs.StaticDecoder) passes one mask, written in place every step;
+    # and the stream: micro-batches on their own streams (pipeline.MicroBatches) must not read each other's ranges
+    stream = torch.cuda.current_stream(device).stream_id if torch.device(device).type == "cuda" else None
+    key = (B, Q, S, start, str(device), getattr(attention_mask, "_version", None), stream)
     if _range_memo[2] is not None and _range_memo[0] is attention_mask and _range_memo[1] == key:
         return _range_memo[2]
     if attention_mask is None:
