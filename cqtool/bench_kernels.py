@@ -10,7 +10,8 @@ prefill_bench: causal attention over a whole sequence from codes (prefill / eval
 generate_bench: greedy generation with a Llama-2-7b-shaped model with random weights, CQ cache vs DynamicCache
     (bf16): the same batch with a real 2K prefill, and each cache at the largest batch that fits the memory cap; with
     gpus > 1 the model's layers are spread over that many GPUs (accelerate's dispatch, as `device_map` does) and each
-    layer's cache lives on its layer's GPU.
+    layer's cache lives on its layer's GPU; with micro_batches > 1 the eager decode's batch is cut into micro-batches
+    pipelined over those GPUs (pipeline.MicroBatches), so that the second GPU adds throughput, not only memory.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import torch
 from . import ops, quant
 from .config import ConfigError, QuantSpec
 from .models import cache_kwarg
+from .pipeline import MicroBatches, split_batch
 
 DEFAULT_SHAPES = ((8, 32768), (1, 4096), (1, 32768), (32, 8192))
 DEFAULT_SPECS = ("8c8b", "4c8b")
@@ -463,6 +465,7 @@ class GenSetup:
     window: int = 0  # CQ: most recent tokens also kept in full precision
     records: list = field(default_factory=list)
     gpus: int = 1  # the model's layers spread over cuda:0 .. cuda:gpus-1
+    micro: int = 1  # eager decode: micro-batches pipelined over the GPUs (pipeline.MicroBatches), each with its cache
 
     def sync(self) -> None:
         for d in range(self.gpus):
@@ -544,6 +547,16 @@ def _decode(model, cache, tok: torch.Tensor, steps: int, sync=torch.cuda.synchro
 
 
 @torch.no_grad()
+def _decode_micro(pipe: MicroBatches, caches: list, toks: list, steps: int, setup: GenSetup) -> tuple[float, list]:
+    """_decode for micro-batches pipelined over the GPUs (pipeline.MicroBatches): (seconds, tokens of each)."""
+    setup.sync()
+    t0 = time.perf_counter()
+    toks = pipe.decode(caches, toks, steps)
+    setup.sync()
+    return time.perf_counter() - t0, toks
+
+
+@torch.no_grad()
 def run_generation(kind: str, setup: GenSetup, B: int, real_prefill: bool = True, steps: int | None = None) -> dict:
     """Prefill `prompt` tokens (real forward in chunks, or synthetic random K/V) then greedy decode."""
     from .cache import held_bytes
@@ -551,37 +564,57 @@ def run_generation(kind: str, setup: GenSetup, B: int, real_prefill: bool = True
     model = setup.model
     steps = setup.new_tokens if steps is None else steps
     setup.reset_peak()
-    cache = _make_cache(kind, setup)
+    rows = split_batch(B, setup.micro) if setup.micro > 1 else [slice(0, B)]
+    pipe = MicroBatches(model, setup.micro) if setup.micro > 1 else None
+    caches = [_make_cache(kind, setup) for _ in rows]  # one per micro-batch
+
+    def on(m):  # micro-batch m's cache is filled on its own streams (pipeline.MicroBatches)
+        return pipe.on(m) if pipe else contextlib.nullcontext()
+
     try:
         setup.sync()
         t0 = time.perf_counter()
+        if pipe:
+            pipe.fork()
+        toks = []
         if real_prefill:
             g = torch.Generator(device="cuda").manual_seed(2)
             ids = torch.randint(0, model.config.vocab_size, (B, setup.prompt), generator=g, device="cuda")
-            kw = {cache_kwarg(model): cache, "use_cache": True}
-            for s in range(0, setup.prompt, setup.chunk):
-                logits = model(input_ids=ids[:, s : s + setup.chunk], **kw, logits_to_keep=1).logits
-            tok = logits[:, -1:].argmax(-1)
+            for m, (cache, r) in enumerate(zip(caches, rows)):  # micro-batches one after the other
+                with on(m):
+                    kw = {cache_kwarg(model): cache, "use_cache": True}
+                    for s in range(0, setup.prompt, setup.chunk):
+                        logits = model(input_ids=ids[r, s : s + setup.chunk], **kw, logits_to_keep=1).logits
+                    toks.append(logits[:, -1:].argmax(-1))
+            setup.sync()  # before `ids` is freed: the micro-batch streams read it
             del ids, logits
         else:
-            _synthetic_fill(kind, cache, setup, B, setup.prompt)
-            tok = torch.zeros(B, 1, dtype=torch.long, device="cuda")
+            for m, (cache, r) in enumerate(zip(caches, rows)):
+                with on(m):
+                    _synthetic_fill(kind, cache, setup, r.stop - r.start, setup.prompt)
+                    toks.append(torch.zeros(r.stop - r.start, 1, dtype=torch.long, device="cuda"))
         if kind != "dynamic":
-            _pregrow(cache, setup.prompt + steps + 1)
+            for m, cache in enumerate(caches):
+                with on(m):
+                    _pregrow(cache, setup.prompt + steps + 1)
         setup.sync()
         t_prefill = time.perf_counter() - t0
-        t_dec, _ = _decode(model, cache, tok, steps, setup.sync)
+        if pipe:
+            t_dec, _ = _decode_micro(pipe, caches, toks, steps, setup)
+        else:
+            t_dec, _ = _decode(model, caches[0], toks[0], steps, setup.sync)
         peaks = setup.peaks()
-        rec = {"cache": kind, "batch": B, "prompt": setup.prompt, "new_tokens": steps, "real_prefill": real_prefill,
+        rec = {"cache": kind, "batch": B, "micro_batches": setup.micro, "prompt": setup.prompt, "new_tokens": steps,
+               "real_prefill": real_prefill,
                "prefill_s": t_prefill, "decode_s": t_dec, "decode_tok_s": B * steps / t_dec,
                "end_to_end_tok_s": B * steps / (t_prefill + t_dec) if real_prefill else None,
                "peak_gib": max(peaks) / 2**30,  # of the fullest GPU
                **({"peak_gib_per_gpu": [b / 2**30 for b in peaks]} if setup.gpus > 1 else {}),
-               "cache_gib": held_bytes(cache) / 2**30}
+               "cache_gib": sum(held_bytes(c) for c in caches) / 2**30}
         setup.records.append(rec)
         return rec
     finally:
-        del cache
+        del caches
         _drop_taps(model)
 
 
@@ -600,15 +633,18 @@ def peak_bytes(kind: str, setup: GenSetup, B: int, probe_steps: int = 2) -> int:
 
 
 def run_at_max_batch(kind: str, setup: GenSetup, cap_bytes: float, limit: int, say=None) -> tuple[int, dict | None]:
-    """Largest batch that fits: per-sequence memory from two small probes predicts it, then an untimed and a timed
-    run start there and step down 4% at a time on out-of-memory until both complete."""
+    """Largest batch that fits: per-sequence memory from two probes (16 and 32 sequences: at 4 and 8 the allocator's
+    rounding made CQ's 40 MiB per sequence read 55 on two GPUs, and the prediction 20% low) predicts it, then an
+    untimed and a timed run start there and step down 4% at a time on out-of-memory until both complete (with
+    micro-batches, a batch has at least one row per micro-batch)."""
     say = say or (lambda *_: None)
-    p1, p2 = peak_bytes(kind, setup, 4), peak_bytes(kind, setup, 8)
-    per_seq = max(1.0, (p2 - p1) / 4)
-    fixed = p1 - 4 * per_seq
-    b = max(1, min(limit, int((0.97 * cap_bytes - fixed) / per_seq)))
+    b1 = max(16, setup.micro)
+    p1, p2 = peak_bytes(kind, setup, b1), peak_bytes(kind, setup, 2 * b1)
+    per_seq = max(1.0, (p2 - p1) / b1)
+    fixed = p1 - b1 * per_seq
+    b = max(setup.micro, min(limit, int((0.97 * cap_bytes - fixed) / per_seq)))
     say(f"{kind}: {per_seq / 2**20:.1f} MiB per sequence, predicted max batch {b}")
-    while b >= 1:
+    while b >= setup.micro:
         try:
             run_generation(kind, setup, b, real_prefill=False)  # untimed: a first run at a new size is slow
             setup.records.pop()
@@ -620,6 +656,23 @@ def run_at_max_batch(kind: str, setup: GenSetup, cap_bytes: float, limit: int, s
             _release()
             b = int(b * 0.96)
     return 0, None
+
+
+def _unpipelined(kind: str, setup: GenSetup, B: int, say) -> dict:
+    """The baseline of pipelining: batch B decoded as one (no micro-batches), an untimed then a timed run."""
+    keep = setup.micro
+    try:
+        setup.micro = 1
+        say(f"{kind}: batch {B} without micro-batches (the pipelining baseline)")
+        run_generation(kind, setup, B, real_prefill=False)
+        setup.records.pop()
+        return run_generation(kind, setup, B, real_prefill=False)
+    except torch.OutOfMemoryError:
+        say(f"{kind}: batch {B} without micro-batches OOM")
+        _release()
+        return None
+    finally:
+        setup.micro = keep
 
 
 @torch.no_grad()
@@ -712,7 +765,7 @@ def _graph_same_batch(setup: GenSetup, batch: int, repeats: int, say) -> dict:
 def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, spec: str = "8c8b", layers: int = 32,
                    memory_gb: float = 80.0, search: bool = True, max_search: int = 2048, progress=None,
                    kv_heads: int = 32, repeats: int = 3, window: int = 0, gpus: int = 1,
-                   same_batch: bool = True, graphs: bool = False) -> dict:
+                   same_batch: bool = True, graphs: bool = False, micro_batches: int = 1) -> dict:
     """Every timed run is preceded by an untimed run of the same cache at the same batch and length: the first run at
     a new size is slow (DynamicCache, whose tensors grow by torch.cat at every step, ran 3x slower in its first run on
     the H100, cause not found; not the allocator). Same batch: `repeats` paired timed runs (DynamicCache then
@@ -722,7 +775,9 @@ def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, sp
     mode (_graph_same_batch). Largest batch (search): one
     timed run per cache, after an untimed one. gpus > 1: the
     layers spread over cuda:0 .. cuda:gpus-1 (spread_model), memory_gb is the cap of each GPU and a batch fits when
-    the fullest GPU stays under it."""
+    the fullest GPU stays under it. micro_batches > 1 (with gpus > 1): every eager decode (not the graph runs) cuts
+    its batch into that many micro-batches pipelined over the GPUs (pipeline.MicroBatches), and the largest-batch
+    part also times each cache's batch decoded as one, in the same run (the pipelining's baseline)."""
     if kv_heads < 1 or 32 % kv_heads:
         raise ConfigError(f"--kv-heads {kv_heads}: must divide the 32 query heads")
     _check_positive(batch=batch, prompt=prompt, new_tokens=new_tokens, layers=layers, repeats=repeats,
@@ -731,6 +786,13 @@ def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, sp
         raise ConfigError(f"--memory-gb {memory_gb}: must be above 0")
     _check_window(window)
     layer_device_map(layers, gpus)  # checks gpus against the layers
+    if micro_batches < 1:
+        raise ConfigError(f"--micro-batches {micro_batches}: must be at least 1")
+    if micro_batches > 1 and gpus < 2:
+        raise ConfigError(f"--micro-batches {micro_batches}: micro-batches are pipelined over the GPUs of a model "
+                          f"split by layers; needs --gpus 2 or more (got {gpus})")
+    if same_batch and micro_batches > batch:
+        raise ConfigError(f"--micro-batches {micro_batches}: at most --batch ({batch}), one row per micro-batch")
     if not (same_batch or search or graphs):
         raise ConfigError("--no-same-batch with --no-search and no --graphs: nothing to measure")
     if graphs and new_tokens < 3:
@@ -755,19 +817,20 @@ def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, sp
         info["devices"] = [torch.cuda.get_device_name(d) for d in range(gpus)]
     say("building the model" + (f" (layers spread over {gpus} GPUs)" if gpus > 1 else ""))
     model = spread_model(random_llama(layers, kv_heads=kv_heads), gpus)
-    setup = GenSetup(model, random_codebook(model, QuantSpec.parse(spec)), prompt, new_tokens, window=window, gpus=gpus)
+    setup = GenSetup(model, random_codebook(model, QuantSpec.parse(spec)), prompt, new_tokens, window=window, gpus=gpus,
+                     micro=micro_batches)
     from .cache import prepare_model
 
     prepare_model(model)  # both caches run under the "cq" attention (SDPA for dense K/V)
-    out: dict = {**info, "memory_cap_gb": memory_gb, "spec": spec, "window": window, "layers": layers, "kv_heads": kv_heads,
+    out: dict = {**info, "memory_cap_gb": memory_gb, "micro_batches": micro_batches, "spec": spec, "window": window, "layers": layers, "kv_heads": kv_heads,
                  "prompt": prompt,
                  "new_tokens": new_tokens, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
     say("warm-up (kernel build, cuBLAS handles, allocator)")
     warm = GenSetup(model, setup.codebook, prompt=min(prompt, 256), new_tokens=4, chunk=setup.chunk, window=window,
-                    gpus=gpus)
+                    gpus=gpus, micro=micro_batches)
     for kind in ("dynamic", "cq"):
-        run_generation(kind, warm, 2)
-        run_generation(kind, warm, 2, real_prefill=False)
+        run_generation(kind, warm, max(2, micro_batches))
+        run_generation(kind, warm, max(2, micro_batches), real_prefill=False)
     if same_batch:
         out["same_batch"] = _same_batch(setup, batch, repeats, say)
     if graphs:
@@ -779,6 +842,11 @@ def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, sp
         out["max_batch"] = {"dynamic": mdyn, "cq": mcq, "dynamic_batch": bd, "cq_batch": bc,
                             "search_limit": max_search,
                             "throughput_ratio": (mcq["decode_tok_s"] / mdyn["decode_tok_s"]) if mdyn and mcq else None}
+        if micro_batches > 1:
+            base = {k: _unpipelined(k, setup, b, say) for k, b, rec in (("dynamic", bd, mdyn), ("cq", bc, mcq)) if rec}
+            out["max_batch"]["unpipelined"] = base
+            out["max_batch"]["pipeline_speedup"] = {
+                k: out["max_batch"][k]["decode_tok_s"] / r["decode_tok_s"] for k, r in base.items() if r}
     out["kernels"] = ops.kernel_status()
     out["records"] = setup.records
     return out

@@ -423,3 +423,56 @@ def test_same_batch_pairs_and_median(monkeypatch):
     assert sb["decode_speedup_runs"] == [1.5, 3.0, 2.0] and sb["decode_speedup"] == 2.0
     assert sb["cq"]["decode_tok_s"] == 200.0 and sb["repeats"] == 3 and len(sb["runs"]) == 3
     assert len(setup.records) == 6  # the untimed runs' records are dropped
+
+
+def test_generate_bench_bad_micro_batches():
+    """Checked before the GPU is looked for: one error line on any machine."""
+    assert_user_error(run("bench", "generate", "--micro-batches", "0"), "--micro-batches 0", "at least 1")
+    assert_user_error(run("bench", "generate", "--micro-batches", "2"), "--micro-batches 2", "--gpus 2")
+    assert_user_error(run("bench", "generate", "--micro-batches", "9", "--gpus", "2", "--batch", "8"),
+                      "--micro-batches 9", "--batch (8)")
+
+
+def test_split_batch_rows():
+    from cqtool.config import ConfigError
+    from cqtool.pipeline import split_batch
+
+    assert split_batch(5, 2) == [slice(0, 3), slice(3, 5)]
+    assert split_batch(7, 3) == [slice(0, 3), slice(3, 5), slice(5, 7)]
+    assert split_batch(4, 1) == [slice(0, 4)] and split_batch(3, 3) == [slice(0, 1), slice(1, 2), slice(2, 3)]
+    for batch, parts in ((3, 4), (3, 0)):
+        with pytest.raises(ConfigError, match=f"{parts} micro-batches of a batch of {batch}"):
+            split_batch(batch, parts)
+
+
+def test_largest_batch_with_micro_batches(monkeypatch):
+    """The largest-batch search with micro-batches (CPU, run_generation stood in): probes of at least one row per
+    micro-batch, no batch below the number of micro-batches, and the pipelining baseline decodes the batch as one
+    (micro 1) then restores the setting."""
+    import torch
+
+    from cqtool import bench_kernels as bk
+
+    seen = []
+
+    def fake(kind, setup, B, real_prefill=True, steps=None):
+        seen.append((B, setup.micro))
+        if B > 40:
+            raise torch.OutOfMemoryError("fake")
+        rec = {"cache": kind, "batch": B, "micro_batches": setup.micro, "decode_tok_s": 10.0 * B / setup.micro}
+        setup.records.append(rec)
+        return rec
+
+    monkeypatch.setattr(bk, "run_generation", fake)
+    monkeypatch.setattr(bk, "_release", lambda: None)
+    peaks = iter([400, 400 + 16 * 10, 0])  # 10 bytes per sequence, 240 fixed
+    monkeypatch.setattr(bk.GenSetup, "peaks", lambda self: [next(peaks)])
+    setup = bk.GenSetup(model=None, codebook=None, micro=6)
+    b, rec = bk.run_at_max_batch("cq", setup, cap_bytes=1000, limit=500)
+    assert seen[:2] == [(16, 6), (32, 6)]  # probes: max(16, micro) rows, then twice that
+    assert seen[2] == (73, 6)  # (0.97 * 1000 - 240) / 10, then 4% less per OOM (above 40 rows) down to 39
+    assert b == 39 and rec["micro_batches"] == 6 and all(m == 6 for _, m in seen)
+    base = bk._unpipelined("cq", setup, b, lambda *_: None)
+    assert base["micro_batches"] == 1 and base["batch"] == 39 and setup.micro == 6
+    seen.clear()
+    assert bk._unpipelined("cq", setup, 41, lambda *_: None) is None and setup.micro == 6  # OOM: no baseline

@@ -6,6 +6,8 @@ Marked `cuda`; skipped unless two or more GPUs are visible.
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -237,3 +239,90 @@ def test_graph_bench_over_gpus():
         rec = run_graph_generation(kind, setup, 2)
         assert rec["graph"] and rec["timed_steps"] == 6 and rec["graphs_per_step"] == N_GPUS + 1, rec
         assert rec["ms_per_step"] > 0
+
+
+@pytest.mark.parametrize("kind,window", [("cq", 0), ("cq", 16), ("dynamic", 0)])
+def test_micro_batches_pipelined_over_gpus(kind, window):
+    """pipeline.MicroBatches on a tiny model spread over two GPUs: micro-batches decoded in turn, each on its own
+    streams, give the tokens of each micro-batch decoded alone on the default streams; no decode step synchronises
+    the host (a sync would stop the host from queueing the next micro-batch while the GPUs work)."""
+    from transformers import DynamicCache
+    from test_codebook import make_codebook
+
+    from cqtool.cache import CQCache
+    from cqtool.config import QuantSpec
+    from cqtool.models import ModelInfo
+    from cqtool.pipeline import MicroBatches, split_batch
+
+    spread, single = _spread_tiny(kv_heads=2)
+    cb = make_codebook(ModelInfo.from_config(single.config, "tiny"), QuantSpec(8, 8))
+    ids = torch.randint(0, 512, (5, 300), generator=torch.Generator().manual_seed(3)).to("cuda:0")
+    rows, key, steps = split_batch(5, 2), cache_kwarg(spread), 12
+
+    def prefilled(pipe=None):  # with a pipeline: each micro-batch's cache filled on its streams, as it asks
+        caches, toks = [], []
+        for m, r in enumerate(rows):
+            cache = CQCache(spread, cb, window=window) if kind == "cq" else DynamicCache()
+            with torch.no_grad(), pipe.on(m) if pipe else contextlib.nullcontext():
+                logits = spread(input_ids=ids[r], **{key: cache}, use_cache=True).logits
+                toks.append(logits[:, -1:].argmax(-1))
+            caches.append(cache)
+        return caches, toks
+
+    alone = []
+    for cache, tok in zip(*prefilled()):
+        seq = []
+        with torch.no_grad():
+            for _ in range(steps):
+                tok = spread(input_ids=tok, **{key: cache}, use_cache=True).logits[:, -1:].argmax(-1)
+                seq.append(tok.to("cuda:0"))
+        alone.append(torch.cat(seq, 1))
+
+    pipe = MicroBatches(spread, 2)
+    pipe.fork()
+    caches, toks = prefilled(pipe)
+    assert pipe.devices == [torch.device("cuda:0"), torch.device(f"cuda:{N_GPUS - 1}")]
+    ops.KERNELS_RUN.clear()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = pipe.decode(caches, toks, steps)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for d in pipe.devices:
+        torch.cuda.synchronize(d)
+    if kind == "cq":
+        assert any(k.startswith("decode") for k in ops.KERNELS_RUN), ops.KERNELS_RUN
+        assert {str(layer.k_codes.device) for layer in caches[1].layers} == {"cuda:0", f"cuda:{N_GPUS - 1}"}
+    assert [g.shape for g in got] == [(3, steps), (2, steps)]
+    for g, a in zip(got, alone):
+        assert torch.equal(g, a)
+
+
+
+def test_bench_generate_micro_batches(tmp_path):
+    """`bench generate --gpus N --micro-batches 2`: every eager run is pipelined (records say 2 micro-batches), the
+    largest-batch part also times each cache's batch decoded as one, and prints the ratio; the CQ cache's bytes are
+    those of both micro-batches' caches."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cqtool.cli import app
+
+    r = CliRunner().invoke(app, ["bench", "generate", "--layers", str(2 * N_GPUS), "--gpus", str(N_GPUS), "--batch", "5",
+                                 "--prompt", "64", "--new-tokens", "4", "--repeats", "1", "--micro-batches", "2",
+                                 "--max-batch", "12", "--json", str(tmp_path / "m.json")])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "m.json").read_text())
+    assert res["micro_batches"] == 2
+    sb, mb = res["same_batch"], res["max_batch"]
+    assert sb["cq"]["micro_batches"] == sb["dynamic"]["micro_batches"] == 2 and sb["cq"]["batch"] == 5
+    assert mb["cq_batch"] == mb["dynamic_batch"] == 12  # the search limit: both fit on these GPUs
+    for kind in ("cq", "dynamic"):
+        base = mb["unpipelined"][kind]
+        assert base["micro_batches"] == 1 and base["batch"] == 12
+        assert mb["pipeline_speedup"][kind] == pytest.approx(mb[kind]["decode_tok_s"] / base["decode_tok_s"], rel=1e-3)
+        assert base["cache_gib"] == pytest.approx(mb[kind]["cache_gib"], rel=0.05)
+    out = " ".join(r.output.split())  # rich wraps long lines
+    assert f"2 micro-batches pipelined over {N_GPUS} GPUs decode" in out and "the batch decoded as one" in out

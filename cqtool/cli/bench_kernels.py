@@ -161,6 +161,9 @@ def generate_cmd(
                                            "GPU); --memory-gb is then the cap of each GPU")] = 1,
     graphs: Annotated[bool, typer.Option(help="Also at --batch with decode steps replayed as CUDA graphs: CQ vs "
                                               "transformers' StaticCache (with --window and --gpus too: one graph per GPU)")] = False,
+    micro_batches: Annotated[int, typer.Option(help="With --gpus 2+: cut each eager decode's batch into this many "
+                                                    "micro-batches pipelined over the GPUs (the largest-batch part also "
+                                                    "times the batch decoded as one)")] = 1,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Save results as JSON")] = None,
 ):
     """Generation with a random Llama-2-7b-shaped model: CQ cache vs DynamicCache bf16 (tokens/s, peak memory)."""
@@ -171,9 +174,10 @@ def generate_cmd(
 
     res = generate_bench(batch, prompt, new_tokens, spec, layers, memory_gb, search, max_batch,
                          progress=lambda m: console.print(f"[dim]{m}[/]"), kv_heads=kv_heads, repeats=repeats,
-                         window=window, gpus=gpus, same_batch=same_batch, graphs=graphs)
+                         window=window, gpus=gpus, same_batch=same_batch, graphs=graphs, micro_batches=micro_batches)
     kv = f", {kv_heads} kv heads" if kv_heads != 32 else ""
     kv += f", CQ window {window}" if window else ""
+    kv += f", {micro_batches} micro-batches pipelined" if micro_batches > 1 else ""
     t = Table(title=f"generation, Llama-2-7b shape ({layers} layers{kv}, random weights), {prompt}+{new_tokens} tokens, "
                     f"CQ-{spec}, {res['device']}" + (f" x {gpus}" if gpus > 1 else ""))
     peak_col = "peak GiB" if gpus == 1 else "peak GiB (fullest GPU)"
@@ -190,6 +194,8 @@ def generate_cmd(
         rows += [(run, r["static"]), (run, r["cq"])]
     if "max_batch" in res:
         rows += [("largest batch", res["max_batch"]["dynamic"]), ("largest batch", res["max_batch"]["cq"])]
+        for kind, r in res["max_batch"].get("unpipelined", {}).items():
+            rows.append(("largest batch, as one", r))  # the pipelining baseline: no micro-batches
     for run, r in rows:
         if r is None:
             continue
@@ -215,6 +221,10 @@ def generate_cmd(
         cap = f"{memory_gb:g} GB" if gpus == 1 else f"{gpus} x {memory_gb:g} GB"
         console.print(f"largest batch within {cap}: DynamicCache {mb['dynamic_batch']}, CQ {mb['cq_batch']}"
                       f" (search limit {mb['search_limit']}); decode throughput {mb['throughput_ratio']:.2f}x")
+    for kind, x in res.get("max_batch", {}).get("pipeline_speedup", {}).items():
+        name = "CQ" if kind == "cq" else "DynamicCache"
+        console.print(f"{name} at batch {res['max_batch'][kind]['batch']}: {micro_batches} micro-batches pipelined over "
+                      f"{gpus} GPUs decode {x:.2f}x the tokens/s of the batch decoded as one (same run)")
     if json_out:
         write_json(json_out, round_floats(res))
         console.print(f"wrote {json_out}")
