@@ -574,12 +574,13 @@ def run_generation(kind: str, setup: GenSetup, B: int, real_prefill: bool = True
     try:
         setup.sync()
         t0 = time.perf_counter()
-        if pipe:
-            pipe.fork()
-        toks = []
         if real_prefill:
             g = torch.Generator(device="cuda").manual_seed(2)
             ids = torch.randint(0, model.config.vocab_size, (B, setup.prompt), generator=g, device="cuda")
+        if pipe:
+            pipe.fork()  # the micro-batch streams wait for the prompt (and all else queued so far)
+        toks = []
+        if real_prefill:
             for m, (cache, r) in enumerate(zip(caches, rows)):  # micro-batches one after the other
                 with on(m):
                     kw = {cache_kwarg(model): cache, "use_cache": True}

@@ -102,7 +102,7 @@ class MicroBatches:
         for m, t in enumerate(tokens):
             with self.on(m):
                 toks.append(t.to(self.first))
-            if t.is_cuda:  # read on m's streams: not to be reused before they have
+            if t.device in self.streams[m]:  # read on m's streams: not to be reused before they have
                 t.record_stream(self.streams[m][t.device])
         out: list[list[torch.Tensor]] = [[] for _ in caches]
         for _ in range(steps):
