@@ -5,8 +5,8 @@
 
 #include <array>
 #include <initializer_list>
+#include <map>
 #include <tuple>
-#include <unordered_map>
 #include <utility>
 
 #include "kernels.h"
@@ -50,11 +50,12 @@ cq::FpBuf fp_buf(const c10::optional<at::Tensor>& t, int64_t D, at::ScalarType d
 
 // fp32 scratch kept between calls (grown on demand) so that decode steps allocate nothing but the output; slot 0:
 // split-K partials, slot 1: histogram accumulators of the tensor-core decode with several query heads per block.
-// One per stream: launches on two streams of a GPU (micro-batches, pipeline.MicroBatches) may run at the same time.
-// Allocated on that stream, so the caching allocator reuses a replaced buffer only after that stream's work on it.
+// One per (GPU, stream): launches on two streams of a GPU (micro-batches, pipeline.MicroBatches) may run at the same
+// time; every GPU's default stream has the same handle, hence the device in the key. Allocated on that stream, so the
+// caching allocator reuses a replaced buffer only after that stream's work on it.
 at::Tensor& workspace(int64_t n_floats, const at::Device& dev, int slot = 0) {
-  static std::unordered_map<cudaStream_t, std::array<at::Tensor, 2>> ws;  // callers hold the GIL
-  at::Tensor& w = ws[at::cuda::getCurrentCUDAStream(dev.index()).stream()][slot];
+  static std::map<std::pair<int, int64_t>, std::array<at::Tensor, 2>> ws;  // callers hold the GIL
+  at::Tensor& w = ws[{dev.index(), at::cuda::getCurrentCUDAStream(dev.index()).id()}][slot];
   if (!w.defined() || w.numel() < n_floats || w.device() != dev)
     w = at::empty({std::max<int64_t>(n_floats, 1 << 20)}, at::TensorOptions().dtype(at::kFloat).device(dev));
   return w;
