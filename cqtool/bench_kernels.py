@@ -466,10 +466,19 @@ class GenSetup:
     records: list = field(default_factory=list)
     gpus: int = 1  # the model's layers spread over cuda:0 .. cuda:gpus-1
     micro: int = 1  # eager decode: micro-batches pipelined over the GPUs (pipeline.MicroBatches), each with its cache
+    _pipe: MicroBatches | None = None  # its streams, made once: the kernels keep a workspace per stream they run on
 
     def sync(self) -> None:
         for d in range(self.gpus):
             torch.cuda.synchronize(d)
+
+    def pipeline(self) -> MicroBatches | None:
+        """The micro-batch streams for `micro` (None for one batch)."""
+        if self.micro == 1:
+            return None
+        if self._pipe is None or self._pipe.parts != self.micro:
+            self._pipe = MicroBatches(self.model, self.micro)
+        return self._pipe
 
     def reset_peak(self) -> None:
         for d in range(self.gpus):
@@ -565,8 +574,9 @@ def run_generation(kind: str, setup: GenSetup, B: int, real_prefill: bool = True
     steps = setup.new_tokens if steps is None else steps
     setup.reset_peak()
     rows = split_batch(B, setup.micro) if setup.micro > 1 else [slice(0, B)]
-    pipe = MicroBatches(model, setup.micro) if setup.micro > 1 else None
+    pipe = setup.pipeline()
     caches = [_make_cache(kind, setup) for _ in rows]  # one per micro-batch
+    cache = kw = None
 
     def on(m):  # micro-batch m's cache is filled on its own streams (pipeline.MicroBatches)
         return pipe.on(m) if pipe else contextlib.nullcontext()
@@ -615,7 +625,7 @@ def run_generation(kind: str, setup: GenSetup, B: int, real_prefill: bool = True
         setup.records.append(rec)
         return rec
     finally:
-        del caches
+        del caches, cache, kw  # the loops' last cache too, before the memory is released
         _drop_taps(model)
 
 
@@ -640,7 +650,16 @@ def run_at_max_batch(kind: str, setup: GenSetup, cap_bytes: float, limit: int, s
     micro-batches, a batch has at least one row per micro-batch)."""
     say = say or (lambda *_: None)
     b1 = max(16, setup.micro)
-    p1, p2 = peak_bytes(kind, setup, b1), peak_bytes(kind, setup, 2 * b1)
+    while True:  # smaller probes where 32 sequences do not fit (a long prompt, a low --memory-gb)
+        try:
+            p1, p2 = peak_bytes(kind, setup, b1), peak_bytes(kind, setup, 2 * b1)
+            break
+        except torch.OutOfMemoryError:
+            _release()
+            if b1 <= max(1, setup.micro):
+                say(f"{kind}: {2 * b1} sequences do not fit")
+                return 0, None
+            b1 = max(1, setup.micro, b1 // 2)
     per_seq = max(1.0, (p2 - p1) / b1)
     fixed = p1 - b1 * per_seq
     b = max(setup.micro, min(limit, int((0.97 * cap_bytes - fixed) / per_seq)))
@@ -659,7 +678,7 @@ def run_at_max_batch(kind: str, setup: GenSetup, cap_bytes: float, limit: int, s
     return 0, None
 
 
-def _unpipelined(kind: str, setup: GenSetup, B: int, say) -> dict:
+def _unpipelined(kind: str, setup: GenSetup, B: int, say) -> dict | None:
     """The baseline of pipelining: batch B decoded as one (no micro-batches), an untimed then a timed run."""
     keep = setup.micro
     try:
@@ -776,8 +795,8 @@ def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, sp
     mode (_graph_same_batch). Largest batch (search): one
     timed run per cache, after an untimed one. gpus > 1: the
     layers spread over cuda:0 .. cuda:gpus-1 (spread_model), memory_gb is the cap of each GPU and a batch fits when
-    the fullest GPU stays under it. micro_batches > 1 (with gpus > 1): every eager decode (not the graph runs) cuts
-    its batch into that many micro-batches pipelined over the GPUs (pipeline.MicroBatches), and the largest-batch
+    the fullest GPU stays under it. micro_batches > 1 (with gpus > 1): every timed eager decode (not the graph runs,
+    nor the GPU time per step, which is summed over kernels) cuts its batch into that many micro-batches pipelined over the GPUs (pipeline.MicroBatches), and the largest-batch
     part also times each cache's batch decoded as one, in the same run (the pipelining's baseline)."""
     if kv_heads < 1 or 32 % kv_heads:
         raise ConfigError(f"--kv-heads {kv_heads}: must divide the 32 query heads")
@@ -794,6 +813,11 @@ def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, sp
                           f"split by layers; needs --gpus 2 or more (got {gpus})")
     if same_batch and micro_batches > batch:
         raise ConfigError(f"--micro-batches {micro_batches}: at most --batch ({batch}), one row per micro-batch")
+    if search and micro_batches > max_search:
+        raise ConfigError(f"--micro-batches {micro_batches}: at most --max-batch ({max_search}), one row per micro-batch")
+    if micro_batches > 1 and not (same_batch or search):
+        raise ConfigError(f"--micro-batches {micro_batches}: pipelines eager decoding; with --no-same-batch and "
+                          f"--no-search only the --graphs runs are left")
     if not (same_batch or search or graphs):
         raise ConfigError("--no-same-batch with --no-search and no --graphs: nothing to measure")
     if graphs and new_tokens < 3:

@@ -17,6 +17,7 @@ streams. A decode step frees tensors (DynamicCache regrows by torch.cat, the CQ 
 the host queues it; the caching allocator keeps a freed block from other use only on the stream that allocated it,
 and near the memory cap it unmaps cached blocks after waiting for that stream alone. A cache filled on the default
 stream and freed from a micro-batch stream was unmapped while that stream still read it: an illegal address.
+Likewise, after decode() wait for the GPUs (or record_stream) before dropping the caches on another stream's watch.
 """
 from __future__ import annotations
 
@@ -111,9 +112,9 @@ class MicroBatches:
                     logits = self.model(input_ids=toks[m], **{key: cache}, use_cache=True).logits
                     toks[m] = logits[:, -1:].argmax(-1).to(self.first)
                     out[m].append(toks[m])
-        res = []
-        for m, seq in enumerate(out):
-            with self.on(m):
-                res.append(torch.cat(seq, 1) if seq else toks[m][:, :0])
         self.join()
-        return res
+        for seq in out:  # read on the current streams by the cat below: not to be reused before they have
+            for t in seq:
+                t.record_stream(torch.cuda.current_stream(t.device))
+        # made on the current streams, so the caller may use and free them there
+        return [torch.cat(seq, 1) if seq else toks[m][:, :0].clone() for m, seq in enumerate(out)]

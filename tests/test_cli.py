@@ -431,6 +431,10 @@ def test_generate_bench_bad_micro_batches():
     assert_user_error(run("bench", "generate", "--micro-batches", "2"), "--micro-batches 2", "--gpus 2")
     assert_user_error(run("bench", "generate", "--micro-batches", "9", "--gpus", "2", "--batch", "8"),
                       "--micro-batches 9", "--batch (8)")
+    assert_user_error(run("bench", "generate", "--micro-batches", "3", "--gpus", "2", "--no-same-batch", "--max-batch",
+                          "2"), "--micro-batches 3", "--max-batch (2)")
+    assert_user_error(run("bench", "generate", "--micro-batches", "2", "--gpus", "2", "--no-same-batch", "--no-search",
+                          "--graphs"), "--micro-batches 2", "--graphs")
 
 
 def test_split_batch_rows():
@@ -465,7 +469,7 @@ def test_largest_batch_with_micro_batches(monkeypatch):
 
     monkeypatch.setattr(bk, "run_generation", fake)
     monkeypatch.setattr(bk, "_release", lambda: None)
-    peaks = iter([400, 400 + 16 * 10, 0])  # 10 bytes per sequence, 240 fixed
+    peaks = iter([400, 400 + 16 * 10])  # 10 bytes per sequence, 240 fixed
     monkeypatch.setattr(bk.GenSetup, "peaks", lambda self: [next(peaks)])
     setup = bk.GenSetup(model=None, codebook=None, micro=6)
     b, rec = bk.run_at_max_batch("cq", setup, cap_bytes=1000, limit=500)
@@ -474,5 +478,31 @@ def test_largest_batch_with_micro_batches(monkeypatch):
     assert b == 39 and rec["micro_batches"] == 6 and all(m == 6 for _, m in seen)
     base = bk._unpipelined("cq", setup, b, lambda *_: None)
     assert base["micro_batches"] == 1 and base["batch"] == 39 and setup.micro == 6
-    seen.clear()
     assert bk._unpipelined("cq", setup, 41, lambda *_: None) is None and setup.micro == 6  # OOM: no baseline
+
+
+def test_largest_batch_probes_shrink_on_oom(monkeypatch):
+    """Where 32 sequences do not fit (a long prompt, a low cap), the probes halve until they do (not below the
+    micro-batches), instead of ending the bench with an out-of-memory error; none fitting gives no batch."""
+    import torch
+
+    from cqtool import bench_kernels as bk
+
+    probed = []
+
+    def fake_peak(kind, setup, B, probe_steps=2):
+        probed.append(B)
+        if B > 10:
+            raise torch.OutOfMemoryError("fake")
+        return 100 + 10 * B
+
+    monkeypatch.setattr(bk, "peak_bytes", fake_peak)
+    monkeypatch.setattr(bk, "_release", lambda: None)
+    monkeypatch.setattr(bk, "run_generation", lambda kind, setup, B, real_prefill=True, steps=None:
+                        setup.records.append({"batch": B}) or setup.records[-1])
+    setup = bk.GenSetup(model=None, codebook=None)
+    b, rec = bk.run_at_max_batch("dynamic", setup, cap_bytes=1000, limit=500)
+    assert probed == [16, 8, 16, 4, 8] and b == 87 and rec["per_sequence_mib"] == 10 / 2**20  # (970 - 100) / 10
+    probed.clear()
+    setup.micro = 12
+    assert bk.run_at_max_batch("dynamic", setup, cap_bytes=1000, limit=500) == (0, None) and probed == [16, 12]

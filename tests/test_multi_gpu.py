@@ -279,6 +279,13 @@ def test_micro_batches_pipelined_over_gpus(kind, window):
         alone.append(torch.cat(seq, 1))
 
     pipe = MicroBatches(spread, 2)
+    seen = set()  # the current stream of each layer's GPU when the layer runs: the micro-batch streams only
+
+    def on_stream(module, args):
+        dev = next(module.parameters()).device
+        seen.add(torch.cuda.current_stream(dev).cuda_stream)
+
+    hooks = [spread.model.layers[i].register_forward_pre_hook(on_stream) for i in (0, 3)]
     pipe.fork()
     caches, toks = prefilled(pipe)
     assert pipe.devices == [torch.device("cuda:0"), torch.device(f"cuda:{N_GPUS - 1}")]
@@ -291,6 +298,9 @@ def test_micro_batches_pipelined_over_gpus(kind, window):
         torch.cuda.set_sync_debug_mode("default")
     for d in pipe.devices:
         torch.cuda.synchronize(d)
+    for h in hooks:
+        h.remove()
+    assert seen == {s.cuda_stream for per in pipe.streams for s in per.values()}  # 2 micro-batches x 2 GPUs
     if kind == "cq":
         assert any(k.startswith("decode") for k in ops.KERNELS_RUN), ops.KERNELS_RUN
         assert {str(layer.k_codes.device) for layer in caches[1].layers} == {"cuda:0", f"cuda:{N_GPUS - 1}"}
