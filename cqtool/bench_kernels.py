@@ -666,9 +666,7 @@ def run_at_max_batch(kind: str, setup: GenSetup, cap_bytes: float, limit: int, s
     say(f"{kind}: {per_seq / 2**20:.1f} MiB per sequence, predicted max batch {b}")
     while b >= setup.micro:
         try:
-            run_generation(kind, setup, b, real_prefill=False)  # untimed: a first run at a new size is slow
-            setup.records.pop()
-            rec = run_generation(kind, setup, b, real_prefill=False)
+            rec = _timed_after_untimed(kind, setup, b)
             rec["per_sequence_mib"] = per_seq / 2**20
             return b, rec
         except torch.OutOfMemoryError:
@@ -678,15 +676,20 @@ def run_at_max_batch(kind: str, setup: GenSetup, cap_bytes: float, limit: int, s
     return 0, None
 
 
+def _timed_after_untimed(kind: str, setup: GenSetup, B: int) -> dict:
+    """A synthetic-prefill run of batch B after an untimed one (a first run at a new size is slow); its record."""
+    run_generation(kind, setup, B, real_prefill=False)
+    setup.records.pop()
+    return run_generation(kind, setup, B, real_prefill=False)
+
+
 def _unpipelined(kind: str, setup: GenSetup, B: int, say) -> dict | None:
     """The baseline of pipelining: batch B decoded as one (no micro-batches), an untimed then a timed run."""
     keep = setup.micro
     try:
         setup.micro = 1
         say(f"{kind}: batch {B} without micro-batches (the pipelining baseline)")
-        run_generation(kind, setup, B, real_prefill=False)
-        setup.records.pop()
-        return run_generation(kind, setup, B, real_prefill=False)
+        return _timed_after_untimed(kind, setup, B)
     except torch.OutOfMemoryError:
         say(f"{kind}: batch {B} without micro-batches OOM")
         _release()

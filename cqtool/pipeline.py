@@ -26,7 +26,7 @@ import contextlib
 import torch
 
 from .config import ConfigError
-from .models import cache_kwarg
+from .models import cache_kwarg, model_devices
 
 
 def split_batch(batch: int, parts: int) -> list[slice]:
@@ -42,12 +42,6 @@ def split_batch(batch: int, parts: int) -> list[slice]:
     return out
 
 
-def model_gpus(model) -> list[torch.device]:
-    """The GPUs a model's parameters are on, in index order."""
-    devs = {p.device for p in model.parameters() if p.device.type == "cuda"}
-    return sorted(devs, key=lambda d: d.index)
-
-
 class MicroBatches:
     """A CUDA stream per (micro-batch, GPU) for a model spread over GPUs; decode() runs greedy steps of several
     micro-batches, each with its own cache, in turn on their own streams."""
@@ -56,7 +50,7 @@ class MicroBatches:
         if parts < 1:
             raise ConfigError(f"{parts} micro-batches: must be at least 1")
         self.model = model
-        self.devices = model_gpus(model)
+        self.devices = [torch.device(d) for d in model_devices(model) if d.startswith("cuda")]  # in index order
         if not self.devices:
             raise ConfigError("micro-batch pipelining needs the model on CUDA GPUs")
         self.first = model.get_input_embeddings().weight.device  # where the next step's tokens are needed

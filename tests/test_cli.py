@@ -506,3 +506,16 @@ def test_largest_batch_probes_shrink_on_oom(monkeypatch):
     probed.clear()
     setup.micro = 12
     assert bk.run_at_max_batch("dynamic", setup, cap_bytes=1000, limit=500) == (0, None) and probed == [16, 12]
+
+
+def test_micro_batches_need_a_model_on_gpus():
+    """MicroBatches takes its GPUs from the model's weights (models.model_devices): a CPU model is a clear error."""
+    from conftest import tiny_model
+
+    from cqtool.config import ConfigError
+    from cqtool.pipeline import MicroBatches
+
+    with pytest.raises(ConfigError, match="needs the model on CUDA GPUs"):
+        MicroBatches(tiny_model("llama", layers=1), 2)
+    with pytest.raises(ConfigError, match="0 micro-batches: must be at least 1"):
+        MicroBatches(tiny_model("llama", layers=1), 0)
