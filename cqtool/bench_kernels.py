@@ -785,6 +785,35 @@ def _graph_same_batch(setup: GenSetup, batch: int, repeats: int, say) -> dict:
     return _paired(run_graph_generation, "static", setup, batch, repeats, say, f"CUDA graphs, batch {batch}")
 
 
+def _bench_model(command: str, layers: int, kv_heads: int, gpus: int, memory_gb: float, spec: str, say):
+    """The Llama-2-7b-shaped model with random weights, its layers spread over `gpus` GPUs, each GPU capped at
+    memory_gb, and a random codebook: (model, codebook, device info, the cap in bytes)."""
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{command} needs a CUDA GPU")
+    if gpus > torch.cuda.device_count():
+        raise ConfigError(f"--gpus {gpus}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
+    # DynamicCache regrows every layer's tensors by one token per step (torch.cat); without expandable segments
+    # the caching allocator fragments and, near the memory cap, frees and re-maps memory every step. Both caches
+    # run with the same allocator setting (it must be set before CUDA allocates anything).
+    if not torch.cuda.is_initialized():
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    total = min(torch.cuda.get_device_properties(d).total_memory for d in range(gpus))
+    frac = min(1.0, memory_gb * 1e9 / total)
+    for d in range(gpus):
+        torch.cuda.set_per_process_memory_fraction(frac, d)
+    info = device_info()
+    if gpus > 1:
+        info["gpus"] = gpus
+        info["devices"] = [torch.cuda.get_device_name(d) for d in range(gpus)]
+    say("building the model" + (f" (layers spread over {gpus} GPUs)" if gpus > 1 else ""))
+    model = spread_model(random_llama(layers, kv_heads=kv_heads), gpus)
+    codebook = random_codebook(model, QuantSpec.parse(spec))
+    from .cache import prepare_model
+
+    prepare_model(model)  # both caches run under the "cq" attention (SDPA for dense K/V)
+    return model, codebook, info, frac * total
+
+
 def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, spec: str = "8c8b", layers: int = 32,
                    memory_gb: float = 80.0, search: bool = True, max_search: int = 2048, progress=None,
                    kv_heads: int = 32, repeats: int = 3, window: int = 0, gpus: int = 1,
@@ -825,31 +854,9 @@ def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, sp
         raise ConfigError("--no-same-batch with --no-search and no --graphs: nothing to measure")
     if graphs and new_tokens < 3:
         raise ConfigError(f"--graphs with --new-tokens {new_tokens}: at least 3 (two warm-up steps, then replays)")
-    if not torch.cuda.is_available():
-        raise ConfigError("bench generate needs a CUDA GPU")
-    if gpus > torch.cuda.device_count():
-        raise ConfigError(f"--gpus {gpus}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
     say = progress or (lambda *_: None)
-    # DynamicCache regrows every layer's tensors by one token per step (torch.cat); without expandable segments
-    # the caching allocator fragments and, near the memory cap, frees and re-maps memory every step. Both caches
-    # run with the same allocator setting (it must be set before CUDA allocates anything).
-    if not torch.cuda.is_initialized():
-        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    total = min(torch.cuda.get_device_properties(d).total_memory for d in range(gpus))
-    frac = min(1.0, memory_gb * 1e9 / total)
-    for d in range(gpus):
-        torch.cuda.set_per_process_memory_fraction(frac, d)
-    info = device_info()
-    if gpus > 1:
-        info["gpus"] = gpus
-        info["devices"] = [torch.cuda.get_device_name(d) for d in range(gpus)]
-    say("building the model" + (f" (layers spread over {gpus} GPUs)" if gpus > 1 else ""))
-    model = spread_model(random_llama(layers, kv_heads=kv_heads), gpus)
-    setup = GenSetup(model, random_codebook(model, QuantSpec.parse(spec)), prompt, new_tokens, window=window, gpus=gpus,
-                     micro=micro_batches)
-    from .cache import prepare_model
-
-    prepare_model(model)  # both caches run under the "cq" attention (SDPA for dense K/V)
+    model, codebook, info, cap = _bench_model("bench generate", layers, kv_heads, gpus, memory_gb, spec, say)
+    setup = GenSetup(model, codebook, prompt, new_tokens, window=window, gpus=gpus, micro=micro_batches)
     out: dict = {**info, "memory_cap_gb": memory_gb, "micro_batches": micro_batches, "spec": spec, "window": window, "layers": layers, "kv_heads": kv_heads,
                  "prompt": prompt,
                  "new_tokens": new_tokens, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
@@ -864,7 +871,6 @@ def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, sp
     if graphs:
         out["graphs"] = _graph_same_batch(setup, batch, repeats, say)
     if search:
-        cap = frac * total
         bd, mdyn = run_at_max_batch("dynamic", setup, cap, max_search, say)
         bc, mcq = run_at_max_batch("cq", setup, cap, max_search, say)
         out["max_batch"] = {"dynamic": mdyn, "cq": mcq, "dynamic_batch": bd, "cq_batch": bc,
@@ -878,6 +884,66 @@ def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, sp
     out["kernels"] = ops.kernel_status()
     out["records"] = setup.records
     return out
+
+
+def pipeline_bench(batch: int = 512, micro_batches=(1, 2, 3, 4), cache: str = "cq", prompt: int = 2048,
+                   new_tokens: int = 64, spec: str = "8c8b", layers: int = 32, kv_heads: int = 32, gpus: int = 2,
+                   memory_gb: float = 80.0, window: int = 0, repeats: int = 1, progress=None) -> dict:
+    """Greedy decode of one batch of a model spread over `gpus` GPUs, cut into each number of micro-batches in
+    `micro_batches` and pipelined over the GPUs (pipeline.MicroBatches); 1 = the batch decoded as one, the baseline,
+    always timed. Each timed run follows an untimed one of the same size (synthetic prefill of `prompt` tokens, as
+    the largest-batch part of generate_bench); `repeats` rounds over all the counts, and each count's speedup is the
+    median over the rounds of its tokens/s over the baseline's in the same round. A count that runs out of memory
+    is reported as such."""
+    micro = sorted(set(micro_batches) | {1})
+    if cache not in ("cq", "dynamic"):
+        raise ConfigError(f"--cache {cache!r}: must be 'cq' or 'dynamic'")
+    _check_positive(batch=batch, prompt=prompt, new_tokens=new_tokens, layers=layers, repeats=repeats)
+    if kv_heads < 1 or 32 % kv_heads:
+        raise ConfigError(f"--kv-heads {kv_heads}: must divide the 32 query heads")
+    if memory_gb <= 0:
+        raise ConfigError(f"--memory-gb {memory_gb}: must be above 0")
+    _check_window(window)
+    if gpus < 2:
+        raise ConfigError(f"--gpus {gpus}: micro-batches are pipelined over the GPUs of a model split by layers; "
+                          f"needs 2 or more")
+    layer_device_map(layers, gpus)
+    bad = [m for m in micro if m < 1 or m > batch]
+    if bad:
+        raise ConfigError(f"--micro-batches {bad[0]}: must be between 1 and --batch ({batch}), one row per micro-batch")
+    say = progress or (lambda *_: None)
+    model, codebook, info, _ = _bench_model("bench pipeline", layers, kv_heads, gpus, memory_gb, spec, say)
+    setup = GenSetup(model, codebook, prompt, new_tokens, window=window, gpus=gpus)
+    say("warm-up (kernel build, cuBLAS handles, allocator, the micro-batch streams)")
+    for m in micro:
+        warm = GenSetup(model, codebook, prompt=min(prompt, 256), new_tokens=4, window=window, gpus=gpus, micro=m)
+        run_generation(cache, warm, max(2, m), real_prefill=False)
+    rounds: list[dict] = []
+    for r in range(repeats):
+        runs: dict = {}
+        for m in micro:
+            setup.micro = m
+            say(f"round {r + 1}/{repeats}: {cache} batch {batch} in {m} micro-batch{'es' if m > 1 else ''}")
+            try:
+                runs[m] = _timed_after_untimed(cache, setup, batch)
+            except torch.OutOfMemoryError:
+                say(f"{cache}: batch {batch} in {m} micro-batches OOM")
+                _release()
+                runs[m] = None
+        rounds.append(runs)
+    rows = []
+    for m in micro:
+        recs = [rd[m] for rd in rounds]
+        ratios = [rd[m]["decode_tok_s"] / rd[1]["decode_tok_s"] for rd in rounds if rd[m] and rd[1]]
+        ok = [x for x in recs if x]
+        rows.append({"micro_batches": m, "oom": not ok,
+                     "decode_tok_s": statistics.median(x["decode_tok_s"] for x in ok) if ok else None,
+                     "ms_per_step": statistics.median(1e3 * x["decode_s"] / new_tokens for x in ok) if ok else None,
+                     "peak_gib_per_gpu": ok[-1]["peak_gib_per_gpu"] if ok else None,
+                     "speedup": statistics.median(ratios) if ratios else None, "speedups": ratios})
+    return {**info, "cache": cache, "batch": batch, "prompt": prompt, "new_tokens": new_tokens, "spec": spec,
+            "layers": layers, "kv_heads": kv_heads, "window": window, "memory_cap_gb": memory_gb, "repeats": repeats,
+            "rows": rows, "kernels": ops.kernel_status(), "records": setup.records}
 
 
 def fmt_ms(x: float) -> str:

@@ -159,6 +159,7 @@ class CalibConfig:
             raise ConfigError(f"--tol {self.kmeans_tol}: must be a number >= 0 (0: never stop early)")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ConfigError(f"--max-tokens {self.max_tokens}: must be at least 1 (omit it to use every token)")
+        check_device_map(self.device_map)
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,7 @@ class EvalConfig:
     dtype: str = "auto"
     device_map: str | None = None
     seed: int = 0
+    micro_batches: int = 1  # perplexity: micro-batches on their own CUDA streams, pipelined over a spread model's GPUs
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
@@ -187,6 +189,20 @@ class EvalConfig:
             raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit must be >= 1, got {self.limit}")
+        check_device_map(self.device_map)
+        if self.micro_batches < 1 or self.micro_batches > self.batch_size:
+            raise ConfigError(f"--micro-batches {self.micro_batches}: must be between 1 and --batch-size "
+                              f"({self.batch_size}), one window per micro-batch")
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's named placements
+
+
+def check_device_map(device_map: str | None) -> None:
+    """--device-map: None, or one of accelerate's named placements."""
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise ConfigError(f"--device-map {device_map!r}: must be one of {', '.join(DEVICE_MAPS)} (auto fills the first "
+                          f"GPU first, balanced spreads the layers evenly over the GPUs)")
 
 
 def to_dict(obj: Any) -> Any:

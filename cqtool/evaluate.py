@@ -1,46 +1,74 @@
 """`cqtool eval`: perplexity on WikiText-2 (token and word level) and lm-eval tasks, for each KV method."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Any
 
 import torch
 
+from .config import ConfigError
 from .data import eval_windows, load_text, tokenize
 from .methods import KVMethod
 from .models import cache_kwarg, model_device, model_devices
+from .pipeline import split_batch
 
 
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str, method: KVMethod, seqlen: int = 2048, limit: int | None = None,
-               batch_size: int = 1, progress=None) -> dict[str, Any]:
+               batch_size: int = 1, progress=None, micro_batches: int = 1) -> dict[str, Any]:
     """Non-overlapping `seqlen` windows; every window starts with an empty cache of `method`.
 
     Token perplexity = exp(mean NLL over predicted tokens). Word perplexity = exp(total NLL / words), words
     counted by whitespace in the evaluated windows' text (as lm-eval's wikitext task counts them).
+
+    micro_batches > 1 (a model on CUDA GPUs): each batch is cut into that many micro-batches, micro-batch j of every
+    batch runs on its own CUDA streams (pipeline.MicroBatches) and the losses are summed on the GPU, read once at the
+    end; on a model spread over GPUs by layers, the first GPU then works on one micro-batch while the next GPU works
+    on the one before, where one batch at a time leaves all GPUs but one idle.
     """
     track = progress or (lambda it, **kw: it)
     tokens = tokenize(tokenizer, text)
     windows = eval_windows(tokens, seqlen, limit)
     dev = model_device(model)
+    pipe = None
+    if micro_batches > 1:
+        if not any(d.startswith("cuda") for d in model_devices(model)):
+            raise ConfigError(f"--micro-batches {micro_batches}: pipelines micro-batches over CUDA GPUs; the model is "
+                              f"on {', '.join(model_devices(model))} (use 1)")
+        from .pipeline import MicroBatches
+
+        pipe = MicroBatches(model, micro_batches)
     nll, count, t0 = 0.0, 0, time.time()
-    batches = list(windows.split(batch_size))
+    batches = list(windows.to(dev).split(batch_size))  # one copy to the GPU, before the micro-batch streams fork
+    sums: dict[int, torch.Tensor] = {}  # micro-batch -> its NLL so far, on its own streams
     cache_kw = cache_kwarg(model)
+    if pipe:
+        pipe.fork()
     for batch in track(batches, description=f"ppl {method.name}"):
-        ids = batch.to(dev)
-        cache = method.make_cache(model)
-        kw = {cache_kw: cache, "use_cache": True} if cache is not None else {"use_cache": False}
-        logits = model(input_ids=ids, **kw).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                 reduction="sum")
-        nll += float(loss)
-        count += ids[:, 1:].numel()
-        del cache, logits
+        parts = split_batch(len(batch), min(micro_batches, len(batch)))
+        for m, rows in enumerate(parts):
+            with pipe.on(m) if pipe else contextlib.nullcontext():
+                ids = batch[rows]
+                cache = method.make_cache(model)
+                kw = {cache_kw: cache, "use_cache": True} if cache is not None else {"use_cache": False}
+                logits = model(input_ids=ids, **kw).logits.float()
+                loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                         ids[:, 1:].reshape(-1), reduction="sum").double()
+                if pipe:
+                    sums[m] = sums[m] + loss if m in sums else loss
+                else:
+                    nll += float(loss)
+            count += ids[:, 1:].numel()
+            del cache, logits, loss
+    if pipe:
+        pipe.join()
+        nll = sum(float(x) for x in sums.values())  # the current streams wait for the micro-batches' (join)
     words = len(tokenizer.decode(windows.reshape(-1)).split())
     return {"perplexity": math.exp(nll / count), "word_perplexity": math.exp(nll / max(1, words)),
             "nll_per_token": nll / count, "tokens": count, "windows": int(windows.shape[0]), "words": words,
-            "seconds": time.time() - t0}
+            "seconds": time.time() - t0, **({"micro_batches": micro_batches} if pipe else {})}
 
 
 def wikitext_text(data_dir: str | None) -> str:
@@ -136,6 +164,9 @@ def run_eval(cfg, calib: dict[str, Any] | None = None, progress=None) -> dict[st
 
     _, _, _, info = load_config(cfg.model)
     pick_dtype(cfg.dtype, pick_device(cfg.device))
+    if cfg.micro_batches > 1 and not torch.cuda.is_available():
+        raise ConfigError(f"--micro-batches {cfg.micro_batches}: pipelines micro-batches over CUDA GPUs; none is "
+                          f"available here (use 1)")
     calib = calib or {}
     calib.setdefault("dir", f"runs/calib/{info.model_id.replace('/', '_')}")
     calib.setdefault("data", "wikitext2")
@@ -156,7 +187,7 @@ def run_eval(cfg, calib: dict[str, Any] | None = None, progress=None) -> dict[st
         ops.KERNELS_RUN.clear()
         row: dict[str, Any] = {"method": m.name, "bits_per_channel": m.bits_per_channel(cfg.seqlen), **m.describe()}
         if text is not None:
-            ppl = perplexity(model, tok, text, m, cfg.seqlen, cfg.limit, cfg.batch_size, progress)
+            ppl = perplexity(model, tok, text, m, cfg.seqlen, cfg.limit, cfg.batch_size, progress, cfg.micro_batches)
             row.update(ppl)
         if lm_tasks:
             from .lmeval import run_tasks

@@ -31,6 +31,7 @@ import torch
 
 from .config import ConfigError
 from .models import cache_kwarg
+from .pipeline import MicroBatches
 from .sampling import GREEDY, Sampling, next_token
 
 
@@ -274,19 +275,16 @@ class StaticDecoder:
             hidden = decoder(input_ids=feed.ids, position_ids=feed.pos, attention_mask=mask, **kw).last_hidden_state
             feed(head(hidden[:, -1:])[:, -1])
 
-        streams = {d: torch.cuda.Stream(d) for d in devices}
+        pipe = MicroBatches(self.model, 1)  # a stream per GPU: the warm-up runs on the streams the captures will use
+        streams = pipe.streams[0]
         eager = min(warmup, steps)
         sync_all()
         t0 = time.perf_counter()
-        with contextlib.ExitStack() as ctx:  # warm-up on the streams the captures will use
-            for d in devices:
-                streams[d].wait_stream(torch.cuda.current_stream(d))
-                ctx.enter_context(torch.cuda.stream(streams[d]))
-            ctx.enter_context(torch.cuda.device(dev))
+        pipe.fork()
+        with pipe.on(0), torch.cuda.device(dev):
             for _ in range(eager):
                 step()
-        for d in devices:
-            torch.cuda.current_stream(d).wait_stream(streams[d])
+        pipe.join()
         sync_all()
         self.timings = {"steps": eager, "seconds": time.perf_counter() - t0, "graph": False, "gpus": len(devices)}
         replays = steps - eager

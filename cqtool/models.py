@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, check_device_map
 
 # short names users type -> hub ids
 ALIASES = {
@@ -192,6 +192,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", device_map:
         return model.eval(), tokenizer or byte_tokenizer(), info
     tok = tokenizer or AutoTokenizer.from_pretrained(path, **kw)
     load_kw = dict(dtype=dt, **kw)
+    check_device_map(device_map)
     if device_map:
         load_kw["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(path, **load_kw)

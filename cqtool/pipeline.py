@@ -68,8 +68,7 @@ class MicroBatches:
             for s in self.streams[m].values():
                 stack.enter_context(torch.cuda.stream(s))  # also makes s's GPU the current device
             torch.cuda.set_device(dev)
-            yield
-        torch.cuda.set_device(dev)
+            yield  # leaving the stream contexts restores the device as well
 
     def fork(self) -> None:
         """Every micro-batch stream waits for the work already queued on its GPU's current stream (the prefill)."""
@@ -106,9 +105,11 @@ class MicroBatches:
                     logits = self.model(input_ids=toks[m], **{key: cache}, use_cache=True).logits
                     toks[m] = logits[:, -1:].argmax(-1).to(self.first)
                     out[m].append(toks[m])
+        res = []
+        for m, seq in enumerate(out):  # each micro-batch's tokens joined on its own streams, where they were made
+            with self.on(m):
+                res.append(torch.cat(seq, 1) if seq else toks[m][:, :0].clone())
         self.join()
-        for seq in out:  # read on the current streams by the cat below: not to be reused before they have
-            for t in seq:
-                t.record_stream(torch.cuda.current_stream(t.device))
-        # made on the current streams, so the caller may use and free them there
-        return [torch.cat(seq, 1) if seq else toks[m][:, :0].clone() for m, seq in enumerate(out)]
+        for t in res:  # the caller uses and frees them on the current streams: not to be reused before those have
+            t.record_stream(torch.cuda.current_stream(t.device))
+        return res

@@ -200,6 +200,17 @@ def test_eval_bad_numbers(tiny_model_dir, flag, value, words):
     assert_user_error(run("eval", "--model", tiny_model_dir, flag, value, "--device", "cpu"), f"{flag}", words)
 
 
+def test_eval_bad_micro_batches_and_device_map(tiny_model_dir):
+    """Checked before the model loads: one error line each."""
+    base = ("eval", "--model", tiny_model_dir, "--device", "cpu")
+    assert_user_error(run(*base, "--micro-batches", 0), "--micro-batches 0", "between 1 and --batch-size (1)")
+    assert_user_error(run(*base, "--micro-batches", 3, "--batch-size", 2), "--micro-batches 3", "--batch-size (2)")
+    assert_user_error(run(*base, "--micro-batches", 2, "--batch-size", 2), "--micro-batches 2", "CUDA GPUs")
+    assert_user_error(run(*base, "--device-map", "everywhere"), "--device-map 'everywhere'", "auto, balanced")
+    assert_user_error(run("calibrate", "--model", tiny_model_dir, "--bits", 1, "--device-map", "gpu0", "--output", "x"),
+                      "--device-map 'gpu0'", "balanced_low_0, sequential")
+
+
 def test_eval_bad_backend(tiny_model_dir):
     from cqtool import attention
 
@@ -435,6 +446,52 @@ def test_generate_bench_bad_micro_batches():
                           "2"), "--micro-batches 3", "--max-batch (2)")
     assert_user_error(run("bench", "generate", "--micro-batches", "2", "--gpus", "2", "--no-same-batch", "--no-search",
                           "--graphs"), "--micro-batches 2", "--graphs")
+
+
+def test_bench_pipeline_bad_input():
+    """Checked before the GPU is looked for: one error line on any machine."""
+    assert_user_error(run("bench", "pipeline", "--micro-batches", "1,x"), "--micro-batches '1,x'", "e.g. 1,2,3,4")
+    assert_user_error(run("bench", "pipeline", "--micro-batches", ","), "--micro-batches ','", "separated by commas")
+    assert_user_error(run("bench", "pipeline", "--gpus", "1"), "--gpus 1", "2 or more")
+    assert_user_error(run("bench", "pipeline", "--micro-batches", "2,9", "--batch", "8"), "--micro-batches 9",
+                      "--batch (8)")
+    assert_user_error(run("bench", "pipeline", "--micro-batches", "0,2"), "--micro-batches 0", "between 1")
+    assert_user_error(run("bench", "pipeline", "--cache", "static"), "--cache 'static'", "'cq' or 'dynamic'")
+    assert_user_error(run("bench", "pipeline", "--repeats", "0"), "repeats", "0")
+
+
+def test_pipeline_bench_rounds(monkeypatch):
+    """bench pipeline's bookkeeping (CPU, the runs stood in): the baseline (1) is timed even when not asked for,
+    every round times every count in order, a count's speedup is the median over rounds of its tokens/s over the
+    same round's baseline, and a count out of memory is a row saying so."""
+    import torch
+
+    from cqtool import bench_kernels as bk
+
+    monkeypatch.setattr(bk, "_bench_model", lambda *a: (object(), None, {"device": "fake"}, 1e9))
+    warm = []
+    monkeypatch.setattr(bk, "run_generation", lambda kind, setup, B, **kw: warm.append((kind, setup.micro, B)))
+    tok_s = {(0, 1): 100.0, (0, 2): 150.0, (1, 1): 100.0, (1, 2): 170.0, (2, 1): 50.0, (2, 2): 80.0}
+    timed = []
+
+    def timed_run(kind, setup, B):
+        r = len(timed) // 3
+        timed.append((kind, setup.micro, B))
+        if setup.micro == 4:
+            raise torch.OutOfMemoryError("fake")
+        return {"decode_tok_s": tok_s[r, setup.micro], "decode_s": 64 * 10 / tok_s[r, setup.micro],
+                "peak_gib_per_gpu": [1.0, 2.0]}
+
+    monkeypatch.setattr(bk, "_timed_after_untimed", timed_run)
+    monkeypatch.setattr(bk, "_release", lambda: None)
+    res = bk.pipeline_bench(batch=10, micro_batches=(4, 2), cache="dynamic", repeats=3)
+    assert [w[1] for w in warm] == [1, 2, 4] and all(w[0] == "dynamic" for w in warm)
+    assert timed == [("dynamic", m, 10) for m in (1, 2, 4)] * 3
+    rows = {r["micro_batches"]: r for r in res["rows"]}
+    assert rows[1]["speedup"] == 1.0 and rows[1]["decode_tok_s"] == 100.0
+    assert rows[2]["speedups"] == [1.5, 1.7, 1.6] and rows[2]["speedup"] == 1.6
+    assert rows[2]["decode_tok_s"] == 150.0 and rows[2]["ms_per_step"] == pytest.approx(1e3 * 10 / 150)
+    assert rows[4]["oom"] and rows[4]["speedup"] is None and rows[4]["decode_tok_s"] is None
 
 
 def test_split_batch_rows():

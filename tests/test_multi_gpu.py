@@ -336,3 +336,73 @@ def test_bench_generate_micro_batches(tmp_path):
         assert base["cache_gib"] == pytest.approx(mb[kind]["cache_gib"], rel=0.05)
     out = " ".join(r.output.split())  # rich wraps long lines
     assert f"2 micro-batches pipelined over {N_GPUS} GPUs decode" in out and "the batch decoded as one" in out
+
+
+def test_bench_pipeline_cli(tmp_path):
+    """`bench pipeline`: the batch decoded as one and in 2 and 3 micro-batches over the GPUs, each timed with its
+    speedup over the baseline of the same run, and the table printed."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cqtool.cli import app
+
+    r = CliRunner().invoke(app, ["bench", "pipeline", "--layers", str(2 * N_GPUS), "--gpus", str(N_GPUS), "--batch", "6",
+                                 "--prompt", "64", "--new-tokens", "4", "--micro-batches", "2,3", "--repeats", "2",
+                                 "--json", str(tmp_path / "p.json")])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "p.json").read_text())
+    rows = {x["micro_batches"]: x for x in res["rows"]}
+    assert sorted(rows) == [1, 2, 3] and not any(x["oom"] for x in rows.values())
+    assert [rec["micro_batches"] for rec in res["records"]] == [1, 2, 3] * 2 and {rec["batch"] for rec in res["records"]} == {6}
+    assert rows[1]["speedup"] == 1.0
+    for m in (2, 3):
+        assert len(rows[m]["speedups"]) == 2 and rows[m]["speedup"] > 0 and len(rows[m]["peak_gib_per_gpu"]) == N_GPUS
+    assert "vs as one" in r.output and "1.00x (baseline)" in r.output
+
+
+@pytest.mark.parametrize("kind", ["cq", "full"])
+def test_perplexity_micro_batches_over_gpus(kind, tokenizer, text_file):
+    """`cqtool eval --micro-batches 2` on a model spread over two GPUs: every layer ran on a micro-batch stream of its
+    GPU (two per GPU), no window's loss was read by the host inside the loop (no sync until the end), and the
+    perplexity is that of the same micro-batches run one after the other on the default streams (batch_size 2)."""
+    from test_codebook import make_codebook
+
+    from cqtool.config import QuantSpec
+    from cqtool.evaluate import perplexity
+    from cqtool.methods import CQMethod, FullPrecision
+    from cqtool.models import ModelInfo
+
+    spread, single = _spread_tiny(kv_heads=2)
+    method = CQMethod(make_codebook(ModelInfo.from_config(single.config, "tiny"), QuantSpec(8, 8))) if kind == "cq" \
+        else FullPrecision()
+    text = text_file.read_text()
+    base = perplexity(spread, tokenizer, text, method, seqlen=128, limit=8, batch_size=2)
+    seen = set()
+
+    def on_stream(module, args):
+        dev = next(module.parameters()).device
+        seen.add((str(dev), torch.cuda.current_stream(dev).cuda_stream))
+
+    def no_sync(batches, **kw):  # a host sync inside the loop raises
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield from batches
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    hooks = [spread.model.layers[i].register_forward_pre_hook(on_stream) for i in (0, 3)]
+    ops.KERNELS_RUN.clear()
+    try:
+        got = perplexity(spread, tokenizer, text, method, seqlen=128, limit=8, batch_size=4, progress=no_sync,
+                         micro_batches=2)
+    finally:
+        for h in hooks:
+            h.remove()
+    defaults = {torch.cuda.default_stream(d).cuda_stream for d in range(N_GPUS)}
+    assert len(seen) == 4 and not {s for _, s in seen} & defaults, seen  # 2 micro-batches x 2 GPUs
+    assert {d for d, _ in seen} == {"cuda:0", f"cuda:{N_GPUS - 1}"}
+    if kind == "cq":
+        assert any(k.startswith("prefill") or k.startswith("dequant") for k in ops.KERNELS_RUN), ops.KERNELS_RUN
+    assert got["micro_batches"] == 2 and got["tokens"] == base["tokens"] and got["windows"] == 8
+    assert got["nll_per_token"] == pytest.approx(base["nll_per_token"], rel=1e-9)

@@ -1,4 +1,4 @@
-"""cqtool bench attention | prefill | encode | generate: the CUDA kernels against baselines measured in the same run."""
+"""cqtool bench attention | prefill | encode | generate | pipeline: the CUDA kernels against baselines measured in the same run."""
 from __future__ import annotations
 
 from typing import Annotated, Optional
@@ -225,6 +225,68 @@ def generate_cmd(
         name = "CQ" if kind == "cq" else "DynamicCache"
         console.print(f"{name} at batch {res['max_batch'][kind]['batch']}: {micro_batches} micro-batches pipelined over "
                       f"{gpus} GPUs decode {x:.2f}x the tokens/s of the batch decoded as one (same run)")
+    if json_out:
+        write_json(json_out, round_floats(res))
+        console.print(f"wrote {json_out}")
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    """--micro-batches "1,2,4" -> (1, 2, 4)."""
+    try:
+        out = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        out = ()
+    if not out:
+        raise ConfigError(f"--micro-batches {text!r}: expected counts separated by commas, e.g. 1,2,3,4")
+    return out
+
+
+@bench_app.command("pipeline")
+@user_errors
+def pipeline_cmd(
+    batch: Annotated[int, typer.Option(help="Sequences decoded (in every setting)")] = 512,
+    micro_batches: Annotated[str, typer.Option(help="Micro-batch counts to time, comma-separated (1, the batch decoded "
+                                                    "as one, is always timed: the baseline)")] = "1,2,3,4",
+    cache: Annotated[str, typer.Option(help="cq | dynamic (transformers' DynamicCache, bf16)")] = "cq",
+    gpus: Annotated[int, typer.Option(help="Spread the model's layers over this many GPUs")] = 2,
+    prompt: Annotated[int, typer.Option(help="Cached tokens before decoding (synthetic prefill)")] = 2048,
+    new_tokens: Annotated[int, typer.Option(help="Greedy decode steps timed")] = 64,
+    spec: Annotated[str, typer.Option(help="CQ quantizer for K and V (random codebook)")] = "8c8b",
+    layers: Annotated[int, typer.Option(help="Decoder layers of the Llama-2-7b-shaped model")] = 32,
+    kv_heads: Annotated[int, typer.Option(help="KV heads (32: Llama-2-7b; 8: grouped-query)")] = 32,
+    memory_gb: Annotated[float, typer.Option(help="Memory cap of each GPU (GB)")] = 80.0,
+    window: Annotated[int, typer.Option(help="CQ: recent tokens also kept in full precision")] = 0,
+    repeats: Annotated[int, typer.Option(help="Rounds over all the counts (speedups are medians over rounds)")] = 1,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Save results as JSON")] = None,
+):
+    """Micro-batches pipelined over the GPUs of a layer-split model (Llama-2-7b shape, random weights): decode
+    tokens/s of one batch for each micro-batch count, against the batch decoded as one in the same run."""
+    from rich.table import Table
+
+    from ..bench_kernels import pipeline_bench, round_floats
+    from ..io import write_json
+
+    res = pipeline_bench(batch, _counts(micro_batches), cache, prompt, new_tokens, spec, layers, kv_heads, gpus,
+                         memory_gb, window, repeats, progress=lambda m: console.print(f"[dim]{m}[/]"))
+    name = "CQ-" + spec if cache == "cq" else "DynamicCache bf16"
+    t = Table(title=f"{name} decode, batch {batch}, {prompt}+{new_tokens} tokens, Llama-2-7b shape ({layers} layers"
+                    f"{f', {kv_heads} kv heads' if kv_heads != 32 else ''}, random weights), {res['device']} x {gpus}")
+    for col in ("micro-batches", "decode tok/s", "ms per step", "vs as one", "peak GiB per GPU"):
+        t.add_column(col, justify="right")
+    for r in res["rows"]:
+        if r["oom"]:
+            t.add_row(str(r["micro_batches"]), "out of memory", "-", "-", "-")
+            continue
+        sp = "-" if r["speedup"] is None else ("1.00x (baseline)" if r["micro_batches"] == 1 else f"{r['speedup']:.2f}x")
+        if r["micro_batches"] > 1 and len(r["speedups"]) > 1:
+            sp += f" ({min(r['speedups']):.2f}-{max(r['speedups']):.2f})"
+        t.add_row(str(r["micro_batches"]), f"{r['decode_tok_s']:.0f}", f"{r['ms_per_step']:.1f}", sp,
+                  " / ".join(f"{x:.1f}" for x in r["peak_gib_per_gpu"]))
+    console.print(t)
+    best = max((r for r in res["rows"] if r["speedup"]), key=lambda r: r["speedup"], default=None)
+    if best and best["micro_batches"] > 1:
+        console.print(f"best: {best['micro_batches']} micro-batches, {best['speedup']:.2f}x the tokens/s of the batch "
+                      f"decoded as one (at most {gpus}x with {gpus} GPUs of equal work)")
     if json_out:
         write_json(json_out, round_floats(res))
         console.print(f"wrote {json_out}")

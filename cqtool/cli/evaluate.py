@@ -9,7 +9,7 @@ from ..config import ConfigError, EvalConfig
 from ._app import app, console, user_errors
 
 EVAL_KEYS = {"device_map", "model", "codebook", "methods", "tasks", "window", "sinks", "seqlen", "limit", "batch_size", "data_dir",
-             "device", "dtype", "seed", "calib_dir", "calib_data", "calib_nsamples", "calib_seqlen", "json", "report_dir"}
+             "device", "dtype", "seed", "micro_batches", "calib_dir", "calib_data", "calib_nsamples", "calib_seqlen", "json", "report_dir"}
 
 
 def _split(s):
@@ -33,8 +33,12 @@ def eval_cmd(
     data_dir: Annotated[Optional[str], typer.Option(help="Local data (wikitext-2-raw/wiki.test.raw, multiple-choice/*.jsonl)")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda[:N]")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto | float32 | float16 | bfloat16")] = None,
-    device_map: Annotated[Optional[str], typer.Option(help="'auto': spread a model too big for one GPU over GPUs/CPU")] = None,
+    device_map: Annotated[Optional[str], typer.Option(help="auto (fills the first GPU first, then the next, then CPU) | balanced (layers evenly over the GPUs) | balanced_low_0 | sequential: spread the model (accelerate)")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
+    micro_batches: Annotated[Optional[int], typer.Option(help="Perplexity on GPUs: cut each batch into this many "
+                                                         "micro-batches on their own CUDA streams, pipelined over the "
+                                                         "GPUs of a model spread by --device-map (lm-eval tasks run "
+                                                         "each batch as one) [1]")] = None,
     calib_dir: Annotated[Optional[str], typer.Option(help="Where CQ codebooks for --methods live / are calibrated")] = None,
     calib_data: Annotated[Optional[str], typer.Option(help="Calibration text when a CQ method must be calibrated")] = None,
     calib_nsamples: Annotated[Optional[int], typer.Option()] = None,
@@ -61,7 +65,7 @@ def eval_cmd(
         codebook=pick(codebook, r, "codebook", None), window=pick(window, r, "window", None), sinks=pick(sinks, r, "sinks", None),
         seqlen=pick(seqlen, r, "seqlen", 2048), limit=pick(limit, r, "limit", None), batch_size=pick(batch_size, r, "batch_size", 1),
         data_dir=pick(data_dir, r, "data_dir", None), device=pick(device, r, "device", "auto"), dtype=pick(dtype, r, "dtype", "auto"), device_map=pick(device_map, r, "device_map", None),
-        seed=pick(seed, r, "seed", 0),
+        seed=pick(seed, r, "seed", 0), micro_batches=pick(micro_batches, r, "micro_batches", 1),
     )
     calib = {k: v for k, v in {"dir": pick(calib_dir, r, "calib_dir", None), "data": pick(calib_data, r, "calib_data", None),
                                "nsamples": pick(calib_nsamples, r, "calib_nsamples", None),
