@@ -30,6 +30,7 @@ class Codebook:
     meta: dict[str, Any] = field(default_factory=dict)  # fisher, data_hash, seed, nsamples, seqlen, ...
 
     def __post_init__(self) -> None:
+        self._pinned: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # pinned_centroids(); not a field
         n = self.model.num_layers
         if len(self.key_centroids) != n or len(self.value_centroids) != n:
             raise ConfigError(f"codebook has {len(self.key_centroids)} key / {len(self.value_centroids)} value layers, model has {n}")
@@ -38,6 +39,17 @@ class Codebook:
                 want = (self.model.num_kv_heads, self.model.head_dim // spec.channels, spec.num_centroids, spec.channels)
                 if tuple(t.shape) != want:
                     raise ConfigError(f"layer {i} {what} centroids have shape {tuple(t.shape)}, header says {want}")
+
+    def pinned_centroids(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(key, value) centroids in page-locked host memory, copied there once per codebook, so that a cache's copy
+        of them to a GPU is asynchronous: from pageable memory it synchronises the host with the GPU, which stalls
+        micro-batches pipelined on their own streams (pipeline.MicroBatches). The centroids as they are where CUDA
+        is absent."""
+        if not torch.cuda.is_available():
+            return self.key_centroids, self.value_centroids
+        if self._pinned is None:
+            self._pinned = ([t.pin_memory() for t in self.key_centroids], [t.pin_memory() for t in self.value_centroids])
+        return self._pinned
 
     @property
     def num_layers(self) -> int:

@@ -37,6 +37,8 @@ def perplexity(model, tokenizer, text: str, method: KVMethod, seqlen: int = 2048
         if not any(d.startswith("cuda") for d in model_devices(model)):
             raise ConfigError(f"--micro-batches {micro_batches}: pipelines micro-batches over CUDA GPUs; the model is "
                               f"on {', '.join(model_devices(model))} (use 1)")
+        from transformers import DynamicCache
+
         from .pipeline import MicroBatches
 
         pipe = MicroBatches(model, micro_batches)
@@ -52,6 +54,8 @@ def perplexity(model, tokenizer, text: str, method: KVMethod, seqlen: int = 2048
             with pipe.on(m) if pipe else contextlib.nullcontext():
                 ids = batch[rows]
                 cache = method.make_cache(model)
+                if cache is None and pipe:  # without a cache or mask, transformers reads the positions on the host
+                    cache = DynamicCache()  # (a check for packed sequences): a sync per forward; with one, none
                 kw = {cache_kw: cache, "use_cache": True} if cache is not None else {"use_cache": False}
                 logits = model(input_ids=ids, **kw).logits.float()
                 loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),

@@ -358,7 +358,7 @@ def test_bench_pipeline_cli(tmp_path):
     assert rows[1]["speedup"] == 1.0
     for m in (2, 3):
         assert len(rows[m]["speedups"]) == 2 and rows[m]["speedup"] > 0 and len(rows[m]["peak_gib_per_gpu"]) == N_GPUS
-    assert "vs as one" in r.output and "1.00x (baseline)" in r.output
+    assert "vs as one" in r.output and "1.00x" in r.output and "(baseline)" in r.output  # the cell may wrap
 
 
 @pytest.mark.parametrize("kind", ["cq", "full"])
