@@ -886,19 +886,28 @@ def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, sp
     return out
 
 
+PIPELINE_WORKLOADS = ("decode", "eval")
+
+
 def pipeline_bench(batch: int = 512, micro_batches=(1, 2, 3, 4), cache: str = "cq", prompt: int = 2048,
                    new_tokens: int = 64, spec: str = "8c8b", layers: int = 32, kv_heads: int = 32, gpus: int = 2,
-                   memory_gb: float = 80.0, window: int = 0, repeats: int = 1, progress=None) -> dict:
-    """Greedy decode of one batch of a model spread over `gpus` GPUs, cut into each number of micro-batches in
-    `micro_batches` and pipelined over the GPUs (pipeline.MicroBatches); 1 = the batch decoded as one, the baseline,
-    always timed. Each timed run follows an untimed one of the same size (synthetic prefill of `prompt` tokens, as
-    the largest-batch part of generate_bench); `repeats` rounds over all the counts, and each count's speedup is the
-    median over the rounds of its tokens/s over the baseline's in the same round. A count that runs out of memory
-    is reported as such."""
+                   memory_gb: float = 80.0, window: int = 0, repeats: int = 1, progress=None,
+                   workload: str = "decode", batches: int = 8) -> dict:
+    """Micro-batches pipelined over the GPUs of a model spread over `gpus` GPUs (pipeline.MicroBatches), one
+    setting per number of micro-batches in `micro_batches`; 1 = the batch run as one, the baseline, always timed.
+    workload "decode": greedy decode of `new_tokens` steps of `batch` sequences over a synthetic prefill of `prompt`
+    tokens (as the largest-batch part of generate_bench), each timed run after an untimed one of the same size.
+    workload "eval": what `cqtool eval --micro-batches` runs (evaluate.windows_nll): `batches` forwards of `batch`
+    random windows of `prompt` tokens, each from an empty cache (CQ, or none for "dynamic": full precision), and
+    their loss; an untimed pass over two batches first. `repeats` rounds over all the counts; each count's speedup
+    is the median over the rounds of its tokens/s over the baseline's in the same round. A count that runs out of
+    memory is reported as such."""
     micro = sorted(set(micro_batches) | {1})
+    if workload not in PIPELINE_WORKLOADS:
+        raise ConfigError(f"--workload {workload!r}: must be one of {', '.join(PIPELINE_WORKLOADS)}")
     if cache not in ("cq", "dynamic"):
         raise ConfigError(f"--cache {cache!r}: must be 'cq' or 'dynamic'")
-    _check_positive(batch=batch, prompt=prompt, new_tokens=new_tokens, layers=layers, repeats=repeats)
+    _check_positive(batch=batch, prompt=prompt, new_tokens=new_tokens, layers=layers, repeats=repeats, batches=batches)
     if kv_heads < 1 or 32 % kv_heads:
         raise ConfigError(f"--kv-heads {kv_heads}: must divide the 32 query heads")
     if memory_gb <= 0:
@@ -914,18 +923,40 @@ def pipeline_bench(batch: int = 512, micro_batches=(1, 2, 3, 4), cache: str = "c
     say = progress or (lambda *_: None)
     model, codebook, info, _ = _bench_model("bench pipeline", layers, kv_heads, gpus, memory_gb, spec, say)
     setup = GenSetup(model, codebook, prompt, new_tokens, window=window, gpus=gpus)
-    say("warm-up (kernel build, cuBLAS handles, allocator, the micro-batch streams)")
-    for m in micro:
-        warm = GenSetup(model, codebook, prompt=min(prompt, 256), new_tokens=4, window=window, gpus=gpus, micro=m)
-        run_generation(cache, warm, max(2, m), real_prefill=False)
+    if workload == "decode":
+        say("warm-up (kernel build, cuBLAS handles, allocator, the micro-batch streams)")
+        for m in micro:
+            warm = GenSetup(model, codebook, prompt=min(prompt, 256), new_tokens=4, window=window, gpus=gpus, micro=m)
+            run_generation(cache, warm, max(2, m), real_prefill=False)
+
+        def timed(m: int) -> dict:
+            setup.micro = m
+            rec = _timed_after_untimed(cache, setup, batch)
+            return {**rec, "tok_s": rec["decode_tok_s"], "ms": 1e3 * rec["decode_s"] / new_tokens}
+    else:
+        from .evaluate import windows_nll
+        from .methods import CQMethod, FullPrecision
+
+        method = CQMethod(codebook, window=window or None) if cache == "cq" else FullPrecision()
+        ids = torch.randint(0, model.config.vocab_size, (batches * batch, prompt), generator=torch.Generator().manual_seed(2))
+
+        def timed(m: int) -> dict:
+            windows_nll(model, ids[: 2 * batch], method, batch, m)  # untimed
+            setup.reset_peak()
+            nll, count, secs = windows_nll(model, ids, method, batch, m)
+            rec = {"workload": "eval", "cache": cache, "batch": batch, "micro_batches": m, "batches": batches,
+                   "window_tokens": prompt, "seconds": secs, "tok_s": ids.numel() / secs, "ms": 1e3 * secs / batches,
+                   "nll_per_token": nll / count, "peak_gib_per_gpu": [b / 2**30 for b in setup.peaks()]}
+            setup.records.append(rec)
+            _release()
+            return rec
     rounds: list[dict] = []
     for r in range(repeats):
         runs: dict = {}
         for m in micro:
-            setup.micro = m
-            say(f"round {r + 1}/{repeats}: {cache} batch {batch} in {m} micro-batch{'es' if m > 1 else ''}")
+            say(f"round {r + 1}/{repeats}: {workload}, {cache}, batch {batch} in {m} micro-batch{'es' if m > 1 else ''}")
             try:
-                runs[m] = _timed_after_untimed(cache, setup, batch)
+                runs[m] = timed(m)
             except torch.OutOfMemoryError:
                 say(f"{cache}: batch {batch} in {m} micro-batches OOM")
                 _release()
@@ -933,17 +964,17 @@ def pipeline_bench(batch: int = 512, micro_batches=(1, 2, 3, 4), cache: str = "c
         rounds.append(runs)
     rows = []
     for m in micro:
-        recs = [rd[m] for rd in rounds]
-        ratios = [rd[m]["decode_tok_s"] / rd[1]["decode_tok_s"] for rd in rounds if rd[m] and rd[1]]
-        ok = [x for x in recs if x]
+        ok = [rd[m] for rd in rounds if rd[m]]
+        ratios = [rd[m]["tok_s"] / rd[1]["tok_s"] for rd in rounds if rd[m] and rd[1]]
         rows.append({"micro_batches": m, "oom": not ok,
-                     "decode_tok_s": statistics.median(x["decode_tok_s"] for x in ok) if ok else None,
-                     "ms_per_step": statistics.median(1e3 * x["decode_s"] / new_tokens for x in ok) if ok else None,
+                     "tok_s": statistics.median(x["tok_s"] for x in ok) if ok else None,
+                     "ms": statistics.median(x["ms"] for x in ok) if ok else None,
                      "peak_gib_per_gpu": ok[-1]["peak_gib_per_gpu"] if ok else None,
                      "speedup": statistics.median(ratios) if ratios else None, "speedups": ratios})
-    return {**info, "cache": cache, "batch": batch, "prompt": prompt, "new_tokens": new_tokens, "spec": spec,
-            "layers": layers, "kv_heads": kv_heads, "window": window, "memory_cap_gb": memory_gb, "repeats": repeats,
-            "rows": rows, "kernels": ops.kernel_status(), "records": setup.records}
+    return {**info, "workload": workload, "cache": cache, "batch": batch, "prompt": prompt, "new_tokens": new_tokens,
+            "batches": batches, "spec": spec, "layers": layers, "kv_heads": kv_heads, "window": window,
+            "memory_cap_gb": memory_gb, "repeats": repeats, "rows": rows, "kernels": ops.kernel_status(),
+            "records": setup.records}
 
 
 def fmt_ms(x: float) -> str:

@@ -15,13 +15,28 @@ from .models import cache_kwarg, model_device, model_devices
 from .pipeline import split_batch
 
 
-@torch.no_grad()
 def perplexity(model, tokenizer, text: str, method: KVMethod, seqlen: int = 2048, limit: int | None = None,
                batch_size: int = 1, progress=None, micro_batches: int = 1) -> dict[str, Any]:
     """Non-overlapping `seqlen` windows; every window starts with an empty cache of `method`.
 
     Token perplexity = exp(mean NLL over predicted tokens). Word perplexity = exp(total NLL / words), words
     counted by whitespace in the evaluated windows' text (as lm-eval's wikitext task counts them).
+    micro_batches: see windows_nll.
+    """
+    windows = eval_windows(tokenize(tokenizer, text), seqlen, limit)
+    nll, count, seconds = windows_nll(model, windows, method, batch_size, micro_batches, progress,
+                                      f"ppl {method.name}")
+    words = len(tokenizer.decode(windows.reshape(-1)).split())
+    return {"perplexity": math.exp(nll / count), "word_perplexity": math.exp(nll / max(1, words)),
+            "nll_per_token": nll / count, "tokens": count, "windows": int(windows.shape[0]), "words": words,
+            "seconds": seconds, **({"micro_batches": micro_batches} if micro_batches > 1 else {})}
+
+
+@torch.no_grad()
+def windows_nll(model, windows: torch.Tensor, method: KVMethod, batch_size: int = 1, micro_batches: int = 1,
+                progress=None, description: str = "windows") -> tuple[float, int, float]:
+    """(summed NLL of every token after the first of each window [N, T], the number of those tokens, seconds), each
+    window run from an empty cache of `method`, `batch_size` windows per forward.
 
     micro_batches > 1 (a model on CUDA GPUs): each batch is cut into that many micro-batches, micro-batch j of every
     batch runs on its own CUDA streams (pipeline.MicroBatches) and the losses are summed on the GPU, read once at the
@@ -29,8 +44,6 @@ def perplexity(model, tokenizer, text: str, method: KVMethod, seqlen: int = 2048
     on the one before, where one batch at a time leaves all GPUs but one idle.
     """
     track = progress or (lambda it, **kw: it)
-    tokens = tokenize(tokenizer, text)
-    windows = eval_windows(tokens, seqlen, limit)
     dev = model_device(model)
     pipe = None
     if micro_batches > 1:
@@ -42,13 +55,16 @@ def perplexity(model, tokenizer, text: str, method: KVMethod, seqlen: int = 2048
         from .pipeline import MicroBatches
 
         pipe = MicroBatches(model, micro_batches)
-    nll, count, t0 = 0.0, 0, time.time()
+    nll, count = 0.0, 0
+    sync = (lambda: [torch.cuda.synchronize(d) for d in model_devices(model) if d.startswith("cuda")])
+    sync()
+    t0 = time.perf_counter()
     batches = list(windows.to(dev).split(batch_size))  # one copy to the GPU, before the micro-batch streams fork
     sums: dict[int, torch.Tensor] = {}  # micro-batch -> its NLL so far, on its own streams
     cache_kw = cache_kwarg(model)
     if pipe:
         pipe.fork()
-    for batch in track(batches, description=f"ppl {method.name}"):
+    for batch in track(batches, description=description):
         parts = split_batch(len(batch), min(micro_batches, len(batch)))
         for m, rows in enumerate(parts):
             with pipe.on(m) if pipe else contextlib.nullcontext():
@@ -69,10 +85,8 @@ def perplexity(model, tokenizer, text: str, method: KVMethod, seqlen: int = 2048
     if pipe:
         pipe.join()
         nll = sum(float(x) for x in sums.values())  # the current streams wait for the micro-batches' (join)
-    words = len(tokenizer.decode(windows.reshape(-1)).split())
-    return {"perplexity": math.exp(nll / count), "word_perplexity": math.exp(nll / max(1, words)),
-            "nll_per_token": nll / count, "tokens": count, "windows": int(windows.shape[0]), "words": words,
-            "seconds": time.time() - t0, **({"micro_batches": micro_batches} if pipe else {})}
+    sync()
+    return nll, count, time.perf_counter() - t0
 
 
 def wikitext_text(data_dir: str | None) -> str:

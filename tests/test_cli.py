@@ -458,6 +458,8 @@ def test_bench_pipeline_bad_input():
     assert_user_error(run("bench", "pipeline", "--micro-batches", "0,2"), "--micro-batches 0", "between 1")
     assert_user_error(run("bench", "pipeline", "--cache", "static"), "--cache 'static'", "'cq' or 'dynamic'")
     assert_user_error(run("bench", "pipeline", "--repeats", "0"), "repeats", "0")
+    assert_user_error(run("bench", "pipeline", "--workload", "train"), "--workload 'train'", "decode, eval")
+    assert_user_error(run("bench", "pipeline", "--workload", "eval", "--batches", "0"), "batches", "0")
 
 
 def test_pipeline_bench_rounds(monkeypatch):
@@ -480,7 +482,7 @@ def test_pipeline_bench_rounds(monkeypatch):
         if setup.micro == 4:
             raise torch.OutOfMemoryError("fake")
         return {"decode_tok_s": tok_s[r, setup.micro], "decode_s": 64 * 10 / tok_s[r, setup.micro],
-                "peak_gib_per_gpu": [1.0, 2.0]}
+                "peak_gib_per_gpu": [1.0, 2.0]}  # what run_generation's record holds
 
     monkeypatch.setattr(bk, "_timed_after_untimed", timed_run)
     monkeypatch.setattr(bk, "_release", lambda: None)
@@ -488,10 +490,10 @@ def test_pipeline_bench_rounds(monkeypatch):
     assert [w[1] for w in warm] == [1, 2, 4] and all(w[0] == "dynamic" for w in warm)
     assert timed == [("dynamic", m, 10) for m in (1, 2, 4)] * 3
     rows = {r["micro_batches"]: r for r in res["rows"]}
-    assert rows[1]["speedup"] == 1.0 and rows[1]["decode_tok_s"] == 100.0
+    assert rows[1]["speedup"] == 1.0 and rows[1]["tok_s"] == 100.0
     assert rows[2]["speedups"] == [1.5, 1.7, 1.6] and rows[2]["speedup"] == 1.6
-    assert rows[2]["decode_tok_s"] == 150.0 and rows[2]["ms_per_step"] == pytest.approx(1e3 * 10 / 150)
-    assert rows[4]["oom"] and rows[4]["speedup"] is None and rows[4]["decode_tok_s"] is None
+    assert rows[2]["tok_s"] == 150.0 and rows[2]["ms"] == pytest.approx(1e3 * 10 / 150)  # per decode step
+    assert rows[4]["oom"] and rows[4]["speedup"] is None and rows[4]["tok_s"] is None
 
 
 def test_split_batch_rows():

@@ -244,13 +244,19 @@ def _counts(text: str) -> tuple[int, ...]:
 @bench_app.command("pipeline")
 @user_errors
 def pipeline_cmd(
-    batch: Annotated[int, typer.Option(help="Sequences decoded (in every setting)")] = 512,
+    batch: Annotated[int, typer.Option(help="Sequences decoded, or windows per forward with --workload eval (in every "
+                                            "setting)")] = 512,
     micro_batches: Annotated[str, typer.Option(help="Micro-batch counts to time, comma-separated (1, the batch decoded "
                                                     "as one, is always timed: the baseline)")] = "1,2,3,4",
-    cache: Annotated[str, typer.Option(help="cq | dynamic (transformers' DynamicCache, bf16)")] = "cq",
+    workload: Annotated[str, typer.Option(help="decode: greedy decode steps | eval: forwards of whole windows and their "
+                                               "loss, as `cqtool eval --micro-batches` runs them")] = "decode",
+    cache: Annotated[str, typer.Option(help="cq | dynamic (decode: transformers' DynamicCache, bf16; eval: full "
+                                            "precision)")] = "cq",
     gpus: Annotated[int, typer.Option(help="Spread the model's layers over this many GPUs")] = 2,
-    prompt: Annotated[int, typer.Option(help="Cached tokens before decoding (synthetic prefill)")] = 2048,
+    prompt: Annotated[int, typer.Option(help="Cached tokens before decoding (synthetic prefill); eval: tokens per "
+                                             "window")] = 2048,
     new_tokens: Annotated[int, typer.Option(help="Greedy decode steps timed")] = 64,
+    batches: Annotated[int, typer.Option(help="eval: forwards of --batch windows timed")] = 8,
     spec: Annotated[str, typer.Option(help="CQ quantizer for K and V (random codebook)")] = "8c8b",
     layers: Annotated[int, typer.Option(help="Decoder layers of the Llama-2-7b-shaped model")] = 32,
     kv_heads: Annotated[int, typer.Option(help="KV heads (32: Llama-2-7b; 8: grouped-query)")] = 32,
@@ -267,11 +273,19 @@ def pipeline_cmd(
     from ..io import write_json
 
     res = pipeline_bench(batch, _counts(micro_batches), cache, prompt, new_tokens, spec, layers, kv_heads, gpus,
-                         memory_gb, window, repeats, progress=lambda m: console.print(f"[dim]{m}[/]"))
-    name = "CQ-" + spec if cache == "cq" else "DynamicCache bf16"
-    t = Table(title=f"{name} decode, batch {batch}, {prompt}+{new_tokens} tokens, Llama-2-7b shape ({layers} layers"
-                    f"{f', {kv_heads} kv heads' if kv_heads != 32 else ''}, random weights), {res['device']} x {gpus}")
-    for col in ("micro-batches", "decode tok/s", "ms per step", "vs as one", "peak GiB per GPU"):
+                         memory_gb, window, repeats, progress=lambda m: console.print(f"[dim]{m}[/]"),
+                         workload=workload, batches=batches)
+    shape = (f"Llama-2-7b shape ({layers} layers{f', {kv_heads} kv heads' if kv_heads != 32 else ''}, random "
+             f"weights), {res['device']} x {gpus}")
+    if workload == "decode":
+        name = "CQ-" + spec if cache == "cq" else "DynamicCache bf16"
+        t = Table(title=f"{name} decode, batch {batch}, {prompt}+{new_tokens} tokens, {shape}")
+        cols = ("micro-batches", "decode tok/s", "ms per step", "vs as one", "peak GiB per GPU")
+    else:
+        name = "CQ-" + spec if cache == "cq" else "full precision"
+        t = Table(title=f"eval forwards ({name}), {batches} batches of {batch} windows of {prompt} tokens, {shape}")
+        cols = ("micro-batches", "tokens/s", "ms per batch", "vs as one", "peak GiB per GPU")
+    for col in cols:
         t.add_column(col, justify="right")
     for r in res["rows"]:
         if r["oom"]:
@@ -280,13 +294,13 @@ def pipeline_cmd(
         sp = "-" if r["speedup"] is None else ("1.00x (baseline)" if r["micro_batches"] == 1 else f"{r['speedup']:.2f}x")
         if r["micro_batches"] > 1 and len(r["speedups"]) > 1:
             sp += f" ({min(r['speedups']):.2f}-{max(r['speedups']):.2f})"
-        t.add_row(str(r["micro_batches"]), f"{r['decode_tok_s']:.0f}", f"{r['ms_per_step']:.1f}", sp,
+        t.add_row(str(r["micro_batches"]), f"{r['tok_s']:.0f}", f"{r['ms']:.1f}", sp,
                   " / ".join(f"{x:.1f}" for x in r["peak_gib_per_gpu"]))
     console.print(t)
     best = max((r for r in res["rows"] if r["speedup"]), key=lambda r: r["speedup"], default=None)
     if best and best["micro_batches"] > 1:
         console.print(f"best: {best['micro_batches']} micro-batches, {best['speedup']:.2f}x the tokens/s of the batch "
-                      f"decoded as one (at most {gpus}x with {gpus} GPUs of equal work)")
+                      f"run as one (at most {gpus}x with {gpus} GPUs of equal work)")
     if json_out:
         write_json(json_out, round_floats(res))
         console.print(f"wrote {json_out}")
