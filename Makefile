@@ -8,7 +8,7 @@ DATA    ?= ../shared/data
 RUNS    ?= runs
 DEVICE  ?= auto
 
-.PHONY: install demo test test-cuda reproduce tasks bench bench-kmeans clean
+.PHONY: install demo test test-cuda reproduce tasks bench bench-2gpu bench-kmeans clean
 
 install: $(VENV)/.installed
 
@@ -55,6 +55,12 @@ bench: install
 	$(BIN)/cqtool bench encode --json $(RUNS)/bench/encode.json
 	$(BIN)/cqtool bench generate --graphs --json $(RUNS)/bench/generate.json
 	$(BIN)/cqtool bench kmeans --json $(RUNS)/bench/kmeans.json
+
+# two GPUs: micro-batches pipelined over a layer-split model
+bench-2gpu: install
+	$(BIN)/cqtool bench generate --gpus 2 --micro-batches 2 --no-same-batch --new-tokens 64 --max-batch 2048 --json $(RUNS)/bench/generate-2gpu.json
+	$(BIN)/cqtool bench pipeline --gpus 2 --batch 1400 --micro-batches 1,2,3,4 --new-tokens 64 --json $(RUNS)/bench/pipeline-decode.json
+	$(BIN)/cqtool bench pipeline --workload eval --gpus 2 --batch 8 --batches 8 --micro-batches 1,2,4 --repeats 2 --json $(RUNS)/bench/pipeline-eval.json
 
 # small enough for a CPU
 bench-kmeans: install
