@@ -148,9 +148,11 @@ class CQLayer(AppendOnlyLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, _, D = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        # from page-locked memory (Codebook.pinned_centroids): the host does not wait for the copy
-        self.k_centroids = self.k_centroids_cpu.to(self.device, non_blocking=True).to(key_states.dtype)
-        self.v_centroids = self.v_centroids_cpu.to(self.device, non_blocking=True).to(value_states.dtype)
+        k, v = self.k_centroids_cpu, self.v_centroids_cpu
+        if self.device.type == "cuda":  # from page-locked memory: the host does not wait for the copy
+            k, v = self.parent.codebook.pinned(k), self.parent.codebook.pinned(v)
+        self.k_centroids = k.to(self.device, non_blocking=True).to(key_states.dtype)
+        self.v_centroids = v.to(self.device, non_blocking=True).to(value_states.dtype)
         self.k_bits, self.v_bits = self.config.key.code_bits, self.config.value.code_bits
         self.k_groups, self.v_groups = self.k_centroids.shape[1], self.v_centroids.shape[1]
         self.k_rb = quant.row_bytes(self.k_groups, self.k_bits)
@@ -297,8 +299,7 @@ class CQCache(Cache):
         # replays one CUDA graph per GPU refreshes between the graphs (graphs.StaticDecoder, replica_pairs)
         self._replicas: dict[tuple[str, str], torch.Tensor] = {}
         self._inv_freq_copies: dict[str, torch.Tensor] = {}
-        kc, vc = codebook.pinned_centroids()
-        layers = [CQLayer(self, i, kc[i], vc[i]) for i in range(codebook.num_layers)]
+        layers = [CQLayer(self, i, codebook.key_centroids[i], codebook.value_centroids[i]) for i in range(codebook.num_layers)]
         super().__init__(layers=layers)
         self._cos_sin_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 

@@ -30,7 +30,7 @@ class Codebook:
     meta: dict[str, Any] = field(default_factory=dict)  # fisher, data_hash, seed, nsamples, seqlen, ...
 
     def __post_init__(self) -> None:
-        self._pinned: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # pinned_centroids(); not a field
+        self._pinned: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # pinned(): id -> (tensor, copy); not a field
         n = self.model.num_layers
         if len(self.key_centroids) != n or len(self.value_centroids) != n:
             raise ConfigError(f"codebook has {len(self.key_centroids)} key / {len(self.value_centroids)} value layers, model has {n}")
@@ -40,16 +40,20 @@ class Codebook:
                 if tuple(t.shape) != want:
                     raise ConfigError(f"layer {i} {what} centroids have shape {tuple(t.shape)}, header says {want}")
 
-    def pinned_centroids(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(key, value) centroids in page-locked host memory, copied there once per codebook, so that a cache's copy
-        of them to a GPU is asynchronous: from pageable memory it synchronises the host with the GPU, which stalls
-        micro-batches pipelined on their own streams (pipeline.MicroBatches). The centroids as they are where CUDA
-        is absent."""
-        if not torch.cuda.is_available():
-            return self.key_centroids, self.value_centroids
-        if self._pinned is None:
-            self._pinned = ([t.pin_memory() for t in self.key_centroids], [t.pin_memory() for t in self.value_centroids])
-        return self._pinned
+    def pinned(self, t: torch.Tensor) -> torch.Tensor:
+        """A centroid tensor t in page-locked host memory, copied there once (the copy kept with the codebook; a tensor
+        changed in place afterwards is not seen), so that a cache's copy of it to a GPU is asynchronous: from pageable
+        memory it synchronises the host with the GPU, which stalls micro-batches pipelined on their own streams
+        (pipeline.MicroBatches). t itself where it is not on the CPU, already pinned, or CUDA is absent."""
+        if t.device.type != "cpu" or not torch.cuda.is_available() or t.is_pinned():
+            return t
+        hit = self._pinned.get(id(t))
+        if hit is None or hit[0] is not t:
+            hit = self._pinned[id(t)] = (t, t.pin_memory())
+        return hit[1]
+
+    def __getstate__(self) -> dict[str, Any]:  # pickling and copies leave the pinned copies behind
+        return {**self.__dict__, "_pinned": {}}
 
     @property
     def num_layers(self) -> int:

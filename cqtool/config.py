@@ -199,10 +199,18 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate
 
 
 def check_device_map(device_map: str | None) -> None:
-    """--device-map: None, or one of accelerate's named placements."""
-    if device_map is not None and device_map not in DEVICE_MAPS:
-        raise ConfigError(f"--device-map {device_map!r}: must be one of {', '.join(DEVICE_MAPS)} (auto fills the first "
-                          f"GPU first, balanced spreads the layers evenly over the GPUs)")
+    """--device-map: None, one of accelerate's named placements, or one device (cpu, cuda, cuda:1), as transformers
+    takes it."""
+    if device_map is None or device_map in DEVICE_MAPS:
+        return
+    import torch
+
+    try:
+        torch.device(device_map)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device-map {device_map!r}: must be one of {', '.join(DEVICE_MAPS)} (auto fills the "
+                          f"first GPU first, balanced spreads the layers evenly over the GPUs) or a device such as "
+                          f"cuda:1") from None
 
 
 def to_dict(obj: Any) -> Any:

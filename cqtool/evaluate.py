@@ -52,9 +52,9 @@ def windows_nll(model, windows: torch.Tensor, method: KVMethod, batch_size: int 
                               f"on {', '.join(model_devices(model))} (use 1)")
         from transformers import DynamicCache
 
-        from .pipeline import MicroBatches
+        from .pipeline import shared_pipeline
 
-        pipe = MicroBatches(model, micro_batches)
+        pipe = shared_pipeline(model, micro_batches)
     nll, count = 0.0, 0
     sync = (lambda: [torch.cuda.synchronize(d) for d in model_devices(model) if d.startswith("cuda")])
     sync()
@@ -181,10 +181,14 @@ def run_eval(cfg, calib: dict[str, Any] | None = None, progress=None) -> dict[st
     from .models import load_config, pick_device, pick_dtype
 
     _, _, _, info = load_config(cfg.model)
-    pick_dtype(cfg.dtype, pick_device(cfg.device))
+    dev = pick_device(cfg.device)
+    pick_dtype(cfg.dtype, dev)
     if cfg.micro_batches > 1 and not torch.cuda.is_available():
         raise ConfigError(f"--micro-batches {cfg.micro_batches}: pipelines micro-batches over CUDA GPUs; none is "
                           f"available here (use 1)")
+    if cfg.micro_batches > 1 and dev.type != "cuda" and not cfg.device_map:
+        raise ConfigError(f"--micro-batches {cfg.micro_batches}: pipelines micro-batches over CUDA GPUs; --device "
+                          f"{cfg.device} puts the model on {dev} (use --device cuda, a --device-map, or 1)")
     calib = calib or {}
     calib.setdefault("dir", f"runs/calib/{info.model_id.replace('/', '_')}")
     calib.setdefault("data", "wikitext2")

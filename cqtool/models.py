@@ -182,6 +182,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", device_map:
     """-> (model, tokenizer, ModelInfo). `device_map="auto"` spreads a big model over GPUs / CPU (accelerate)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_device_map(device_map)
     path, kw, config, info = load_config(name)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
@@ -192,7 +193,6 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", device_map:
         return model.eval(), tokenizer or byte_tokenizer(), info
     tok = tokenizer or AutoTokenizer.from_pretrained(path, **kw)
     load_kw = dict(dtype=dt, **kw)
-    check_device_map(device_map)
     if device_map:
         load_kw["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(path, **load_kw)

@@ -205,10 +205,31 @@ def test_eval_bad_micro_batches_and_device_map(tiny_model_dir):
     base = ("eval", "--model", tiny_model_dir, "--device", "cpu")
     assert_user_error(run(*base, "--micro-batches", 0), "--micro-batches 0", "between 1 and --batch-size (1)")
     assert_user_error(run(*base, "--micro-batches", 3, "--batch-size", 2), "--micro-batches 3", "--batch-size (2)")
-    assert_user_error(run(*base, "--micro-batches", 2, "--batch-size", 2), "--micro-batches 2", "CUDA GPUs")
+    assert_user_error(run(*base, "--micro-batches", 2, "--batch-size", 2), "--micro-batches 2", "none is available")
     assert_user_error(run(*base, "--device-map", "everywhere"), "--device-map 'everywhere'", "auto, balanced")
     assert_user_error(run("calibrate", "--model", tiny_model_dir, "--bits", 1, "--device-map", "gpu0", "--output", "x"),
                       "--device-map 'gpu0'", "balanced_low_0, sequential")
+
+
+def test_eval_micro_batches_refused_on_cpu_device_before_loading(tiny_model_dir, monkeypatch):
+    """On a machine with a GPU, --device cpu --micro-batches 2 is refused before the model loads."""
+    import torch
+
+    import cqtool.models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cqtool.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert_user_error(run("eval", "--model", tiny_model_dir, "--device", "cpu", "--micro-batches", 2, "--batch-size", 2),
+                      "--micro-batches 2", "--device cpu puts the model on cpu")
+
+
+def test_device_map_takes_a_device():
+    from cqtool.config import ConfigError, check_device_map
+
+    for ok in (None, "auto", "balanced", "sequential", "cpu", "cuda", "cuda:1"):
+        check_device_map(ok)
+    with pytest.raises(ConfigError, match="'gpu0': must be one of auto"):
+        check_device_map("gpu0")
 
 
 def test_eval_bad_backend(tiny_model_dir):

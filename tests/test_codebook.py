@@ -74,3 +74,26 @@ def test_load_a_directory_names_its_codebooks(tmp_path):
     make_codebook(info).save(tmp_path / "cq-4c6b.safetensors")
     with pytest.raises(ConfigError, match=r"is a directory \(cq-4c6b.safetensors\); give one codebook file"):
         Codebook.load(tmp_path)
+
+
+def test_pinned_copies_made_once_and_not_carried(monkeypatch):
+    """Codebook.pinned: one page-locked copy per centroid tensor (asked again, the same copy; a replaced tensor gets
+    its own), none where CUDA is absent, and copies or pickles of the codebook do not carry them. pin_memory needs
+    CUDA, so a clone stands in for it here."""
+    import copy
+    import pickle
+
+    cb = make_codebook(ModelInfo("tiny", "LlamaForCausalLM", 2, 4, 2, 16, 64), QuantSpec(4, 6))
+    k = cb.key_centroids[0]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cb.pinned(k) is k and cb._pinned == {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    made = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: made.append(1) or self.clone())
+    p = cb.pinned(k)
+    assert p is not k and torch.equal(p, k) and cb.pinned(k) is p and len(made) == 1
+    cb.key_centroids[0] = k.clone()
+    assert cb.pinned(cb.key_centroids[0]) is not p and len(made) == 2
+    for other in (copy.copy(cb), copy.deepcopy(cb), pickle.loads(pickle.dumps(cb))):
+        assert other._pinned == {} and torch.equal(other.key_centroids[1], cb.key_centroids[1])
+    assert len(cb._pinned) == 2

@@ -265,8 +265,10 @@ def pipeline_cmd(
     repeats: Annotated[int, typer.Option(help="Rounds over all the counts (speedups are medians over rounds)")] = 1,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Save results as JSON")] = None,
 ):
-    """Micro-batches pipelined over the GPUs of a layer-split model (Llama-2-7b shape, random weights): decode
-    tokens/s of one batch for each micro-batch count, against the batch decoded as one in the same run."""
+    """Micro-batches pipelined over the GPUs of a layer-split model (Llama-2-7b shape, random weights): tokens/s of
+    one batch (decode steps, or --workload eval: whole-window forwards and their loss) for each micro-batch count,
+    against the batch run as one in the same run ("vs as one": the median over --repeats rounds of each round's
+    ratio; tokens/s: the median over rounds)."""
     from rich.table import Table
 
     from ..bench_kernels import pipeline_bench, round_floats
