@@ -29,7 +29,7 @@ import torch
 from . import ops, quant
 from .config import ConfigError, QuantSpec
 from .models import cache_kwarg
-from .pipeline import MicroBatches, split_batch
+from .pipeline import MicroBatches, shared_pipeline, split_batch
 
 DEFAULT_SHAPES = ((8, 32768), (1, 4096), (1, 32768), (32, 8192))
 DEFAULT_SPECS = ("8c8b", "4c8b")
@@ -466,19 +466,15 @@ class GenSetup:
     records: list = field(default_factory=list)
     gpus: int = 1  # the model's layers spread over cuda:0 .. cuda:gpus-1
     micro: int = 1  # eager decode: micro-batches pipelined over the GPUs (pipeline.MicroBatches), each with its cache
-    _pipe: MicroBatches | None = None  # its streams, made once: the kernels keep a workspace per stream they run on
 
     def sync(self) -> None:
         for d in range(self.gpus):
             torch.cuda.synchronize(d)
 
     def pipeline(self) -> MicroBatches | None:
-        """The micro-batch streams for `micro` (None for one batch)."""
-        if self.micro == 1:
-            return None
-        if self._pipe is None or self._pipe.parts != self.micro:
-            self._pipe = MicroBatches(self.model, self.micro)
-        return self._pipe
+        """The micro-batch streams for `micro` (None for one batch), the same for every run: the kernels keep a
+        workspace per stream they run on."""
+        return shared_pipeline(self.model, self.micro) if self.micro > 1 else None
 
     def reset_peak(self) -> None:
         for d in range(self.gpus):
@@ -785,6 +781,16 @@ def _graph_same_batch(setup: GenSetup, batch: int, repeats: int, say) -> dict:
     return _paired(run_graph_generation, "static", setup, batch, repeats, say, f"CUDA graphs, batch {batch}")
 
 
+def _check_model_args(kv_heads: int, memory_gb: float, window: int, layers: int, gpus: int) -> None:
+    """The settings of _bench_model's model and of its caches, checked before a GPU is looked for."""
+    if kv_heads < 1 or 32 % kv_heads:
+        raise ConfigError(f"--kv-heads {kv_heads}: must divide the 32 query heads")
+    if memory_gb <= 0:
+        raise ConfigError(f"--memory-gb {memory_gb}: must be above 0")
+    _check_window(window)
+    layer_device_map(layers, gpus)  # checks gpus against the layers
+
+
 def _bench_model(command: str, layers: int, kv_heads: int, gpus: int, memory_gb: float, spec: str, say):
     """The Llama-2-7b-shaped model with random weights, its layers spread over `gpus` GPUs, each GPU capped at
     memory_gb, and a random codebook: (model, codebook, device info, the cap in bytes)."""
@@ -830,14 +836,9 @@ def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, sp
     the fullest GPU stays under it. micro_batches > 1 (with gpus > 1): every timed eager decode (not the graph runs,
     nor the GPU time per step, which is summed over kernels) cuts its batch into that many micro-batches pipelined over the GPUs (pipeline.MicroBatches), and the largest-batch
     part also times each cache's batch decoded as one, in the same run (the pipelining's baseline)."""
-    if kv_heads < 1 or 32 % kv_heads:
-        raise ConfigError(f"--kv-heads {kv_heads}: must divide the 32 query heads")
     _check_positive(batch=batch, prompt=prompt, new_tokens=new_tokens, layers=layers, repeats=repeats,
                     max_batch=max_search)
-    if memory_gb <= 0:
-        raise ConfigError(f"--memory-gb {memory_gb}: must be above 0")
-    _check_window(window)
-    layer_device_map(layers, gpus)  # checks gpus against the layers
+    _check_model_args(kv_heads, memory_gb, window, layers, gpus)
     if micro_batches < 1:
         raise ConfigError(f"--micro-batches {micro_batches}: must be at least 1")
     if micro_batches > 1 and gpus < 2:
@@ -908,15 +909,10 @@ def pipeline_bench(batch: int = 512, micro_batches=(1, 2, 3, 4), cache: str = "c
     if cache not in ("cq", "dynamic"):
         raise ConfigError(f"--cache {cache!r}: must be 'cq' or 'dynamic'")
     _check_positive(batch=batch, prompt=prompt, new_tokens=new_tokens, layers=layers, repeats=repeats, batches=batches)
-    if kv_heads < 1 or 32 % kv_heads:
-        raise ConfigError(f"--kv-heads {kv_heads}: must divide the 32 query heads")
-    if memory_gb <= 0:
-        raise ConfigError(f"--memory-gb {memory_gb}: must be above 0")
-    _check_window(window)
     if gpus < 2:
         raise ConfigError(f"--gpus {gpus}: micro-batches are pipelined over the GPUs of a model split by layers; "
                           f"needs 2 or more")
-    layer_device_map(layers, gpus)
+    _check_model_args(kv_heads, memory_gb, window, layers, gpus)
     bad = [m for m in micro if m < 1 or m > batch]
     if bad:
         raise ConfigError(f"--micro-batches {bad[0]}: must be between 1 and --batch ({batch}), one row per micro-batch")

@@ -12,7 +12,7 @@ from .config import ConfigError
 from .data import eval_windows, load_text, tokenize
 from .methods import KVMethod
 from .models import cache_kwarg, model_device, model_devices
-from .pipeline import split_batch
+from .pipeline import split_batch, sync_all
 
 
 def perplexity(model, tokenizer, text: str, method: KVMethod, seqlen: int = 2048, limit: int | None = None,
@@ -56,8 +56,7 @@ def windows_nll(model, windows: torch.Tensor, method: KVMethod, batch_size: int 
 
         pipe = shared_pipeline(model, micro_batches)
     nll, count = 0.0, 0
-    sync = (lambda: [torch.cuda.synchronize(d) for d in model_devices(model) if d.startswith("cuda")])
-    sync()
+    sync_all()
     t0 = time.perf_counter()
     batches = list(windows.to(dev).split(batch_size))  # one copy to the GPU, before the micro-batch streams fork
     sums: dict[int, torch.Tensor] = {}  # micro-batch -> its NLL so far, on its own streams
@@ -85,7 +84,7 @@ def windows_nll(model, windows: torch.Tensor, method: KVMethod, batch_size: int 
     if pipe:
         pipe.join()
         nll = sum(float(x) for x in sums.values())  # the current streams wait for the micro-batches' (join)
-    sync()
+    sync_all()
     return nll, count, time.perf_counter() - t0
 
 

@@ -64,7 +64,8 @@ def decode_graph(model, ids: torch.Tensor, cache, max_new_tokens: int, eos: int 
     CPU). Always runs `max_new_tokens` steps (a graph cannot stop early), then cuts the tokens after `eos`. Returns
     (new token ids, seconds: prefill, warm-up, capture, replays, the number of steps that were graph replays: 0 for 3
     tokens or fewer)."""
-    from .graphs import StaticDecoder, sync_all
+    from .graphs import StaticDecoder
+    from .pipeline import sync_all
 
     sync = sync_all if graph else (lambda: None)
     sync()

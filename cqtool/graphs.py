@@ -31,7 +31,7 @@ import torch
 
 from .config import ConfigError
 from .models import cache_kwarg
-from .pipeline import MicroBatches
+from .pipeline import shared_pipeline, sync_all
 from .sampling import GREEDY, Sampling, next_token
 
 
@@ -49,12 +49,6 @@ def static_cache(model, kind: str, capacity: int, codebook=None, window: int | N
             raise ConfigError("a CQ cache needs a codebook")
         return CQCache(model, codebook, window=window, sinks=sinks, max_length=capacity)
     raise ConfigError(f"cache kind {kind!r} is not allowed; use static or cq")
-
-
-def sync_all() -> None:
-    """Wait for every visible GPU (a model may be spread over several)."""
-    for d in range(torch.cuda.device_count()):
-        torch.cuda.synchronize(d)
 
 
 def dispatched_blocks(model) -> list[tuple[torch.nn.Module, torch.device]]:
@@ -275,7 +269,7 @@ class StaticDecoder:
             hidden = decoder(input_ids=feed.ids, position_ids=feed.pos, attention_mask=mask, **kw).last_hidden_state
             feed(head(hidden[:, -1:])[:, -1])
 
-        pipe = MicroBatches(self.model, 1)  # a stream per GPU: the warm-up runs on the streams the captures will use
+        pipe = shared_pipeline(self.model, 1)  # a stream per GPU: the warm-up runs on the streams the captures use
         streams = pipe.streams[0]
         eager = min(warmup, steps)
         sync_all()

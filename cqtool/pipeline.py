@@ -29,6 +29,12 @@ from .config import ConfigError
 from .models import cache_kwarg, model_devices
 
 
+def sync_all() -> None:
+    """Wait for every visible GPU (a model may be spread over several); nothing without CUDA."""
+    for d in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(d)
+
+
 def split_batch(batch: int, parts: int) -> list[slice]:
     """Contiguous row ranges of near-equal size (the first ones one row longer), e.g. 5 rows in 2: [0:3], [3:5]."""
     if parts < 1 or parts > batch:

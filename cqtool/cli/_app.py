@@ -17,6 +17,9 @@ app = typer.Typer(
 bench_app = typer.Typer(help="Timings printed beside a baseline measured in the same run.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 console = Console(stderr=False)
+# --device-map of calibrate, eval and generate (config.check_device_map)
+DEVICE_MAP_HELP = ("auto (fills the first GPU first, then the next, then CPU) | balanced (layers evenly over the GPUs) | "
+                   "balanced_low_0 | sequential: spread the model (accelerate); or one device, e.g. cuda:1")
 err_console = Console(stderr=True)
 
 

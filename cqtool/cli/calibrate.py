@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..config import CalibConfig, ConfigError, QuantSpec
-from ._app import app, console, user_errors
+from ._app import DEVICE_MAP_HELP, app, console, user_errors
 
 CALIB_KEYS = {"deterministic", "device_map", "model", "bits", "key_spec", "value_spec", "channels", "code_bits", "data", "nsamples", "seqlen", "seed",
               "fisher", "kmeans_backend", "iters", "tol", "max_tokens", "device", "dtype", "output"}
@@ -53,7 +53,7 @@ def calibrate(
     seed: Annotated[Optional[int], typer.Option(help="Seed for data windows and k-means [0]")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda[:N]")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto | float32 | float16 | bfloat16")] = None,
-    device_map: Annotated[Optional[str], typer.Option(help="auto (fills the first GPU first, then the next, then CPU) | balanced (layers evenly over the GPUs) | balanced_low_0 | sequential: spread the model (accelerate)")] = None,
+    device_map: Annotated[Optional[str], typer.Option(help=DEVICE_MAP_HELP)] = None,
     deterministic: Annotated[Optional[bool], typer.Option("--deterministic/--no-deterministic", help="Same codebook every run on GPU (eager attention in the Fisher pass: more memory) [off]")] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Calibration directory to write")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="YAML recipe with defaults for these options")] = None,

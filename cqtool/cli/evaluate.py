@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..config import ConfigError, EvalConfig
-from ._app import app, console, user_errors
+from ._app import DEVICE_MAP_HELP, app, console, user_errors
 
 EVAL_KEYS = {"device_map", "model", "codebook", "methods", "tasks", "window", "sinks", "seqlen", "limit", "batch_size", "data_dir",
              "device", "dtype", "seed", "micro_batches", "calib_dir", "calib_data", "calib_nsamples", "calib_seqlen", "json", "report_dir"}
@@ -33,7 +33,7 @@ def eval_cmd(
     data_dir: Annotated[Optional[str], typer.Option(help="Local data (wikitext-2-raw/wiki.test.raw, multiple-choice/*.jsonl)")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda[:N]")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto | float32 | float16 | bfloat16")] = None,
-    device_map: Annotated[Optional[str], typer.Option(help="auto (fills the first GPU first, then the next, then CPU) | balanced (layers evenly over the GPUs) | balanced_low_0 | sequential: spread the model (accelerate)")] = None,
+    device_map: Annotated[Optional[str], typer.Option(help=DEVICE_MAP_HELP)] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     micro_batches: Annotated[Optional[int], typer.Option(help="Perplexity on GPUs: cut each batch into this many "
                                                          "micro-batches on their own CUDA streams, pipelined over the "

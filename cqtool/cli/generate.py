@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._app import app, console, user_errors
+from ._app import DEVICE_MAP_HELP, app, console, user_errors
 
 
 @app.command("generate")
@@ -27,7 +27,7 @@ def generate_cmd(
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the tokenizer's chat template (instruct models)")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | float32 | float16 | bfloat16")] = "auto",
-    device_map: Annotated[Optional[str], typer.Option(help="auto (fills the first GPU first, then the next, then CPU) | balanced (layers evenly over the GPUs) | balanced_low_0 | sequential: spread the model (accelerate)")] = None,
+    device_map: Annotated[Optional[str], typer.Option(help=DEVICE_MAP_HELP)] = None,
     backend: Annotated[str, typer.Option(help="auto: CUDA kernels where they apply | reference: PyTorch reference only")] = "auto",
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Replay each decode step as a CUDA graph (one per GPU with "
                                               "--device-map; the full-precision run uses transformers' StaticCache)")] = False,
