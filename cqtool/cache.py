@@ -298,6 +298,7 @@ class CQCache(Cache):
         # copies of those (and of the positions) on the other GPUs of a model spread over several, which a caller that
         # replays one CUDA graph per GPU refreshes between the graphs (graphs.StaticDecoder, replica_pairs)
         self._replicas: dict[tuple[str, str], torch.Tensor] = {}
+        self._copies: dict[tuple[str, str], tuple[torch.Tensor, int, torch.Tensor]] = {}  # on_device's eager copies
         self._inv_freq_copies: dict[str, torch.Tensor] = {}
         layers = [CQLayer(self, i, codebook.key_centroids[i], codebook.value_centroids[i]) for i in range(codebook.num_layers)]
         super().__init__(layers=layers)
@@ -385,12 +386,21 @@ class CQCache(Cache):
 
     def on_device(self, name: str, device) -> torch.Tensor:
         """One of REPLICATED on `device`: the tensor itself where it lives there (the GPU of layer 0), else the copy a
-        graph replay keeps there (replica_pairs), else a copy made now (eager decoding of a model spread over GPUs)."""
+        graph replay keeps there (replica_pairs), else a copy for eager decoding of a model spread over GPUs, made
+        once per (tensor, version, device): the layers of a step on one GPU share it, and a step that appends (a new
+        tensor) or writes in place (static mode: a new version) gets a fresh one."""
         t = getattr(self, name)
-        if t.device == torch.device(device):
+        device = torch.device(device)
+        if t.device == device:
             return t
         rep = self.replica(name, device)
-        return rep if rep is not None else t.to(device)
+        if rep is not None:
+            return rep
+        key = (name, str(device))
+        memo = self._copies.get(key)
+        if memo is None or memo[0] is not t or memo[1] != t._version:  # memo[0] keeps t alive: its id is not reused
+            memo = self._copies[key] = (t, t._version, t.to(device))
+        return memo[2]
 
     def replica(self, name: str, device) -> torch.Tensor | None:
         """The copy of REPLICATED tensor `name` that replica_pairs keeps on `device`, if any."""
@@ -421,6 +431,7 @@ class CQCache(Cache):
 
     def drop_replicas(self) -> None:
         self._replicas.clear()
+        self._copies.clear()  # a replayed graph writes in place without bumping versions: earlier copies are stale
 
     def sync_static_length(self) -> int:
         """Static mode: copy the device-side length to the host's `length` (a replayed graph advances only the
@@ -450,4 +461,5 @@ class CQCache(Cache):
         self.positions = None
         self.static_length = self.static_rows = self.static_ring_rows = None
         self._replicas.clear()
+        self._copies.clear()
         self._cos_sin_cache = None

@@ -382,15 +382,13 @@ def _device_inv_freq(cache, device) -> torch.Tensor:
 
 def _device_positions(cache, device) -> torch.Tensor:
     """The cache's token positions [B, S] on `device`. They live where the model's first layer runs; with a model
-    spread over GPUs (device_map) the later layers' kernels read a copy on their own GPU: made once per step (each
-    step appends to the positions, which gives a new tensor), or, where a CUDA graph per GPU is replayed, the copy
-    that the replay refreshes (CQCache.replica_pairs)."""
+    spread over GPUs (device_map) the later layers' kernels read a copy on their own GPU: CQCache.on_device (once per
+    step, or the copy a replayed CUDA graph refreshes); for other caches (tests' stand-ins) the last copy made."""
+    if hasattr(cache, "on_device"):
+        return cache.on_device("positions", device)
     pos = cache.positions
     if pos.device == torch.device(device):
         return pos
-    rep = cache.replica("positions", device) if hasattr(cache, "replica") else None
-    if rep is not None:
-        return rep
     return _device_copy(_positions_memo, pos, device, lambda t: t.to(device))
 
 

@@ -3,6 +3,7 @@ caches' greedy tokens. The graph capture itself runs in tests/test_kernels.py (C
 import pytest
 import torch
 
+from cqtool import ops
 from cqtool.cache import CQCache
 from cqtool.config import ConfigError
 from cqtool.graphs import StaticDecoder, static_cache
@@ -339,9 +340,18 @@ def test_cache_replicas_for_graphs_per_gpu():
     assert cache.replica_pairs("cpu") == []
     eager = cache.on_device("positions", "meta")
     assert eager.device.type == "meta" and eager.shape == cache.positions.shape
+    # one eager copy per step: the layers of a step share it, kernels' positions included (ops._device_positions)
+    assert cache.on_device("positions", "meta") is eager and ops._device_positions(cache, torch.device("meta")) is eager
+    cache.positions.add_(0)  # written in place (a static step): a new version, a fresh copy
+    fresh = cache.on_device("positions", "meta")
+    assert fresh is not eager and cache.on_device("positions", "meta") is fresh
+    rows = cache.on_device("static_rows", "meta")
+    cache.static_rows = cache.static_rows + 0  # the next step's rows: a new tensor
+    assert cache.on_device("static_rows", "meta") is not rows
     pairs = cache.replica_pairs("meta")
     assert [src is getattr(cache, n) for (src, _), n in zip(pairs, CQCache.REPLICATED)] == [True] * 3
     for name, (_, rep) in zip(CQCache.REPLICATED, pairs):
         assert rep.device.type == "meta" and cache.on_device(name, "meta") is rep and cache.replica(name, "meta") is rep
-    cache.drop_replicas()
-    assert cache.replica("positions", "meta") is None and cache.on_device("positions", "meta") is not pairs[2][1]
+    cache.drop_replicas()  # graph replays wrote in place without new versions: no copy from before is reused
+    after = cache.on_device("positions", "meta")
+    assert cache.replica("positions", "meta") is None and after is not pairs[2][1] and after is not fresh
