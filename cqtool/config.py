@@ -178,7 +178,7 @@ class EvalConfig:
     dtype: str = "auto"
     device_map: str | None = None
     seed: int = 0
-    micro_batches: int = 1  # perplexity: micro-batches on their own CUDA streams, pipelined over a spread model's GPUs
+    micro_batches: int = 1  # each batch (perplexity, lm-eval) as micro-batches on their own CUDA streams, pipelined
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 

@@ -213,9 +213,17 @@ def run_eval(cfg, calib: dict[str, Any] | None = None, progress=None) -> dict[st
         if lm_tasks:
             from .lmeval import run_tasks
 
-            for task, res in run_tasks(model, tok, lm_tasks, m, cfg.data_dir, cfg.limit, cfg.batch_size, cfg.seed).items():
+            stats: dict[str, int] = {}
+            sync_all()
+            t0 = time.perf_counter()
+            for task, res in run_tasks(model, tok, lm_tasks, m, cfg.data_dir, cfg.limit, cfg.batch_size, cfg.seed,
+                                       micro_batches=cfg.micro_batches, stats=stats).items():
                 for k, v in res.items():
                     row[f"{task}/{k}" if k != "acc" else task] = v
+            sync_all()
+            row["lm_eval_seconds"] = time.perf_counter() - t0  # all of this method's lm-eval tasks
+            if cfg.micro_batches > 1:  # how many of lm-eval's forwards ran as micro-batches (the others: as one)
+                row["lm_eval_forwards"] = {"micro_batches": cfg.micro_batches, **stats}
         row["backends"] = dict(ops.BACKEND_USED)
         row["attention_kernels"] = sorted(ops.KERNELS_RUN)  # CUDA attention kernels that ran (empty: none)
         results.append(row)

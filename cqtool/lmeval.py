@@ -31,24 +31,64 @@ TASK_ALIASES = {"lambada": "lambada_openai", "openbook_qa": "openbookqa"}
 
 
 @contextlib.contextmanager
-def use_method(model, method: KVMethod) -> Iterator[Any]:
+def use_method(model, method: KVMethod, micro_batches: int = 1, stats: dict | None = None) -> Iterator[Any]:
     """While active, each `model(...)` / `model.generate(...)` given no KV cache (`cache`, or `past_key_values` before
     transformers 5.24) runs with a fresh `method.make_cache(model)` (and use_cache=True). A method whose cache is None
-    leaves calls untouched. The model's own `forward` / `generate` are restored on exit."""
+    leaves calls untouched. The model's own `forward` / `generate` are restored on exit.
+
+    micro_batches > 1 (a model on CUDA GPUs): a forward given only `input_ids` of two or more rows (as lm-eval's HFLM
+    scores its requests) is cut into that many micro-batches, each with a fresh cache, on its own CUDA streams
+    (pipeline.MicroBatches), so that the GPUs of a model spread by layers work on different micro-batches at once; it
+    returns only the logits, joined in row order. Other calls (generate, other arguments, one row) run as one.
+    `stats`, if given, counts the forwards ("forwards") and those cut into micro-batches ("micro_batched")."""
     saved = {name: model.__dict__[name] for name in ("forward", "generate") if name in model.__dict__}
     forward, generate = model.forward, model.generate
     signature = inspect.signature(forward)
     kw = cache_kwarg(model)  # "cache" (transformers >= 5.24) or "past_key_values"
     if not kw:
         raise ConfigError(f"{type(model).__name__}.forward takes no KV cache argument; a KV method cannot be used with it")
+    pipe = None
+    if micro_batches > 1:
+        from .pipeline import shared_pipeline
+
+        pipe = shared_pipeline(model, micro_batches)  # ConfigError unless the model is on CUDA GPUs
+    stats = stats if stats is not None else {}
+    stats.setdefault("forwards", 0)
+    stats.setdefault("micro_batched", 0)
 
     def given(*named: dict) -> bool:  # the caller passed a cache, under either name
         return any(d.get(n) is not None for d in named for n in ("cache", "past_key_values"))
 
+    def pipelined(ids):
+        import torch
+        from transformers import DynamicCache
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        from .pipeline import split_batch
+
+        pipe.fork()  # the micro-batch streams wait for the input's copy to the GPU
+        parts = []
+        for m, rows in enumerate(split_batch(ids.shape[0], min(pipe.parts, ids.shape[0]))):
+            with pipe.on(m):
+                cache = method.make_cache(model)  # filled on m's streams (pipeline.py says why)
+                if cache is None:  # without a cache transformers reads the positions on the host: a sync per forward
+                    cache = DynamicCache()
+                parts.append(forward(input_ids=ids[rows], **{kw: cache}, use_cache=True).logits)
+        pipe.join()
+        for t in parts:  # read by the join below on the current stream: not to be reused before it has
+            t.record_stream(torch.cuda.current_stream(t.device))
+        stats["micro_batched"] += 1
+        return CausalLMOutputWithPast(logits=torch.cat(parts))
+
     @functools.wraps(forward)  # keeps the signature that generate() inspects
     def forward_with_cache(*args, **kwargs):
         bound = signature.bind_partial(*args, **kwargs)
+        stats["forwards"] += 1
         if not given(bound.arguments, kwargs):
+            ids = bound.arguments.get("input_ids")
+            if pipe is not None and set(bound.arguments) == {"input_ids"} and ids is not None and ids.dim() == 2 \
+                    and ids.shape[0] > 1 and ids.is_cuda:
+                return pipelined(ids)
             cache = method.make_cache(model)
             if cache is not None:
                 bound.arguments[kw] = cache
@@ -303,13 +343,15 @@ def _number(v) -> float | None:
 
 
 def run_tasks(model, tokenizer, tasks: list[str], method: KVMethod, data_dir: str | None = None, limit: int | None = None,
-              batch_size: int = 1, seed: int = 0, bootstrap_iters: int = 1000) -> dict[str, dict[str, Any]]:
+              batch_size: int = 1, seed: int = 0, bootstrap_iters: int = 1000, micro_batches: int = 1,
+              stats: dict | None = None) -> dict[str, dict[str, Any]]:
     """Zero-shot lm-eval tasks on `model` with every forward through `method`'s cache.
 
     -> {task: {"acc", "acc_norm", "acc_stderr", "acc_norm_stderr", ..., "n", "source"}} as lm-eval reports them
     (acc_norm None where the task has none, lambada adds perplexity). `data_dir`: a folder with the LOCAL_TASKS
     files (or its parent holding `multiple-choice/`); None: the standard hub tasks. `bootstrap_iters` only
     affects the perplexity stderr (acc stderr is analytic). Seeds Python, numpy and torch, as lm-eval does.
+    micro_batches, stats: see use_method (each batch of requests cut into micro-batches on a model on CUDA GPUs).
     """
     lm_eval, HFLM, TaskManager = _import_lm_eval()
     names = list(dict.fromkeys(canonical_task(t) for t in tasks if t.strip()))
@@ -329,7 +371,7 @@ def run_tasks(model, tokenizer, tasks: list[str], method: KVMethod, data_dir: st
                                   f"(--data-dir) with local files for {', '.join(LOCAL_TASKS)}")
             sources = {}
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        with use_method(model, method):
+        with use_method(model, method, micro_batches, stats):
             out = lm_eval.simple_evaluate(model=lm, tasks=names, limit=limit, task_manager=manager, log_samples=False,
                                           bootstrap_iters=bootstrap_iters, random_seed=seed, numpy_random_seed=seed,
                                           torch_random_seed=seed, fewshot_random_seed=seed)

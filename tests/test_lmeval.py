@@ -92,6 +92,21 @@ def test_use_method_restores_after_an_error_and_keeps_a_patched_forward(model):
         assert output_cache(model(ids, use_cache=False)) is None
 
 
+def test_use_method_counts_forwards_and_micro_batches_need_cuda_gpus(model):
+    """`stats` counts the forwards (none cut into micro-batches with 1); micro_batches > 1 on a model that is not on
+    CUDA GPUs is a one-line error before any forward runs."""
+    stats: dict = {}
+    ids = torch.randint(0, model.config.vocab_size, (3, 9))
+    with torch.no_grad(), use_method(model, CountingMethod(), 1, stats):
+        model(ids)
+        model(ids[:1])
+    assert stats == {"forwards": 2, "micro_batched": 0}
+    with pytest.raises(ConfigError, match="micro-batch pipelining needs the model on CUDA GPUs"):
+        with use_method(model, CountingMethod(), 2):
+            pass
+    assert "forward" not in model.__dict__
+
+
 # ---------------------------------------------------------------- local task files reproduce lm-eval's prompts
 
 

@@ -7,6 +7,8 @@ Marked `cuda`; skipped unless two or more GPUs are visible.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import json
 
 import pytest
 import torch
@@ -427,3 +429,61 @@ def test_bench_pipeline_eval_workload(tmp_path):
     assert recs[2]["nll_per_token"] == pytest.approx(recs[1]["nll_per_token"], rel=1e-3)
     assert res["rows"][1]["speedup"] == pytest.approx(recs[2]["tok_s"] / recs[1]["tok_s"], rel=1e-3)  # JSON: 5 digits
     assert "eval forwards (CQ-8c8b), 3 batches of 4 windows" in " ".join(r.output.split())
+
+
+@pytest.mark.parametrize("kind", ["cq", "full"])
+def test_lm_eval_forwards_in_micro_batches_over_gpus(kind, tokenizer, tmp_path):
+    """`cqtool eval --tasks ... --micro-batches 2` on a model spread over two GPUs: a forward as lm-eval's HFLM makes
+    it (input_ids only) runs as 2 micro-batches on their own streams of each GPU without a host sync, and its logits
+    are those of the same rows run as one forward each; other calls run as one. Then through lm-eval itself (where
+    installed): the same accuracies as without micro-batches."""
+    from test_codebook import make_codebook
+
+    from cqtool.config import QuantSpec
+    from cqtool.lmeval import run_tasks, use_method
+    from cqtool.methods import CQMethod, FullPrecision
+    from cqtool.models import ModelInfo
+
+    spread, single = _spread_tiny(kv_heads=2)
+    method = CQMethod(make_codebook(ModelInfo.from_config(single.config, "tiny"), QuantSpec(8, 8))) if kind == "cq" \
+        else FullPrecision()
+    ids = torch.randint(0, spread.config.vocab_size, (5, 67), device="cuda:0")
+    with torch.no_grad(), use_method(spread, method):
+        ref = torch.cat([spread(ids[:3]).logits, spread(ids[3:]).logits]).float()  # the micro-batches' rows, as one each
+    seen, stats, hooked = set(), {}, spread.__dict__.get("forward")  # accelerate's forward on the dispatched model
+    hooks = [spread.model.layers[i].register_forward_pre_hook(
+        lambda mod, args: seen.add(torch.cuda.current_stream(next(mod.parameters()).device).cuda_stream)) for i in (0, 3)]
+    try:
+        with torch.no_grad(), use_method(spread, method, 2, stats):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                got = spread(ids).logits.float()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            one_row = spread(ids[:1]).logits.float()  # run as one: a single row
+    finally:
+        for h in hooks:
+            h.remove()
+    defaults = {torch.cuda.default_stream(d).cuda_stream for d in range(N_GPUS)}
+    assert len(seen - defaults) == 4, seen  # 2 micro-batches x 2 GPUs (plus the default streams of the one-row call)
+    assert stats == {"forwards": 2, "micro_batched": 1}
+    assert got.shape == ref.shape and torch.allclose(got, ref, rtol=0, atol=1e-3), (got - ref).abs().max()
+    assert torch.allclose(one_row, ref[:1], rtol=0, atol=1e-3)
+    assert spread.__dict__.get("forward") is hooked  # restored on exit
+    if importlib.util.find_spec("lm_eval") is None:
+        pytest.skip("lm-eval is not installed: its HFLM run was not checked")
+    rows = []  # a small arc_easy file in llm-foundry's format (no shared data needed)
+    g = torch.Generator().manual_seed(0)
+    words = ["river", "stone", "cat", "light", "water", "tree", "sound", "heat"]
+    for i in range(12):
+        pick = torch.randint(0, len(words), (6,), generator=g).tolist()
+        rows.append({"query": f"Question: Which {words[pick[0]]} is {words[pick[1]]}?",
+                     "choices": [words[p] for p in pick[2:]], "gold": i % 4})
+    (tmp_path / "arc_easy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = run_tasks(spread, tokenizer, ["arc_easy"], method, data_dir=str(tmp_path), batch_size=8)
+    stats = {}
+    piped = run_tasks(spread, tokenizer, ["arc_easy"], method, data_dir=str(tmp_path), batch_size=8, micro_batches=2,
+                      stats=stats)
+    assert stats["micro_batched"] >= 1 and stats["forwards"] >= stats["micro_batched"], stats
+    for key in ("acc", "acc_norm"):
+        assert piped["arc_easy"][key] == base["arc_easy"][key], (key, base, piped)

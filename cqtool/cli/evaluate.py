@@ -35,10 +35,10 @@ def eval_cmd(
     dtype: Annotated[Optional[str], typer.Option(help="auto | float32 | float16 | bfloat16")] = None,
     device_map: Annotated[Optional[str], typer.Option(help=DEVICE_MAP_HELP)] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
-    micro_batches: Annotated[Optional[int], typer.Option(help="Perplexity on GPUs: cut each batch into this many "
-                                                         "micro-batches on their own CUDA streams, pipelined over the "
-                                                         "GPUs of a model spread by --device-map (lm-eval tasks run "
-                                                         "each batch as one) [1]")] = None,
+    micro_batches: Annotated[Optional[int], typer.Option(help="On GPUs: cut each batch (perplexity windows, "
+                                                         "lm-eval requests) into this many micro-batches on their own "
+                                                         "CUDA streams, pipelined over the GPUs of a model spread by "
+                                                         "--device-map [1]")] = None,
     calib_dir: Annotated[Optional[str], typer.Option(help="Where CQ codebooks for --methods live / are calibrated")] = None,
     calib_data: Annotated[Optional[str], typer.Option(help="Calibration text when a CQ method must be calibrated")] = None,
     calib_nsamples: Annotated[Optional[int], typer.Option()] = None,
