@@ -887,7 +887,29 @@ def generate_bench(batch: int = 8, prompt: int = 2048, new_tokens: int = 256, sp
     return out
 
 
-PIPELINE_WORKLOADS = ("decode", "eval")
+PIPELINE_WORKLOADS = ("decode", "eval", "lmeval")
+
+
+@torch.no_grad()
+def _lmeval_like(model, ids: torch.Tensor, method, batch: int, micro_batches: int) -> tuple[float, int, float]:
+    """(summed NLL, tokens, seconds) of `ids` scored as lm-eval's HFLM scores loglikelihood requests through
+    `cqtool eval` (lmeval.use_method, with `micro_batches`): one forward per batch of `batch` rows given only
+    input_ids, the log-softmax over the vocabulary, the targets' log-probabilities read on the host batch by batch."""
+    from .lmeval import use_method
+    from .models import model_device
+    from .pipeline import sync_all
+
+    dev = model_device(model)
+    nll = 0.0
+    sync_all()
+    t0 = time.perf_counter()
+    with use_method(model, method, micro_batches):
+        for rows in ids.split(batch):
+            x = rows.to(dev)
+            logp = torch.log_softmax(model(x).logits.float(), dim=-1)
+            nll -= float(logp[:, :-1].gather(-1, x[:, 1:, None].to(logp.device)).sum())  # a host read per batch
+    sync_all()
+    return nll, ids[:, 1:].numel(), time.perf_counter() - t0
 
 
 def pipeline_bench(batch: int = 512, micro_batches=(1, 2, 3, 4), cache: str = "cq", prompt: int = 2048,
@@ -900,7 +922,9 @@ def pipeline_bench(batch: int = 512, micro_batches=(1, 2, 3, 4), cache: str = "c
     tokens (as the largest-batch part of generate_bench), each timed run after an untimed one of the same size.
     workload "eval": what `cqtool eval --micro-batches` runs (evaluate.windows_nll): `batches` forwards of `batch`
     random windows of `prompt` tokens, each from an empty cache (CQ, or none for "dynamic": full precision), and
-    their loss; an untimed pass over two batches first. `repeats` rounds over all the counts; each count's speedup
+    their loss; an untimed pass over two batches first. workload "lmeval": the forwards `cqtool eval --tasks arc_easy
+    --micro-batches` makes through lm-eval (lmeval.use_method; _lmeval_like: each batch's log-softmax read on the host,
+    as lm-eval's HFLM reads every batch's scores), on the same windows. `repeats` rounds over all the counts; each count's speedup
     is the median over the rounds of its tokens/s over the baseline's in the same round. A count that runs out of
     memory is reported as such."""
     micro = sorted(set(micro_batches) | {1})
@@ -936,11 +960,13 @@ def pipeline_bench(batch: int = 512, micro_batches=(1, 2, 3, 4), cache: str = "c
         method = CQMethod(codebook, window=window or None) if cache == "cq" else FullPrecision()
         ids = torch.randint(0, model.config.vocab_size, (batches * batch, prompt), generator=torch.Generator().manual_seed(2))
 
+        score = windows_nll if workload == "eval" else _lmeval_like
+
         def timed(m: int) -> dict:
-            windows_nll(model, ids[: 2 * batch], method, batch, m)  # untimed
+            score(model, ids[: 2 * batch], method, batch, m)  # untimed
             setup.reset_peak()
-            nll, count, secs = windows_nll(model, ids, method, batch, m)
-            rec = {"workload": "eval", "cache": cache, "batch": batch, "micro_batches": m, "batches": batches,
+            nll, count, secs = score(model, ids, method, batch, m)
+            rec = {"workload": workload, "cache": cache, "batch": batch, "micro_batches": m, "batches": batches,
                    "window_tokens": prompt, "seconds": secs, "tok_s": ids.numel() / secs, "ms": 1e3 * secs / batches,
                    "nll_per_token": nll / count, "peak_gib_per_gpu": [b / 2**30 for b in setup.peaks()]}
             setup.records.append(rec)

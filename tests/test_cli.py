@@ -479,7 +479,7 @@ def test_bench_pipeline_bad_input():
     assert_user_error(run("bench", "pipeline", "--micro-batches", "0,2"), "--micro-batches 0", "between 1")
     assert_user_error(run("bench", "pipeline", "--cache", "static"), "--cache 'static'", "'cq' or 'dynamic'")
     assert_user_error(run("bench", "pipeline", "--repeats", "0"), "repeats", "0")
-    assert_user_error(run("bench", "pipeline", "--workload", "train"), "--workload 'train'", "decode, eval")
+    assert_user_error(run("bench", "pipeline", "--workload", "train"), "--workload 'train'", "decode, eval, lmeval")
     assert_user_error(run("bench", "pipeline", "--workload", "eval", "--batches", "0"), "batches", "0")
 
 
@@ -515,6 +515,32 @@ def test_pipeline_bench_rounds(monkeypatch):
     assert rows[2]["speedups"] == [1.5, 1.7, 1.6] and rows[2]["speedup"] == 1.6
     assert rows[2]["tok_s"] == 150.0 and rows[2]["ms"] == pytest.approx(1e3 * 10 / 150)  # per decode step
     assert rows[4]["oom"] and rows[4]["speedup"] is None and rows[4]["tok_s"] is None
+
+
+def test_lmeval_workload_scores_as_windows_nll():
+    """bench pipeline's lmeval workload (CPU, micro-batches 1): the NLL of lm-eval-style scoring (log-softmax, the
+    targets' log-probabilities read per batch, through lmeval.use_method) is windows_nll's, for a CQ cache and for
+    full precision, and every token after the first of each window is counted."""
+    import torch
+
+    from test_codebook import make_codebook
+
+    from cqtool import bench_kernels as bk
+    from cqtool.config import QuantSpec
+    from cqtool.evaluate import windows_nll
+    from cqtool.methods import CQMethod, FullPrecision
+    from cqtool.models import ModelInfo
+
+    from conftest import tiny_model
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (5, 33), generator=torch.Generator().manual_seed(0))
+    cq = CQMethod(make_codebook(ModelInfo.from_config(model.config, "tiny"), QuantSpec(4, 8)))
+    for method in (FullPrecision(), cq):
+        nll, count, _ = bk._lmeval_like(model, ids, method, 2, 1)
+        ref, ref_count, _ = windows_nll(model, ids, method, 2)
+        assert count == ref_count == 5 * 32 and nll == pytest.approx(ref, rel=1e-5)
+    assert "forward" not in model.__dict__
 
 
 def test_split_batch_rows():

@@ -410,25 +410,28 @@ def test_perplexity_micro_batches_over_gpus(kind, tokenizer, text_file):
     assert got["nll_per_token"] == pytest.approx(base["nll_per_token"], rel=1e-9)
 
 
-def test_bench_pipeline_eval_workload(tmp_path):
-    """`bench pipeline --workload eval`: whole-window forwards as one and in 2 micro-batches; the same loss both ways
-    (the same windows and weights), each setting's tokens/s and its ratio to the baseline."""
+@pytest.mark.parametrize("workload", ["eval", "lmeval"])
+def test_bench_pipeline_eval_workload(tmp_path, workload):
+    """`bench pipeline --workload eval` (and lmeval: the same windows scored as lm-eval's requests): whole-window
+    forwards as one and in 2 micro-batches; the same loss both ways (the same windows and weights), each setting's
+    tokens/s and its ratio to the baseline."""
     import json
 
     from typer.testing import CliRunner
 
     from cqtool.cli import app
 
-    r = CliRunner().invoke(app, ["bench", "pipeline", "--workload", "eval", "--layers", str(2 * N_GPUS), "--gpus",
+    r = CliRunner().invoke(app, ["bench", "pipeline", "--workload", workload, "--layers", str(2 * N_GPUS), "--gpus",
                                  str(N_GPUS), "--batch", "4", "--batches", "3", "--prompt", "64", "--micro-batches", "2",
                                  "--json", str(tmp_path / "e.json")])
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "e.json").read_text())
     recs = {x["micro_batches"]: x for x in res["records"]}
-    assert sorted(recs) == [1, 2] and all(x["workload"] == "eval" and x["batches"] == 3 for x in recs.values())
+    assert sorted(recs) == [1, 2] and all(x["workload"] == workload and x["batches"] == 3 for x in recs.values())
     assert recs[2]["nll_per_token"] == pytest.approx(recs[1]["nll_per_token"], rel=1e-3)
     assert res["rows"][1]["speedup"] == pytest.approx(recs[2]["tok_s"] / recs[1]["tok_s"], rel=1e-3)  # JSON: 5 digits
-    assert "eval forwards (CQ-8c8b), 3 batches of 4 windows" in " ".join(r.output.split())
+    what = "eval forwards" if workload == "eval" else "lm-eval-style forwards (a host read per batch)"
+    assert f"{what} (CQ-8c8b), 3 batches of 4 windows" in " ".join(r.output.split())
 
 
 @pytest.mark.parametrize("kind", ["cq", "full"])

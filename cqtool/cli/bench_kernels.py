@@ -244,19 +244,21 @@ def _counts(text: str) -> tuple[int, ...]:
 @bench_app.command("pipeline")
 @user_errors
 def pipeline_cmd(
-    batch: Annotated[int, typer.Option(help="Sequences decoded, or windows per forward with --workload eval (in every "
-                                            "setting)")] = 512,
+    batch: Annotated[int, typer.Option(help="Sequences decoded, or windows per forward with --workload eval / lmeval "
+                                            "(in every setting)")] = 512,
     micro_batches: Annotated[str, typer.Option(help="Micro-batch counts to time, comma-separated (1, the batch decoded "
                                                     "as one, is always timed: the baseline)")] = "1,2,3,4",
     workload: Annotated[str, typer.Option(help="decode: greedy decode steps | eval: forwards of whole windows and their "
-                                               "loss, as `cqtool eval --micro-batches` runs them")] = "decode",
+                                               "loss, as `cqtool eval --micro-batches` runs perplexity | lmeval: the "
+                                               "same windows scored as lm-eval's requests are (a host read per "
+                                               "batch)")] = "decode",
     cache: Annotated[str, typer.Option(help="cq | dynamic (decode: transformers' DynamicCache, bf16; eval: full "
                                             "precision)")] = "cq",
     gpus: Annotated[int, typer.Option(help="Spread the model's layers over this many GPUs")] = 2,
-    prompt: Annotated[int, typer.Option(help="Cached tokens before decoding (synthetic prefill); eval: tokens per "
-                                             "window")] = 2048,
+    prompt: Annotated[int, typer.Option(help="Cached tokens before decoding (synthetic prefill); eval, lmeval: tokens "
+                                             "per window")] = 2048,
     new_tokens: Annotated[int, typer.Option(help="Greedy decode steps timed")] = 64,
-    batches: Annotated[int, typer.Option(help="eval: forwards of --batch windows timed")] = 8,
+    batches: Annotated[int, typer.Option(help="eval, lmeval: forwards of --batch windows timed")] = 8,
     spec: Annotated[str, typer.Option(help="CQ quantizer for K and V (random codebook)")] = "8c8b",
     layers: Annotated[int, typer.Option(help="Decoder layers of the Llama-2-7b-shaped model")] = 32,
     kv_heads: Annotated[int, typer.Option(help="KV heads (32: Llama-2-7b; 8: grouped-query)")] = 32,
@@ -266,7 +268,7 @@ def pipeline_cmd(
     json_out: Annotated[Optional[str], typer.Option("--json", help="Save results as JSON")] = None,
 ):
     """Micro-batches pipelined over the GPUs of a layer-split model (Llama-2-7b shape, random weights): tokens/s of
-    one batch (decode steps, or --workload eval: whole-window forwards and their loss) for each micro-batch count,
+    one batch (decode steps, or --workload eval / lmeval: whole-window forwards and their loss) for each micro-batch count,
     against the batch run as one in the same run ("vs as one": the median over --repeats rounds of each round's
     ratio; tokens/s: the median over rounds)."""
     from rich.table import Table
@@ -285,7 +287,8 @@ def pipeline_cmd(
         cols = ("micro-batches", "decode tok/s", "ms per step", "vs as one", "peak GiB per GPU")
     else:
         name = "CQ-" + spec if cache == "cq" else "full precision"
-        t = Table(title=f"eval forwards ({name}), {batches} batches of {batch} windows of {prompt} tokens, {shape}")
+        what = "eval forwards" if workload == "eval" else "lm-eval-style forwards (a host read per batch)"
+        t = Table(title=f"{what} ({name}), {batches} batches of {batch} windows of {prompt} tokens, {shape}")
         cols = ("micro-batches", "tokens/s", "ms per batch", "vs as one", "peak GiB per GPU")
     for col in cols:
         t.add_column(col, justify="right")
