@@ -61,6 +61,7 @@ bench-2gpu: install
 	$(BIN)/cqtool bench generate --gpus 2 --micro-batches 2 --no-same-batch --new-tokens 64 --max-batch 2048 --json $(RUNS)/bench/generate-2gpu.json
 	$(BIN)/cqtool bench pipeline --gpus 2 --batch 1400 --micro-batches 1,2,3,4 --new-tokens 64 --json $(RUNS)/bench/pipeline-decode.json
 	$(BIN)/cqtool bench pipeline --workload eval --gpus 2 --batch 8 --batches 8 --micro-batches 1,2,4 --repeats 2 --json $(RUNS)/bench/pipeline-eval.json
+	$(BIN)/cqtool bench pipeline --workload lmeval --gpus 2 --batch 32 --batches 8 --prompt 256 --micro-batches 1,2,4 --repeats 2 --json $(RUNS)/bench/pipeline-lmeval.json
 
 # small enough for a CPU
 bench-kmeans: install
