@@ -75,7 +75,7 @@ def use_method(model, method: KVMethod, micro_batches: int = 1, stats: dict | No
                     cache = DynamicCache()
                 parts.append(forward(input_ids=ids[rows], **{kw: cache}, use_cache=True).logits)
         pipe.join()
-        for t in parts:  # read by the join below on the current stream: not to be reused before it has
+        for t in parts:  # read by the cat below on the current stream: not to be reused before it has
             t.record_stream(torch.cuda.current_stream(t.device))
         stats["micro_batched"] += 1
         return CausalLMOutputWithPast(logits=torch.cat(parts))
