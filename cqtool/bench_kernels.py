@@ -892,9 +892,10 @@ PIPELINE_WORKLOADS = ("decode", "eval", "lmeval")
 
 @torch.no_grad()
 def _lmeval_like(model, ids: torch.Tensor, method, batch: int, micro_batches: int) -> tuple[float, int, float]:
-    """(summed NLL, tokens, seconds) of `ids` scored as lm-eval's HFLM scores loglikelihood requests through
+    """(summed NLL, tokens, seconds) of `ids` scored the way lm-eval's HFLM scores loglikelihood requests through
     `cqtool eval` (lmeval.use_method, with `micro_batches`): one forward per batch of `batch` rows given only
-    input_ids, the log-softmax over the vocabulary, the targets' log-probabilities read on the host batch by batch."""
+    input_ids, the log-softmax over the vocabulary, the targets' log-probabilities read on the host batch by batch
+    (every position scored: a stand-in for HFLM's continuation-only scores of shorter, padded requests)."""
     from .lmeval import use_method
     from .models import model_device
     from .pipeline import sync_all
@@ -922,9 +923,10 @@ def pipeline_bench(batch: int = 512, micro_batches=(1, 2, 3, 4), cache: str = "c
     tokens (as the largest-batch part of generate_bench), each timed run after an untimed one of the same size.
     workload "eval": what `cqtool eval --micro-batches` runs (evaluate.windows_nll): `batches` forwards of `batch`
     random windows of `prompt` tokens, each from an empty cache (CQ, or none for "dynamic": full precision), and
-    their loss; an untimed pass over two batches first. workload "lmeval": the forwards `cqtool eval --tasks arc_easy
-    --micro-batches` makes through lm-eval (lmeval.use_method; _lmeval_like: each batch's log-softmax read on the host,
-    as lm-eval's HFLM reads every batch's scores), on the same windows. `repeats` rounds over all the counts; each count's speedup
+    their loss; an untimed pass over two batches first. workload "lmeval": lm-eval-shaped forwards of the same windows
+    (input_ids only, through lmeval.use_method as `cqtool eval --tasks ... --micro-batches` runs them; _lmeval_like:
+    the log-softmax over every position, read on the host after each batch as lm-eval's HFLM reads its scores; real
+    requests are shorter, padded, and scored on their continuation only). `repeats` rounds over all the counts; each count's speedup
     is the median over the rounds of its tokens/s over the baseline's in the same round. A count that runs out of
     memory is reported as such."""
     micro = sorted(set(micro_batches) | {1})

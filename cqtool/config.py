@@ -192,7 +192,7 @@ class EvalConfig:
         check_device_map(self.device_map)
         if self.micro_batches < 1 or self.micro_batches > self.batch_size:
             raise ConfigError(f"--micro-batches {self.micro_batches}: must be between 1 and --batch-size "
-                              f"({self.batch_size}), one window per micro-batch")
+                              f"({self.batch_size}), one sequence per micro-batch")
 
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's named placements

@@ -63,27 +63,30 @@ def windows_nll(model, windows: torch.Tensor, method: KVMethod, batch_size: int 
     cache_kw = cache_kwarg(model)
     if pipe:
         pipe.fork()
-    for batch in track(batches, description=description):
-        parts = split_batch(len(batch), min(micro_batches, len(batch)))
-        for m, rows in enumerate(parts):
-            with pipe.on(m) if pipe else contextlib.nullcontext():
-                ids = batch[rows]
-                cache = method.make_cache(model)
-                if cache is None and pipe:  # without a cache or mask, transformers reads the positions on the host
-                    cache = DynamicCache()  # (a check for packed sequences): a sync per forward; with one, none
-                kw = {cache_kw: cache, "use_cache": True} if cache is not None else {"use_cache": False}
-                logits = model(input_ids=ids, **kw).logits.float()
-                loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                         ids[:, 1:].reshape(-1), reduction="sum").double()
-                if pipe:
-                    sums[m] = sums[m] + loss if m in sums else loss
-                else:
-                    nll += float(loss)
-            count += ids[:, 1:].numel()
-            del cache, logits, loss
+    try:
+        for batch in track(batches, description=description):
+            parts = split_batch(len(batch), min(micro_batches, len(batch)))
+            for m, rows in enumerate(parts):
+                with pipe.on(m) if pipe else contextlib.nullcontext():
+                    ids = batch[rows]
+                    cache = method.make_cache(model)
+                    if cache is None and pipe:  # without a cache or mask, transformers reads the positions on the host
+                        cache = DynamicCache(config=model.config)  # (a check for packed sequences): a sync per forward
+                    kw = {cache_kw: cache, "use_cache": True} if cache is not None else {"use_cache": False}
+                    logits = model(input_ids=ids, **kw).logits.float()
+                    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                             ids[:, 1:].reshape(-1), reduction="sum").double()
+                    if pipe:
+                        sums[m] = sums[m] + loss if m in sums else loss
+                    else:
+                        nll += float(loss)
+                count += ids[:, 1:].numel()
+                del cache, logits, loss
+    finally:  # also after an error: the caller frees the windows on its own streams, which must wait for ours
+        if pipe:
+            pipe.join()
     if pipe:
-        pipe.join()
-        nll = sum(float(x) for x in sums.values())  # the current streams wait for the micro-batches' (join)
+        nll = sum(float(x) for x in sums.values())  # the current streams waited for the micro-batches' (join)
     sync_all()
     return nll, count, time.perf_counter() - t0
 
@@ -221,7 +224,8 @@ def run_eval(cfg, calib: dict[str, Any] | None = None, progress=None) -> dict[st
                 for k, v in res.items():
                     row[f"{task}/{k}" if k != "acc" else task] = v
             sync_all()
-            row["lm_eval_seconds"] = time.perf_counter() - t0  # all of this method's lm-eval tasks
+            row["lm_eval_seconds"] = time.perf_counter() - t0  # wall time of this method's lm-eval run, task building
+            # and data loading included (the first method may pay for loading what later ones find cached)
             if cfg.micro_batches > 1:  # how many of lm-eval's forwards ran as micro-batches (the others: as one)
                 row["lm_eval_forwards"] = {"micro_batches": cfg.micro_batches, **stats}
         row["backends"] = dict(ops.BACKEND_USED)

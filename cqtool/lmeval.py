@@ -39,7 +39,8 @@ def use_method(model, method: KVMethod, micro_batches: int = 1, stats: dict | No
     micro_batches > 1 (a model on CUDA GPUs): a forward given only `input_ids` of two or more rows (as lm-eval's HFLM
     scores its requests) is cut into that many micro-batches, each with a fresh cache, on its own CUDA streams
     (pipeline.MicroBatches), so that the GPUs of a model spread by layers work on different micro-batches at once; it
-    returns only the logits, joined in row order. Other calls (generate, other arguments, one row) run as one.
+    returns only the logits, joined in row order. A method without a cache gets an empty DynamicCache there (no host
+    sync). Other calls (generate, other arguments, one row) run as one.
     `stats`, if given, counts the forwards ("forwards") and those cut into micro-batches ("micro_batched")."""
     saved = {name: model.__dict__[name] for name in ("forward", "generate") if name in model.__dict__}
     forward, generate = model.forward, model.generate
@@ -68,13 +69,15 @@ def use_method(model, method: KVMethod, micro_batches: int = 1, stats: dict | No
 
         pipe.fork()  # the micro-batch streams wait for the input's copy to the GPU
         parts = []
-        for m, rows in enumerate(split_batch(ids.shape[0], min(pipe.parts, ids.shape[0]))):
-            with pipe.on(m):
-                cache = method.make_cache(model)  # filled on m's streams (pipeline.py says why)
-                if cache is None:  # without a cache transformers reads the positions on the host: a sync per forward
-                    cache = DynamicCache()
-                parts.append(forward(input_ids=ids[rows], **{kw: cache}, use_cache=True).logits)
-        pipe.join()
+        try:
+            for m, rows in enumerate(split_batch(ids.shape[0], min(pipe.parts, ids.shape[0]))):
+                with pipe.on(m):
+                    cache = method.make_cache(model)  # filled on m's streams (pipeline.py says why)
+                    if cache is None:  # without a cache transformers reads the positions on the host: a sync per
+                        cache = DynamicCache(config=model.config)  # forward; with an empty one, none
+                    parts.append(forward(input_ids=ids[rows], **{kw: cache}, use_cache=True).logits)
+        finally:  # also after an error: the caller frees the input on its own streams, which must wait for ours
+            pipe.join()
         for t in parts:  # read by the cat below on the current stream: not to be reused before it has
             t.record_stream(torch.cuda.current_stream(t.device))
         stats["micro_batched"] += 1

@@ -518,9 +518,9 @@ def test_pipeline_bench_rounds(monkeypatch):
 
 
 def test_lmeval_workload_scores_as_windows_nll():
-    """bench pipeline's lmeval workload (CPU, micro-batches 1): the NLL of lm-eval-style scoring (log-softmax, the
-    targets' log-probabilities read per batch, through lmeval.use_method) is windows_nll's, for a CQ cache and for
-    full precision, and every token after the first of each window is counted."""
+    """bench pipeline's lmeval workload (CPU, micro-batches 1; the micro-batched split is a GPU test): the NLL of
+    lm-eval-style scoring (log-softmax, the targets' log-probabilities read per batch, through lmeval.use_method) is
+    windows_nll's, for a CQ cache and for full precision."""
     import torch
 
     from test_codebook import make_codebook

@@ -94,7 +94,7 @@ def test_use_method_restores_after_an_error_and_keeps_a_patched_forward(model):
 
 def test_use_method_counts_forwards_and_micro_batches_need_cuda_gpus(model):
     """`stats` counts the forwards (none cut into micro-batches with 1); micro_batches > 1 on a model that is not on
-    CUDA GPUs is a one-line error before any forward runs."""
+    CUDA GPUs is a one-line error on entering use_method, and the model's forward is left as it was."""
     stats: dict = {}
     ids = torch.randint(0, model.config.vocab_size, (3, 9))
     with torch.no_grad(), use_method(model, CountingMethod(), 1, stats):

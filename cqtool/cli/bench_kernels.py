@@ -252,8 +252,8 @@ def pipeline_cmd(
                                                "loss, as `cqtool eval --micro-batches` runs perplexity | lmeval: the "
                                                "same windows scored as lm-eval's requests are (a host read per "
                                                "batch)")] = "decode",
-    cache: Annotated[str, typer.Option(help="cq | dynamic (decode: transformers' DynamicCache, bf16; eval: full "
-                                            "precision)")] = "cq",
+    cache: Annotated[str, typer.Option(help="cq | dynamic (decode: transformers' DynamicCache, bf16; eval, lmeval: "
+                                            "full precision)")] = "cq",
     gpus: Annotated[int, typer.Option(help="Spread the model's layers over this many GPUs")] = 2,
     prompt: Annotated[int, typer.Option(help="Cached tokens before decoding (synthetic prefill); eval, lmeval: tokens "
                                              "per window")] = 2048,
