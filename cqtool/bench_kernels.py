@@ -55,6 +55,34 @@ def cuda_times(fn, warmup: int = 5, reps: int = 30) -> list[float]:
     return [a.elapsed_time(b) for a, b in ev]
 
 
+def graph_times(fn, calls: int = 20, reps: int = 10) -> list[float]:
+    """Milliseconds per call of `calls` calls of `fn` captured as one CUDA graph (after 3 calls on a side stream, as
+    capture asks), for each of `reps` timed replays: the GPU's own time per call without the host's launch gaps
+    that event timings of short calls include (decode steps run this way with --cuda-graphs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()  # untimed
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        torch.cuda.synchronize()
+        out.append(a.elapsed_time(b) / calls)
+    del graph
+    return out
+
+
 def gpu_time_us(fn, warmup: int = 5, reps: int = 20) -> float:
     """Microseconds of GPU time per call: the device time of every kernel that `reps` calls launch (torch.profiler,
     after `warmup` calls), without the host time that event timings of small calls measure."""
@@ -179,7 +207,9 @@ def synthetic_layer(B: int, S: int, H: int, D: int, spec: QuantSpec, dtype=torch
 
 def attention_bench(shapes=DEFAULT_SHAPES, specs=DEFAULT_SPECS, heads: int = 32, head_dim: int = 128,
                     reps: int = 30, progress=None, kv_heads: int | None = None, window: int = 0) -> dict:
-    """Decode attention per layer: CQ kernel vs SDPA bf16 on the same data. Returns {"device", "rows", ...}.
+    """Decode attention per layer: CQ kernel vs SDPA bf16 on the same data, each timed with CUDA events around every
+    call (medians) and, as the GPU's own time without host launch gaps, per call of 20 calls replayed from one CUDA
+    graph (sdpa_graph_ms, cq_graph_ms, graph_speedup). Returns {"device", "rows", ...}.
     kv_heads < heads: grouped-query attention (SDPA with enable_gqa on the kv heads' dense K/V). window: the CQ layer
     also holds its last `window` tokens in full precision (the paper's 128), read from there instead of the codes."""
     _check_positive(reps=reps)
@@ -210,6 +240,16 @@ def attention_bench(shapes=DEFAULT_SHAPES, specs=DEFAULT_SPECS, heads: int = 32,
                                    ref, t_sdpa, reps)
             keep = ops.DECODE_KERNEL
             t_cq, err = kernels[keep]["ms"], kernels[keep]["rel_err_vs_sdpa"]
+            # the same calls replayed from a CUDA graph: short calls' event times above include the host's launch
+            # gaps (CQ launches more than one kernel per call from Python, SDPA one)
+            graph: dict = {}
+            try:
+                graph["sdpa_graph_ms"] = statistics.median(graph_times(sdpa))
+                graph["cq_graph_ms"] = statistics.median(graph_times(lambda: ops.cq_attention(query, view, None, scaling)))
+                graph["graph_speedup"] = graph["sdpa_graph_ms"] / graph["cq_graph_ms"]
+            except RuntimeError as e:  # reported, not hidden: the row then has no graph times
+                graph = {"graph_error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+                say(f"  CUDA graph timing failed: {graph['graph_error']}")
             layer = view.layer
             code_bytes = layer.k_codes.numel() + layer.v_codes.numel()
             floor_bytes = code_bytes + 2 * layer.k_centroids.numel() * 2 + 2 * query.numel() * 2
@@ -219,12 +259,13 @@ def attention_bench(shapes=DEFAULT_SHAPES, specs=DEFAULT_SPECS, heads: int = 32,
                          "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "window": window,
                          "cq_kernel": kernels[keep]["ran"],
                          "sdpa_ms": t_sdpa,
-                         "cq_ms": t_cq, "speedup": t_sdpa / t_cq, "kernels": kernels,
+                         "cq_ms": t_cq, "speedup": t_sdpa / t_cq, "kernels": kernels, **graph,
                          "cq_floor_ms": floor_ms, "cq_floor_fraction": floor_ms / t_cq,
                          "sdpa_floor_fraction": dense_bytes / bw * 1e3 / t_sdpa, "rel_err_vs_sdpa": err,
                          "code_bytes": code_bytes})
             times = ", ".join(f"{c} ({k['ran']}) {k['ms']:.3f} ms" for c, k in kernels.items())
-            say(f"  {times}, SDPA {t_sdpa:.3f} ms")
+            say(f"  {times}, SDPA {t_sdpa:.3f} ms" + (f"; as CUDA graphs: CQ {graph['cq_graph_ms']:.3f}, SDPA "
+                                                      f"{graph['sdpa_graph_ms']:.3f} ms" if "cq_graph_ms" in graph else ""))
             del query, view, kd, vd, ref
             gc.collect()
             torch.cuda.empty_cache()

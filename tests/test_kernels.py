@@ -994,12 +994,17 @@ def test_bench_attention_and_prefill_cli(tmp_path):
     assert row["kernels"]["tensor-core-16w"]["ran"] == "decode-mma16"
     assert row["kernels"]["cuda-core"]["ran"] == "decode" and row["kernels"]["dequant-sdpa"]["ran"] == "dequant+sdpa"
     assert all(k["rel_err_vs_sdpa"] < 2e-2 for k in row["kernels"].values())
+    # the same calls replayed from CUDA graphs: both timed, the ratio theirs
+    assert "graph_error" not in row and row["sdpa_graph_ms"] > 0 and row["cq_graph_ms"] > 0
+    assert row["graph_speedup"] == pytest.approx(row["sdpa_graph_ms"] / row["cq_graph_ms"], rel=1e-3)
+    assert "as CUDA graphs" in r.output
     # a 128-token window: the last keys come from the dense tensors SDPA reads, so the error stays as small
     r = CliRunner().invoke(app, ["bench", "attention", "--shape", "2x3000", "--spec", "8c8b", "--window", "128",
                                  "--reps", "3", "--json", str(tmp_path / "w.json")])
     assert r.exit_code == 0, r.output
     row = json.loads((tmp_path / "w.json").read_text())["rows"][0]
     assert row["window"] == 128 and row["kernels"]["tensor-core"]["ran"] == "decode-mma"
+    assert "graph_error" not in row and row["cq_graph_ms"] > 0  # the full-precision split's second stream captured too
     assert all(k["rel_err_vs_sdpa"] < 2e-2 for k in row["kernels"].values())
     r = CliRunner().invoke(app, ["bench", "attention", "--shape", "2x2000", "--spec", "4c8b", "--heads", "8",
                                  "--kv-heads", "2", "--reps", "3", "--json", str(tmp_path / "g.json")])

@@ -49,13 +49,18 @@ def attention_cmd(
     kv += f", {window}-token full-precision window" if window else ""
     t = Table(title=f"decode attention per layer, {heads} heads{kv} x {head_dim}, {res['device']} "
                     f"(copy bandwidth {res['copy_bandwidth_tbs']:.2f} TB/s)")
-    for col in ("quant", "batch x ctx", "SDPA bf16 ms", "CQ ms", "speedup", "CQ floor ms", "% of floor", "rel err"):
+    for col in ("quant", "batch x ctx", "SDPA bf16 ms", "CQ ms", "speedup", "as CUDA graphs: SDPA / CQ ms", "speedup",
+                "CQ floor ms", "% of floor", "rel err"):
         t.add_column(col, justify="right")
     for r in res["rows"]:
+        g = (f"{r['sdpa_graph_ms']:.3f} / {r['cq_graph_ms']:.3f}", f"{r['graph_speedup']:.1f}x") if "cq_graph_ms" in r \
+            else ("failed", "-")
         t.add_row(r["quant"], f"{r['batch']}x{r['context']}", f"{r['sdpa_ms']:.3f}", f"{r['cq_ms']:.3f}",
-                  f"{r['speedup']:.1f}x", f"{r['cq_floor_ms']:.3f}", f"{100 * r['cq_floor_fraction']:.0f}%",
+                  f"{r['speedup']:.1f}x", *g, f"{r['cq_floor_ms']:.3f}", f"{100 * r['cq_floor_fraction']:.0f}%",
                   f"{r['rel_err_vs_sdpa']:.1e}")
     console.print(t)
+    console.print("ms: medians of CUDA-event times around each call; as CUDA graphs: per call of 20 calls replayed from "
+                  "one graph, the GPU's time without the host's launch gaps (how decode steps run with --cuda-graphs)")
     if json_out:
         write_json(json_out, round_floats(res))
         console.print(f"wrote {json_out}")
