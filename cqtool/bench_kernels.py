@@ -29,7 +29,7 @@ import torch
 from . import ops, quant
 from .config import ConfigError, QuantSpec
 from .models import cache_kwarg
-from .pipeline import MicroBatches, shared_pipeline, split_batch
+from .pipeline import MicroBatches, shared_pipeline, split_batch, sync_all
 
 DEFAULT_SHAPES = ((8, 32768), (1, 4096), (1, 32768), (32, 8192))
 DEFAULT_SPECS = ("8c8b", "4c8b")
@@ -939,7 +939,6 @@ def _lmeval_like(model, ids: torch.Tensor, method, batch: int, micro_batches: in
     (every position scored: a stand-in for HFLM's continuation-only scores of shorter, padded requests)."""
     from .lmeval import use_method
     from .models import model_device
-    from .pipeline import sync_all
 
     dev = model_device(model)
     nll = 0.0

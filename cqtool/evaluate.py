@@ -8,11 +8,10 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError
 from .data import eval_windows, load_text, tokenize
 from .methods import KVMethod
 from .models import cache_kwarg, model_device, model_devices
-from .pipeline import split_batch, sync_all
+from .pipeline import micro_batch_cache, shared_pipeline, split_batch, sync_all
 
 
 def perplexity(model, tokenizer, text: str, method: KVMethod, seqlen: int = 2048, limit: int | None = None,
@@ -45,16 +44,7 @@ def windows_nll(model, windows: torch.Tensor, method: KVMethod, batch_size: int 
     """
     track = progress or (lambda it, **kw: it)
     dev = model_device(model)
-    pipe = None
-    if micro_batches > 1:
-        if not any(d.startswith("cuda") for d in model_devices(model)):
-            raise ConfigError(f"--micro-batches {micro_batches}: pipelines micro-batches over CUDA GPUs; the model is "
-                              f"on {', '.join(model_devices(model))} (use 1)")
-        from transformers import DynamicCache
-
-        from .pipeline import shared_pipeline
-
-        pipe = shared_pipeline(model, micro_batches)
+    pipe = shared_pipeline(model, micro_batches) if micro_batches > 1 else None  # ConfigError unless on CUDA GPUs
     nll, count = 0.0, 0
     sync_all()
     t0 = time.perf_counter()
@@ -69,9 +59,7 @@ def windows_nll(model, windows: torch.Tensor, method: KVMethod, batch_size: int 
             for m, rows in enumerate(parts):
                 with pipe.on(m) if pipe else contextlib.nullcontext():
                     ids = batch[rows]
-                    cache = method.make_cache(model)
-                    if cache is None and pipe:  # without a cache or mask, transformers reads the positions on the host
-                        cache = DynamicCache(config=model.config)  # (a check for packed sequences): a sync per forward
+                    cache = micro_batch_cache(method, model) if pipe else method.make_cache(model)
                     kw = {cache_kw: cache, "use_cache": True} if cache is not None else {"use_cache": False}
                     logits = model(input_ids=ids, **kw).logits.float()
                     loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),

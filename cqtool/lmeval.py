@@ -62,19 +62,16 @@ def use_method(model, method: KVMethod, micro_batches: int = 1, stats: dict | No
 
     def pipelined(ids):
         import torch
-        from transformers import DynamicCache
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        from .pipeline import split_batch
+        from .pipeline import micro_batch_cache, split_batch
 
         pipe.fork()  # the micro-batch streams wait for the input's copy to the GPU
         parts = []
         try:
             for m, rows in enumerate(split_batch(ids.shape[0], min(pipe.parts, ids.shape[0]))):
                 with pipe.on(m):
-                    cache = method.make_cache(model)  # filled on m's streams (pipeline.py says why)
-                    if cache is None:  # without a cache transformers reads the positions on the host: a sync per
-                        cache = DynamicCache(config=model.config)  # forward; with an empty one, none
+                    cache = micro_batch_cache(method, model)  # filled on m's streams (pipeline.py says why)
                     parts.append(forward(input_ids=ids[rows], **{kw: cache}, use_cache=True).logits)
         finally:  # also after an error: the caller frees the input on its own streams, which must wait for ours
             pipe.join()

@@ -58,7 +58,8 @@ class MicroBatches:
         self.model = model
         self.devices = [torch.device(d) for d in model_devices(model) if d.startswith("cuda")]  # in index order
         if not self.devices:
-            raise ConfigError("micro-batch pipelining needs the model on CUDA GPUs")
+            raise ConfigError(f"{parts} micro-batches: micro-batch pipelining needs the model on CUDA GPUs; it is on "
+                              f"{', '.join(model_devices(model))} (use 1)")
         self.first = model.get_input_embeddings().weight.device  # where the next step's tokens are needed
         self.streams = [{d: torch.cuda.Stream(device=d) for d in self.devices} for _ in range(parts)]
 
@@ -119,6 +120,18 @@ class MicroBatches:
         for t in res:  # the caller uses and frees them on the current streams: not to be reused before those have
             t.record_stream(torch.cuda.current_stream(t.device))
         return res
+
+
+def micro_batch_cache(method, model):
+    """A fresh cache of KV method `method` for one forward on a micro-batch's streams; for a method without one, an
+    empty DynamicCache: without a cache or mask transformers checks for packed sequences by reading the positions on
+    the host, a sync per forward that would stall the other micro-batches; with an empty cache it does not."""
+    cache = method.make_cache(model)
+    if cache is None:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+    return cache
 
 
 def shared_pipeline(model, parts: int) -> MicroBatches:
