@@ -392,6 +392,28 @@ def _device_positions(cache, device) -> torch.Tensor:
     return _device_copy(_positions_memo, pos, device, lambda t: t.to(device))
 
 
+CODE_MAJOR_MAX_BITS = 8  # larger tables do not fit shared memory: the CUDA-core kernel gathers from the centroids
+
+
+def code_major_rows(layer) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The layer's key and value centroids code-major, [H_kv, 2**bits, D] contiguous (None for more than
+    CODE_MAJOR_MAX_BITS bits): the rows of the decode kernels' shared-memory tables, which a block then copies linearly
+    (from the group-major centroids it gathered 16-byte pieces 4 KB apart, 3.7 us of a short item's 15.5 us on the
+    H100; docs/RESULTS_kernels.md). Made once per centroid tensors (and their versions) and kept on the layer; not
+    kept when made inside a CUDA graph capture (the graph then makes them at every replay: decoders warm up eagerly
+    first)."""
+    k, v = layer.k_centroids, layer.v_centroids
+    key = (k._version, v._version)  # centroids written in place make new rows too
+    memo = getattr(layer, "_code_major", None)
+    if memo is not None and memo[0] is k and memo[1] is v and memo[2] == key:
+        return memo[3], memo[4]
+    rows = tuple(c.transpose(1, 2).reshape(c.shape[0], c.shape[2], -1).contiguous() if bits <= CODE_MAJOR_MAX_BITS
+                 else None for c, bits in ((k, layer.k_bits), (v, layer.v_bits)))
+    if not (k.is_cuda and torch.cuda.is_current_stream_capturing()):
+        layer._code_major = (k, v, key, *rows)
+    return rows
+
+
 def _attention_reason(query: torch.Tensor, layer) -> str:
     if not query.is_cuda:
         return "tensors on CPU"
@@ -544,6 +566,6 @@ def cq_attention(query: torch.Tensor, view, attention_mask, scaling: float) -> t
         int(cfg.window), int(view.start), int(S), float(scaling), bool(prefill),
         _decode_variant(B, S, group, c, fp),
         int(MMA_MAX_BLOCKS), int(MMA_DIRECT_MAX), int(MMA_LONG_MIN), view.rows if ring else None,
-        bool(FP_SPLIT_STREAM and not ring))
+        bool(FP_SPLIT_STREAM and not ring), *((None, None) if prefill else code_major_rows(layer)))
     _ran(_KERNEL_NAMES[used], f"{_KERNEL_NAMES[used]} kernel")
     return out

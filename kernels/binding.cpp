@@ -86,6 +86,18 @@ void set_cos_sin(cq::AttnParams& p, const at::Tensor& cos, const at::Tensor& sin
   p.cos_t = cos.data_ptr<float>(); p.sin_t = sin.data_ptr<float>(); p.cs_sb = cos.size(0) == 1 ? 0 : cos.stride(0);
 }
 
+// A layer's centroids code-major ([H_kv, 2**bits, D] contiguous, their dtype and GPU: the decode kernels' table
+// rows), or nullptr when not given
+const void* code_major_rows(const c10::optional<at::Tensor>& rows, const at::Tensor& cent, const char* what) {
+  if (!rows.has_value() || !rows->defined()) return nullptr;
+  const at::Tensor& t = *rows;
+  TORCH_CHECK(t.dim() == 3 && t.is_contiguous() && t.scalar_type() == cent.scalar_type() && t.device() == cent.device() &&
+              t.size(0) == cent.size(0) && t.size(1) == cent.size(2) && t.size(2) == cent.size(1) * cent.size(3),
+              "attention: ", what, " must be the centroids code-major, [H_kv, 2**bits, D] contiguous, in their dtype and "
+              "on their GPU");
+  return t.data_ptr();
+}
+
 // Device-side rows (static decoding): int64 [Q], contiguous, on x's GPU; their data pointer
 const int64_t* device_rows(const at::Tensor& rows, const at::Tensor& x, int64_t Q, const char* what) {
   TORCH_CHECK(rows.is_cuda() && rows.device() == x.device() && rows.scalar_type() == at::kLong && rows.dim() == 1 &&
@@ -208,7 +220,10 @@ void encode_kv_rows(const at::Tensor& k, const at::Tensor& k_cent, int64_t k_bit
 // Attention of query [B, H_q, Q, D] over S cached tokens held as codes (+ full-precision window/sinks) -> [B, Q, H_q, D],
 // and which kernel ran (0: decode, CUDA cores; 1: decode, tensor cores, 8 warps; 2: prefill; 3: decode, tensor cores,
 // 16 warps; 4: decode, tensor cores, several query heads of a GQA group per block). variant 0 keeps the decode on the
-// CUDA-core kernel, 1 (2) lets the tensor-core one with 8 (16) warps per block take the cases it covers.
+// CUDA-core kernel, 1 (2) lets the tensor-core one with 8 (16) warps per block take the cases it covers. k_rows /
+// v_rows: the centroids code-major (ops.code_major_rows), whose rows the decode kernels copy into their shared-memory
+// tables linearly; the tensor-core kernel runs only with k_rows, the CUDA-core kernel gathers from the centroids
+// without them.
 std::tuple<at::Tensor, int64_t> attention(
                      const at::Tensor& q, const at::Tensor& k_codes, const at::Tensor& v_codes, const at::Tensor& k_cent,
                      const at::Tensor& v_cent, int64_t k_bits, int64_t v_bits, const at::Tensor& positions,
@@ -218,7 +233,8 @@ std::tuple<at::Tensor, int64_t> attention(
                      const c10::optional<at::Tensor>& sink_k, const c10::optional<at::Tensor>& sink_v, int64_t window,
                      int64_t start, int64_t S, double scaling, bool prefill, int64_t variant,
                      int64_t max_blocks, int64_t direct_max, int64_t long_min,
-                     const c10::optional<at::Tensor>& dev_start, bool fp_side_stream) {
+                     const c10::optional<at::Tensor>& dev_start, bool fp_side_stream,
+                     const c10::optional<at::Tensor>& k_rows, const c10::optional<at::Tensor>& v_rows) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 4 && q.stride(3) == 1, "attention: query must be [B, H_q, Q, D] on the GPU");
   const int64_t B = q.size(0), Hq = q.size(1), Q = q.size(2), D = q.size(3);
   const int64_t Hkv = k_cent.size(0);
@@ -244,6 +260,8 @@ std::tuple<at::Tensor, int64_t> attention(
   p.q = q.data_ptr();
   p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_sq = q.stride(2);
   set_codes(p, k_codes, v_codes, k_cent, v_cent, k_bits, v_bits, S, "attention");
+  p.k_tab = code_major_rows(k_rows, k_cent, "k_rows");
+  p.v_tab = code_major_rows(v_rows, v_cent, "v_rows");
   p.positions = positions.data_ptr<int64_t>(); p.pos_sb = positions.stride(0);
   p.inv_freq = inv_freq.data_ptr<float>(); p.rope_scale = static_cast<float>(rope_scale);
   p.range = range.data_ptr<int>();

@@ -170,10 +170,13 @@ struct HeadCodes {
         Kk(1 << p.k_bits), Kv(1 << p.v_bits), lck(ilog2(p.k_c)), lcv(ilog2(p.v_c)) {}
 };
 
-// Copy one head's centroids [G, K, c] into the code-major table tab[K][D] (asynchronously where c >= 2).
+// Copy one head's centroids into the code-major table tab[K][D]: from the code-major rows [K][D] when the caller has
+// them (a linear copy), else from [G, K, c] (asynchronously where c >= 2).
 template <typename T>
-__device__ void load_table(T* tab, const T* cent, int D, int c, int K) {
-  if (c >= 8) {
+__device__ void load_table(T* tab, const T* rows, const T* cent, int D, int c, int K) {
+  if (rows != nullptr) {
+    for (int i = threadIdx.x; i < K * D / 8; i += blockDim.x) cp_async16(tab + i * 8, rows + i * 8);
+  } else if (c >= 8) {
     const int chunks = K * (D / 8);
     for (int i = threadIdx.x; i < chunks; i += blockDim.x) {
       const int code = i / (D / 8), ch0 = (i % (D / 8)) * 8;
@@ -381,8 +384,10 @@ __global__ void __launch_bounds__(dec_warps<NQ>() * 32, 1) decode_kernel(const A
     T* tab_k = reinterpret_cast<T*>(smem + L.tab_k);
     T* tab_v = reinterpret_cast<T*>(smem + L.tab_v);
     if constexpr (TSMEM) {  // in the first cp.async group, with tile 0
-      load_table<T>(tab_k, kcent, D, p.k_c, Kk);
-      load_table<T>(tab_v, vcent, D, p.v_c, Kv);
+      const T* krows = p.k_tab ? reinterpret_cast<const T*>(p.k_tab) + static_cast<int64_t>(h) * Kk * D : nullptr;
+      const T* vrows = p.v_tab ? reinterpret_cast<const T*>(p.v_tab) + static_cast<int64_t>(h) * Kv * D : nullptr;
+      load_table<T>(tab_k, krows, kcent, D, p.k_c, Kk);
+      load_table<T>(tab_v, vrows, vcent, D, p.v_c, Kv);
     }
     const int ntile = t_end > t_begin ? (t_end - t_begin + p.tile - 1) / p.tile : 0;
 #pragma unroll

@@ -576,18 +576,14 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       }
     }
     if (it.ntile > 0 && it.hk != cur_hk) {
-      const T* kcent = reinterpret_cast<const T*>(p.k_cent) + static_cast<int64_t>(it.hk) * kD * kCodes;
-      if constexpr (KC == 8) {
-        for (int i = tid; i < C::kCopies * kCodes * 16; i += kNT) {
-          const int copy = i >> 12, code = (i >> 4) & (kCodes - 1), slot = i & 15, gamma = slot ^ (copy << 2);
-          cp_async16(smem + kOffTab + copy * kTabCopy + code * 256 + slot * 16, kcent + (gamma * kCodes + code) * 8);
-        }
-      } else {  // [code][group]: group gamma's 4 channels at byte 8 gamma of the code's 256-byte row
-        // a warp: 4 consecutive codes (one 32-byte global sector per group) x 8 groups (4-way smem write conflicts)
-        for (int i = tid; i < kCodes * kGroups; i += kNT) {
-          const int l = i & 31, code = ((i >> 5) & 63) * 4 + (l & 3), gamma = (i >> 11) * 8 + (l >> 2);
-          cp_async8(smem + kOffTab + code * 256 + gamma * 8, kcent + (gamma * kCodes + code) * 4);
-        }
+      // a table copy is the head's code-major rows (p.k_tab: code * 256 bytes + channel * 2, c = 4 and 8 alike), the
+      // second copy (c = 8, R = 1) with the 128-byte halves of each row swapped (slot s holds chunk s ^ 4): linear
+      // 16-byte pieces, coalesced and free of shared-memory write conflicts
+      const T* ktab = reinterpret_cast<const T*>(p.k_tab) + static_cast<int64_t>(it.hk) * kCodes * kD;
+      for (int i = tid; i < C::kCopies * kCodes * 16; i += kNT) {
+        const int copy = i >> 12, code = (i >> 4) & (kCodes - 1), slot = i & 15;
+        cp_async16(smem + kOffTab + copy * kTabCopy + code * 256 + slot * 16,
+                   ktab + code * kD + (slot ^ (copy << 2)) * 8);
       }
       cur_hk = it.hk;
     }
@@ -598,6 +594,11 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       cp_async_commit();
     }
   };
+  // c = 8: the first item's loads go out before the per-thread constants below are computed (their global loads and
+  // sincosf took ~3 us of a short item's block on the H100, now overlapped with the table and first stages). c = 4
+  // issues them after the constants: earlier, its tile loop's schedule ran ~1% slower on long items
+  constexpr bool kEarly = KC == 8;
+  if (kEarly && i_begin < i_end) prologue(item_at(i_begin));
 
   // Work saved on short items (a partial tile's empty m-tiles, the first flush, the last flush's clearing): 14% at
   // 128 x 64 and 512 x 128, but the CQ-8c8b MHA block then ran 3% slower at 8 x 32K (another schedule of its full
@@ -854,7 +855,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     }
   };
 
-  if (i_begin < i_end) prologue(item_at(i_begin));
+  if (!kEarly && i_begin < i_end) prologue(item_at(i_begin));
   for (int item = i_begin; item < i_end; ++item) {
     const Item cur = kPre ? nxt : item_at(item);
     const int b = cur.b, qh0 = cur.qh0, split = cur.split, t_begin = cur.t_begin, t_end = cur.t_end;
@@ -1368,7 +1369,7 @@ bool mma_decode_applies(const AttnParams& p, size_t max_smem) {
   const bool c4 = p.k_c == 4 && p.v_c == 4 && p.k_rb == kD / 4 && p.v_rb == kD / 4 && p.variant == 1;
   return (p.variant == 1 || p.variant == 2) && smem_window_ok() && p.D == kD && p.Q == 1 && p.Hq % p.Hkv == 0 &&
          p.k_bits == 8 && p.v_bits == 8 && (c8 || c4) && aligned16(p.k_codes) && aligned16(p.v_codes) &&
-         aligned16(p.k_cent) && aligned16(p.v_cent) && mma_smem(p) <= max_smem;
+         p.k_tab != nullptr && aligned16(p.k_tab) && aligned16(p.v_cent) && mma_smem(p) <= max_smem;
 }
 
 cudaError_t launch_mma_decode(const AttnParams& p, cudaStream_t stream) {

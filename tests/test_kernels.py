@@ -348,6 +348,29 @@ def test_decode_mma_kernel(case, kernel, monkeypatch):
     assert_within_2x(out, query, view, mask, scaling)
 
 
+@cuda_test
+@pytest.mark.parametrize("case", [dict(B=2, Hq=4, Hkv=4, S=1500, pads=[0, 333], dtype=torch.bfloat16),
+                                  dict(B=1, Hq=6, Hkv=2, S=700, kspec=(4, 6), vspec=(2, 8), D=64)])
+def test_decode_without_code_major_rows(case, monkeypatch):
+    """Without the code-major rows (CODE_MAJOR_MAX_BITS = 0) the CUDA-core kernel gathers its tables from the
+    centroids, as it does for more than 8 bits, and the tensor-core kernel, which needs the rows, leaves the call to it
+    (and says so); rows of the wrong shape are refused with the rule."""
+    monkeypatch.setattr(ops, "DECODE_KERNEL", "tensor-core")
+    monkeypatch.setattr(ops, "CODE_MAJOR_MAX_BITS", 0)
+    query, view, mask, scaling = make_case(Q=1, **case)
+    out = run_attention(query, view, mask, scaling)
+    assert ops.KERNEL_USED["attention"] == "decode"
+    assert_within_2x(out, query, view, mask, scaling)
+    monkeypatch.setattr(ops, "CODE_MAJOR_MAX_BITS", 8)
+    layer = view.layer
+    k, v = layer.k_centroids, layer.v_centroids
+    rows = k.transpose(1, 2).reshape(k.shape[0], k.shape[2], -1)
+    for bad in (rows.float(), rows.transpose(1, 2).contiguous() if rows.shape[1] != rows.shape[2] else rows[:1]):
+        layer._code_major = (k, v, (k._version, v._version), bad.contiguous(), None)  # fp32; or [H, D, K] / 1 head
+        with pytest.raises(RuntimeError, match="k_rows must be the centroids code-major"):
+            ops.cq_attention(query, view, mask, scaling)
+
+
 MHA_C8_CASES = [c for c in MMA_CASES if c["Hq"] == c["Hkv"] and "kspec" not in c]
 
 
@@ -964,6 +987,27 @@ def test_positions_follow_the_layer_device():
     cache.positions = torch.cat([cache.positions, torch.tensor([[6]])], 1)
     again = ops._device_positions(cache, torch.device("meta"))
     assert again is not there and again.shape == (1, 7)
+
+
+def test_code_major_rows():
+    """The decode kernels' table rows: centroids [H, G, K, c] code-major [H, K, G c], made once per centroid tensors
+    and versions; none for more than 8 bits (those tables stay out of shared memory)."""
+    g = torch.Generator().manual_seed(0)
+    layer = SimpleNamespace(k_centroids=torch.randn(3, 16, 256, 8, generator=g),
+                            v_centroids=torch.randn(3, 32, 64, 4, generator=g), k_bits=8, v_bits=6)
+    kr, vr = ops.code_major_rows(layer)
+    assert kr.shape == (3, 256, 128) and vr.shape == (3, 64, 128) and kr.is_contiguous()
+    for h, code, grp in ((0, 0, 0), (2, 255, 15), (1, 77, 9)):
+        assert torch.equal(kr[h, code, 8 * grp : 8 * grp + 8], layer.k_centroids[h, grp, code])
+    assert torch.equal(vr[1, 63, 4 * 31 :], layer.v_centroids[1, 31, 63])
+    assert ops.code_major_rows(layer)[0] is kr  # memoised
+    layer.v_centroids.mul_(2)  # written in place: new rows
+    kr2, vr2 = ops.code_major_rows(layer)
+    assert kr2 is not kr and torch.equal(vr2, vr * 2)
+    layer.k_centroids = torch.randn(3, 8, 1024, 16, generator=g)  # a new tensor of 10 bits: no key rows
+    layer.k_bits = 10
+    kr3, vr3 = ops.code_major_rows(layer)
+    assert kr3 is None and torch.equal(vr3, vr2)
 
 
 def test_nothing_heavy_at_import():
