@@ -336,16 +336,24 @@ def mma_name(kernel: str, case: dict) -> str:
     return "decode-mma-gqa" if Hq > Hkv else "decode-mma"  # every GQA group runs blocks of 2-4 of its heads
 
 
+def check_decode(monkeypatch, case: dict, ran: str, **settings):
+    """One decode query per sequence of `case` with the ops settings given (DECODE_KERNEL=..., ...): the kernel that
+    ran is `ran`, its output within the 2x bound. Returns the case's (query, view, mask, scaling)."""
+    for name, value in settings.items():
+        monkeypatch.setattr(ops, name, value)
+    query, view, mask, scaling = make_case(Q=1, **case)
+    out = run_attention(query, view, mask, scaling)
+    assert ops.KERNEL_USED["attention"] == ran
+    assert_within_2x(out, query, view, mask, scaling)
+    return query, view, mask, scaling
+
+
 @cuda_test
 @pytest.mark.parametrize("kernel", ["tensor-core", "tensor-core-16w"])
 @pytest.mark.parametrize("case", MMA_CASES, ids=[f"mma{i}" for i in range(len(MMA_CASES))])
 def test_decode_mma_kernel(case, kernel, monkeypatch):
-    monkeypatch.setattr(ops, "DECODE_KERNEL", kernel)
-    monkeypatch.setattr(ops, "MMA_LONG_MIN", 1 << 30)  # the CQ-8c8b MHA block's short-item build (LONG: below)
-    query, view, mask, scaling = make_case(Q=1, **case)
-    out = run_attention(query, view, mask, scaling)
-    assert ops.KERNEL_USED["attention"] == mma_name(kernel, case)
-    assert_within_2x(out, query, view, mask, scaling)
+    # MMA_LONG_MIN: the CQ-8c8b MHA block's short-item build (LONG: below)
+    check_decode(monkeypatch, case, mma_name(kernel, case), DECODE_KERNEL=kernel, MMA_LONG_MIN=1 << 30)
 
 
 @cuda_test
@@ -354,13 +362,9 @@ def test_decode_mma_kernel(case, kernel, monkeypatch):
 def test_decode_without_code_major_rows(case, monkeypatch):
     """Without the code-major rows (CODE_MAJOR_MAX_BITS = 0) the CUDA-core kernel gathers its tables from the
     centroids, as it does for more than 8 bits, and the tensor-core kernel, which needs the rows, leaves the call to it
-    (and says so); rows of the wrong shape are refused with the rule."""
-    monkeypatch.setattr(ops, "DECODE_KERNEL", "tensor-core")
-    monkeypatch.setattr(ops, "CODE_MAJOR_MAX_BITS", 0)
-    query, view, mask, scaling = make_case(Q=1, **case)
-    out = run_attention(query, view, mask, scaling)
-    assert ops.KERNEL_USED["attention"] == "decode"
-    assert_within_2x(out, query, view, mask, scaling)
+    (and says so); rows of another dtype or shape are refused with the rule."""
+    query, view, mask, scaling = check_decode(monkeypatch, case, "decode", DECODE_KERNEL="tensor-core",
+                                              CODE_MAJOR_MAX_BITS=0)
     monkeypatch.setattr(ops, "CODE_MAJOR_MAX_BITS", 8)
     layer = view.layer
     k, v = layer.k_centroids, layer.v_centroids
@@ -378,12 +382,7 @@ MHA_C8_CASES = [c for c in MMA_CASES if c["Hq"] == c["Hkv"] and "kspec" not in c
 @pytest.mark.parametrize("case", MHA_C8_CASES, ids=[f"long{i}" for i in range(len(MHA_C8_CASES))])
 def test_decode_mma_long_build(case, monkeypatch):
     """The CQ-8c8b MHA block's LONG build (ops.MMA_LONG_MIN = 0: every item) on the same cases."""
-    monkeypatch.setattr(ops, "DECODE_KERNEL", "tensor-core")
-    monkeypatch.setattr(ops, "MMA_LONG_MIN", 0)
-    query, view, mask, scaling = make_case(Q=1, **case)
-    out = run_attention(query, view, mask, scaling)
-    assert ops.KERNEL_USED["attention"] == "decode-mma-long"
-    assert_within_2x(out, query, view, mask, scaling)
+    check_decode(monkeypatch, case, "decode-mma-long", DECODE_KERNEL="tensor-core", MMA_LONG_MIN=0)
 
 
 @cuda_test
