@@ -38,6 +38,33 @@ def test_generate_cq_beside_full_precision(tiny_calib, tiny_model_dir, tmp_path)
     assert cq["cache"] == "cq-8c8b-w4096" and cq["token_ids"] == fp["token_ids"] and cq["tokens_agreeing"] == fp["new_tokens"]
 
 
+def test_generate_prompts_as_one_batch(tiny_calib, tiny_model_dir, tmp_path):
+    """--prompts: several prompts decoded as one left-padded batch give, prompt by prompt, the tokens each gives alone
+    (padding masked, positions counted per row), with both caches; totals and per-prompt agreement in the JSON."""
+    cb, js = tiny_calib / "cq-8c8b.safetensors", tmp_path / "g.json"
+    prompts = ["w1 w2 the cat of w7 and a dog", "a dog", "the cat w3 w4"]
+    f = tmp_path / "prompts.txt"
+    f.write_text(prompts[0] + "\n\n" + "\n".join(prompts[1:]) + "\n")
+    common = ("--codebook", cb, "--max-new-tokens", 8, "--window", 3, "--device", "cpu", "--json", js)
+    res = run("generate", "--model", tiny_model_dir, "--prompts", f, *common)
+    assert res.exit_code == 0, res.output
+    out = json.loads(js.read_text())
+    assert out["prompts"] == prompts and len(set(out["prompt_tokens"])) == 3 and "prompt" not in out
+    cq, fp = out["runs"]
+    assert "3 prompts decoded as one left-padded batch" in res.output
+    for r in (cq, fp):
+        assert len(r["outputs"]) == 3 and r["new_tokens"] == sum(o["new_tokens"] for o in r["outputs"])
+    assert cq["tokens_agreeing"] == sum(o["tokens_agreeing"] for o in cq["outputs"])
+    for i, p in enumerate(prompts):
+        res = run("generate", "--model", tiny_model_dir, "--prompt", p, *common)
+        assert res.exit_code == 0, res.output
+        alone = json.loads(js.read_text())
+        assert alone["prompt_tokens"] == out["prompt_tokens"][i]
+        for r, a in zip((cq, fp), alone["runs"]):
+            assert r["outputs"][i]["token_ids"] == a["token_ids"], (i, r["cache"])
+        assert cq["outputs"][i]["tokens_agreeing"] == alone["runs"][0]["tokens_agreeing"]
+
+
 def test_generate_chat_template(tiny_calib, tiny_model_dir, tmp_path):
     """--chat: the prompt goes in as the user's turn of the tokenizer's chat template."""
     import shutil
@@ -67,7 +94,14 @@ def test_generate_bad_input(tiny_calib, tiny_model_dir, tmp_path, tokenizer):
     assert_user_error(run(*base, "--codebook", cb), "exactly one of --prompt", "neither")
     f = tmp_path / "p.txt"
     f.write_text("w1 w2")
-    assert_user_error(run(*base, "--codebook", cb, "--prompt", "a", "--prompt-file", f), "exactly one of", "both")
+    assert_user_error(run(*base, "--codebook", cb, "--prompt", "a", "--prompt-file", f), "exactly one of",
+                      "got --prompt TEXT and --prompt-file FILE")
+    assert_user_error(run(*base, "--codebook", cb, "--prompts", f, "--prompt", "a"), "exactly one of", "--prompts FILE")
+    assert_user_error(run(*base, "--codebook", cb, "--prompts", tmp_path / "no.txt"), "--prompts", "does not exist")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    assert_user_error(run(*base, "--codebook", cb, "--prompts", tmp_path / "blank.txt"), "has no prompt")
+    assert_user_error(run(*base, "--codebook", cb, "--prompts", f, "--cuda-graphs"), "--cuda-graphs decodes one prompt",
+                      "--prompts gave 1")
     assert_user_error(run(*base, "--codebook", cb, "--prompt-file", tmp_path / "none.txt"), "none.txt", "does not exist")
     assert_user_error(run(*base, "--codebook", cb, "--prompt", "a", "--max-new-tokens", 0), "--max-new-tokens 0")
     assert_user_error(run(*base, "--codebook", cb, "--prompt", "  "), "prompt is empty")

@@ -15,6 +15,8 @@ def generate_cmd(
     codebook: Annotated[str, typer.Option(help="CQ codebook file (from cqtool quantize or calibrate)")],
     prompt: Annotated[Optional[str], typer.Option(help="Prompt text")] = None,
     prompt_file: Annotated[Optional[str], typer.Option(help="Read the prompt from this file")] = None,
+    prompts: Annotated[Optional[str], typer.Option(help="A file of prompts, one per line (blank lines skipped), "
+                                                        "decoded as one left-padded batch")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (stops at end of sequence)")] = 64,
     temperature: Annotated[float, typer.Option(help="0: greedy; > 0: sample from softmax(logits / temperature)")] = 0.0,
     top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens only (0: all)")] = 0,
@@ -37,7 +39,7 @@ def generate_cmd(
     --top-p from one seed for both): the texts, where they first differ,
     tokens/s (new tokens over the wall time of prefill and decode, no warm-up: `cqtool bench generate` times
     generation; with --cuda-graphs the steps run over that time, since a graph runs all --max-new-tokens steps), cache
-    memory and the attention backend."""
+    memory and the attention backend. --prompts FILE: several prompts, one per line, decoded together (eagerly)."""
     from rich.panel import Panel
     from rich.table import Table
 
@@ -46,22 +48,34 @@ def generate_cmd(
     from ..io import write_json
     from ..sampling import Sampling
 
-    text = check_args(prompt, prompt_file, max_new_tokens)
+    text = check_args(prompt, prompt_file, max_new_tokens, prompts)
     sampling = Sampling(temperature, top_k, top_p, seed)
     with attention.backend(backend), console.status("loading the model and generating"):
         res = run_generate(model, codebook, text, max_new_tokens, window, sinks, compare, device, dtype, device_map,
                            chat, cuda_graphs, sampling)
-    t = Table(title=f"{res['model']['model_id']}: {res['prompt_tokens']} prompt tokens, {res['decoding']}, {' + '.join(res['devices'])}, "
+    batch = "prompts" in res
+    n_tok = f"{len(res['prompts'])} prompts of {min(res['prompt_tokens'])}-{max(res['prompt_tokens'])} tokens" if batch \
+        else f"{res['prompt_tokens']} prompt tokens"
+    t = Table(title=f"{res['model']['model_id']}: {n_tok}, {res['decoding']}, {' + '.join(res['devices'])}, "
                     f"{res['dtype'].removeprefix('torch.')}")
     for col in ("cache", "bits/channel", "new tokens", "tokens/s", "cache MiB", "same as full precision"):
         t.add_column(col, justify="right")
     for r in res["runs"]:
-        agree = "-" if "tokens_agreeing" not in r else f"first {r['tokens_agreeing']}"
+        agree = "-" if "tokens_agreeing" not in r else \
+            f"{r['tokens_agreeing']} of {r['new_tokens']}" if batch else f"first {r['tokens_agreeing']}"
         t.add_row(r["cache"].replace(" (full precision)", ""), f"{r['bits_per_channel']:g}", str(r["new_tokens"]),
                   f"{r['tokens_per_s']:.1f}", f"{r['cache_bytes'] / 2**20:.3f}", agree)
-    console.print(Panel(res["prompt"].strip(), title="prompt", expand=False))
-    for r in res["runs"]:
-        console.print(Panel(r["text"], title=r["cache"], expand=False))
+    if batch:
+        for i, p in enumerate(res["prompts"]):
+            console.print(Panel(p.strip(), title=f"prompt {i + 1}", expand=False))
+            for r in res["runs"]:
+                o = r["outputs"][i]
+                agree = f", first {o['tokens_agreeing']} of {o['new_tokens']} equal" if "tokens_agreeing" in o else ""
+                console.print(Panel(o["text"], title=f"{r['cache']}{agree}", expand=False))
+    else:
+        console.print(Panel(res["prompt"].strip(), title="prompt", expand=False))
+        for r in res["runs"]:
+            console.print(Panel(r["text"], title=r["cache"], expand=False))
     console.print(t)
     cq = res["runs"][0]
     ran = (f"CUDA kernels ({', '.join(cq['attention_kernels'])})" if cq["attention_kernels"] else
@@ -75,8 +89,12 @@ def generate_cmd(
                  "; no CUDA graph was captured (3 new tokens or fewer: all steps ran as warm-up)")
     if "tokens_agreeing" in cq:
         fp = res["runs"][1]
-        line += (f"; first {cq['tokens_agreeing']} of {cq['new_tokens']} new tokens equal to the full-precision ones; "
+        first = (f"{cq['tokens_agreeing']} of {cq['new_tokens']} new tokens (each prompt's up to its first difference)"
+                 if batch else f"first {cq['tokens_agreeing']} of {cq['new_tokens']} new tokens")
+        line += (f"; {first} equal to the full-precision ones; "
                  f"cache {cq['cache_bytes'] / 2**20:.3f} MiB vs {fp['cache_bytes'] / 2**20:.3f} MiB")
+    if batch:
+        line += f"; {len(res['prompts'])} prompts decoded as one left-padded batch"
     console.print(line, soft_wrap=True)
     if json_out:
         write_json(json_out, res)
