@@ -96,11 +96,19 @@ def decode_batch(model, ids: torch.Tensor, mask: torch.Tensor | None, cache, max
 
 def decode_graph(model, ids: torch.Tensor, cache, max_new_tokens: int, eos: int | None, graph: bool = True,
                  sampling: Sampling = GREEDY) -> tuple[list[int], float, int]:
+    """decode_graph_batch() of one prompt: its new token ids, seconds, graph-replayed steps."""
+    out, secs, replays = decode_graph_batch(model, ids, None, cache, max_new_tokens, eos, graph, sampling)
+    return out[0], secs, replays
+
+
+def decode_graph_batch(model, ids: torch.Tensor, mask: torch.Tensor | None, cache, max_new_tokens: int,
+                       eos: int | None, graph: bool = True,
+                       sampling: Sampling = GREEDY) -> tuple[list[list[int]], float, int]:
     """decode_eager() with static shapes, every decode step after two warm-up steps replayed as a CUDA graph
     (graphs.StaticDecoder; `cache` from graphs.static_cache; graph=False: every step eagerly, the same path on the
     CPU). Always runs `max_new_tokens` steps (a graph cannot stop early), then cuts the tokens after `eos`. Returns
     (new token ids, seconds: prefill, warm-up, capture, replays, the number of steps that were graph replays: 0 for 3
-    tokens or fewer)."""
+    tokens or fewer). `mask`: a left-padded batch, as decode_batch(); each row is cut after its own `eos`."""
     from .graphs import StaticDecoder
     from .pipeline import sync_all
 
@@ -108,14 +116,13 @@ def decode_graph(model, ids: torch.Tensor, cache, max_new_tokens: int, eos: int 
     sync()
     t0 = time.perf_counter()
     dec = StaticDecoder(model, cache, ids.shape[1] + max_new_tokens, graph=graph, sampling=sampling)
-    first = dec.prefill(ids)
+    first = dec.prefill(ids, mask)
     toks = first if max_new_tokens == 1 else torch.cat([first, dec.decode(first, max_new_tokens - 1)], 1)
-    out = toks[0].tolist()
+    rows = toks.tolist()
     sync()
     secs = time.perf_counter() - t0
-    if eos is not None and eos in out:
-        out = out[: out.index(eos) + 1]
-    return out, secs, dec.timings["steps"] if dec.timings.get("graph") else 0
+    rows = [r[: r.index(eos) + 1] if eos is not None and eos in r else r for r in rows]
+    return rows, secs, dec.timings["steps"] if dec.timings.get("graph") else 0
 
 
 def prompt_ids(tok, prompt: str, chat: bool) -> list[int]:
@@ -153,8 +160,8 @@ def run_generate(model_name: str, codebook_path: str, prompt: str | list[str], m
     """Load model and codebook, decode with the CQ cache (and with DynamicCache when `compare`), greedily or sampled
     (`sampling`; each run starts from the same seed: sampling.seed, or one drawn here and reported). `graphs`: decode
     steps replayed as CUDA graphs, the CQ cache in static mode and transformers' StaticCache beside it. A list of
-    prompts decodes as one left-padded batch (decode_batch; eagerly): each run's "outputs" hold every prompt's tokens,
-    text and agreement, its "new_tokens" and "tokens_agreeing" their sums."""
+    prompts decodes as one left-padded batch (decode_batch, or decode_graph_batch with `graphs`): each run's "outputs"
+    hold every prompt's tokens, text and agreement, its "new_tokens" and "tokens_agreeing" their sums."""
     import dataclasses
     import secrets
 
@@ -170,9 +177,6 @@ def run_generate(model_name: str, codebook_path: str, prompt: str | list[str], m
     _, _, _, info = load_config(model_name)
     cb.validate_model(info)  # before the weights are loaded
     batch = isinstance(prompt, list)
-    if batch and graphs:
-        raise ConfigError(f"--cuda-graphs decodes one prompt; --prompts gave {len(prompt)}, which decode as one batch "
-                          "eagerly: drop --cuda-graphs")
     model, tok, info = load_model(model_name, device, dtype, device_map)
     if batch:
         ids, mask = batch_ids(tok, prompt, chat, model_device(model))
@@ -193,7 +197,8 @@ def run_generate(model_name: str, codebook_path: str, prompt: str | list[str], m
             torch.manual_seed(sampling.seed)  # the CPU and every GPU's generator: the same draws for both caches
         if graphs:
             cache = static_cache(model, "cq" if kind == "cq" else "static", cap, cb, window, sinks)
-            new, secs, replays = decode_graph(model, ids, cache, max_new_tokens, eos, sampling=sampling)
+            rows, secs, replays = decode_graph_batch(model, ids, mask, cache, max_new_tokens, eos, sampling=sampling)
+            new = rows[0]
         else:
             cache = CQCache(model, cb, window=window, sinks=sinks, max_length=cap) if kind == "cq" else DynamicCache()
             rows, secs = decode_batch(model, ids, mask, cache, max_new_tokens, eos, sampling)
@@ -210,7 +215,7 @@ def run_generate(model_name: str, codebook_path: str, prompt: str | list[str], m
             row["outputs"] = [{"token_ids": r, "text": tok.decode(r, skip_special_tokens=True), "new_tokens": len(r)}
                               for r in rows]
             row["new_tokens"] = sum(len(r) for r in rows)
-            row["tokens_per_s"] = row["new_tokens"] / secs
+            row["tokens_per_s"] = (len(rows) * max_new_tokens if graphs else row["new_tokens"]) / secs
         if graphs:
             row["graph_replays"] = replays
         if kind == "cq":

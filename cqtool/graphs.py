@@ -164,22 +164,30 @@ class StaticDecoder:
         self.kw = {cache_kwarg(model): cache, "use_cache": True}
         self.blocks = dispatched_blocks(model) if self.graph else []  # a model spread over GPUs: a graph per GPU
         self.length = 0
+        self.prompt_mask: torch.Tensor | None = None  # [B, P] bool of a left-padded batch (prefill's mask)
         self.timings: dict = {}
 
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run the prompt ids [B, P] (eagerly, in chunks of `chunk` tokens if set); returns the first new token [B, 1]
-        (greedy or sampled, as `sampling` says). Every row is a whole prompt of P tokens: no padding (the decode mask
-        marks rows 0..P-1 held for all)."""
+        (greedy or sampled, as `sampling` says). `mask` [B, P]: 1 on prompt tokens, 0 on left padding, each row's
+        positions counting its own tokens (None: every row a whole prompt of P tokens); the decode mask holds it."""
         B, P = ids.shape
         if P + 1 > self.capacity:
             raise ConfigError(f"capacity {self.capacity}: must exceed the prompt's {P} tokens")
+        keep = None if mask is None else mask.to(device=self.device, dtype=torch.bool)
+        allpos = None if keep is None else (keep.long().cumsum(-1) - 1).clamp_min(0)
         step = self.chunk or P
         for s in range(0, P, step):
             n = min(step, P - s)
-            pos = torch.arange(s, s + n, device=self.device).unsqueeze(0).expand(B, n)
-            logits = self.model(input_ids=ids[:, s : s + n], position_ids=pos, **self.kw, logits_to_keep=1).logits
+            if keep is None:
+                pos, extra = torch.arange(s, s + n, device=self.device).unsqueeze(0).expand(B, n), {}
+            else:
+                pos, extra = allpos[:, s : s + n], {"attention_mask": keep[:, : s + n].long()}
+            logits = self.model(input_ids=ids[:, s : s + n], position_ids=pos, **extra, **self.kw,
+                                logits_to_keep=1).logits
         self.length = P
+        self.prompt_mask = keep
         if hasattr(self.cache, "make_static"):
             self.cache.make_static(self.capacity)
         self.batch = B
@@ -236,12 +244,16 @@ class StaticDecoder:
 
     def _step_inputs(self, first: torch.Tensor, steps: int) -> tuple[torch.Tensor, "_Feed"]:
         """The buffers a decode step reads and advances in place, on the model's first device: the 4D mask [B, 1, 1,
-        capacity] (the rows held so far), and the _Feed that holds the input token, its position and row, and
-        writes the new tokens to its `out` [B, steps]."""
+        capacity] (the rows held so far, the prompt's padding left out), and the _Feed that holds the input token, its
+        position (per row: the tokens it holds) and row, and writes the new tokens to its `out` [B, steps]."""
         B, P, dev = self.batch, self.length, self.device
         mask = torch.zeros(B, 1, 1, self.capacity, dtype=torch.bool, device=dev)
-        mask[..., :P] = True
-        pos = torch.full((B, 1), P, dtype=torch.long, device=dev)
+        if self.prompt_mask is None:
+            mask[..., :P] = True
+            pos = torch.full((B, 1), P, dtype=torch.long, device=dev)
+        else:
+            mask[:, 0, 0, :P] = self.prompt_mask
+            pos = self.prompt_mask.long().sum(1, keepdim=True)
         row = torch.tensor([P], dtype=torch.long, device=dev)  # the new token's row, in the cache and the mask
         out = torch.zeros(B, steps, dtype=torch.long, device=dev)
         return mask, _Feed(first.clone(), pos, row, out, self.sampling)

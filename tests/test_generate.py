@@ -100,8 +100,8 @@ def test_generate_bad_input(tiny_calib, tiny_model_dir, tmp_path, tokenizer):
     assert_user_error(run(*base, "--codebook", cb, "--prompts", tmp_path / "no.txt"), "--prompts", "does not exist")
     (tmp_path / "blank.txt").write_text("\n  \n")
     assert_user_error(run(*base, "--codebook", cb, "--prompts", tmp_path / "blank.txt"), "has no prompt")
-    assert_user_error(run(*base, "--codebook", cb, "--prompts", f, "--cuda-graphs"), "--cuda-graphs decodes one prompt",
-                      "--prompts gave 1")
+    assert_user_error(run(*base, "--codebook", cb, "--prompts", f, "--cuda-graphs"), "--cuda-graphs needs the model on "
+                      "a CUDA GPU", "cpu")
     assert_user_error(run(*base, "--codebook", cb, "--prompt-file", tmp_path / "none.txt"), "none.txt", "does not exist")
     assert_user_error(run(*base, "--codebook", cb, "--prompt", "a", "--max-new-tokens", 0), "--max-new-tokens 0")
     assert_user_error(run(*base, "--codebook", cb, "--prompt", "  "), "prompt is empty")
@@ -119,3 +119,37 @@ def test_generate_bad_input(tiny_calib, tiny_model_dir, tmp_path, tokenizer):
                       "a CUDA GPU", "cpu")
     assert_user_error(run(*base, "--codebook", cb, "--prompt", "a", "--cuda-graphs", "--device-map", "auto"),
                       "--cuda-graphs needs the model on a CUDA GPU", "cpu")
+
+
+def test_padded_batch_static_decode_equals_eager_and_alone():
+    """A left-padded batch decoded with static caches (decode_graph_batch with graph=False: the steps a CUDA graph
+    replays, the padding held out of the static mask) gives, row by row, the eager batch's tokens and each prompt's
+    tokens decoded alone; CQ with a window and transformers' StaticCache alike; each row cut after its own eos."""
+    import torch
+    from transformers import DynamicCache
+
+    from conftest import tiny_model
+    from cqtool.cache import CQCache
+    from cqtool.generate import decode_batch, decode_eager, decode_graph_batch
+    from cqtool.graphs import static_cache
+    from cqtool.models import ModelInfo
+    from test_codebook import make_codebook
+
+    model = tiny_model("llama")
+    cb = make_codebook(ModelInfo.from_config(model.config, "tiny"))
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (9, 4, 13)]
+    L, new = max(map(len, prompts)), 10
+    ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+    for kind, fresh in (("cq", lambda: CQCache(model, cb, window=3)), ("static", DynamicCache)):
+        alone = [decode_eager(model, torch.tensor([p]), fresh(), new, None)[0] for p in prompts]
+        eager, _ = decode_batch(model, ids, mask, fresh(), new, None)
+        static, _, _ = decode_graph_batch(model, ids, mask, static_cache(model, kind, L + new, cb, window=3), new, None,
+                                          graph=False)
+        assert eager == alone and static == alone, kind
+        eos = alone[1][3]  # a token of row 1: every row stops after its own first eos (or runs to the end)
+        cut = [r[: r.index(eos) + 1] if eos in r else r for r in alone]
+        assert decode_batch(model, ids, mask, fresh(), new, eos)[0] == cut
+        assert decode_graph_batch(model, ids, mask, static_cache(model, kind, L + new, cb, window=3), new, eos,
+                                  graph=False)[0] == cut

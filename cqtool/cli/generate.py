@@ -39,7 +39,7 @@ def generate_cmd(
     --top-p from one seed for both): the texts, where they first differ,
     tokens/s (new tokens over the wall time of prefill and decode, no warm-up: `cqtool bench generate` times
     generation; with --cuda-graphs the steps run over that time, since a graph runs all --max-new-tokens steps), cache
-    memory and the attention backend. --prompts FILE: several prompts, one per line, decoded together (eagerly)."""
+    memory and the attention backend. --prompts FILE: several prompts, one per line, decoded as one batch."""
     from rich.panel import Panel
     from rich.table import Table
 
