@@ -140,6 +140,35 @@ def _cuda_model(kv_heads: int, layers: int = 2, dtype=torch.bfloat16, head_dim: 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kv_heads,window", [(4, 0), (1, 16)])
+def test_graph_replay_of_a_padded_batch(kv_heads, window):
+    """A left-padded batch (cqtool generate --prompts --cuda-graphs): the steps replayed as a CUDA graph give, token for
+    token, the same static decode run eagerly, on the CUDA kernels; CQ and StaticCache."""
+    from cqtool.config import QuantSpec
+    from cqtool.generate import decode_graph_batch
+
+    model = _cuda_model(kv_heads)
+    cb = make_codebook(ModelInfo.from_config(model.config, "tiny"), QuantSpec(8, 8))
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (30, 7, 41)]
+    L, new = max(map(len, prompts)), 12
+    ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device="cuda")
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device="cuda")
+    for kind in ("cq", "static"):
+        runs = []
+        for graph in (False, True):
+            ops.BACKEND_USED.clear()
+            cache = static_cache(model, kind, L + new, cb, window)
+            rows, _, replays = decode_graph_batch(model, ids, mask, cache, new, None, graph=graph)
+            assert replays == (new - 3 if graph else 0)
+            runs.append(rows)
+        assert runs[0] == runs[1] and all(len(r) == new for r in runs[0]), kind
+        if kind == "cq":
+            assert ops.BACKEND_USED == {"encode": "cuda", "attention": "cuda"}, ops.BACKEND_USED
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # MHA (tensor-core decode kernel) and a GQA group of 4; with a full-precision window (a ring in static mode) shorter
 # than the prompt, and one the steps fill and wrap (37 + 13 > 48), with and without sinks
 @pytest.mark.parametrize("kv_heads,window,sinks", [(4, 0, 0), (1, 0, 0), (4, 16, 4), (1, 48, 0)])
