@@ -198,24 +198,20 @@ def run_generate(model_name: str, codebook_path: str, prompt: str | list[str], m
         if graphs:
             cache = static_cache(model, "cq" if kind == "cq" else "static", cap, cb, window, sinks)
             rows, secs, replays = decode_graph_batch(model, ids, mask, cache, max_new_tokens, eos, sampling=sampling)
-            new = rows[0]
         else:
             cache = CQCache(model, cb, window=window, sinks=sinks, max_length=cap) if kind == "cq" else DynamicCache()
             rows, secs = decode_batch(model, ids, mask, cache, max_new_tokens, eos, sampling)
-            new = rows[0]
         base = "StaticCache" if graphs else "DynamicCache"
         row = {"cache": cache.config.name if kind == "cq" else f"{base} (full precision)",
                "bits_per_channel": cb.config.bits_per_channel if kind == "cq" else torch.finfo(model.dtype).bits,
-               "new_tokens": len(new), "seconds": secs, "token_ids": new,
-               # a graph runs every step even past the end-of-sequence token: tokens/s counts the steps it ran
-               "tokens_per_s": (max_new_tokens if graphs else len(new)) / secs,
-               "text": tok.decode(new, skip_special_tokens=True), "cache_bytes": held_bytes(cache)}
-        if batch:  # every prompt's tokens; the totals over the batch
-            del row["token_ids"], row["text"]
-            row["outputs"] = [{"token_ids": r, "text": tok.decode(r, skip_special_tokens=True), "new_tokens": len(r)}
-                              for r in rows]
-            row["new_tokens"] = sum(len(r) for r in rows)
-            row["tokens_per_s"] = (len(rows) * max_new_tokens if graphs else row["new_tokens"]) / secs
+               "seconds": secs, "cache_bytes": held_bytes(cache)}
+        outputs = [{"token_ids": r, "text": tok.decode(r, skip_special_tokens=True), "new_tokens": len(r)} for r in rows]
+        if batch:  # every prompt's tokens; the total over the batch
+            row.update(outputs=outputs, new_tokens=sum(o["new_tokens"] for o in outputs))
+        else:
+            row.update(outputs[0])
+        # a graph runs every step even past the end-of-sequence token: tokens/s counts the steps it ran
+        row["tokens_per_s"] = (len(rows) * max_new_tokens if graphs else row["new_tokens"]) / secs
         if graphs:
             row["graph_replays"] = replays
         if kind == "cq":
