@@ -54,16 +54,19 @@ DECODE_KERNEL = os.environ.get("CQTOOL_DECODE_KERNEL", "auto")
 # 128 x 64 215 vs 411 us, docs/raw/decode-tiny-gpu-time-h100-2026-11-27k.txt). GQA blocks of 2-4 query heads: from
 # AUTO_MMA_TOKENS cached tokens per batch and AUTO_MMA_MIN_SEQ per sequence; below, the CUDA-core kernel, which shares
 # each kv head's work among the whole group, was faster (Llama-3-8b shapes: 1 x 4K 27 vs 33 us; 512 x 256: 0.53 vs 0.62 ms; at 512 x 512
-# the tensor-core kernel 0.63 vs 0.71). Sequences of one tile (at most MMA_DIRECT_MAX tokens) take the tensor-core
-# kernel at any batch: its direct P.V made it faster there (Llama-3-8b shapes: 128 x 64 65 vs 140 us, 512 x 128 265 vs
-# 519, 8 x 512 20.5 vs 23.5; 1 x 512 19.7 vs 19.6; docs/raw/probe-direct-gqa8-h100-2026-11-27q.txt), and, splitting
-# sequences into items of 512 tokens for it, from AUTO_MMA_DIRECT_TOKENS cached tokens per batch (1 x 4K 25.4 vs 27.7 us,
-# 1 x 8K 29.7 vs 33.1; 1 x 2K 24.2 vs 21.6; docs/raw/probe-split-gqa8-h100-2026-11-27s.txt). With a
-# full-precision window or sinks (one more kernel, and the combine), MHA
-# too only from AUTO_MMA_FP_TOKENS cached tokens per batch (window 128: 1 x 512 23 vs 17 us, 1 x 4K 29 vs 31 us, 8 x 512
-# 37 vs 46 us; docs/raw/decode-tiny-window-gpu-time-h100-2026-11-27l.txt). c = 8 GQA with a window of 128 follows the
-# direct rule from AUTO_MMA_DIRECT_TOKENS tokens per batch (8 x 512 28.8 vs 36.8 us, 1 x 4K 32.2 vs 35.4, 128 x 512 205
-# vs 267; docs/raw/probe-window-gqa8-h100-2026-11-27v.txt); below that (1 x 512 ...) it was not measured.
+# the tensor-core kernel 0.63 vs 0.71). c = 8 GQA, whose short items take P.V straight from the codes (MMA_DIRECT_MAX):
+# the tensor-core kernel from AUTO_MMA_DIRECT_TOKENS cached tokens per batch (splitting sequences into items of 512
+# tokens), and for sequences of one tile from batch AUTO_MMA_SHORT_MIN_BATCH. Below that the CUDA-core kernel, faster
+# since its tables are copied linearly (2026-11-28; H100, Llama-3-8b shapes, CUDA-graph time, tensor-core vs CUDA-core
+# us, docs/raw/direct-value-table-2026-11-28/probe2-new.txt): 1 x 512 18.5 vs 17.1, 1 x 4K 24.3 vs 21.1, 4 x 1K 22.5
+# vs 17.9, 8 x 512 18.9 vs 17.6; ties at 1 x 8K (26.6 both), 2 x 4K, 4 x 2K and 8 x 1K (within 0.4); the tensor-core
+# kernel ahead at 16 x 512 19.4 vs 20.5, 32 x 256 22.4 vs 28.1, 64 x 64 31.1 vs 53.1, 128 x 64 57 vs 104, 2 x 8K 31.8
+# vs 35.1. With a full-precision window or sinks (one more kernel, and the combine), MHA too only from
+# AUTO_MMA_FP_TOKENS cached tokens per batch (window 128: 1 x 512 23 vs 17 us, 1 x 4K 29 vs 31 us, 8 x 512 37 vs 46
+# us; docs/raw/decode-tiny-window-gpu-time-h100-2026-11-27l.txt); c = 8 GQA with a window of 128 from
+# AUTO_MMA_DIRECT_TOKENS tokens per batch, short sequences too (2026-11-28, same probe: 1 x 512 23.3 vs 16.8, 1 x 4K
+# 29.0 vs 29.5, 8 x 512 29.5 vs 29.6; 1 x 8K 31.5 vs 34.9, 4 x 2K 33.4 vs 39.7, 16 x 512 33.2 vs 40.2, 128 x 64 58.7
+# vs 94.6).
 AUTO_MMA_TOKENS = 16384
 # auto: GQA decode through dequant-sdpa for sequences of at most AUTO_DEQUANT_MAX_SEQ_C4 tokens with c = 4 key codes
 # (CQ-4c8b; AUTO_DEQUANT_MAX_SEQ for other codes, 0: not taken) in batches of at least AUTO_DEQUANT_MIN_TOKENS cached
@@ -75,7 +78,8 @@ AUTO_MMA_TOKENS = 16384
 AUTO_DEQUANT_MAX_SEQ = 0
 AUTO_DEQUANT_MAX_SEQ_C4 = 128
 AUTO_DEQUANT_MIN_TOKENS = 8192
-AUTO_MMA_DIRECT_TOKENS = 4096
+AUTO_MMA_DIRECT_TOKENS = 8192
+AUTO_MMA_SHORT_MIN_BATCH = 16
 # Encode kernels, read at every call. Below ENCODE_TILED_MIN token rows per launch (batch x new tokens): the row kernel
 # (a block per row, lanes over the centroids). From it: the tensor-core kernel (ENCODE_MMA, c >= 8, 3 <= bits <=
 # 10: x.c for 16 rows x 8 centroids per mma, the nearest on CUDA cores), else the tiled kernel (a block per 512 rows
@@ -104,10 +108,12 @@ AUTO_MMA_KERNEL = "tensor-core"
 # tests set a few to make each block run many items.
 MMA_MAX_BLOCKS = 0
 # Tensor-core decode, c = 8 GQA blocks: items (a sequence's code split, for 2-4 query heads) of one tile with at most
-# this many tokens take P.V straight from their value codes (a centroid load per token and group, shared by the heads)
-# instead of through a code histogram, whose fixed cost per item (clearing, flushing to global memory, multiplying 256
-# codes x 16 groups bins) short items pay whatever their length. Read at every call; 0 turns it off. (MHA and c = 4
-# blocks always use the histogram: the direct product was slower there; docs/RESULTS_kernels.md.)
+# this many tokens take P.V straight from their value codes (a centroid load per token and group from the kv head's
+# value table, copied into the shared memory the histograms would use; shared by the heads) instead of through a code
+# histogram, whose fixed cost per item (clearing, flushing to global memory, multiplying 256 codes x 16 groups bins)
+# short items pay whatever their length. Sequences that the kernel splits go into items of min(MMA_DIRECT_MAX, 512)
+# tokens (from 128; below, splits of 1024 and no split into direct items). Read at every call; 0 turns it off. (MHA
+# and c = 4 blocks always use the histogram: the direct product was slower there; docs/RESULTS_kernels.md.)
 MMA_DIRECT_MAX = 512
 # Tensor-core decode, CQ-8c8b MHA blocks (8 warps): items (a sequence's code split for one head) of at least this many
 # tokens run the block's LONG build ("decode-mma-long"), others its short-item build ("decode-mma"). They differ only
@@ -500,11 +506,10 @@ def _decode_variant(B: int, S: int, group: int = 1, c: int = 8, fp: bool = False
     auto: the tensor-core kernel for MHA (with a full-precision window or sinks, `fp`, from AUTO_MMA_FP_TOKENS cached
     tokens per batch); for GQA (whose query heads it takes 2-4 per block, 2 with c = 4 codes) from
     AUTO_MMA_TOKENS cached tokens per batch and AUTO_MMA_MIN_SEQ (c = 4: AUTO_MMA_MIN_SEQ_C4_GQA) per sequence,
-    and with c = 8 also for sequences of at most MMA_DIRECT_MAX tokens, whose P.V comes straight from the codes (with
-    `fp` from AUTO_MMA_DIRECT_TOKENS tokens per batch), and from AUTO_MMA_DIRECT_TOKENS tokens per batch (items of 512
-    tokens) (H100,
-    docs/RESULTS_kernels.md). The extension runs the CUDA-core kernel wherever the tensor-core one does not
-    apply, and says which ran."""
+    and with c = 8 (whose short items take P.V straight from the codes) also from AUTO_MMA_DIRECT_TOKENS tokens per
+    batch (items of 512 tokens) and, without `fp`, for sequences of at most MMA_DIRECT_MAX tokens from batch
+    AUTO_MMA_SHORT_MIN_BATCH (H100, docs/RESULTS_kernels.md). The extension runs the CUDA-core kernel wherever the
+    tensor-core one does not apply, and says which ran."""
     if DECODE_KERNEL == "auto":
         if group < 2:
             ok = not fp or B * S >= AUTO_MMA_FP_TOKENS
@@ -512,11 +517,12 @@ def _decode_variant(B: int, S: int, group: int = 1, c: int = 8, fp: bool = False
             min_seq = AUTO_MMA_MIN_SEQ_C4_GQA if c == 4 else AUTO_MMA_MIN_SEQ
             ok = B * S >= AUTO_MMA_TOKENS and S >= min_seq
             if c == 8 and MMA_DIRECT_MAX > 0:
-                # sequences short enough for P.V straight from the codes (one item of one tile) at every batch
-                # size (with a window or sinks from AUTO_MMA_DIRECT_TOKENS tokens per batch); with items of 512
-                # tokens (splits of 512) from AUTO_MMA_DIRECT_TOKENS tokens per batch
+                # sequences short enough for P.V straight from the codes (one item of one tile) from batch
+                # AUTO_MMA_SHORT_MIN_BATCH (with a window or sinks from AUTO_MMA_DIRECT_TOKENS tokens per batch);
+                # with items of 512 tokens (splits of 512) from AUTO_MMA_DIRECT_TOKENS tokens per batch
                 short = S <= min(MMA_DIRECT_MAX, MMA_TILE)
-                ok = ok or (short and (not fp or B * S >= AUTO_MMA_DIRECT_TOKENS))
+                ok = ok or (short and not fp and B >= AUTO_MMA_SHORT_MIN_BATCH)
+                ok = ok or (short and B * S >= AUTO_MMA_DIRECT_TOKENS)
                 ok = ok or (MMA_DIRECT_MAX >= MMA_TILE and B * S >= AUTO_MMA_DIRECT_TOKENS)
         return _VARIANTS[AUTO_MMA_KERNEL] if ok else 0
     return _VARIANTS.get(DECODE_KERNEL, 0)  # dequant-sdpa: decode never reaches the kernels; prefill ignores this

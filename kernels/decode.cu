@@ -35,9 +35,9 @@ cudaError_t plan_decode(AttnParams& p, int num_sms, size_t max_smem) {
     p.mma = 1;
     p.mma_nhb = mma_head_blocks(p);
     const int base = p.B * p.Hkv * p.mma_nhb;  // items per code split: (batch row, head block)
-    // splits of at least 1024 tokens; c = 8 GQA blocks with the direct P.V (items of one tile of at most 512 tokens,
-    // see decode_mma.cu) split down to 512
-    const int min_split = mma_direct_split(p) ? 512 : 1024;
+    // splits of at least 1024 tokens; c = 8 GQA blocks with the direct P.V (items of one tile of at most
+    // min(direct_max, 512) tokens, see decode_mma.cu) split down to that
+    const int min_split = mma_direct_split(p) ? std::min(p.direct_max, 512) : 1024;
     const int ncode =
         base < num_sms ? std::max(1, std::min(num_sms / base, (p.S + min_split - 1) / min_split)) : 1;
     p.nsplit = ncode + p.has_fp;

@@ -37,8 +37,9 @@
 // integer add. That product reads the value centroids from global memory (L2) against the bins, transposed in place as
 // fp32 (see the epilogue), so the key tables stay loaded for the next item. Short items of the c = 8 GQA blocks (one
 // tile of at most p.direct_max tokens) skip the histogram: each warp multiplies its tokens' p by their value centroids
-// straight from the codes (direct_pv), since the histogram's fixed cost per item (clearing, flushing to the global
-// scratch, the 256 x 16-bin product) dominated there. With R = 1 the shared addresses of the key
+// straight from the codes (direct_pv; the kv head's value table copied into the histograms' shared memory), since the
+// histogram's fixed cost per item (clearing, flushing to the global scratch, the 256 x 16-bin product) dominated
+// there. With R = 1 the shared addresses of the key
 // gathers and the histogram atomics are built whole (table base in the PRMT constant, bin base in the lane's slot
 // address), saving the window-base add of each access (H100: 3% at 8 x 32K); with R > 1 that made ptxas spill, and was
 // slower, so those blocks add the base.
@@ -62,6 +63,7 @@ constexpr int kDelta = 64;         // tokens between two query columns (= the ra
 constexpr int kTile = 8 * kDelta;  // tokens per tile: 8 query columns
 constexpr int kMStages = 3;
 constexpr int kCodes = 256;
+constexpr int kMinDirectSplit = 128;  // the shortest items that a direct split makes (p.direct_max >= this)
 constexpr float kFix = 4194304.f;  // 2^22: p <= 1 and at most 1012 units of mass per bin between flushes
 constexpr float kInvFix = 1.f / 4194304.f;
 constexpr float kFlushMass = 500.f;  // flush before a tile when the mass since the last flush exceeds this
@@ -129,6 +131,10 @@ struct Cfg {
   static constexpr int kPBufBytes = R * NW * kPBufStride * 4;  // p of each warp's tokens, per query head
   static constexpr int kBBytes = 2 * 8 * R * kBRow;             // query columns [2][8 R][kBRow], double buffered
   static constexpr int kHistBytes = R * kHeadStride * 4;        // u32 [R][code][slots] (+ kHeadStride padding)
+  // c = 8 GQA blocks: a direct item (one short tile, P.V straight from the codes) holds the head's value table
+  // [code][128 channels] where the histograms would be, so the region is at least one table
+  static constexpr bool kDirectTab = KC == 8 && R > 1;
+  static constexpr int kHistRegion = kDirectTab && kHistBytes < kTabCopy ? kTabCopy : kHistBytes;
   // the key tables at shared address 0x10000 (c = 8) or 0x20000 (c = 4: twice the stages below them); stages,
   // reductions, p buffers and, where they fit, the columns below them. c = 4 with two heads: everything in sequence
   // (no whole addresses)
@@ -139,8 +145,10 @@ struct Cfg {
   static constexpr int kOffRed = kStagesBytes;
   static constexpr int kOffPBuf = kOffRed + kRedBytes;
   static constexpr int kOffHist = kOffTab + kCopies * kTabCopy;
-  static constexpr int kOffB = kBBelow ? kOffPBuf + kPBufBytes : kOffHist + kHistBytes;
-  static constexpr int kSmem = kBBelow ? kOffHist + kHistBytes : kOffB + kBBytes;
+  static constexpr int kOffB = kBBelow ? kOffPBuf + kPBufBytes : kOffHist + kHistRegion;
+  static constexpr int kSmem = kBBelow ? kOffHist + kHistRegion : kOffB + kBBytes;
+  // a direct item's per-warp P.V sums [warp][head][channel] lie in the query columns' space (free after its tile)
+  static_assert(!kDirectTab || NW * R * kD * 4 <= kBBytes, "direct P.V sums fit the query columns' space");
   static_assert(kOffPBuf + kPBufBytes + (kBBelow ? kBBytes : 0) <= kOffTab, "buffers below the key tables");
   static_assert(kOffTab % 16 == 0, "16-byte alignment");
   static_assert(kOffB % 16 == 0 && kOffPBuf % 16 == 0 && kOffHist % 16 == 0, "16-byte alignment");
@@ -380,28 +388,27 @@ __device__ __forceinline__ float reduce_scatter(float (&v)[N], int lane) {
 // P.V of a short item straight from its value codes (the direct path of the GQA blocks; see the kernel's end of an
 // item): warp `warp` takes the tokens whose p it holds, written in the scatter's layout (head j's p of token
 // (2 v + th) 64 + 8 wt + g at pbw[j NW kPBufStride + 36 th + 4 g + v], v = kMT wh + vv), from the value code rows sv of
-// the item's only tile, a lane per value group, the two half-warps a token each: one 16-byte centroid load (L2) per
-// token and group, then 8 FMAs per token, group and head. Its sums go to part[warp][j][channel]. Lane and warp are read again here (volatile), so that the
-// per-lane constants are not hoisted out of the item loop into the main loop's registers (they made it spill; out
-// of line, the call did).
+// the item's only tile, a lane per value group, the two half-warps a token each: one 16-byte centroid load per token
+// and group from the head's value table vtab ([code][16 groups] of 16 bytes, in shared memory: a quarter-warp's eight
+// groups fall on 32 distinct banks), then 8 FMAs per token, group and head. Its sums go to part[warp][j][channel].
+// Lane and warp are read again here (volatile), so that the per-lane constants are not hoisted out of the item loop
+// into the main loop's registers (they made it spill; out of line, the call did).
 __device__ __forceinline__ int volatile_tid() {
   int t;
   asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(t));
   return t;
 }
 template <typename T, int NW, int R>
-__device__ __forceinline__ void direct_pv(const uint8_t* sv, const void* v_cent, int hk, const uint32_t* pbw, int n,
+__device__ __forceinline__ void direct_pv(const uint8_t* sv, const uint4* vtab, const uint32_t* pbw, int n,
                                           float* part) {
   const int tid = volatile_tid(), lane = tid & 31, warp = tid >> 5;
   using C = Cfg<NW, R, 8>;
   constexpr int kMT = C::kMT, kRB = C::kRB, kGroups = C::kGroups;
   static_assert(kGroups == 16, "c = 8: a half-warp per token");
-  const uint4* vrow = reinterpret_cast<const uint4*>(v_cent) + static_cast<int64_t>(hk) * kGroups * kCodes;
   const int wt = warp & 7, wh = warp >> 3, gam = lane & 15, half = lane >> 4;
   float od[R][8] = {};
   // slot q = 16 vv + 8 th + g of this warp holds token (2 v + th) 64 + 8 wt + g (v = kMT wh + vv); lane half h takes
-  // q = k0 + 2 u + h. Rounds of 4 loads per lane: all of a lane's 32 at once ran slower (more bytes in flight than
-  // the L1 left beside the shared memory holds)
+  // q = k0 + 2 u + h, in rounds of 4 loads per lane
 #pragma unroll
   for (int k0 = 0; k0 < kMT * 16; k0 += 8) {
     const int v = kMT * wh + (k0 >> 4), th = (k0 >> 3) & 1, t0 = (2 * v + th) * kDelta + 8 * wt;
@@ -411,7 +418,7 @@ __device__ __forceinline__ void direct_pv(const uint8_t* sv, const void* v_cent,
     for (int u = 0; u < 4; ++u) {  // the round's loads issued before the first use
       const int t = t0 + 2 * u + half;
       cv[u] = make_uint4(0u, 0u, 0u, 0u);
-      if (t < n) cv[u] = __ldg(vrow + gam * kCodes + sv[t * kRB + (t / kDelta) * 16 + gam]);
+      if (t < n) cv[u] = vtab[sv[t * kRB + (t / kDelta) * 16 + gam] * kGroups + gam];
     }
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
@@ -561,10 +568,27 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
   // blocks (c = 8 short-item build and c = 4) the loop's schedule moved (-5% at 128 x 64 and 512 x 512 but +1-2% at
   // 4K-8K tokens per item and at c = 4 8 x 32K).
   constexpr bool kPre = !LONG && KC == 8 && (R == 2 || R == 3);
+  // P.V of short items straight from the codes (direct_pv), in the c = 8 GQA blocks only: in the others it was slower
+  // than the histogram beyond 64 tokens (H100: CQ-8c8b MHA 128 x 256 0.224 -> 0.282 ms, CQ-4c8b 64 x 128 0.125 ->
+  // 0.155; docs/RESULTS_kernels.md), and the MHA block's main loop then spilled (an inline version) or was scheduled
+  // otherwise (8 x 32K 0.289 -> 0.295 ms), so they are built without it. A direct item (one tile of at most
+  // p.direct_max tokens) reads its kv head's value table from shared memory, copied (from p.v_tab, code-major) into
+  // the histograms' space, which it does not use; vtab_hk is the kv head whose table is there (-1: none).
+  constexpr bool kDirect = C::kDirectTab;
+  auto direct_item = [&](const Item& it) {
+    return kDirect && it.ntile == 1 && it.t_end - it.t_begin <= p.direct_max;
+  };
+  int vtab_hk = -1;
+  auto load_vtab = [&](int hk) {
+    const T* vt = reinterpret_cast<const T*>(p.v_tab) + static_cast<int64_t>(hk) * kCodes * kD;
+    for (int i = tid; i < kCodes * 16; i += kNT) cp_async16(smem + C::kOffHist + i * 16, vt + i * 8);
+    vtab_hk = hk;
+  };
   int cur_hk = -1;
   T qn[kPre ? 2 * R : 1];
   Item nxt;
-  auto prologue = [&](const Item& it) {
+  // vtab_ok: the histograms' space is free (not while the current item's epilogue still uses it)
+  auto prologue = [&](const Item& it, bool vtab_ok = true) {
     if constexpr (kPre) {
       nxt = it;
       const int f = tid & 63;
@@ -587,6 +611,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       }
       cur_hk = it.hk;
     }
+    if (kDirect && vtab_ok && direct_item(it) && it.hk != vtab_hk) load_vtab(it.hk);  // in the first stage's group
     const int64_t row = head_row(it);
 #pragma unroll
     for (int s = 0; s < kMStages - 1; ++s) {
@@ -605,12 +630,6 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
   // tiles), so that block has a LONG build without it for long items, and the 16-warp one has none
   // (docs/RESULTS_kernels.md).
   constexpr bool kShort = !(KC == 8 && R == 1 && (LONG || NW == 16));
-  // P.V of short items straight from the codes (direct_pv), in the c = 8 GQA blocks only: in the others it was slower
-  // than the histogram beyond 64 tokens (H100: CQ-8c8b MHA 128 x 256 0.224 -> 0.282 ms, CQ-4c8b 64 x 128 0.125 ->
-  // 0.155; docs/RESULTS_kernels.md), and the MHA block's main loop then spilled (an inline version) or was scheduled
-  // otherwise (8 x 32K 0.289 -> 0.295 ms), so they are built without it
-  constexpr bool kDirect = KC == 8 && R > 1;
-
   // ---- per-thread constants of the key gathers and rotations
   uint32_t sel = gather_sel(r), sel1 = 0u;
   // shared address of the key tables: its low 16 bits are zero (kOffTab), so PRMT can put a code into bits 8-15
@@ -892,12 +911,20 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     const uint8_t* vcodes = p.v_codes + head_row(cur);
     // a short item (one tile of at most p.direct_max tokens) of a c = 8 GQA block takes P.V straight from its value
     // codes (see the end of the item): no histogram to clear, flush (to global memory) or multiply (block-uniform)
-    const bool direct = kDirect && ntile == 1 && t_end - t_begin <= p.direct_max;
+    const bool direct = direct_item(cur);
 
     // ---- per-item state (the previous item's last reads of the histograms, red and the columns are behind the
-    // barrier that ends it). A direct item leaves the bins as they are: its first tile's scatter adds only zeros (no
-    // p yet), and the next item that uses them clears them.
-    if (!direct) {
+    // barrier that ends it). A direct item needs its kv head's value table in the histograms' space: copied by the
+    // prologue, or here when the previous item's epilogue still used that space (one more commit group, waited for
+    // with the tile's); its tile's scatter adds only zeros there (no p yet before the tile). Other items clear the
+    // bins (and so the table).
+    if (direct) {
+      if (vtab_hk != cur.hk) {
+        load_vtab(cur.hk);
+        cp_async_commit();
+      }
+    } else {
+      if constexpr (kDirect) vtab_hk = -1;
       for (int i = tid; i < R * C::kHeadStride / 4; i += kNT)
         reinterpret_cast<uint4*>(smem + C::kOffHist)[i] = make_uint4(0u, 0u, 0u, 0u);
       if constexpr (R > 1)
@@ -938,6 +965,9 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     }
     __syncwarp();
 
+    // a direct item (one tile, its second stage group empty) waits for every copy, the value table too (the tile's
+    // barrier below makes them visible to the block)
+    if (kDirect && direct) cp_async_wait<0>();
     for (int it = 0; it < ntile; ++it) {
       cp_async_wait<kMStages - 2>();
       __syncthreads();
@@ -1160,10 +1190,12 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
     if (direct) {
       // ---- P.V of a short item straight from the codes (direct_pv: a centroid load and c FMAs per token, group and
       // head, where the histogram path pays its 256 codes x groups product whatever the item's length); the warps'
-      // sums meet in the histogram space, which a direct item does not use; its share of l goes to red[2 R kNW + j kNW
-      // + warp] (the half of red that the tile loop does not use, so no barrier is needed before these writes)
-      float* part = reinterpret_cast<float*>(smem + C::kOffHist);
-      direct_pv<T, NW, R>(vstage(0) + kVRows, p.v_cent, cur.hk, pbw, t_end - t_begin, part);
+      // sums meet in the query columns' space (every warp's MMAs read them before the tile's block-wide max); its
+      // share of l goes to red[2 R kNW + j kNW + warp] (the half of red that the tile loop does not use, so no barrier
+      // is needed before these writes)
+      float* part = reinterpret_cast<float*>(smem + C::kOffB);  // the columns were last read before the tile's max
+      direct_pv<T, NW, R>(vstage(0) + kVRows, reinterpret_cast<const uint4*>(smem + C::kOffHist), pbw,
+                          t_end - t_begin, part);
       float* lred = red + 2 * R * kNW;
       l_share(lred);
       __syncthreads();  // every warp's key gathers and stage reads are done; part and lred complete
@@ -1191,7 +1223,7 @@ __global__ void __launch_bounds__(NW * 32, 1) decode_mma_kernel(const AttnParams
       for (int part = 0; part < 4; ++part) scatter(sv_last, part);
     }
     __syncthreads();  // every bin complete before the flush reads it; the stages are free
-    if (item + 1 < i_end) prologue(item_at(item + 1));
+    if (item + 1 < i_end) prologue(item_at(item + 1), false);  // the bins are still in use: no value table
 #pragma unroll
     for (int j = 0; j < R; ++j) flush(j, 1.f, !kShort);
     l_share(red);
@@ -1348,7 +1380,7 @@ size_t mma_hist_floats(const AttnParams& p) {
   return static_cast<size_t>(p.mma_blocks) * R * kCodes * slots;
 }
 
-bool mma_direct_split(const AttnParams& p) { return p.k_c == 8 && mma_group(p) > 1 && p.direct_max >= kTile; }
+bool mma_direct_split(const AttnParams& p) { return p.k_c == 8 && mma_group(p) > 1 && p.direct_max >= kMinDirectSplit; }
 
 // The kernel's key-gather addresses assume that dynamic shared memory starts at shared address kSharedWindow (the
 // 1 KiB the driver reserves per block on sm_80/sm_90). Elsewhere the CUDA-core kernel runs instead.
@@ -1369,7 +1401,8 @@ bool mma_decode_applies(const AttnParams& p, size_t max_smem) {
   const bool c4 = p.k_c == 4 && p.v_c == 4 && p.k_rb == kD / 4 && p.v_rb == kD / 4 && p.variant == 1;
   return (p.variant == 1 || p.variant == 2) && smem_window_ok() && p.D == kD && p.Q == 1 && p.Hq % p.Hkv == 0 &&
          p.k_bits == 8 && p.v_bits == 8 && (c8 || c4) && aligned16(p.k_codes) && aligned16(p.v_codes) &&
-         p.k_tab != nullptr && aligned16(p.k_tab) && aligned16(p.v_cent) && mma_smem(p) <= max_smem;
+         p.k_tab != nullptr && aligned16(p.k_tab) && p.v_tab != nullptr && aligned16(p.v_tab) && aligned16(p.v_cent) &&
+         mma_smem(p) <= max_smem;
 }
 
 cudaError_t launch_mma_decode(const AttnParams& p, cudaStream_t stream) {

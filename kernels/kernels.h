@@ -151,8 +151,8 @@ bool mma_decode_applies(const AttnParams& p, size_t max_smem);
 int mma_group(const AttnParams& p);
 int mma_head_blocks(const AttnParams& p);
 size_t mma_hist_floats(const AttnParams& p);
-// Whether the tensor-core decode splits sequences into items of one 512-token tile, whose P.V its c = 8 GQA blocks
-// take straight from the codes (direct_max >= 512)
+// Whether the tensor-core decode splits sequences into items of one tile of min(direct_max, 512) tokens, whose P.V
+// its c = 8 GQA blocks take straight from the codes (direct_max >= 128)
 bool mma_direct_split(const AttnParams& p);
 cudaError_t launch_mma_decode(const AttnParams& p, cudaStream_t stream);
 cudaError_t launch_prefill(const AttnParams& p, cudaStream_t stream);

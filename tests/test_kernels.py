@@ -400,7 +400,7 @@ def test_decode_mma_long_threshold(monkeypatch):
 
 
 # Short items (one tile) of the c = 8 GQA blocks: P.V straight from the value codes (ops.MMA_DIRECT_MAX tokens or
-# fewer) or through the histogram (0)
+# fewer; 256: sequences also split into direct items of 256 tokens) or through the histogram (0)
 MMA_SHORT_CASES = [
     dict(S=200, B=3, Hq=8, Hkv=2, dtype=torch.bfloat16, pads=[0, 150, 7]),  # group 4; rows of 200, 50, 193 keys
     dict(S=256, B=2, Hq=6, Hkv=2, gaps=True),  # group 3, irregular positions
@@ -413,7 +413,7 @@ MMA_SHORT_CASES = [
 
 
 @cuda_test
-@pytest.mark.parametrize("direct", [0, 512])
+@pytest.mark.parametrize("direct", [0, 256, 512])
 @pytest.mark.parametrize("case", MMA_SHORT_CASES, ids=[f"short{i}" for i in range(len(MMA_SHORT_CASES))])
 def test_decode_mma_short_items(case, direct, monkeypatch):
     monkeypatch.setattr(ops, "DECODE_KERNEL", "tensor-core")
@@ -442,6 +442,8 @@ MMA_MULTI_ITEM_CASES = [
     # GQA: short items (P.V straight from the codes, ops.MMA_DIRECT_MAX) and histogram items in the same blocks
     (3, dict(S=700, B=5, Hq=8, Hkv=2, pads=[0, 600, 650, 699, 300])),  # group 4: 700, 100, 50, 1 and 400 keys
     (3, dict(S=900, B=4, Hq=6, Hkv=2, dtype=torch.bfloat16, pads=[0, 800, 899, 500], gaps=True)),  # group 3
+    # only short items: a block's items change kv head (its value table copied again for the next item)
+    (3, dict(S=400, B=3, Hq=8, Hkv=4, dtype=torch.bfloat16, pads=[0, 100, 399])),  # group 2: 4 items per block
 ]
 
 
@@ -1106,22 +1108,25 @@ def test_decode_kernel_request(monkeypatch):
     assert ops._decode_variant(1, 1) == 1 and ops._decode_variant(128, 64) == 1 and ops._decode_variant(1, 64, c=4) == 1
     # MHA with a full-precision window or sinks (one more kernel): from AUTO_MMA_FP_TOKENS cached tokens per batch
     assert ops._decode_variant(1, 512, fp=True) == 0 and ops._decode_variant(1, 4096, fp=True) == 1
-    assert ops._decode_variant(8, 512, fp=True) == 1 and ops._decode_variant(1, 4096, group=4, fp=True) == 1
+    assert ops._decode_variant(8, 512, fp=True) == 1 and ops._decode_variant(1, 4096, group=4, fp=True) == 0
+    assert ops._decode_variant(2, 4096, group=4, fp=True) == 1
     assert ops._decode_variant(512, 1000, group=4) == 1 and ops._decode_variant(2, 1000, group=4) == 0  # GQA blocks:
     assert ops._decode_variant(64, 600, group=2) == 1 and ops._decode_variant(32, 600, group=3) == 1  # B * S tokens
-    # c = 8 GQA, sequences of one tile (P.V straight from the codes): at any batch; with a window from 4096 tokens
+    # c = 8 GQA, sequences of one tile (P.V straight from the codes): from batch 16; with a window from 8192 tokens
     # per batch; not c = 4
-    assert ops._decode_variant(1, 512, group=4) == 1 and ops._decode_variant(128, 64, group=7) == 1
-    assert ops._decode_variant(1, 513, group=4) == 0 and ops._decode_variant(8, 256, group=4, fp=True) == 0
-    assert ops._decode_variant(8, 512, group=4, fp=True) == 1 and ops._decode_variant(1, 512, group=4, fp=True) == 0
-    assert ops._decode_variant(8, 256, group=4, c=4) == 0
+    assert ops._decode_variant(16, 512, group=4) == 1 and ops._decode_variant(128, 64, group=7) == 1
+    assert ops._decode_variant(1, 512, group=4) == 0 and ops._decode_variant(8, 512, group=4) == 0
+    assert ops._decode_variant(15, 513, group=4) == 0 and ops._decode_variant(16, 256, group=4, fp=True) == 0
+    assert ops._decode_variant(16, 512, group=4, fp=True) == 1 and ops._decode_variant(8, 512, group=4, fp=True) == 0
+    assert ops._decode_variant(64, 256, group=4, c=4) == 0
     monkeypatch.setattr(ops, "MMA_DIRECT_MAX", 0)  # without it: AUTO_MMA_MIN_SEQ tokens per sequence too
     assert ops._decode_variant(1, 512, group=4) == 0 and ops._decode_variant(512, 512, group=4) == 1
     assert ops._decode_variant(512, 256, group=4) == 0 and ops._decode_variant(64, 256, group=7) == 0
     assert ops._decode_variant(1, 4096, group=4) == 0 and ops._decode_variant(5, 1000, group=4) == 0
     monkeypatch.setattr(ops, "MMA_DIRECT_MAX", 512)
     assert ops._decode_variant(32, 8192, group=4) == 1 and ops._decode_variant(1, 2048, group=4) == 0  # a group per block
-    assert ops._decode_variant(1, 4096, group=4) == 1 and ops._decode_variant(5, 1000, group=4) == 1  # splits of 512
+    assert ops._decode_variant(1, 8192, group=4) == 1 and ops._decode_variant(9, 1000, group=4) == 1  # splits of 512
+    assert ops._decode_variant(1, 4096, group=4) == 0 and ops._decode_variant(4, 1024, group=4) == 0
     assert ops._decode_variant(32, 8192, group=8) == 1  # two blocks of 4 per kv head
     # CQ-4c8b GQA (blocks of 2 heads): long contexts only; MHA as with c = 8
     assert ops._decode_variant(32, 4096, group=4, c=4) == 0 and ops._decode_variant(8, 32768, group=4, c=4) == 1
