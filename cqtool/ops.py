@@ -43,11 +43,13 @@ DECODE_MAX_ROWS = 16
 # decode_mma.cu where it applies: one query per query head, head_dim 128, 8-bit codes with c=8 or c=4 (CQ-4c8b) for K
 # and V, any GQA ratio; a window/sinks run as one more split on CUDA cores; the CUDA-core kernel elsewhere) with 8 warps
 # per block, or "tensor-core-16w", the same kernel with 16 warps per block for c=8 (twice the warps to hide latencies,
-# 128 registers per thread), or "dequant-sdpa": the layer's codes dequantized by the prefill's dequant kernel (keys
+# 128 registers per thread), or "tensor-core-per-head", the 8-warp kernel with a block per query head also for GQA
+# (each block gathers and rotates its kv head's keys again, where the grouped blocks share them among 2-4 heads: more
+# work, but more blocks and a shorter chain per block, for short calls), or "dequant-sdpa": the layer's codes dequantized by the prefill's dequant kernel (keys
 # rotated), then torch SDPA, as prefill does (reads the codes once but writes and reads dense K/V: for very short
 # contexts at large batch, where the decode kernels' fixed cost per sequence and head dominates). "auto" (default):
 # _decode_variant, and dequant-sdpa where decode_by_dequant says so.
-DECODE_KERNELS = ("auto", "cuda-core", "tensor-core", "tensor-core-16w", "dequant-sdpa")
+DECODE_KERNELS = ("auto", "cuda-core", "tensor-core", "tensor-core-16w", "tensor-core-per-head", "dequant-sdpa")
 DECODE_KERNEL = os.environ.get("CQTOOL_DECODE_KERNEL", "auto")
 # MHA: the tensor-core kernel wherever it applies; its GPU time was lower than the CUDA-core kernel's at every shape
 # measured but a tie at 1 x 64 (H100, Llama-2-7b shapes, 1 x 64 to 512 x 128 and 8 x 32K; e.g. 1 x 4K 22 vs 24 us,
@@ -100,9 +102,28 @@ AUTO_MMA_MIN_SEQ = 512
 # CQ-4c8b (c = 4) GQA blocks take 2 query heads, the CUDA-core kernel the whole group: the tensor-core kernel was faster
 # only at long contexts (H100, Llama-3-8b shapes: 8 x 32K 0.331 vs 0.394 ms, 1 x 32K 0.067 vs 0.072, 32 x 8K 0.384 vs
 # 0.406 (2026-11-27, docs/raw/attention-gqa-c4-h100-2026-11-27u.json; 0.387 vs 0.404 in an earlier run); 128 x 512
-# 0.303 vs 0.224; docs/RESULTS_kernels.md)
+# 0.303 vs 0.224; docs/RESULTS_kernels.md). Since the CUDA-core kernel copies its tables linearly (2026-11-28) it wins up
+# to 32K tokens per batch and ties at 64K, so the tensor-core one takes c = 4 GQA from AUTO_MMA_TOKENS_C4_GQA tokens
+# (CUDA-graph us, tensor-core vs CUDA-core, docs/raw/direct-value-table-2026-11-28/probe-c4.txt: 1 x 16K 43.1 vs 38.1,
+# 2 x 8K 40.7 vs 36.7, 1 x 32K 65.6 vs 61.6; 2 x 32K 104.2 vs 104.4, 4 x 16K 103.7 vs 103.3, 16 x 8K 188.9 vs 189.9;
+# 8 x 8K 98.2 vs 102.7, 4 x 32K 178.4 vs 191.8, 8 x 32K 321.5 vs 370.7)
 AUTO_MMA_MIN_SEQ_C4_GQA = 8192
+AUTO_MMA_TOKENS_C4_GQA = 65536
 AUTO_MMA_KERNEL = "tensor-core"
+# auto, GQA: "tensor-core-per-head" (a block per query head, each gathering its kv head's keys) for small batches of
+# short sequences: at most AUTO_PER_HEAD_MAX_BATCH sequences and AUTO_PER_HEAD_MAX_TOKENS cached tokens per batch (c = 4
+# key codes: the _C4 limits). There a call's time is its blocks' latency, not their work, and four times the blocks
+# (each with the shorter chain of one head) beat both the grouped blocks and the CUDA-core kernel. H100, Llama-3-8b
+# shapes, CUDA-graph time, per-head / grouped tensor-core / CUDA-core us (2026-11-28,
+# docs/raw/direct-value-table-2026-11-28/probe3-v3.txt): CQ-8c8b 1 x 512 11.3 / 18.0 / 16.6, 1 x 4K 17.0 / 23.9 /
+# 20.7, 1 x 16K 30.3 / 33.4 / 36.7, 4 x 2K 18.6 / 23.2 / 22.9, 2 x 8K 30.3 / 31.8 / 35.1; ties at 8 x 512 (17.4 / 18.4 /
+# 17.3) and 8 x 1K; slower at 16 x 512 (29.0 / 18.8 / 20.2); window 128: 1 x 512 14.1 / 23.8 / 16.9, 1 x 4K 23.6 /
+# 29.4 / 29.6, 8 x 512 26.1 / 29.8 / 29.5, 1 x 8K 27.8 / 31.5 / 34.6. CQ-4c8b: 1 x 512 12.5 / 17.9 / 16.9, 1 x 4K
+# 19.6 / 27.2 / 20.9; slower than the CUDA-core kernel at 8 x 512 (20.4 vs 17.7), 1 x 8K (27.2 vs 26.6), 4 x 2K.
+AUTO_PER_HEAD_MAX_BATCH = 8
+AUTO_PER_HEAD_MAX_TOKENS = 16384
+AUTO_PER_HEAD_MAX_BATCH_C4 = 1
+AUTO_PER_HEAD_MAX_TOKENS_C4 = 4096
 # Tensor-core decode blocks per launch, read at every call: 0 (default) = one per SM, each block looping over a
 # contiguous run of the (kv-head-major) items (query heads, batch row, split) so that its key tables stay loaded;
 # tests set a few to make each block run many items.
@@ -132,7 +153,7 @@ FP_SPLIT_STREAM = os.environ.get("CQTOOL_FP_SPLIT_STREAM", "1") != "0"
 # window ring (one more slice of its blocks, kernels/encode.cu ring_copy) instead of two index_copy_ launches per layer
 # (read at every call; CQTOOL_RING_IN_ENCODE=0: index_copy_, for comparisons).
 RING_IN_ENCODE = os.environ.get("CQTOOL_RING_IN_ENCODE", "1") != "0"
-_VARIANTS = {"cuda-core": 0, "tensor-core": 1, "tensor-core-16w": 2}
+_VARIANTS = {"cuda-core": 0, "tensor-core": 1, "tensor-core-16w": 2, "tensor-core-per-head": 3}
 _KERNEL_NAMES = {0: "decode", 1: "decode-mma", 2: "prefill", 3: "decode-mma16", 4: "decode-mma-gqa",
                  5: "decode-mma-long"}
 # Prefill (many queries), read at every call: "sdpa" (default) dequantizes the layer once (kernels/dequant.cu:
@@ -502,10 +523,12 @@ def decode_by_dequant(B: int, S: int, group: int = 1, c: int = 8, fp: bool = Fal
 
 
 def _decode_variant(B: int, S: int, group: int = 1, c: int = 8, fp: bool = False) -> int:
-    """The decode kernel request passed to the extension (0: CUDA cores, 1/2: tensor cores with 8/16 warps).
-    auto: the tensor-core kernel for MHA (with a full-precision window or sinks, `fp`, from AUTO_MMA_FP_TOKENS cached
+    """The decode kernel request passed to the extension (0: CUDA cores, 1/2: tensor cores with 8/16 warps, 3: tensor
+    cores with 8 warps and a block per query head). auto: for GQA, 3 for small batches of short sequences
+    (AUTO_PER_HEAD_*); the tensor-core kernel for MHA (with a full-precision window or sinks, `fp`, from AUTO_MMA_FP_TOKENS cached
     tokens per batch); for GQA (whose query heads it takes 2-4 per block, 2 with c = 4 codes) from
-    AUTO_MMA_TOKENS cached tokens per batch and AUTO_MMA_MIN_SEQ (c = 4: AUTO_MMA_MIN_SEQ_C4_GQA) per sequence,
+    AUTO_MMA_TOKENS (c = 4: AUTO_MMA_TOKENS_C4_GQA) cached tokens per batch and AUTO_MMA_MIN_SEQ (c = 4:
+    AUTO_MMA_MIN_SEQ_C4_GQA) per sequence,
     and with c = 8 (whose short items take P.V straight from the codes) also from AUTO_MMA_DIRECT_TOKENS tokens per
     batch (items of 512 tokens) and, without `fp`, for sequences of at most MMA_DIRECT_MAX tokens from batch
     AUTO_MMA_SHORT_MIN_BATCH (H100, docs/RESULTS_kernels.md). The extension runs the CUDA-core kernel wherever the
@@ -514,8 +537,13 @@ def _decode_variant(B: int, S: int, group: int = 1, c: int = 8, fp: bool = False
         if group < 2:
             ok = not fp or B * S >= AUTO_MMA_FP_TOKENS
         else:
+            most_b, most_t = ((AUTO_PER_HEAD_MAX_BATCH_C4, AUTO_PER_HEAD_MAX_TOKENS_C4) if c == 4
+                              else (AUTO_PER_HEAD_MAX_BATCH, AUTO_PER_HEAD_MAX_TOKENS))
+            if B <= most_b and B * S <= most_t:
+                return _VARIANTS["tensor-core-per-head"]
             min_seq = AUTO_MMA_MIN_SEQ_C4_GQA if c == 4 else AUTO_MMA_MIN_SEQ
-            ok = B * S >= AUTO_MMA_TOKENS and S >= min_seq
+            min_tokens = AUTO_MMA_TOKENS_C4_GQA if c == 4 else AUTO_MMA_TOKENS
+            ok = B * S >= min_tokens and S >= min_seq
             if c == 8 and MMA_DIRECT_MAX > 0:
                 # sequences short enough for P.V straight from the codes (one item of one tile) from batch
                 # AUTO_MMA_SHORT_MIN_BATCH (with a window or sinks from AUTO_MMA_DIRECT_TOKENS tokens per batch);

@@ -220,7 +220,8 @@ void encode_kv_rows(const at::Tensor& k, const at::Tensor& k_cent, int64_t k_bit
 // Attention of query [B, H_q, Q, D] over S cached tokens held as codes (+ full-precision window/sinks) -> [B, Q, H_q, D],
 // and which kernel ran (0: decode, CUDA cores; 1: decode, tensor cores, 8 warps; 2: prefill; 3: decode, tensor cores,
 // 16 warps; 4: decode, tensor cores, several query heads of a GQA group per block). variant 0 keeps the decode on the
-// CUDA-core kernel, 1 (2) lets the tensor-core one with 8 (16) warps per block take the cases it covers. k_rows /
+// CUDA-core kernel, 1 (2) lets the tensor-core one with 8 (16) warps per block take the cases it covers, 3 the same with
+// 8 warps and a block per query head also for GQA (reported as 1). k_rows /
 // v_rows: the centroids code-major (ops.code_major_rows), whose rows the decode kernels copy into their shared-memory
 // tables linearly; the tensor-core kernel runs only with k_rows, the CUDA-core kernel gathers from the centroids
 // without them.

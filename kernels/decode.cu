@@ -45,7 +45,7 @@ cudaError_t plan_decode(AttnParams& p, int num_sms, size_t max_smem) {
     p.div_b = fast_div(std::max(1, p.B));  // an empty batch launches nothing, but fast_div needs d >= 1
     p.div_nhb = fast_div(p.mma_nhb);
     const int per_item = (p.S + ncode - 1) / ncode;  // tokens per item, at most (sinks and window included)
-    p.mma_long = p.k_c == 8 && p.variant == 1 && mma_group(p) == 1 && per_item >= p.long_min ? 1 : 0;
+    p.mma_long = p.k_c == 8 && p.variant != 2 && mma_group(p) == 1 && per_item >= p.long_min ? 1 : 0;
     // at most one resident block per SM, each looping over its items: a block's key tables stay loaded while its
     // items share the kv head, and the next item's loads overlap the current one's epilogue
     const int64_t items = static_cast<int64_t>(base) * ncode;

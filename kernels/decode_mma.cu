@@ -7,7 +7,7 @@
 // query heads (8 = 4 + 4, 6 = 3 + 3; when R does not divide the group the last block overlaps the one before and writes
 // only its own heads: 7 = heads 0-3 and 3-6), so that each key is gathered and rotated once for the R heads, and one
 // MMA chain scores all of them (their query columns packed into one n-tile); the softmax and the value scatter are per
-// query head. MHA and the 16-warp variant: a block per query head (R = 1).
+// query head. MHA, the 16-warp variant and variant 3 (GQA too): a block per query head (R = 1).
 //
 // Blocks. At most one block per SM (a block fills one); each takes a contiguous run of the kv-head-major items (R query
 // heads, batch row, split), keeps the key tables while its items share the kv head, and issues the next item's table
@@ -1394,12 +1394,12 @@ bool smem_window_ok() {
   return ok;
 }
 
-// variant 1: 8 warps per block, variant 2: 16 warps per block. 8-bit codes with c = 8 for K and V, or c = 4 for both
-// (CQ-4c8b) with 8 warps.
+// variant 1: 8 warps per block, variant 2: 16 warps per block, variant 3: 8 warps and a block per query head (R = 1)
+// also for GQA. 8-bit codes with c = 8 for K and V, or c = 4 for both (CQ-4c8b) with 8 warps.
 bool mma_decode_applies(const AttnParams& p, size_t max_smem) {
   const bool c8 = p.k_c == 8 && p.v_c == 8 && p.k_rb == kD / 8 && p.v_rb == kD / 8;
-  const bool c4 = p.k_c == 4 && p.v_c == 4 && p.k_rb == kD / 4 && p.v_rb == kD / 4 && p.variant == 1;
-  return (p.variant == 1 || p.variant == 2) && smem_window_ok() && p.D == kD && p.Q == 1 && p.Hq % p.Hkv == 0 &&
+  const bool c4 = p.k_c == 4 && p.v_c == 4 && p.k_rb == kD / 4 && p.v_rb == kD / 4 && p.variant != 2;
+  return p.variant >= 1 && p.variant <= 3 && smem_window_ok() && p.D == kD && p.Q == 1 && p.Hq % p.Hkv == 0 &&
          p.k_bits == 8 && p.v_bits == 8 && (c8 || c4) && aligned16(p.k_codes) && aligned16(p.v_codes) &&
          p.k_tab != nullptr && aligned16(p.k_tab) && p.v_tab != nullptr && aligned16(p.v_tab) && aligned16(p.v_cent) &&
          mma_smem(p) <= max_smem;

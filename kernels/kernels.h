@@ -93,7 +93,8 @@ struct AttnParams {
   int tab_smem;  // centroid tables in shared memory
   int tile;  // decode: tokens per pipeline stage
   int variant;  // request: 0 = the CUDA-core decode kernel only, 1 (2) = the tensor-core decode kernel with 8 (16)
-                // warps per block where it applies
+                // warps per block where it applies, 3 = with 8 warps and a block per query head also for GQA (each
+                // block gathers its kv head's keys: for short calls, whose time is the block's latency, not work)
   int mma;  // plan: 1 when the tensor-core decode kernel (decode_mma.cu) runs
   float* ws_hist;  // tensor-core decode with a GQA group per block: fp32 histogram accumulators (mma_hist_floats)
   int max_blocks;  // request: at most this many tensor-core decode blocks (0: one per SM)
@@ -138,7 +139,7 @@ cudaError_t launch_combine(const AttnParams& p, cudaStream_t stream);
 // One query per query head (Q == 1): attention over the sinks and the full-precision window alone, written as split
 // nsplit - 1's partial (the tensor-core decode's last split)
 cudaError_t launch_fp_split(const AttnParams& p, cudaStream_t stream);
-// Tensor-core decode kernel: whether it applies (variant 1 or 2, one query per query head, any GQA ratio, head_dim
+// Tensor-core decode kernel: whether it applies (variant 1, 2 or 3, one query per query head, any GQA ratio, head_dim
 // 128, 8-bit codes with c = 8 for K and V or, MHA with 8 warps only, c = 4 for both; 16-byte aligned buffers, its
 // shared memory fits), and its launch over the
 // codes; launch_decode then runs launch_fp_split when there is a full-precision split, and the split-K combine when

@@ -333,6 +333,8 @@ def mma_name(kernel: str, case: dict) -> str:
         return "decode"
     if kernel == "tensor-core-16w":
         return "decode-mma16"
+    if kernel == "tensor-core-per-head":  # a block per query head, GQA too
+        return "decode-mma"
     return "decode-mma-gqa" if Hq > Hkv else "decode-mma"  # every GQA group runs blocks of 2-4 of its heads
 
 
@@ -349,7 +351,7 @@ def check_decode(monkeypatch, case: dict, ran: str, **settings):
 
 
 @cuda_test
-@pytest.mark.parametrize("kernel", ["tensor-core", "tensor-core-16w"])
+@pytest.mark.parametrize("kernel", ["tensor-core", "tensor-core-16w", "tensor-core-per-head"])
 @pytest.mark.parametrize("case", MMA_CASES, ids=[f"mma{i}" for i in range(len(MMA_CASES))])
 def test_decode_mma_kernel(case, kernel, monkeypatch):
     # MMA_LONG_MIN: the CQ-8c8b MHA block's short-item build (LONG: below)
@@ -461,7 +463,7 @@ def check_multi_item(blocks, case, kernel, name, monkeypatch):
 
 
 @cuda_test
-@pytest.mark.parametrize("kernel", ["tensor-core", "tensor-core-16w"])
+@pytest.mark.parametrize("kernel", ["tensor-core", "tensor-core-16w", "tensor-core-per-head"])
 @pytest.mark.parametrize("blocks,case", MMA_MULTI_ITEM_CASES, ids=[f"multi{i}" for i in range(len(MMA_MULTI_ITEM_CASES))])
 def test_decode_mma_multi_item_blocks(blocks, case, kernel, monkeypatch):
     monkeypatch.setattr(ops, "MMA_LONG_MIN", 1 << 30)
@@ -1108,8 +1110,19 @@ def test_decode_kernel_request(monkeypatch):
     assert ops._decode_variant(1, 1) == 1 and ops._decode_variant(128, 64) == 1 and ops._decode_variant(1, 64, c=4) == 1
     # MHA with a full-precision window or sinks (one more kernel): from AUTO_MMA_FP_TOKENS cached tokens per batch
     assert ops._decode_variant(1, 512, fp=True) == 0 and ops._decode_variant(1, 4096, fp=True) == 1
-    assert ops._decode_variant(8, 512, fp=True) == 1 and ops._decode_variant(1, 4096, group=4, fp=True) == 0
-    assert ops._decode_variant(2, 4096, group=4, fp=True) == 1
+    assert ops._decode_variant(8, 512, fp=True) == 1
+    # GQA, small batches of short sequences: a block per query head (3); c = 8 up to 8 sequences and 16384 tokens per
+    # batch, with a window or without; c = 4 one sequence of up to 4096 tokens
+    assert ops._decode_variant(1, 512, group=4) == 3 and ops._decode_variant(1, 16384, group=4) == 3
+    assert ops._decode_variant(8, 2048, group=4, fp=True) == 3 and ops._decode_variant(4, 1024, group=7) == 3
+    assert ops._decode_variant(1, 16385, group=4) == 1 and ops._decode_variant(9, 512, group=4) == 0
+    assert ops._decode_variant(16, 512, group=4) == 1 and ops._decode_variant(2, 16384, group=4) == 1
+    assert ops._decode_variant(1, 4096, group=4, c=4) == 3 and ops._decode_variant(1, 4097, group=4, c=4) == 0
+    assert ops._decode_variant(2, 512, group=4, c=4) == 0
+    # the rules below them, as for larger batches
+    monkeypatch.setattr(ops, "AUTO_PER_HEAD_MAX_BATCH", 0)
+    monkeypatch.setattr(ops, "AUTO_PER_HEAD_MAX_BATCH_C4", 0)
+    assert ops._decode_variant(1, 4096, group=4, fp=True) == 0 and ops._decode_variant(2, 4096, group=4, fp=True) == 1
     assert ops._decode_variant(512, 1000, group=4) == 1 and ops._decode_variant(2, 1000, group=4) == 0  # GQA blocks:
     assert ops._decode_variant(64, 600, group=2) == 1 and ops._decode_variant(32, 600, group=3) == 1  # B * S tokens
     # c = 8 GQA, sequences of one tile (P.V straight from the codes): from batch 16; with a window from 8192 tokens
@@ -1128,13 +1141,14 @@ def test_decode_kernel_request(monkeypatch):
     assert ops._decode_variant(1, 8192, group=4) == 1 and ops._decode_variant(9, 1000, group=4) == 1  # splits of 512
     assert ops._decode_variant(1, 4096, group=4) == 0 and ops._decode_variant(4, 1024, group=4) == 0
     assert ops._decode_variant(32, 8192, group=8) == 1  # two blocks of 4 per kv head
-    # CQ-4c8b GQA (blocks of 2 heads): long contexts only; MHA as with c = 8
+    # CQ-4c8b GQA (blocks of 2 heads): from 65536 tokens per batch of sequences of 8192 and more; MHA as with c = 8
     assert ops._decode_variant(32, 4096, group=4, c=4) == 0 and ops._decode_variant(8, 32768, group=4, c=4) == 1
     assert ops._decode_variant(32, 8192, group=4, c=4) == 1 and ops._decode_variant(1, 8192, group=4, c=4) == 0
-    assert ops._decode_variant(1, 16384, group=7, c=4) == 1 and ops._decode_variant(32, 8192, group=1, c=4) == 1
+    assert ops._decode_variant(1, 32768, group=7, c=4) == 0 and ops._decode_variant(8, 8192, group=7, c=4) == 1
+    assert ops._decode_variant(32, 8192, group=1, c=4) == 1
     # groups that 2-4 do not divide: overlapping blocks of R heads, the same rule
     assert ops._decode_variant(32, 8192, group=5) == 1 and ops._decode_variant(3, 600, group=7) == 0
-    for choice, v in (("cuda-core", 0), ("tensor-core", 1), ("tensor-core-16w", 2)):
+    for choice, v in (("cuda-core", 0), ("tensor-core", 1), ("tensor-core-16w", 2), ("tensor-core-per-head", 3)):
         monkeypatch.setattr(ops, "DECODE_KERNEL", choice)
         assert ops._decode_variant(1, 10) == v and ops._decode_variant(8, 32768, group=4) == v
 
