@@ -45,9 +45,10 @@ DECODE_MAX_ROWS = 16
 # per block, or "tensor-core-16w", the same kernel with 16 warps per block for c=8 (twice the warps to hide latencies,
 # 128 registers per thread), or "tensor-core-per-head", the 8-warp kernel with a block per query head also for GQA
 # (each block gathers and rotates its kv head's keys again, where the grouped blocks share them among 2-4 heads: more
-# work, but more blocks and a shorter chain per block, for short calls), or "dequant-sdpa": the layer's codes dequantized by the prefill's dequant kernel (keys
-# rotated), then torch SDPA, as prefill does (reads the codes once but writes and reads dense K/V: for very short
-# contexts at large batch, where the decode kernels' fixed cost per sequence and head dominates). "auto" (default):
+# work, but more blocks and a shorter chain per block, for short calls), or "dequant-sdpa": the layer's codes
+# dequantized by the prefill's dequant kernel (keys rotated), then torch SDPA, as prefill does (reads the codes once
+# but writes and reads dense K/V: for very short contexts at large batch, where the decode kernels' fixed cost per
+# sequence and head dominates). "auto" (default):
 # _decode_variant, and dequant-sdpa where decode_by_dequant says so.
 DECODE_KERNELS = ("auto", "cuda-core", "tensor-core", "tensor-core-16w", "tensor-core-per-head", "dequant-sdpa")
 DECODE_KERNEL = os.environ.get("CQTOOL_DECODE_KERNEL", "auto")
@@ -102,8 +103,8 @@ AUTO_MMA_MIN_SEQ = 512
 # CQ-4c8b (c = 4) GQA blocks take 2 query heads, the CUDA-core kernel the whole group: the tensor-core kernel was faster
 # only at long contexts (H100, Llama-3-8b shapes: 8 x 32K 0.331 vs 0.394 ms, 1 x 32K 0.067 vs 0.072, 32 x 8K 0.384 vs
 # 0.406 (2026-11-27, docs/raw/attention-gqa-c4-h100-2026-11-27u.json; 0.387 vs 0.404 in an earlier run); 128 x 512
-# 0.303 vs 0.224; docs/RESULTS_kernels.md). Since the CUDA-core kernel copies its tables linearly (2026-11-28) it wins up
-# to 32K tokens per batch and ties at 64K, so the tensor-core one takes c = 4 GQA from AUTO_MMA_TOKENS_C4_GQA tokens
+# 0.303 vs 0.224; docs/RESULTS_kernels.md). Since the CUDA-core kernel copies its tables linearly (2026-11-28) it wins
+# up to 32K tokens per batch and ties at 64K, so the tensor-core one takes c = 4 GQA from AUTO_MMA_TOKENS_C4_GQA tokens
 # (CUDA-graph us, tensor-core vs CUDA-core, docs/raw/direct-value-table-2026-11-28/probe-c4.txt: 1 x 16K 43.1 vs 38.1,
 # 2 x 8K 40.7 vs 36.7, 1 x 32K 65.6 vs 61.6; 2 x 32K 104.2 vs 104.4, 4 x 16K 103.7 vs 103.3, 16 x 8K 188.9 vs 189.9;
 # 8 x 8K 98.2 vs 102.7, 4 x 32K 178.4 vs 191.8, 8 x 32K 321.5 vs 370.7)
@@ -525,13 +526,12 @@ def decode_by_dequant(B: int, S: int, group: int = 1, c: int = 8, fp: bool = Fal
 def _decode_variant(B: int, S: int, group: int = 1, c: int = 8, fp: bool = False) -> int:
     """The decode kernel request passed to the extension (0: CUDA cores, 1/2: tensor cores with 8/16 warps, 3: tensor
     cores with 8 warps and a block per query head). auto: for GQA, 3 for small batches of short sequences
-    (AUTO_PER_HEAD_*); the tensor-core kernel for MHA (with a full-precision window or sinks, `fp`, from AUTO_MMA_FP_TOKENS cached
-    tokens per batch); for GQA (whose query heads it takes 2-4 per block, 2 with c = 4 codes) from
-    AUTO_MMA_TOKENS (c = 4: AUTO_MMA_TOKENS_C4_GQA) cached tokens per batch and AUTO_MMA_MIN_SEQ (c = 4:
-    AUTO_MMA_MIN_SEQ_C4_GQA) per sequence,
-    and with c = 8 (whose short items take P.V straight from the codes) also from AUTO_MMA_DIRECT_TOKENS tokens per
-    batch (items of 512 tokens) and, without `fp`, for sequences of at most MMA_DIRECT_MAX tokens from batch
-    AUTO_MMA_SHORT_MIN_BATCH (H100, docs/RESULTS_kernels.md). The extension runs the CUDA-core kernel wherever the
+    (AUTO_PER_HEAD_*); the tensor-core kernel for MHA (with a full-precision window or sinks, `fp`, from
+    AUTO_MMA_FP_TOKENS cached tokens per batch); for GQA (whose query heads it takes 2-4 per block, 2 with c = 4 codes)
+    from AUTO_MMA_TOKENS (c = 4: AUTO_MMA_TOKENS_C4_GQA) cached tokens per batch and AUTO_MMA_MIN_SEQ (c = 4:
+    AUTO_MMA_MIN_SEQ_C4_GQA) per sequence, and with c = 8 (whose short items take P.V straight from the codes) also
+    from AUTO_MMA_DIRECT_TOKENS tokens per batch (items of 512 tokens) and, without `fp`, for sequences of at most
+    MMA_DIRECT_MAX tokens from batch AUTO_MMA_SHORT_MIN_BATCH (H100, docs/RESULTS_kernels.md). The extension runs the CUDA-core kernel wherever the
     tensor-core one does not apply, and says which ran."""
     if DECODE_KERNEL == "auto":
         if group < 2:
