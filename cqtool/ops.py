@@ -531,8 +531,8 @@ def _decode_variant(B: int, S: int, group: int = 1, c: int = 8, fp: bool = False
     from AUTO_MMA_TOKENS (c = 4: AUTO_MMA_TOKENS_C4_GQA) cached tokens per batch and AUTO_MMA_MIN_SEQ (c = 4:
     AUTO_MMA_MIN_SEQ_C4_GQA) per sequence, and with c = 8 (whose short items take P.V straight from the codes) also
     from AUTO_MMA_DIRECT_TOKENS tokens per batch (items of 512 tokens) and, without `fp`, for sequences of at most
-    MMA_DIRECT_MAX tokens from batch AUTO_MMA_SHORT_MIN_BATCH (H100, docs/RESULTS_kernels.md). The extension runs the CUDA-core kernel wherever the
-    tensor-core one does not apply, and says which ran."""
+    MMA_DIRECT_MAX tokens from batch AUTO_MMA_SHORT_MIN_BATCH (H100, docs/RESULTS_kernels.md). The extension runs the
+    CUDA-core kernel wherever the tensor-core one does not apply, and says which ran."""
     if DECODE_KERNEL == "auto":
         if group < 2:
             ok = not fp or B * S >= AUTO_MMA_FP_TOKENS
