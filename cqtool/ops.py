@@ -546,12 +546,11 @@ def _decode_variant(B: int, S: int, group: int = 1, c: int = 8, fp: bool = False
             ok = B * S >= min_tokens and S >= min_seq
             if c == 8 and MMA_DIRECT_MAX > 0:
                 # sequences short enough for P.V straight from the codes (one item of one tile) from batch
-                # AUTO_MMA_SHORT_MIN_BATCH (with a window or sinks from AUTO_MMA_DIRECT_TOKENS tokens per batch);
-                # with items of 512 tokens (splits of 512) from AUTO_MMA_DIRECT_TOKENS tokens per batch
+                # AUTO_MMA_SHORT_MIN_BATCH; they (with a window or sinks too), and any sequence once the kernel may
+                # split it into such items of 512 tokens, from AUTO_MMA_DIRECT_TOKENS tokens per batch
                 short = S <= min(MMA_DIRECT_MAX, MMA_TILE)
                 ok = ok or (short and not fp and B >= AUTO_MMA_SHORT_MIN_BATCH)
-                ok = ok or (short and B * S >= AUTO_MMA_DIRECT_TOKENS)
-                ok = ok or (MMA_DIRECT_MAX >= MMA_TILE and B * S >= AUTO_MMA_DIRECT_TOKENS)
+                ok = ok or ((short or MMA_DIRECT_MAX >= MMA_TILE) and B * S >= AUTO_MMA_DIRECT_TOKENS)
         return _VARIANTS[AUTO_MMA_KERNEL] if ok else 0
     return _VARIANTS.get(DECODE_KERNEL, 0)  # dequant-sdpa: decode never reaches the kernels; prefill ignores this
 
